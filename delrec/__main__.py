@@ -1,0 +1,3 @@
+from delrec.cli import main
+
+raise SystemExit(main())

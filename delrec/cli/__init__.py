@@ -1,0 +1,82 @@
+"""The `delrec` command: `delrec GROUP COMMAND [options]`.
+
+Each group is a thin module in this package that parses its config dataclasses and calls the
+library. Modules are imported lazily so that `delrec data ...` never loads the LLM stack.
+User errors (`DelrecError`) are printed as one line and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Sequence
+
+from delrec.errors import DelrecError
+
+# (group, command) -> (module, function, one-line summary)
+COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
+    ("data", "prepare"): ("delrec.cli.data", "prepare", "read a raw dataset and write a prepared dataset folder"),
+    ("data", "stats"): ("delrec.cli.data", "stats", "print a prepared dataset's counts as JSON"),
+    ("sr", "train"): ("delrec.cli.sr", "train", "train a sequential recommender (SASRec, GRU4Rec, Caser, pop)"),
+    ("sr", "evaluate"): ("delrec.cli.sr", "evaluate", "evaluate a trained SR model folder on a prepared dataset"),
+    ("sr", "predict"): ("delrec.cli.sr", "predict", "write an SR model's top-K predictions for a split (JSONL)"),
+    ("llm", "build-tiny"): ("delrec.cli.llm", "build_tiny", "build (and pre-train) a tiny local LLM + tokenizer"),
+    ("prompts", "list"): ("delrec.cli.prompts", "list_templates", "list the prompt templates and their variables"),
+    ("prompts", "render"): ("delrec.cli.prompts", "render", "render a template on a dataset instance"),
+    ("prompts", "lint"): ("delrec.cli.prompts", "lint", "check every template parses, declares and fits"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: delrec GROUP COMMAND [options]   (delrec GROUP COMMAND --help for options)", "", "commands:"]
+    width = max(len(" ".join(key)) for key in COMMANDS)
+    for key, (_, _, summary) in COMMANDS.items():
+        lines.append(f"  {' '.join(key):<{width}}  {summary}")
+    return "\n".join(lines)
+
+
+def _resolve(argv: list[str]) -> tuple[tuple[str, ...], list[str]]:
+    for size in (2, 1):
+        key = tuple(argv[:size])
+        if key in COMMANDS:
+            return key, argv[size:]
+    return (), argv
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from delrec import __version__
+
+        print(f"delrec {__version__}")
+        return 0
+    key, rest = _resolve(argv)
+    if not key:
+        groups = sorted({k[0] for k in COMMANDS})
+        if argv[0] in groups:
+            options = ", ".join(k[1] for k in COMMANDS if k[0] == argv[0] and len(k) > 1)
+            got = f"'{argv[1]}'" if len(argv) > 1 else "nothing"
+            message = f"delrec {argv[0]}: expected one of: {options}; got {got} (see delrec --help)"
+        else:
+            message = f"delrec: unknown command '{argv[0]}'; expected one of: {', '.join(groups)} (see delrec --help)"
+        print(message, file=sys.stderr)
+        return 2
+    module_name, function_name, summary = COMMANDS[key]
+    prog = "delrec " + " ".join(key)
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+        result = function(rest, prog=prog, description=summary)
+    except DelrecError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; re-run the same command to resume where it supports resuming", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""One definition per option: config dataclasses drive YAML files, CLI flags and `--help`.
+
+Each command declares dataclasses whose fields carry `metadata={"help": ...}`. `parse_command`
+builds an `HfArgumentParser` from them, adds `--config FILE` (YAML with any of the same keys),
+and lets command-line flags override the file. Unknown keys, wrong types and bad choices are
+`DelrecError`s naming the file and the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+
+from delrec.errors import DelrecError
+
+T = TypeVar("T")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; errors say which file and line is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise DelrecError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DelrecError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise DelrecError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DelrecError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
+    return data
+
+
+def unknown_key_error(source: str, key: str, valid: Sequence[str]) -> DelrecError:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(sorted(valid))}"
+    return DelrecError(f"{source}: unknown key '{key}'; {hint}")
+
+
+def dataclass_from_dict(cls: type[T], data: dict[str, Any], source: str) -> T:
+    """Build a config dataclass from a dict (a YAML file or a saved config.json), strictly."""
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in data:
+        if key not in names:
+            raise unknown_key_error(source, key, names)
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as exc:
+        raise DelrecError(f"{source}: {exc}") from None
+
+
+class CommandParser(argparse.ArgumentParser):
+    """Argument parser whose errors are one line and exit code 2 (no usage dump)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def _coerce(value: Any, action: argparse.Action, source: str) -> Any:
+    """Convert a YAML value the way argparse would convert the same value given as a flag."""
+    if value is None:
+        return None
+    if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+        items = value if isinstance(value, list) else [value]
+        return [_coerce_scalar(item, action, source) for item in items]
+    return _coerce_scalar(value, action, source)
+
+
+def _coerce_scalar(value: Any, action: argparse.Action, source: str) -> Any:
+    kind = action.type
+    expected = getattr(kind, "__name__", "value")
+    if isinstance(value, (dict, list)):
+        raise DelrecError(f"{source}: key '{action.dest}' expects a single {expected}, got {value!r}")
+    if isinstance(value, bool):
+        if kind in (int, float, str):
+            raise DelrecError(f"{source}: key '{action.dest}' expects {expected}, got {value!r}")
+    elif kind is int and isinstance(value, float) and not value.is_integer():
+        raise DelrecError(f"{source}: key '{action.dest}' expects an integer, got {value!r}")
+    elif kind is not None:
+        try:
+            value = kind(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            raise DelrecError(f"{source}: key '{action.dest}' expects {expected}, got {value!r}") from None
+    if action.choices is not None and value not in action.choices:
+        allowed = ", ".join(str(c) for c in action.choices)
+        raise DelrecError(f"{source}: key '{action.dest}' must be one of {allowed}, got {value!r}")
+    return value
+
+
+def build_parser(dataclass_types: Sequence[type], prog: str, description: str | None = None):
+    from transformers import HfArgumentParser
+
+    class _Parser(HfArgumentParser, CommandParser):
+        pass
+
+    parser = _Parser(
+        list(dataclass_types),
+        prog=prog,
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="YAML file setting any of the options below by name; flags on the command line override it.",
+    )
+    return parser
+
+
+def parse_command(
+    dataclass_types: Sequence[type],
+    argv: Sequence[str] | None,
+    prog: str,
+    description: str | None = None,
+) -> tuple:
+    """Parse `argv` (with an optional `--config FILE`) into one instance per dataclass."""
+    parser = build_parser(dataclass_types, prog, description)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        apply_config_file(parser, known.config)
+    namespace = parser.parse_args(argv)
+    values = vars(namespace)
+    outputs = []
+    for cls in dataclass_types:
+        kwargs = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.init and f.name in values}
+        try:
+            outputs.append(cls(**kwargs))
+        except ValueError as exc:
+            raise DelrecError(str(exc)) from None
+    return tuple(outputs)
+
+
+def apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
+    """Make the YAML file's values the parser's defaults, validating every key and value."""
+    data = load_yaml(path)
+    actions: dict[str, argparse.Action] = {}
+    for action in parser._actions:  # the first action per name; `--no_x` flags share the dest of `--x`
+        if action.dest not in ("help", "config"):
+            actions.setdefault(action.dest, action)
+    defaults = {}
+    for key, value in data.items():
+        if key not in actions:
+            raise unknown_key_error(str(path), str(key), list(actions))
+        action = actions[key]
+        defaults[key] = _coerce(value, action, str(path))
+        action.required = False
+    parser.set_defaults(**defaults)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

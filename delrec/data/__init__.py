@@ -1,0 +1,1 @@
+"""Data layer: loaders per format, preprocessing, the prepared dataset folder."""

@@ -1,0 +1,117 @@
+"""Small file helpers: atomic writes (temp file + rename) and JSON lines with located errors."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from delrec.errors import DelrecError, where
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8"):
+    """Open a temp file next to `path`; on success rename it over `path`, on error delete it.
+
+    Readers never see a half-written file, and an interrupted run leaves the old file intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def staged_directory(path: str | os.PathLike):
+    """Yield an empty temp folder beside `path` to build a whole output folder in.
+
+    Move it into place with `replace_directory`; if the block fails, it is removed, so an
+    interrupted run never leaves a half-written folder under the real name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_directory(source: Path, target: Path) -> None:
+    """Move a finished folder to `target`, replacing what was there only once it is complete."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(source, target)
+
+
+def is_nonempty_dir(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_write(path) as handle:
+        json.dump(obj, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise DelrecError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DelrecError(f"{path}: not UTF-8 text (byte {exc.start}); re-encode the file as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise DelrecError(f"{where(path, exc.lineno)}: invalid JSON ({exc.msg})") from None
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
+    count = 0
+    with atomic_write(path) as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False))
+            handle.write("\n")
+            count += 1
+    return count
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield `(line_number, object)` for each non-blank line; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DelrecError(f"{path}: file not found")
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DelrecError(
+                    f"{where(path, line_no)}: not UTF-8 text (byte {exc.start}); re-encode the file as UTF-8"
+                ) from None
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DelrecError(f"{where(path, line_no)}: invalid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise DelrecError(f"{where(path, line_no)}: expected a JSON object, got {type(obj).__name__}")
+            yield line_no, obj

@@ -1,0 +1,163 @@
+"""Preprocessing, the prepared-folder contract and its validation."""
+
+import json
+
+import pytest
+
+from delrec.data.dataset import PreparedDataset
+from delrec.data.prepare import prepare_dataset
+from delrec.data.preprocess import PreprocessConfig, preprocess
+from delrec.data.raw import Event, RawDataset, RowInstance
+from delrec.errors import DelrecError
+
+
+def events_dataset(sequences, titles=None, ratings=None):
+    """Build per-user events; each sequence is a list of (item, timestamp)."""
+    events = []
+    for user, seq in sequences.items():
+        for item, ts in seq:
+            rating = None if ratings is None else ratings.get((user, item))
+            events.append(Event(user, item, ts, rating, len(events)))
+    items = {item for seq in sequences.values() for item, _ in seq}
+    titles = titles or {item: f"Title {item}" for item in items}
+    return RawDataset(source="test", titles=titles, events=events)
+
+
+def catalogue(n):
+    return {str(i): f"Item {i}" for i in range(n)}
+
+
+def test_leave_one_out_split_chronological_with_stable_ties():
+    raw = events_dataset(
+        {
+            "u2": [("5", 3), ("3", 1), ("4", 1), ("6", 9)],  # 3 and 4 tie at t=1: file order wins
+            "u1": [("1", 1), ("2", 2), ("3", 3)],
+            "u3": [("1", 1), ("2", 2)],  # too short: dropped and counted
+        },
+    )
+    out = preprocess(raw, PreprocessConfig(num_candidates=3))
+    assert out.raw_ids == ["1", "2", "3", "4", "5", "6"]  # numeric id order kept
+    u1, u2 = out.splits["train"]
+    assert (u1.user, u1.history, u1.target) == ("u1", (), 0)
+    assert (u2.user, u2.history, u2.target) == ("u2", (2,), 3)
+    assert [(i.history, i.target) for i in out.splits["valid"]] == [((0,), 1), ((2, 3), 4)]
+    assert [(i.history, i.target) for i in out.splits["test"]] == [((0, 1), 2), ((2, 3, 4), 5)]
+    assert out.counts["dropped"]["users_with_fewer_than_3_interactions"] == 1
+    assert out.counts["users"] == 2 and out.counts["items"] == 6 and out.counts["interactions"] == 7
+
+
+def test_max_history_keeps_most_recent_items_but_candidates_avoid_the_full_history():
+    seq = [(str(i), i) for i in range(12)]
+    other = [(str(i), i) for i in range(12, 40)]
+    raw = events_dataset({"u": seq, "v": other}, titles=catalogue(40))
+    out = preprocess(raw, PreprocessConfig(max_history=4, num_candidates=10))
+    test = out.splits["test"][0]
+    assert test.history == (7, 8, 9, 10) and test.target == 11
+    candidates = out.candidates["test"][0]
+    assert len(out.splits["test"][1].history) == 4
+    assert len(candidates) == 10 and len(set(candidates)) == 10 and 11 in candidates
+    assert not set(candidates) & set(range(11))
+
+
+def test_candidates_fixed_by_seed_and_never_from_history():
+    sequences = {f"u{u}": [(str((u + k) % 50), k) for k in range(6)] for u in range(30)}
+    raw = events_dataset(sequences, titles=catalogue(50))
+    a = preprocess(raw, PreprocessConfig(num_candidates=10, seed=1))
+    b = preprocess(raw, PreprocessConfig(num_candidates=10, seed=1))
+    c = preprocess(raw, PreprocessConfig(num_candidates=10, seed=2))
+    assert a.candidates == b.candidates
+    assert a.candidates != c.candidates
+    for split in ("valid", "test"):
+        for inst, cands in zip(a.splits[split], a.candidates[split]):
+            assert cands.count(inst.target) == 1 and len(set(cands)) == 10
+            assert not set(cands) & set(inst.history)
+    positions = {cands.index(inst.target) for inst, cands in zip(a.splits["test"], a.candidates["test"])}
+    assert len(positions) > 3  # the target is not always in the same slot
+
+
+def test_kcore_and_rating_threshold():
+    seqs = {f"u{u}": [("a", 1), ("b", 2), ("c", 3)] for u in range(3)}
+    seqs.update({f"w{u}": [("d", 1), ("e", 2), ("f", 3)] for u in range(3)})
+    seqs["u9"] = [("a", 1), ("b", 2), ("rare", 3), ("c", 4)]
+    raw = events_dataset(seqs)
+    out = preprocess(raw, PreprocessConfig(num_candidates=2, kcore=3))
+    assert out.raw_ids == ["a", "b", "c", "d", "e", "f"]
+    assert out.counts["dropped"]["items_removed_by_kcore"] == 1
+    ratings = {(u, i): 5.0 for u in seqs for i in "abcdef"}
+    ratings[("u9", "rare")] = 1.0
+    raw = events_dataset(seqs, ratings=ratings)
+    out = preprocess(raw, PreprocessConfig(num_candidates=2, min_rating=4))
+    assert "rare" not in out.raw_ids and out.counts["dropped"]["interactions_below_min_rating"] == 1
+
+
+def test_num_candidates_larger_than_catalogue_is_refused():
+    raw = events_dataset({"u": [("1", 1), ("2", 2), ("3", 3)]})
+    with pytest.raises(DelrecError, match="larger than the catalogue"):
+        preprocess(raw, PreprocessConfig(num_candidates=20))
+
+
+def test_missing_title_is_named():
+    raw = events_dataset({"u": [("1", 1), ("2", 2), ("3", 3)]}, titles={"1": "x", "2": "y"})
+    with pytest.raises(DelrecError, match="item '3'.*no title"):
+        preprocess(raw, PreprocessConfig(num_candidates=2))
+
+
+def test_rows_data_keeps_given_split_and_catalogue():
+    titles = catalogue(30)
+    splits = {
+        "train": [RowInstance([], "0", "t:1"), RowInstance(["0"], "1", "t:2"), RowInstance(["0", "1"], "2", "t:3")],
+        "valid": [RowInstance(["4", "5"], "6", "v:1")],
+        "test": [RowInstance(["7"], "8", "x:1")],
+    }
+    out = preprocess(RawDataset("rows", titles, splits=splits), PreprocessConfig(num_candidates=5))
+    assert out.counts["items"] == 30
+    assert out.counts["instances"] == {"train": 3, "valid": 1, "test": 1}
+    assert out.counts["users"] == 3  # train has one maximal sequence
+    assert out.splits["train"][0].history == ()
+
+
+def test_prepared_folder_roundtrip_and_overwrite_rules(tmp_path):
+    sequences = {f"u{u}": [(str((u * 3 + k) % 40), k) for k in range(5)] for u in range(20)}
+    raw = events_dataset(sequences, titles=catalogue(40))
+    out = tmp_path / "data"
+    ds = prepare_dataset(raw, PreprocessConfig(num_candidates=8), out)
+    again = PreparedDataset.load(out)
+    assert again.fingerprint == ds.fingerprint and again.num_items == 40
+    assert [i.target for i in again.instances("test")] == [i.target for i in ds.instances("test")]
+    assert len(again.candidates("valid")) == 20 and again.num_candidates == 8
+    assert json.loads((out / "meta.json").read_text())["protocol"] == "leave-one-out"
+
+    prepare_dataset(raw, PreprocessConfig(num_candidates=8), out)  # identical: accepted
+    with pytest.raises(DelrecError, match="different prepared dataset.*--overwrite"):
+        prepare_dataset(raw, PreprocessConfig(num_candidates=8, seed=5), out)
+    assert PreparedDataset.load(out).fingerprint == ds.fingerprint  # nothing lost
+    replaced = prepare_dataset(raw, PreprocessConfig(num_candidates=8, seed=5), out, overwrite=True)
+    assert replaced.fingerprint != ds.fingerprint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no temp folders left
+
+
+def test_output_folder_with_other_files_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    raw = events_dataset({"u": [("1", 1), ("2", 2), ("3", 3)]})
+    with pytest.raises(DelrecError, match="not a prepared dataset"):
+        prepare_dataset(raw, PreprocessConfig(num_candidates=2), tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_failed_preparation_writes_nothing(tmp_path):
+    raw = events_dataset({"u": [("1", 1), ("2", 2), ("3", 3)]})
+    with pytest.raises(DelrecError):
+        prepare_dataset(raw, PreprocessConfig(num_candidates=50), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_loading_validates_the_folder(tmp_path):
+    with pytest.raises(DelrecError, match="not a prepared dataset"):
+        PreparedDataset.load(tmp_path)
+    sequences = {f"u{u}": [(str((u + k) % 9), k) for k in range(4)] for u in range(5)}
+    ds = prepare_dataset(events_dataset(sequences, titles=catalogue(9)), PreprocessConfig(num_candidates=3), tmp_path / "d")
+    lines = (ds.path / "test.jsonl").read_text().splitlines()
+    lines[2] = json.dumps({"id": 2, "user": "x", "history": [1, 99], "target": 3})
+    (ds.path / "test.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DelrecError, match=r"test.jsonl:3 field 'history'.*99.*not in the catalogue"):
+        PreparedDataset.load(ds.path).instances("test")
