@@ -1,0 +1,348 @@
+"""Load a decoder-only causal LM and its tokenizer, optionally quantised, and put LoRA on it.
+
+One entry point for every LLM stage (soft-prompt distillation, LoRA fine-tuning, ranking,
+teacher export), so a hub id, a local folder, a tiny local model and a merged delrec export all
+load the same way. Anything the user can fix (a wrong folder, no network, no GPU for 4-bit) is
+a one-line `DelrecError` saying what was found and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from delrec.errors import DelrecError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+# Bidirectional encoders; some have an (unused in practice) causal-LM class, so the mapping alone cannot tell.
+ENCODER_FAMILIES = {
+    "albert", "bert", "camembert", "deberta", "deberta-v2", "distilbert", "electra", "ernie", "mpnet",
+    "modernbert", "roberta", "xlm-roberta",
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+FALLBACK_PAD_TOKEN = "<|pad|>"
+
+
+@dataclass
+class ModelConfig:
+    """Which causal LM to load and how."""
+
+    model_name_or_path: str = field(
+        metadata={"help": "A local model folder (e.g. from `delrec llm build-tiny`) or a Hugging Face Hub id."}
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata={"help": "Weight dtype; auto: the checkpoint's (float16 checkpoints become float32 on CPU)."},
+    )
+    device: Literal["auto", "cpu", "cuda"] = field(
+        default="auto", metadata={"help": "Where to load the model; auto: CUDA if available, else CPU."}
+    )
+    load_in_8bit: bool = field(default=False, metadata={"help": "Quantise linear layers to 8 bit (bitsandbytes, CUDA)."})
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "Quantise linear layers to 4-bit NF4 with double quantisation (QLoRA; CUDA)."}
+    )
+    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = field(
+        default="bfloat16", metadata={"help": "Compute dtype of 4-bit layers."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run modelling code shipped with the checkpoint (only for sources you trust)."}
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention kernel, e.g. eager, sdpa, flash_attention_2 (default: transformers')."}
+    )
+
+    def __post_init__(self):
+        if self.load_in_8bit and self.load_in_4bit:
+            raise ValueError("choose one of load_in_8bit and load_in_4bit, not both")
+
+
+@dataclass
+class LoraSettings:
+    """A PEFT LoRA adapter's shape; `target_modules=["all-linear"]` adapts every linear layer but the LM head."""
+
+    r: int = field(default=16, metadata={"help": "LoRA rank."})
+    alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha / r)."})
+    dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Module names to adapt (e.g. q_proj v_proj), or all-linear."},
+    )
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ValueError(f"LoRA r must be at least 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("LoRA target_modules must name at least one module (or all-linear)")
+        if "all-linear" in self.target_modules and len(self.target_modules) > 1:
+            raise ValueError("LoRA target_modules: all-linear already covers every linear layer; give it alone")
+
+
+def load_model(config: ModelConfig):
+    """Return `(model, tokenizer)`: a causal LM on the requested device and its tokenizer with a pad token."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = resolve_device(config.device)
+    quantization = _quantization_config(config, device)
+    source = _resolve_source(config.model_name_or_path)
+    with _explained_load_errors(source):
+        hf_config = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+    problem = _not_a_causal_lm(hf_config)
+    if problem:
+        raise DelrecError(
+            f"{source} is {problem}, not a decoder-only causal LM; pass a causal LM (Llama, Qwen2, Mistral, GPT-2, ...)"
+        )
+    if Path(source).is_dir() and not any((Path(source) / name).is_file() for name in WEIGHT_FILES):
+        raise DelrecError(f"{source}: has config.json but no weights (model.safetensors or pytorch_model.bin)")
+    tokenizer = load_tokenizer(source, config.trust_remote_code)
+
+    kwargs = {"trust_remote_code": config.trust_remote_code, "dtype": DTYPES.get(config.dtype, "auto")}
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = {"": device}  # bitsandbytes quantises while placing the weights on the GPU
+    with _explained_load_errors(source):
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if quantization is None:
+        if device.type == "cpu" and config.dtype == "auto" and model.dtype == torch.float16:
+            model = model.float()  # many float16 kernels are missing or slow on CPU
+        model = model.to(device)
+    ensure_pad_token(model, tokenizer)
+    return model, tokenizer
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise DelrecError(
+            f"{source}: model folder without tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+            "save the base model's tokenizer into it (tokenizer.save_pretrained)"
+        )
+    with _explained_load_errors(source):
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` -> CUDA when available; the CUDA index follows LOCAL_RANK so each DDP process takes its own GPU."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise DelrecError(f"device must be auto, cpu or cuda, got '{device}'")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DelrecError(
+            f"device cuda requested but CUDA is not available (torch {torch.__version__}, "
+            f"{'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); use --device cpu"
+        )
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _quantization_config(config: ModelConfig, device: torch.device):
+    if not (config.load_in_4bit or config.load_in_8bit):
+        return None
+    bits = "4-bit" if config.load_in_4bit else "8-bit"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise DelrecError(
+            f"{bits} loading needs bitsandbytes, which is not installed; pip install 'delrec[gpu]' on a CUDA machine"
+        )
+    if device.type != "cuda":
+        reason = "--device cpu was requested" if torch.cuda.is_available() else "this machine has no CUDA GPU"
+        raise DelrecError(f"{bits} loading (bitsandbytes) runs on CUDA only, but {reason}; drop the {bits} option")
+    from transformers import BitsAndBytesConfig
+
+    if config.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=DTYPES[config.bnb_4bit_compute_dtype],
+    )
+
+
+def _resolve_source(name: str) -> str:
+    """Return a local folder, or a hub id to fetch; say what a local path is when it is not a model folder."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        raise DelrecError(f"{name} is a file; pass the model folder that holds config.json")
+    if path.is_dir():
+        problem = describe_non_model_folder(path)
+        if problem:
+            raise DelrecError(f"{path} is {problem}")
+        return str(path)
+    if not HUB_ID.match(name):
+        raise DelrecError(f"model folder not found: {name}")
+    return name
+
+
+def describe_non_model_folder(path: Path) -> str | None:
+    """What a local folder is when it is not a Hugging Face model folder, or None when it looks like one."""
+    if (path / "adapter_config.json").is_file():
+        base = _json_field(path / "adapter_config.json", "base_model_name_or_path")
+        return f"a PEFT adapter folder; load its base model ({base or 'see adapter_config.json'}) and then the adapter"
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        if (path / "meta.json").is_file() and _json_field(path / "meta.json", "kind") == "delrec-dataset":
+            return "a prepared delrec dataset folder, not a model folder"
+        if any((path / name).is_file() for name in TOKENIZER_FILES):
+            return "a tokenizer-only folder (no config.json, no weights); pass the model folder"
+        return "not a model folder (no config.json)"
+    config = _json_field(config_file, None)
+    if not isinstance(config, dict):
+        return f"not a model folder ({config_file} is not a JSON object)"
+    if {"num_items", "dataset_fingerprint"} <= config.keys():
+        return f"a delrec SR model folder ({config.get('model_type')}), not an LLM; pass a causal LM folder or hub id"
+    if "model_type" not in config:
+        return f"not a Hugging Face model folder ({config_file} has no model_type)"
+    return None
+
+
+def _json_field(file: Path, key: str | None):
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if key is None:
+        return data
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def _not_a_causal_lm(hf_config) -> str | None:
+    """Describe a config that is not a decoder-only causal LM (e.g. 'an encoder model (BertModel)')."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    architectures = list(getattr(hf_config, "architectures", None) or [])
+    named = f" ({architectures[0]})" if architectures else f" ({hf_config.model_type})"
+    if getattr(hf_config, "is_encoder_decoder", False):
+        return f"an encoder-decoder model{named}"
+    if hf_config.model_type in ENCODER_FAMILIES and not any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures):
+        return f"an encoder model{named}"
+    if hf_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return f"a '{hf_config.model_type}' model{named} with no causal-LM class in transformers"
+    if architectures and not any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures):
+        return f"a checkpoint without a language-model head{named}"
+    return None
+
+
+@contextlib.contextmanager
+def _explained_load_errors(source: str):
+    """Turn transformers' multi-line OSErrors about hub ids and unreadable folders into one-line DelrecErrors."""
+    try:
+        yield
+    except DelrecError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise _load_error(source, exc) from None
+
+
+def _load_error(source: str, exc: Exception) -> DelrecError:
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if Path(source).is_dir():
+        return DelrecError(f"{source}: cannot load ({first_line})")
+    from huggingface_hub import is_offline_mode
+
+    text = str(exc).lower()
+    if is_offline_mode():
+        reason = "offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE) and it is not in the local cache"
+    elif "connect" in text:
+        reason = "the Hugging Face Hub cannot be reached (no network) and it is not in the local cache"
+    elif "not a valid model identifier" in text or "repositorynotfound" in type(exc).__name__.lower():
+        return DelrecError(f"{source} is neither a local folder nor a model on the Hugging Face Hub")
+    else:
+        reason = first_line
+    return DelrecError(
+        f"no local folder '{source}', and as a hub id it cannot be fetched: {reason}; pass the path of a local "
+        "model folder (download it where there is network, e.g. `hf download ID --local-dir DIR`)"
+    )
+
+
+def ensure_pad_token(model, tokenizer) -> None:
+    """Give the tokenizer a pad token when it has none: its EOS token, else a new one (embeddings resized).
+
+    Padding reuses EOS in many base models, so collators must mask padding with the attention mask,
+    not by comparing token ids (that would also mask the real EOS of an answer).
+    """
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": FALLBACK_PAD_TOKEN})
+            if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+                resize_embeddings(model, len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def resize_embeddings(model, num_tokens: int) -> None:
+    """Grow the vocabulary to `num_tokens` rows without breaking tied or untied output embeddings.
+
+    `resize_token_embeddings` re-ties weights afterwards; this checks that the tie state did not
+    change and that an untied LM head kept its rows. New rows (input, and output when untied) are
+    set to the mean of the old rows: deterministic, so reloading a saved soft prompt into a fresh
+    model reproduces the same logits, and the new tokens get an average, not a random, logit.
+    """
+    inputs = model.get_input_embeddings()
+    old_rows = inputs.num_embeddings
+    if num_tokens <= old_rows:
+        return
+    tied_before = embeddings_tied(model)
+    old_head = None if tied_before or model.get_output_embeddings() is None else model.get_output_embeddings().weight
+    old_head_rows = None if old_head is None else old_head.detach()[:old_rows].clone()
+    model.resize_token_embeddings(num_tokens, mean_resizing=False)
+    if embeddings_tied(model) != tied_before:
+        raise RuntimeError(f"resizing the embeddings {'untied' if tied_before else 'tied'} the LM head; refusing to continue")
+    with torch.no_grad():
+        weight = model.get_input_embeddings().weight
+        weight[old_rows:] = weight[:old_rows].mean(0)
+        if old_head is not None:
+            head = model.get_output_embeddings().weight
+            if head.shape[0] != num_tokens or not torch.equal(head[:old_rows], old_head_rows):
+                raise RuntimeError("resizing the embeddings lost the LM head's rows; refusing to continue")
+            head[old_rows:] = head[:old_rows].mean(0)
+
+
+def embeddings_tied(model) -> bool:
+    """Whether the LM head shares its weight with the input embeddings (Qwen2-0.5B, GPT-2 do)."""
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+def is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def apply_lora(model, settings: LoraSettings, gradient_checkpointing: bool = False):
+    """Wrap `model` in a PEFT LoRA adapter (only the adapter trains); a 4/8-bit model is prepared for QLoRA first."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if is_quantized(model):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    targets = settings.target_modules
+    lora = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise DelrecError(f"LoRA target_modules {targets}: {str(exc).splitlines()[0]}") from None
