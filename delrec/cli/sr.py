@@ -1,0 +1,162 @@
+"""`delrec sr train`, `delrec sr evaluate` and `delrec sr predict`.
+
+Options come from config dataclasses: `TrainArguments` + `delrec.sr.TrainConfig` + the chosen
+model's config (`SASRecConfig`, ...), so every model hyper-parameter is a flag and a YAML key
+(`--config configs/sr/sasrec.yaml`). `--model` (or `model:` in the YAML) picks the model class
+before the rest is parsed, so a key that the chosen model does not have is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from delrec.config import load_yaml, parse_command
+
+DEFAULT_MODEL_FOR_HELP = "sasrec"
+
+
+@dataclass
+class TrainArguments:
+    data: str = field(metadata={"help": "A prepared dataset folder (from `delrec data prepare`)."})
+    model: str = field(metadata={"help": "Model to train: sasrec, gru4rec, caser or pop."})
+    out: str = field(
+        metadata={"help": "Output folder: the best model, metrics.json, log.jsonl and checkpoint/ (re-run to resume)."}
+    )
+
+
+def _model_name(argv: list[str]) -> str | None:
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--model", default=None)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.model is None and known.config:
+        value = load_yaml(known.config).get("model")
+        return None if value is None else str(value)
+    return known.model
+
+
+def _check_config_keys_fit_model(argv: list[str], cls) -> None:
+    """A YAML key of another model's config gets a precise error (not a 'did you mean')."""
+    from delrec.errors import DelrecError
+    from delrec.sr import MODELS
+    from delrec.sr.trainer import TrainConfig
+
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return
+    own = {f.name for c in (TrainArguments, TrainConfig, cls.config_class) for f in dataclasses.fields(c)}
+    for key in load_yaml(known.config):
+        owners = [m for m, other in MODELS.items() if key in {f.name for f in dataclasses.fields(other.config_class)}]
+        if key not in own and owners:
+            raise DelrecError(
+                f"{known.config}: key '{key}' is not an option of model '{cls.model_type}' (it belongs to "
+                f"{', '.join(owners)}); remove it or change 'model'"
+            )
+
+
+def train(argv, prog: str, description: str) -> int:
+    from delrec.sr import model_class
+    from delrec.sr.trainer import TrainConfig, train_sr
+
+    argv = list(argv)
+    name = _model_name(argv)
+    cls = model_class(name if name is not None else DEFAULT_MODEL_FOR_HELP)
+    _check_config_keys_fit_model(argv, cls)
+    args, config, model_config = parse_command([TrainArguments, TrainConfig, cls.config_class], argv, prog, description)
+    model_class(args.model)
+    result = train_sr(args.data, model_config, config, args.out)
+    metrics = result.metrics
+    print(json.dumps({
+        "out": str(result.out),
+        "model": args.model,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "seconds_per_epoch": result.seconds_per_epoch,
+        "valid": _headline(metrics["valid"]),
+        "test": _headline(metrics["test"]),
+        "candidates_test": metrics["candidates"]["test"],
+    }, indent=2))
+    return 0
+
+
+def _headline(values: dict) -> dict:
+    return {k: round(v, 5) for k, v in values.items() if k in ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20")}
+
+
+@dataclass
+class EvaluateArguments:
+    model: str = field(metadata={"help": "A trained SR model folder (config.json + model.safetensors)."})
+    data: str = field(metadata={"help": "A prepared dataset folder with the same item ids."})
+    out: str | None = field(
+        default=None, metadata={"help": "Folder to write metrics.json into (default: the model folder)."}
+    )
+    keep_history: bool = field(
+        default=False, metadata={"help": "Full ranking: keep history items rankable instead of excluding them."}
+    )
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "cpu, cuda, or auto."})
+    batch_size: int = field(default=1024, metadata={"help": "Histories scored per batch."})
+
+
+def evaluate(argv, prog: str, description: str) -> int:
+    from delrec.data.dataset import PreparedDataset
+    from delrec.io import read_json, write_json
+    from delrec.sr import load_model
+    from delrec.sr.evaluate import evaluate_model, resolve_device
+
+    (args,) = parse_command([EvaluateArguments], argv, prog, description)
+    device = resolve_device(args.device)
+    model = load_model(args.model, device)
+    dataset = PreparedDataset.load(args.data)
+    metrics = evaluate_model(model, dataset, args.batch_size, exclude_history=not args.keep_history)
+    out = Path(args.out or args.model) / "metrics.json"
+    merged = metrics
+    if out.is_file():  # keep a training run's timings when re-evaluating on the same dataset
+        try:
+            previous = read_json(out)
+        except Exception:
+            previous = None
+        if isinstance(previous, dict) and previous.get("dataset_fingerprint") == dataset.fingerprint:
+            merged = {**previous, **metrics}
+    write_json(out, merged)
+    print(json.dumps({"metrics": str(out), **metrics}, indent=2))
+    return 0
+
+
+@dataclass
+class PredictArguments:
+    model: str = field(metadata={"help": "A trained SR model folder (config.json + model.safetensors)."})
+    data: str = field(metadata={"help": "A prepared dataset folder with the same item ids."})
+    split: Literal["train", "valid", "test"] = field(metadata={"help": "Which split's instances to predict for."})
+    out: str = field(metadata={"help": "JSONL file to write (plus FILE.meta.json beside it)."})
+    topk: int = field(default=20, metadata={"help": "How many ranked items to write per instance."})
+    keep_history: bool = field(
+        default=False, metadata={"help": "Allow items of the instance's history in its predictions."}
+    )
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "cpu, cuda, or auto."})
+    batch_size: int = field(default=1024, metadata={"help": "Histories scored per batch."})
+
+
+def predict(argv, prog: str, description: str) -> int:
+    from delrec.data.dataset import PreparedDataset
+    from delrec.errors import DelrecError
+    from delrec.sr import load_model
+    from delrec.sr.evaluate import resolve_device, write_predictions
+
+    (args,) = parse_command([PredictArguments], argv, prog, description)
+    device = resolve_device(args.device)
+    model = load_model(args.model, device)
+    dataset = PreparedDataset.load(args.data)
+    if not 1 <= args.topk <= dataset.num_items:
+        raise DelrecError(f"--topk {args.topk} must be between 1 and the catalogue size ({dataset.num_items} items)")
+    meta = write_predictions(
+        args.out, model, dataset, args.split, args.topk, not args.keep_history, args.batch_size, model_path=args.model
+    )
+    print(json.dumps({"out": args.out, **{k: meta[k] for k in ("split", "topk", "rows", "exclude_history")}}, indent=2))
+    return 0

@@ -1,0 +1,301 @@
+"""Batched evaluation of SR models (both protocols) and the predictions file.
+
+Full ranking: `score_all` over the split in batches; metrics from `delrec.metrics.RankingMetrics`
+with each instance's history items excluded (default; `exclude_history=False` keeps them).
+Candidate ranking: `score_items` on the dataset's fixed candidate sets (`dataset.candidates`),
+nothing excluded; HR@1, HR@5, NDCG@5.
+
+Predictions file (JSON lines, one row per instance of a split, in instance order):
+
+    {"id": 0, "items": [top-K item ids, best first], "scores": [their scores]}
+
+plus a sidecar `FILE.meta.json` = {"kind": "delrec-predictions", "format_version", "dataset_fingerprint",
+"split", "topk", "exclude_history", "rows", "sha256" (of FILE), "model": {"model_type", "path"}}.
+With history exclusion a row can hold fewer than K items when the history leaves fewer than K
+items to rank. `read_predictions` checks the pair against a dataset (fingerprint, split, row
+count, ids, item range, checksum) before DELRec prompts or a distillation use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from delrec.data.dataset import PreparedDataset
+from delrec.errors import DelrecError, where
+from delrec.io import atomic_write, read_json, read_jsonl, write_json
+from delrec.metrics import DEFAULT_KS, RankingMetrics, history_mask
+from delrec.sr.base import SequentialRecommender, pad_histories
+
+CANDIDATE_KS = (1, 5)
+CANDIDATE_KEYS = ("hr@1", "hr@5", "ndcg@5")
+PREDICTIONS_KIND = "delrec-predictions"
+PREDICTIONS_VERSION = 1
+EVAL_BATCH_SIZE = 1024
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """"auto" -> cuda when available else cpu; "cuda" without CUDA is a `DelrecError`."""
+    if isinstance(name, torch.device):
+        return name
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise DelrecError(
+            f"--device {name} was requested but CUDA is not available to this torch ({torch.__version__}); "
+            "use --device cpu or auto"
+        )
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise DelrecError(f"unknown device '{name}'; expected cpu, cuda or auto") from None
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+class _EvalMode:
+    """Context: model in eval mode and no autograd; restores the previous mode."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+        self.no_grad = torch.inference_mode()
+        self.no_grad.__enter__()
+
+    def __exit__(self, *exc):
+        self.no_grad.__exit__(*exc)
+        self.model.train(self.was_training)
+
+
+def _histories(model: SequentialRecommender, histories: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    return pad_histories(histories, model.pad_id, model.context_length).to(device)
+
+
+def length_sorted_batches(histories: Sequence[Sequence[int]], batch_size: int, context: int) -> list[torch.Tensor]:
+    """Row indices in batches of histories of similar (truncated) length: little padding to
+    encode. Deterministic, so every caller scores each instance in the same batch."""
+    order = sorted(range(len(histories)), key=lambda i: min(len(histories[i]), context))
+    return [torch.tensor(order[i:i + batch_size], dtype=torch.long) for i in range(0, len(order), batch_size)]
+
+
+def iter_full_scores(
+    model: SequentialRecommender,
+    histories: Sequence[Sequence[int]],
+    batch_size: int = EVAL_BATCH_SIZE,
+    exclude_history: bool = True,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Yield (row indices, scores [b, N], exclude mask or None), batch by batch on the model's
+    device; rows come in batches of similar history length, not in input order."""
+    device = _model_device(model)
+    with _EvalMode(model):
+        for rows in length_sorted_batches(histories, batch_size, model.context_length):
+            chunk = [histories[i] for i in rows.tolist()]
+            scores = model.score_all(_histories(model, chunk, device))
+            mask = history_mask(chunk, model.num_items, device) if exclude_history else None
+            yield rows, scores, mask
+
+
+def evaluate_full(
+    model: SequentialRecommender,
+    instances,
+    batch_size: int = EVAL_BATCH_SIZE,
+    exclude_history: bool = True,
+    ks: Sequence[int] = DEFAULT_KS,
+) -> dict[str, float]:
+    """HR/NDCG/MRR@ks over all N items for a list of `Instance`s."""
+    metrics = RankingMetrics(ks)
+    histories = [inst.history for inst in instances]
+    targets = torch.tensor([inst.target for inst in instances], dtype=torch.long)
+    for rows, scores, mask in iter_full_scores(model, histories, batch_size, exclude_history):
+        metrics.update(scores, targets[rows].to(scores.device), mask)
+    return metrics.compute()
+
+
+def evaluate_candidates(
+    model: SequentialRecommender, instances, candidates: Sequence[Sequence[int]], batch_size: int = EVAL_BATCH_SIZE
+) -> dict[str, float]:
+    """HR@1, HR@5, NDCG@5 over the fixed candidate sets (the target is among them)."""
+    device = _model_device(model)
+    metrics = RankingMetrics(CANDIDATE_KS)
+    with _EvalMode(model):
+        for rows in length_sorted_batches([inst.history for inst in instances], batch_size, model.context_length):
+            chunk = [instances[i] for i in rows.tolist()]
+            lists = [candidates[i] for i in rows.tolist()]
+            items = torch.tensor(lists, dtype=torch.long, device=device)
+            target_index = torch.tensor([c.index(inst.target) for inst, c in zip(chunk, lists)], device=device)
+            scores = model.score_items(_histories(model, [inst.history for inst in chunk], device), items)
+            metrics.update(scores, target_index)
+    values = metrics.compute()
+    return {key: values[key] for key in CANDIDATE_KEYS}
+
+
+def evaluate_model(
+    model: SequentialRecommender,
+    dataset: PreparedDataset,
+    batch_size: int = EVAL_BATCH_SIZE,
+    exclude_history: bool = True,
+    splits: Sequence[str] = ("valid", "test"),
+) -> dict:
+    """The metrics.json body: full ranking on `splits` plus the candidate protocol."""
+    check_compatible(model, dataset)
+    result: dict = {"protocol": "full", "exclude_history": exclude_history, "dataset_fingerprint": dataset.fingerprint}
+    for split in splits:
+        result[split] = evaluate_full(model, dataset.instances(split), batch_size, exclude_history)
+    candidates: dict = {"protocol": "candidates", "num_candidates": dataset.num_candidates}
+    for split in splits:
+        candidates[split] = evaluate_candidates(model, dataset.instances(split), dataset.candidates(split), batch_size)
+    result["candidates"] = candidates
+    return result
+
+
+def check_compatible(model: SequentialRecommender, dataset: PreparedDataset) -> None:
+    if model.num_items != dataset.num_items:
+        raise DelrecError(
+            f"the model scores {model.num_items} items but the dataset {dataset.path} has {dataset.num_items}; "
+            "use the dataset the model was trained on"
+        )
+
+
+# --- predictions ---------------------------------------------------------------------------------
+
+
+def predict(
+    model: SequentialRecommender,
+    dataset: PreparedDataset,
+    split: str,
+    topk: int,
+    exclude_history: bool = True,
+    batch_size: int = EVAL_BATCH_SIZE,
+) -> Iterator[dict]:
+    """Yield one {"id", "items", "scores"} row per instance of `split`, in order."""
+    check_compatible(model, dataset)
+    if not 1 <= topk <= model.num_items:
+        raise DelrecError(f"--topk {topk} must be between 1 and the catalogue size ({model.num_items} items)")
+    instances = dataset.instances(split)
+    histories = [inst.history for inst in instances]
+    ranked: list = [None] * len(instances)  # batches come length-sorted; rows are written in order
+    for rows, scores, mask in iter_full_scores(model, histories, batch_size, exclude_history):
+        if mask is not None:
+            scores = scores.masked_fill(mask, float("-inf"))
+        values, items = scores.topk(topk, dim=1)
+        for row, row_values, row_items in zip(rows.tolist(), values.tolist(), items.tolist()):
+            ranked[row] = [(i, v) for i, v in zip(row_items, row_values) if v != float("-inf")]
+    for inst, kept in zip(instances, ranked):
+        yield {
+            "id": inst.id,
+            "items": [i for i, _ in kept],
+            "scores": [float(f"{v:.9g}") for _, v in kept],  # 9 digits: float32 round-trips
+        }
+
+
+def meta_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".meta.json")
+
+
+def write_predictions(
+    path: str | Path,
+    model: SequentialRecommender,
+    dataset: PreparedDataset,
+    split: str,
+    topk: int,
+    exclude_history: bool = True,
+    batch_size: int = EVAL_BATCH_SIZE,
+    model_path: str | Path | None = None,
+) -> dict:
+    """Write the predictions file and its sidecar (each atomically); return the sidecar."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    count = 0
+    with atomic_write(path) as handle:
+        for row in predict(model, dataset, split, topk, exclude_history, batch_size):
+            line = json.dumps(row) + "\n"
+            handle.write(line)
+            digest.update(line.encode("utf-8"))
+            count += 1
+    meta = {
+        "kind": PREDICTIONS_KIND,
+        "format_version": PREDICTIONS_VERSION,
+        "dataset_fingerprint": dataset.fingerprint,
+        "split": split,
+        "topk": topk,
+        "exclude_history": exclude_history,
+        "rows": count,
+        "sha256": digest.hexdigest(),
+        "model": {"model_type": model.model_type, "path": None if model_path is None else str(model_path)},
+    }
+    write_json(meta_path(path), meta)
+    return meta
+
+
+@dataclass
+class Predictions:
+    """A validated predictions file: row i belongs to `dataset.instances(split)[i]`."""
+
+    meta: dict
+    items: list[list[int]]
+    scores: list[list[float]]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def read_predictions(path: str | Path, dataset: PreparedDataset, split: str) -> Predictions:
+    """Read and validate a predictions file for `dataset`'s `split`; `DelrecError` on any mismatch."""
+    path = Path(path)
+    side = meta_path(path)
+    if not path.is_file():
+        raise DelrecError(f"{path}: predictions file not found; write one with `delrec sr predict`")
+    if not side.is_file():
+        raise DelrecError(f"{path}: no {side.name} beside it, so it is not a delrec predictions file; "
+                          "write one with `delrec sr predict`")
+    meta = read_json(side)
+    if not isinstance(meta, dict) or meta.get("kind") != PREDICTIONS_KIND:
+        raise DelrecError(f"{side}: not a delrec predictions sidecar (field 'kind' should be '{PREDICTIONS_KIND}')")
+    if meta.get("format_version") != PREDICTIONS_VERSION:
+        raise DelrecError(f"{side}: predictions format version {meta.get('format_version')!r}, this delrec reads "
+                          f"{PREDICTIONS_VERSION}; re-run `delrec sr predict`")
+    if meta.get("dataset_fingerprint") != dataset.fingerprint:
+        raise DelrecError(
+            f"{path}: predictions were made on dataset {meta.get('dataset_fingerprint')}, not on {dataset.path} "
+            f"(fingerprint {dataset.fingerprint}); re-run `delrec sr predict --data {dataset.path}`"
+        )
+    if meta.get("split") != split:
+        raise DelrecError(f"{path}: holds predictions for split '{meta.get('split')}', expected '{split}'")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+        raise DelrecError(f"{path}: content does not match its {side.name} (edited, or from another run); "
+                          "re-run `delrec sr predict`")
+    expected = len(dataset.instances(split))
+    topk = meta.get("topk")
+    n = dataset.num_items
+    items, scores = [], []
+    for line_no, row in read_jsonl(path):
+        if row.get("id") != len(items):
+            raise DelrecError(f"{where(path, line_no, 'id')}: expected id {len(items)} (rows follow the {split} instances)")
+        row_items, row_scores = row.get("items"), row.get("scores")
+        if not isinstance(row_items, list) or not isinstance(row_scores, list) or len(row_items) != len(row_scores):
+            raise DelrecError(f"{where(path, line_no, 'items')}: expected lists 'items' and 'scores' of equal length")
+        if len(row_items) > topk:
+            raise DelrecError(f"{where(path, line_no, 'items')}: {len(row_items)} items, more than topk {topk}")
+        for item in row_items:
+            if not isinstance(item, int) or isinstance(item, bool) or not 0 <= item < n:
+                raise DelrecError(f"{where(path, line_no, 'items')}: item id {item!r} is not in the catalogue (0..{n - 1})")
+        items.append(row_items)
+        scores.append(row_scores)
+    if len(items) != expected or len(items) != meta.get("rows"):
+        raise DelrecError(f"{path}: {len(items)} rows for {expected} {split} instances (the sidecar says {meta.get('rows')})")
+    return Predictions(meta, items, scores)

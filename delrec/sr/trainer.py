@@ -1,0 +1,498 @@
+"""One trainer for every SR model: `train_sr(dataset, model_config, train_config, out)`.
+
+What one epoch does
+-------------------
+Each training instance (history, target) becomes the sequence `history + [target]`, cut to its
+last `max_length + 1` items. Batches of such sequences (shuffled with a generator seeded by
+(seed, epoch)) are left-padded to the longest one in the batch, `model.sequence_states` runs once
+over `seq[:-1]`, and the state at position t predicts `seq[t+1]` (causal training):
+
+- `train_positions: all`: every real position predicts its next item. Right for per-user data
+  (leave-one-out: one training sequence per user), where it makes the same predictions as
+  prefix augmentation (RecBole) for a fraction of the compute.
+- `train_positions: last`: only the last position (the instance's target) is a training example.
+  Right for "rows" data (LLaRA / DLLM2Rec files), which are already prefix-expanded: there
+  `all` would train the early items of a user once per row that contains them.
+- `auto` (default): `all` for leave-one-out datasets, `last` for given rows.
+Sequences with nothing to predict (an empty history) are skipped. Logits are only computed at
+the real positions (see `delrec.sr.losses`). The popularity baseline is fitted by counting in one
+pass, reported as epoch 1.
+
+Selection, checkpoints, outputs
+-------------------------------
+After each epoch the model is evaluated on the VALIDATION split (full ranking, history items
+excluded unless `keep_history`); the best epoch is the one with the highest valid NDCG@10, and
+training stops early after `patience` epochs without improvement. The test split is only
+evaluated once, at the end, on the best model. Every epoch `OUT/checkpoint/state.pt` (model,
+optimizer, RNG states, epoch, best epoch and weights, log, configuration) is written atomically
+and `OUT/log.jsonl` is rewritten from it. Running again with the same configuration resumes from
+the checkpoint (so an interrupted run, or one asked for more `epochs`, continues and gives the
+same result as an uninterrupted one); a different configuration is refused, naming what changed.
+At the end OUT holds the best model (`config.json` + `model.safetensors`) and `metrics.json`:
+full-ranking and candidate metrics of the best model on valid and test, `train_seconds` and
+`seconds_per_epoch` (training passes only; each epoch's validation time is `eval_seconds` in the
+log), `best_epoch`, `epochs_run` and `peak_memory_mb` (CPU: peak resident memory of the process,
+reset when training starts, so run one training per process for clean numbers; CUDA: peak
+allocated memory).
+
+Extra loss terms (for forward distillation)
+-------------------------------------------
+`train_sr(..., extra_loss=fn)` adds `fn(model, batch, last_states)` to each batch's loss, where
+`batch` is a `TrainBatch` (train-instance ids, inputs, labels, mask of trained positions, states
+[B, T, d]) and `last_states = batch.states[:, -1]` [B, d] is each instance's state after its
+whole history, i.e. the model's prediction for its `target`, so `last_states @
+model.item_embeddings().T` are the student's scores for that instance. `fn` returns a scalar
+tensor; its mean per epoch is logged as `extra_loss`. `model_hook(model)` is called on the
+freshly built model before the optimizer and any checkpoint are set up: the place to wrap
+`model.item_embedding` (see `delrec.sr.base`, "The item-embedding seam"); the trained model is
+baked back to a plain `ItemEmbedding` before it is saved. Neither function is part of the
+checkpoint's configuration check; describe them in `extra_settings` (a JSON-able dict, e.g. the
+teacher file's fingerprint and the loss weights) so that a resume with other ones is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from delrec.data.dataset import PreparedDataset
+from delrec.errors import DelrecError
+from delrec.io import atomic_write, write_json, write_jsonl
+from delrec.sr.base import SequentialRecommender, build_model, model_class_for_config
+from delrec.sr.evaluate import EVAL_BATCH_SIZE, evaluate_full, evaluate_model, resolve_device
+from delrec.sr.losses import LOSSES, next_item_loss
+
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FILE = "state.pt"
+CHECKPOINT_VERSION = 1
+SELECTION_METRIC = "ndcg@10"
+BUCKET_POOL_BATCHES = 64
+# Options that may change between a run and its resumption (they do not change what is learned).
+RUNTIME_OPTIONS = ("epochs", "patience", "device", "eval_batch_size", "progress", "num_threads")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = field(default=50, metadata={"help": "Maximum number of epochs (a finished run given more continues)."})
+    batch_size: int = field(
+        default=64,
+        metadata={"help": "Training SEQUENCES per batch; each holds one next-item prediction per position, so 64 "
+                  "sequences make ~300 predictions on games (a RecBole batch of 256 is 256 predictions)."},
+    )
+    bucket_by_length: bool = field(
+        default=True, metadata={"help": "Batch sequences of similar length together (less padding, faster epochs)."}
+    )
+    lr: float = field(default=2e-3, metadata={"help": "Adam learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay (L2)."})
+    loss: Literal["ce", "bce", "gbce"] = field(
+        default="ce", metadata={"help": "ce: full-softmax cross-entropy; bce: BCE with sampled negatives; gbce: gSASRec's gBCE."}
+    )
+    num_negatives: int = field(default=1, metadata={"help": "bce/gbce: negatives sampled per position."})
+    gbce_t: float = field(default=0.75, metadata={"help": "gbce: calibration parameter t in [0, 1]."})
+    patience: int = field(
+        default=5, metadata={"help": "Stop after this many epochs without a better valid NDCG@10 (0: never stop early)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of initialisation, shuffling, dropout and negative sampling."})
+    train_positions: Literal["auto", "all", "last"] = field(
+        default="auto",
+        metadata={"help": "all: every position predicts its next item; last: only the target; auto: all for "
+                  "leave-one-out data, last for prefix-expanded rows data."},
+    )
+    keep_history: bool = field(
+        default=False, metadata={"help": "Full ranking: keep history items rankable instead of excluding them."}
+    )
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "cpu, cuda, or auto (cuda if available)."})
+    eval_batch_size: int = field(default=EVAL_BATCH_SIZE, metadata={"help": "Histories scored per evaluation batch."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar and one line per epoch on stderr."})
+    num_threads: int = field(
+        default=0, metadata={"help": "CPU threads for torch (0: torch's default). On a busy shared CPU, 1 is often faster."}
+    )
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("epochs, batch_size and eval_batch_size must be positive")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ValueError(f"lr must be positive and weight_decay non-negative, got {self.lr}, {self.weight_decay}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.num_negatives < 1:
+            raise ValueError(f"num_negatives must be positive, got {self.num_negatives}")
+        if not 0.0 <= self.gbce_t <= 1.0:
+            raise ValueError(f"gbce_t must be in [0, 1], got {self.gbce_t}")
+        if self.num_threads < 0:
+            raise ValueError(f"num_threads must be non-negative, got {self.num_threads}")
+        if self.patience < 0:
+            raise ValueError(f"patience must be non-negative, got {self.patience}")
+
+
+@dataclass
+class TrainBatch:
+    """What an `extra_loss` sees of one batch (all on the training device)."""
+
+    ids: torch.Tensor  # [B] ids of the train instances (rows of dataset.instances("train"))
+    inputs: torch.Tensor  # [B, T] left-padded input items (the history, truncated)
+    labels: torch.Tensor  # [B, T] next item at each position (last column: the instance's target)
+    mask: torch.Tensor  # [B, T] bool: positions that got a main-loss term
+    states: torch.Tensor  # [B, T, d] model.sequence_states(inputs), with gradient
+
+
+ExtraLoss = Callable[[SequentialRecommender, TrainBatch, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    model: SequentialRecommender  # the best epoch's model, in eval mode, on the training device
+    metrics: dict  # what OUT/metrics.json holds
+    log: list[dict]  # one entry per epoch, as in OUT/log.jsonl
+    best_epoch: int
+    epochs_run: int
+    seconds_per_epoch: float
+    train_seconds: float
+    peak_memory_mb: float
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def resolve_train_positions(option: str, dataset: PreparedDataset) -> str:
+    if option != "auto":
+        return option
+    return "all" if dataset.meta.get("protocol") == "leave-one-out" else "last"
+
+
+def training_sequences(dataset: PreparedDataset, max_length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids [S], lengths [S], sequences [S, max_length+1] left-padded) of the train instances
+    whose history is not empty; each sequence is history + [target], cut to its last items."""
+    width = max_length + 1
+    kept = [inst for inst in dataset.instances("train") if inst.history]
+    seqs = np.full((len(kept), width), pad_id, dtype=np.int64)
+    lengths = np.empty(len(kept), dtype=np.int64)
+    for row, inst in enumerate(kept):
+        seq = (inst.history + (inst.target,))[-width:]
+        seqs[row, width - len(seq):] = seq
+        lengths[row] = len(seq)
+    ids = np.array([inst.id for inst in kept], dtype=np.int64)
+    return ids, lengths, seqs
+
+
+def epoch_batches(lengths: np.ndarray, batch_size: int, bucket: bool, rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch's batches (row indices). Shuffled; with `bucket`, each pool of 64 batches is
+    sorted by length before it is cut into batches, and the batches are shuffled again, so a
+    batch holds sequences of similar length (little padding) while the epoch stays random."""
+    order = rng.permutation(len(lengths))
+    if not bucket:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    pool = batch_size * BUCKET_POOL_BATCHES
+    batches = []
+    for start in range(0, len(order), pool):
+        chunk = order[start:start + pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def _popularity_sequences(dataset: PreparedDataset, positions: str):
+    for inst in dataset.instances("train"):
+        yield (inst.target,) if positions == "last" else inst.history + (inst.target,)
+
+
+# --- checkpoint -----------------------------------------------------------------------------------
+
+
+def run_settings(model: SequentialRecommender, config: TrainConfig, positions: str) -> dict:
+    """Everything that determines what is learned; a checkpoint resumes only under equal settings."""
+    train = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_OPTIONS}
+    train["train_positions"] = positions
+    return {
+        "model_type": model.model_type,
+        "model": dataclasses.asdict(model.config),
+        "num_items": model.num_items,
+        "dataset_fingerprint": model.dataset_fingerprint,
+        "train": train,
+    }
+
+
+def _flatten(settings: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _describe_difference(old: dict, new: dict) -> str:
+    old, new = _flatten(old), _flatten(new)
+    changes = [f"{k.split('.')[-1]}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+               if old.get(k) != new.get(k)]
+    return ", ".join(changes[:4]) + (f" and {len(changes) - 4} more" if len(changes) > 4 else "")
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy_key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+        "numpy_pos": int(np_state["state"]["pos"]),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(("MT19937", state["numpy_key"].numpy().astype(np.uint32), state["numpy_pos"]))
+    random.setstate(state["python"])
+
+
+def _cpu_state(module_or_state) -> dict:
+    state = module_or_state.state_dict() if hasattr(module_or_state, "state_dict") else module_or_state
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def load_checkpoint(out: Path, settings: dict) -> dict | None:
+    """The checkpoint in OUT if its settings equal `settings`; None when there is none."""
+    path = out / CHECKPOINT_DIR / CHECKPOINT_FILE
+    if not path.is_file():
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise DelrecError(
+                f"{out} already holds files but no training checkpoint; choose another --out or empty it"
+            )
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = state["settings"]
+        version = state["version"]
+    except Exception as exc:  # corrupt or foreign file
+        raise DelrecError(f"{path}: unreadable checkpoint ({type(exc).__name__}); delete {path.parent} to start over") from None
+    if version != CHECKPOINT_VERSION:
+        raise DelrecError(f"{path}: checkpoint version {version}, this delrec writes {CHECKPOINT_VERSION}; "
+                          f"delete {path.parent} to start over")
+    if saved != settings:
+        raise DelrecError(
+            f"{out}: cannot resume, its checkpoint was written with a different configuration "
+            f"({_describe_difference(saved, settings)}); use the same options, another --out, or delete "
+            f"{path.parent} to start over"
+        )
+    return state
+
+
+def save_checkpoint(out: Path, state: dict) -> None:
+    with atomic_write(out / CHECKPOINT_DIR / CHECKPOINT_FILE, "wb") as handle:
+        torch.save(state, handle)
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: resets the process's peak resident set size (VmHWM)
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024, "process peak RSS"
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, "process peak RSS"
+
+
+# --- training ---------------------------------------------------------------------------------------
+
+
+def _train_epoch(
+    model: SequentialRecommender,
+    optimizer: torch.optim.Optimizer,
+    data: tuple[np.ndarray, np.ndarray, np.ndarray],
+    config: TrainConfig,
+    positions: str,
+    epoch: int,
+    device: torch.device,
+    extra_loss: ExtraLoss | None,
+) -> dict:
+    ids, lengths, seqs = data
+    pad = model.pad_id
+    model.train()
+    total = extra_total = 0.0
+    batches = epoch_batches(lengths, config.batch_size, config.bucket_by_length, np.random.default_rng([config.seed, epoch]))
+    bar = tqdm(total=len(batches), desc=f"epoch {epoch}", disable=not config.progress, leave=False, dynamic_ncols=True)
+    for step, index in enumerate(batches, start=1):
+        width = int(lengths[index].max())
+        batch = torch.from_numpy(seqs[index, -width:]).to(device)
+        inputs, labels = batch[:, :-1], batch[:, 1:]
+        mask = (inputs != pad) & (labels != pad)
+        if positions == "last":
+            mask[:, :-1] = False
+        states = model.sequence_states(inputs)
+        loss = next_item_loss(
+            config.loss, states[mask], labels[mask], model.item_embeddings(), config.num_negatives, config.gbce_t
+        )
+        total += loss.item()
+        if extra_loss is not None:
+            train_batch = TrainBatch(torch.from_numpy(ids[index]).to(device), inputs, labels, mask, states)
+            extra = extra_loss(model, train_batch, states[:, -1])
+            extra_total += extra.item()
+            loss = loss + extra
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.update()
+        if step % 20 == 0 or step == len(batches):
+            bar.set_postfix(loss=f"{total / step:.4f}")
+    bar.close()
+    if not math.isfinite(total + extra_total):
+        raise DelrecError(f"epoch {epoch}: the training loss became {total + extra_total} (training diverged); lower --lr")
+    result = {"loss": total / max(len(batches), 1)}
+    if extra_loss is not None:
+        result["extra_loss"] = extra_total / max(len(batches), 1)
+    return result
+
+
+def train_sr(
+    dataset: PreparedDataset | str | Path,
+    model_config: Any,
+    train_config: TrainConfig | None = None,
+    out: str | Path = "runs/sr",
+    extra_loss: ExtraLoss | None = None,
+    model_hook: Callable[[SequentialRecommender], None] | None = None,
+    extra_settings: dict | None = None,
+) -> TrainResult:
+    """Train (or resume, or just re-evaluate a finished run) and write OUT; see the module docstring.
+
+    `model_config` is an instance of a model's config dataclass (`SASRecConfig`, `GRU4RecConfig`,
+    `CaserConfig`, `PopConfig`); it picks the model.
+    """
+    config = train_config or TrainConfig()
+    threads = torch.get_num_threads()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    try:
+        return _train(dataset, model_config, config, out, extra_loss, model_hook, extra_settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(dataset, model_config, config: TrainConfig, out, extra_loss, model_hook, extra_settings) -> TrainResult:
+    if not isinstance(dataset, PreparedDataset):
+        dataset = PreparedDataset.load(dataset)
+    out = Path(out)
+    model_class_for_config(model_config)  # fail fast on a foreign config object
+    device = resolve_device(config.device)
+    positions = resolve_train_positions(config.train_positions, dataset)
+    exclude_history = not config.keep_history
+
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    model = build_model(model_config, dataset.num_items, dataset.fingerprint)
+    if model_hook is not None:
+        model_hook(model)
+    model = model.to(device)
+    settings = run_settings(model, config, positions)
+    if extra_settings:
+        settings["extra"] = extra_settings
+    state = load_checkpoint(out, settings)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay) if model.trainable else None
+
+    def say(message: str) -> None:  # progress lines go to stderr, so stdout stays machine-readable
+        if config.progress:
+            tqdm.write(message, file=sys.stderr)
+
+    if state is None:
+        epoch, best_epoch, best_metric, log, best_state = 0, 0, -math.inf, [], None
+    else:
+        model.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        epoch, best_epoch, best_metric = state["epoch"], state["best_epoch"], state["best_metric"]
+        log, best_state = state["log"], state["best_model"]
+        say(f"resuming {out} after epoch {epoch} (best so far: epoch {best_epoch}, valid {SELECTION_METRIC} {best_metric:.4f})")
+
+    data = training_sequences(dataset, model.max_length, model.pad_id) if model.trainable else None
+    valid = dataset.instances("valid")
+    _reset_peak_memory(device)
+    while epoch < config.epochs:
+        if not model.trainable and epoch >= 1:
+            break  # counted once; nothing more to learn
+        if config.patience and epoch - best_epoch >= config.patience:
+            say(f"early stop: no better valid {SELECTION_METRIC} for {config.patience} epochs")
+            break
+        epoch += 1
+        started = time.perf_counter()
+        if model.trainable:
+            entry = _train_epoch(model, optimizer, data, config, positions, epoch, device, extra_loss)
+        else:
+            model.fit(_popularity_sequences(dataset, positions))
+            entry = {"loss": None}
+        train_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        valid_metrics = evaluate_full(model, valid, config.eval_batch_size, exclude_history)
+        eval_seconds = time.perf_counter() - started
+        improved = valid_metrics[SELECTION_METRIC] > best_metric
+        if improved:
+            best_epoch, best_metric, best_state = epoch, valid_metrics[SELECTION_METRIC], _cpu_state(model)
+        entry = {"epoch": epoch, **entry, "train_seconds": round(train_seconds, 3), "eval_seconds": round(eval_seconds, 3),
+                 "peak_memory_mb": round(_peak_memory_mb(device)[0], 1), "valid": valid_metrics, "best": improved}
+        log.append(entry)
+        save_checkpoint(out, {
+            "version": CHECKPOINT_VERSION, "settings": settings, "epoch": epoch, "best_epoch": best_epoch,
+            "best_metric": best_metric, "log": log, "model": _cpu_state(model), "best_model": best_state,
+            "optimizer": optimizer.state_dict() if optimizer is not None else {}, "rng": _rng_state(),
+        })
+        write_jsonl(out / "log.jsonl", log)
+        loss_text = "" if entry["loss"] is None else f"loss {entry['loss']:.4f}, "
+        say(f"epoch {epoch}: {loss_text}valid {SELECTION_METRIC} {valid_metrics[SELECTION_METRIC]:.4f}"
+            f"{' (best)' if improved else ''}, {train_seconds:.1f} s train + {eval_seconds:.1f} s eval")
+
+    peak_mb, peak_kind = _peak_memory_mb(device)
+    peak_mb = max([peak_mb] + [entry.get("peak_memory_mb", 0.0) for entry in log])  # over resumed sessions too
+    model.load_state_dict({k: v.to(device) for k, v in best_state.items()})
+    model.eval()
+    metrics = evaluate_model(model, dataset, config.eval_batch_size, exclude_history)
+    train_seconds = sum(entry["train_seconds"] for entry in log)
+    summary = {
+        "model_type": model.model_type,
+        "train_seconds": round(train_seconds, 3),
+        "seconds_per_epoch": round(train_seconds / len(log), 3),
+        "best_epoch": best_epoch,
+        "epochs_run": len(log),
+        "selection": f"valid {SELECTION_METRIC}",
+        "peak_memory_mb": round(peak_mb, 1),
+        "peak_memory_kind": peak_kind,
+        "device": str(device),
+        "train_config": dataclasses.asdict(config) | {"train_positions": positions},
+        "model_config": dataclasses.asdict(model.config),
+    }
+    metrics = {**metrics, **summary}
+    model.bake_item_embedding()  # a wrapped (distillation) embedding is saved as its final table
+    model.save_pretrained(out)
+    write_json(out / "metrics.json", metrics)
+    return TrainResult(out, model, metrics, log, best_epoch, len(log), summary["seconds_per_epoch"],
+                       summary["train_seconds"], summary["peak_memory_mb"])

@@ -1,0 +1,167 @@
+"""`delrec sr train | evaluate | predict`: files written, metrics agree, bad input exits 2 in one line."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from delrec.cli import main
+from delrec.data.dataset import PreparedDataset
+from delrec.data.prepare import prepare_dataset
+from delrec.data.preprocess import PreprocessConfig
+from delrec.data.synthetic import make_synthetic
+from delrec.errors import DelrecError
+from delrec.metrics import metrics_from_ranked_lists
+from delrec.sr import read_predictions
+
+TINY_FLAGS = [
+    "--hidden_size", "16", "--num_layers", "1", "--num_heads", "1", "--inner_size", "32",
+    "--epochs", "3", "--lr", "0.01", "--batch_size", "32", "--no_progress", "--num_threads", "1",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(args):
+    try:
+        return main(args)
+    except SystemExit as exc:  # argparse errors
+        return exc.code
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    raw = make_synthetic(num_users=200, num_items=50, min_length=6, max_length=16, seed=3)
+    return prepare_dataset(raw, PreprocessConfig(num_candidates=10), tmp_path_factory.mktemp("cli") / "data").path
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "sasrec"
+    assert run(["sr", "train", "--data", str(data_dir), "--model", "sasrec", "--out", str(out), *TINY_FLAGS]) == 0
+    return out
+
+
+def test_train_writes_model_and_metrics(trained, capsys):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["protocol"] == "full" and metrics["epochs_run"] == 3
+    assert metrics["model_config"]["hidden_size"] == 16 and metrics["train_config"]["lr"] == 0.01
+    assert json.loads((trained / "config.json").read_text())["model_type"] == "sasrec"
+
+
+def test_evaluate_prints_and_writes_the_same_metrics(trained, data_dir, tmp_path, capsys):
+    capsys.readouterr()
+    assert run(["sr", "evaluate", "--model", str(trained), "--data", str(data_dir), "--out", str(tmp_path),
+                "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    trained_metrics = json.loads((trained / "metrics.json").read_text())
+    for key in ("valid", "test", "candidates"):
+        assert printed[key] == written[key] == trained_metrics[key]
+
+
+def test_predictions_reproduce_metrics_json(trained, data_dir, tmp_path):
+    dataset = PreparedDataset.load(data_dir)
+    metrics = json.loads((trained / "metrics.json").read_text())
+    for split in ("valid", "test"):
+        path = tmp_path / f"{split}.jsonl"
+        assert run(["sr", "predict", "--model", str(trained), "--data", str(data_dir), "--split", split,
+                    "--topk", "20", "--out", str(path)]) == 0
+        predictions = read_predictions(path, dataset, split)
+        assert predictions.meta["topk"] == 20 and predictions.meta["model"]["model_type"] == "sasrec"
+        instances = dataset.instances(split)
+        for items, inst in zip(predictions.items, instances):
+            assert len(items) == 20 and not set(items) & set(inst.history)  # history excluded
+        from_file = metrics_from_ranked_lists(predictions.items, [inst.target for inst in instances])
+        assert from_file == pytest.approx(metrics[split], abs=1e-12)
+
+
+def test_predictions_reader_validates_the_file(trained, data_dir, tmp_path):
+    dataset = PreparedDataset.load(data_dir)
+    path = tmp_path / "p.jsonl"
+    assert run(["sr", "predict", "--model", str(trained), "--data", str(data_dir), "--split", "valid",
+                "--topk", "5", "--out", str(path), "--keep_history"]) == 0
+    assert len(read_predictions(path, dataset, "valid")) == len(dataset.instances("valid"))
+    with pytest.raises(DelrecError, match="holds predictions for split 'valid', expected 'test'"):
+        read_predictions(path, dataset, "test")
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(DelrecError, match="content does not match"):
+        read_predictions(path, dataset, "valid")
+    meta = json.loads((tmp_path / "p.jsonl.meta.json").read_text())
+    (tmp_path / "p.jsonl.meta.json").write_text(json.dumps({**meta, "dataset_fingerprint": "0" * 16}))
+    with pytest.raises(DelrecError, match="predictions were made on dataset 0000000000000000"):
+        read_predictions(path, dataset, "valid")
+    (tmp_path / "p.jsonl.meta.json").unlink()
+    with pytest.raises(DelrecError, match="not a delrec predictions file"):
+        read_predictions(path, dataset, "valid")
+
+
+def test_model_options_come_from_a_yaml_config(data_dir, tmp_path):
+    config = tmp_path / "gru.yaml"
+    config.write_text("model: gru4rec\nhidden_size: 8\ngru_size: 12\nepochs: 1\nprogress: false\nnum_threads: 1\n")
+    out = tmp_path / "gru"
+    assert run(["sr", "train", "--config", str(config), "--data", str(data_dir), "--out", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model_type"] == "gru4rec" and saved["gru_size"] == 12 and saved["hidden_size"] == 8
+
+
+@pytest.mark.parametrize("name", ["sasrec", "gru4rec", "caser"])
+def test_shipped_configs_train(name, data_dir, tmp_path):
+    config = Path(__file__).resolve().parents[1] / "configs" / "sr" / f"{name}.yaml"
+    out = tmp_path / name
+    assert run(["sr", "train", "--config", str(config), "--data", str(data_dir), "--out", str(out), "--epochs", "1",
+                "--no_progress", "--num_threads", "1"]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == name
+
+
+def bad_cases(data_dir, trained, tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(
+        json.dumps({**json.loads((trained / "config.json").read_text()), "format_version": 0})
+    )
+    (old / "model.safetensors").write_bytes((trained / "model.safetensors").read_bytes())
+    wrong_key = tmp_path / "wrong.yaml"
+    wrong_key.write_text("model: gru4rec\nnum_heads: 2\n")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model: sasrec\nhiden_size: 2\n")
+    train = ["sr", "train", "--data", str(data_dir), "--out", str(tmp_path / "o")]
+    return {
+        "not a dataset": (["sr", "train", "--data", str(tmp_path), "--model", "sasrec", "--out", str(tmp_path / "o")],
+                          "not a prepared dataset"),
+        "unknown model": ([*train, "--model", "bert4rec"], "unknown model 'bert4rec'"),
+        "other model's key": ([*train, "--config", str(wrong_key)], "key 'num_heads' is not an option of model 'gru4rec'"),
+        "unknown yaml key": ([*train, "--config", str(typo)], "unknown key 'hiden_size'; did you mean 'hidden_size'"),
+        "unknown flag": ([*train, "--model", "caser", "--num_heads", "2"], "unrecognized arguments"),
+        "hf folder": (["sr", "evaluate", "--model", str(hf), "--data", str(data_dir)], "Hugging Face model folder"),
+        "old version": (["sr", "evaluate", "--model", str(old), "--data", str(data_dir)], "format version 0"),
+        "topk": (["sr", "predict", "--model", str(trained), "--data", str(data_dir), "--split", "test",
+                  "--topk", "51", "--out", str(tmp_path / "p.jsonl")], "--topk 51 must be between 1 and"),
+        "resume other config": (["sr", "train", "--data", str(data_dir), "--model", "sasrec", "--out", str(trained),
+                                 *TINY_FLAGS, "--lr", "0.5"], "cannot resume"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["not a dataset", "unknown model", "other model's key", "unknown yaml key", "unknown flag", "hf folder", "old version", "topk",
+     "resume other config"],
+)
+def test_bad_input_exits_2_with_one_line(case, data_dir, trained, tmp_path, capsys):
+    argv, message = bad_cases(data_dir, trained, tmp_path)[case]
+    capsys.readouterr()
+    assert run(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "p.jsonl").exists()
