@@ -1,0 +1,159 @@
+"""The shared tokenization and the log-likelihood read-out.
+
+On a tiny Llama (adds BOS, untied head) and a tiny Qwen2 (no BOS, tied embeddings).
+"""
+
+import pytest
+import torch
+
+from delrec.llm.loading import LoraSettings, apply_lora
+from delrec.llm.scoring import (
+    CandidateScores,
+    count_duplicate_titles,
+    normalize_title,
+    rank_candidates,
+    score_candidates,
+    score_candidates_naive,
+)
+from delrec.llm.soft_prompt import SoftPrompt
+from delrec.llm.tokenization import adds_bos, encode_completion, encode_pair, encode_prompt
+from delrec.prompts import get_template
+from llm_fixtures import load_tiny, tiny_llm, tiny_llm_data  # noqa: F401 (fixtures)
+
+ONE_TOKEN_TITLE = "The"
+PROMPTS = [
+    "Answer:\n",
+    "A user has played these games, from oldest to most recent:\n1. The Hollow Echo\n2. Endless Compass II\nAnswer:\n",
+    "Candidates:\n" + "\n".join(f"{i}. The Crystal Mirror II" for i in range(1, 12)) + "\nAnswer:\n",
+]
+CANDIDATES = [
+    ["The Hollow Echo", ONE_TOKEN_TITLE, "The Hollow Echo Deluxe Edition"],  # a title that is a prefix of another
+    ["Endless Compass II", "Endless Compass", "The Crystal Mirror II", "A", "q w e r t y u i o p"],
+    ["The Crystal Mirror II", ONE_TOKEN_TITLE],
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices gain nothing from a second thread; on busy shared cores two threads made tests 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_same(got: list[CandidateScores], expected: list[CandidateScores], tol: float = 1e-4) -> None:
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert a.num_tokens == b.num_tokens
+        assert a.logprob == pytest.approx(b.logprob, abs=tol)
+        assert a.normalized == pytest.approx(b.normalized, abs=tol)
+
+
+def test_encode_pair_marks_exactly_the_completion(tiny_llm):
+    model, tokenizer = load_tiny(tiny_llm)
+    prompt, title = PROMPTS[1], "The Hollow Echo"
+    pair = encode_pair(tokenizer, prompt, title)
+    prompt_ids, completion_ids = encode_prompt(tokenizer, prompt), encode_completion(tokenizer, title)
+
+    assert pair["input_ids"] == prompt_ids + completion_ids
+    assert pair["completion_mask"] == [0] * len(prompt_ids) + [1] * len(completion_ids)
+    assert completion_ids[-1] == tokenizer.eos_token_id and tokenizer.eos_token_id not in prompt_ids
+    assert tokenizer.decode(completion_ids[:-1]) == title
+    # BOS exactly as the tokenizer's own defaults put it: Llama yes, Qwen2 no
+    assert adds_bos(tokenizer) == (model.config.model_type == "llama")
+    assert prompt_ids == tokenizer(prompt).input_ids
+    assert (prompt_ids[0] == tokenizer.bos_token_id) == adds_bos(tokenizer)
+
+
+def test_fast_path_equals_one_forward_per_candidate(tiny_llm):
+    model, tokenizer = load_tiny(tiny_llm)
+    assert len(encode_completion(tokenizer, ONE_TOKEN_TITLE)) == 2  # the title's one id + EOS
+    # batch_size 2: prompts of different lengths share a left-padded pass, candidates span several chunks
+    fast = score_candidates(model, tokenizer, PROMPTS, CANDIDATES, batch_size=2)
+    assert_same(fast, score_candidates_naive(model, tokenizer, PROMPTS, CANDIDATES))
+
+
+def test_batch_size_does_not_change_the_numbers(tiny_llm):
+    model, tokenizer = load_tiny(tiny_llm)
+    one = score_candidates(model, tokenizer, PROMPTS, CANDIDATES, batch_size=1)
+    assert_same(score_candidates(model, tokenizer, PROMPTS, CANDIDATES, batch_size=16), one, tol=1e-5)
+
+
+def test_sum_is_the_log_softmax_of_one_full_forward_including_eos(tiny_llm):
+    model, tokenizer = load_tiny(tiny_llm)
+    prompt, title = PROMPTS[1], "Endless Compass II"
+    title_ids = tokenizer(title, add_special_tokens=False).input_ids
+    ids = tokenizer(prompt).input_ids + title_ids + [tokenizer.eos_token_id]
+    with torch.no_grad():
+        logprobs = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+    start = len(ids) - len(title_ids) - 1  # position of the title's first id
+    terms = [logprobs[t - 1, ids[t]].item() for t in range(start, len(ids))]
+
+    [score] = score_candidates(model, tokenizer, [prompt], [[title]])
+    assert score.num_tokens == [len(title_ids) + 1]
+    assert score.logprob[0] == pytest.approx(sum(terms), abs=1e-4)
+    assert score.normalized[0] == pytest.approx(sum(terms) / len(terms), abs=1e-4)
+    assert abs(terms[-1]) > 1e-3  # the EOS term is part of the sum and not negligible here
+
+
+def test_prompt_with_soft_prompt_tokens(tiny_llm):
+    model, tokenizer = load_tiny(tiny_llm)
+    soft = SoftPrompt("sasrec", 5).add_to(model, tokenizer)
+    variables = {"sr_model": "SASRec", "soft_prompt": soft.placeholder_text(),
+                 "history": ["The Hollow Echo", "Endless Compass II"], "candidates": CANDIDATES[0]}
+    prompt = get_template("lsr").render(variables, with_completion=False).prompt
+    ids = encode_prompt(tokenizer, prompt)
+    start = ids.index(soft.token_ids[0])
+    assert ids[start : start + 5] == soft.token_ids  # one id per placeholder, in order
+    assert sum(i in soft.token_ids for i in ids) == 5
+
+    prompts, candidates = [prompt, PROMPTS[1]], [CANDIDATES[0], CANDIDATES[1]]
+    fast = score_candidates(model, tokenizer, prompts, candidates, batch_size=4)
+    assert_same(fast, score_candidates_naive(model, tokenizer, prompts, candidates))
+
+
+def test_peft_model_in_training_mode_is_scored_without_dropout_and_left_training(tiny_llm):
+    model, tokenizer = load_tiny(tiny_llm)
+    peft_model = apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.5))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # LoRA starts as a no-op (B = 0); give it an effect
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    peft_model.train()
+    fast = score_candidates(peft_model, tokenizer, PROMPTS, CANDIDATES, batch_size=3)
+    assert peft_model.training
+    assert_same(fast, score_candidates_naive(peft_model, tokenizer, PROMPTS, CANDIDATES))
+    with peft_model.disable_adapter():
+        base = score_candidates(peft_model, tokenizer, PROMPTS, CANDIDATES)
+    assert abs(fast[0].logprob[0] - base[0].logprob[0]) > 1e-3
+
+
+def test_bfloat16_runs_close_to_the_reference(tiny_llm):
+    model, tokenizer = load_tiny(tiny_llm)
+    model = model.to(torch.bfloat16)
+    fast = score_candidates(model, tokenizer, PROMPTS, CANDIDATES, batch_size=2)
+    assert_same(fast, score_candidates_naive(model, tokenizer, PROMPTS, CANDIDATES), tol=0.05)
+
+
+def test_rank_candidates_best_first_with_ties_to_the_lower_index():
+    scores = [CandidateScores([-3.0, -1.0, -3.0, -2.0], [3, 1, 3, 1]), CandidateScores([], [])]
+    assert rank_candidates(scores, normalize=False) == [[1, 3, 0, 2], []]
+    assert rank_candidates(scores, normalize=True) == [[0, 1, 2, 3], []]  # -1, -1, -1, -2 per token
+
+
+def test_duplicate_titles_after_normalisation():
+    assert normalize_title("  The  Hollow\tEcho ") == "the hollow echo"
+    assert count_duplicate_titles(["The Hollow Echo", "the hollow  echo ", "THE HOLLOW ECHO", "Echo"]) == 2
+    assert count_duplicate_titles([]) == 0
+
+
+def test_bad_inputs(tiny_llm):
+    model, tokenizer = load_tiny(tiny_llm)
+    with pytest.raises(ValueError, match="one list per prompt"):
+        score_candidates(model, tokenizer, PROMPTS, CANDIDATES[:2])
+    with pytest.raises(TypeError, match="not a string"):
+        score_candidates(model, tokenizer, ["Answer:\n"], ["The Hollow Echo"])
+    with pytest.raises(Exception, match="shorten the history"):
+        score_candidates(model, tokenizer, ["word " * 600 + "Answer:\n"], [["A"]])
