@@ -21,9 +21,15 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("sr", "evaluate"): ("delrec.cli.sr", "evaluate", "evaluate a trained SR model folder on a prepared dataset"),
     ("sr", "predict"): ("delrec.cli.sr", "predict", "write an SR model's top-K predictions for a split (JSONL)"),
     ("llm", "build-tiny"): ("delrec.cli.llm", "build_tiny", "build (and pre-train) a tiny local LLM + tokenizer"),
+    ("llm", "distill-pattern"): ("delrec.cli.llm", "distill_pattern",
+                                 "DELRec stage 1: distil an SR model's pattern into a soft prompt (TA + RPS)"),
+    ("llm", "finetune"): ("delrec.cli.llm", "finetune",
+                          "DELRec stage 2: LoRA fine-tuning on candidate recommendation, soft prompt frozen"),
     ("prompts", "list"): ("delrec.cli.prompts", "list_templates", "list the prompt templates and their variables"),
     ("prompts", "render"): ("delrec.cli.prompts", "render", "render a template on a dataset instance"),
     ("prompts", "lint"): ("delrec.cli.prompts", "lint", "check every template parses, declares and fits"),
+    ("rank",): ("delrec.cli.rank", "rank", "rank a split's fixed candidates with an LLM (score, constrained, generate)"),
+    ("export",): ("delrec.cli.rank", "export", "merge a DELRec stage-2 folder into a plain Hugging Face model folder"),
 }
 
 

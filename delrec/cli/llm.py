@@ -1,4 +1,4 @@
-"""`delrec llm build-tiny`."""
+"""`delrec llm build-tiny`, `delrec llm distill-pattern` (DELRec stage 1) and `delrec llm finetune` (stage 2)."""
 
 from __future__ import annotations
 
@@ -25,3 +25,41 @@ def build_tiny(argv, prog: str, description: str) -> int:
     summary.update({key: info[key] for key in ("first_loss", "final_loss") if key in info})
     print(json.dumps({"out": args.out, **summary}, indent=2))
     return 0
+
+
+def distill_pattern(argv, prog: str, description: str) -> int:
+    """`delrec llm distill-pattern`: DELRec stage 1 (soft prompt from TA + RPS)."""
+    from delrec.llm.loading import ModelConfig
+    from delrec.llm.stage1 import DistillArguments
+    from delrec.llm.training import TrainingSettings
+
+    args, model_config, settings = parse_command(
+        [DistillArguments, ModelConfig, TrainingSettings], argv, prog, description
+    )
+    from delrec.llm.stage1 import distill_pattern as run
+
+    _print(run(args, model_config, settings).summary)
+    return 0
+
+
+def finetune(argv, prog: str, description: str) -> int:
+    """`delrec llm finetune`: DELRec stage 2 (LoRA on LSR with the soft prompt frozen)."""
+    from delrec.llm.loading import LoraSettings, ModelConfig
+    from delrec.llm.stage2 import FinetuneArguments
+    from delrec.llm.training import TrainingSettings
+
+    args, model_config, lora, settings = parse_command(
+        [FinetuneArguments, ModelConfig, LoraSettings, TrainingSettings], argv, prog, description
+    )
+    from delrec.llm.stage2 import finetune as run
+
+    _print(run(args, model_config, lora, settings).summary)
+    return 0
+
+
+def _print(summary: dict) -> None:
+    """The run's headline (metrics and timings; per-split instance counts stay in metrics.json)."""
+    from delrec.llm.training import main_process
+
+    if main_process():
+        print(json.dumps({k: v for k, v in summary.items() if k != "instances"}, indent=2))

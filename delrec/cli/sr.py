@@ -139,6 +139,11 @@ class PredictArguments:
     keep_history: bool = field(
         default=False, metadata={"help": "Allow items of the instance's history in its predictions."}
     )
+    prefix_predictions: bool = field(
+        default=False,
+        metadata={"help": "Also write each row's top-K after the first half of its history (prefix_length, "
+                  "prefix_items): DELRec stage 1's Temporal Analysis needs them."},
+    )
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "cpu, cuda, or auto."})
     batch_size: int = field(default=1024, metadata={"help": "Histories scored per batch."})
 
@@ -156,7 +161,9 @@ def predict(argv, prog: str, description: str) -> int:
     if not 1 <= args.topk <= dataset.num_items:
         raise DelrecError(f"--topk {args.topk} must be between 1 and the catalogue size ({dataset.num_items} items)")
     meta = write_predictions(
-        args.out, model, dataset, args.split, args.topk, not args.keep_history, args.batch_size, model_path=args.model
+        args.out, model, dataset, args.split, args.topk, not args.keep_history, args.batch_size, model_path=args.model,
+        prefix_predictions=args.prefix_predictions,
     )
-    print(json.dumps({"out": args.out, **{k: meta[k] for k in ("split", "topk", "rows", "exclude_history")}}, indent=2))
+    keys = ("split", "topk", "rows", "exclude_history", "prefix_predictions")
+    print(json.dumps({"out": args.out, **{k: meta[k] for k in keys}}, indent=2))
     return 0

@@ -10,10 +10,16 @@ Predictions file (JSON lines, one row per instance of a split, in instance order
     {"id": 0, "items": [top-K item ids, best first], "scores": [their scores]}
 
 plus a sidecar `FILE.meta.json` = {"kind": "delrec-predictions", "format_version", "dataset_fingerprint",
-"split", "topk", "exclude_history", "rows", "sha256" (of FILE), "model": {"model_type", "path"}}.
-With history exclusion a row can hold fewer than K items when the history leaves fewer than K
-items to rank. `read_predictions` checks the pair against a dataset (fingerprint, split, row
-count, ids, item range, checksum) before DELRec prompts or a distillation use it.
+"split", "topk", "exclude_history", "prefix_predictions", "rows", "sha256" (of FILE), "model":
+{"model_type", "path"}}. With history exclusion a row can hold fewer than K items when the history
+leaves fewer than K items to rank. `read_predictions` checks the pair against a dataset
+(fingerprint, split, row count, ids, item range, checksum) before DELRec prompts or a
+distillation use it.
+
+With `prefix_predictions` (DELRec's Temporal Analysis needs the SR model's prediction for the
+first part of the same history, the one-shot example), each row also holds "prefix_length" =
+k = len(history) // 2 and "prefix_items" = the top-K after `history[:k]` (its items excluded
+under history exclusion; empty when k = 0).
 """
 
 from __future__ import annotations
@@ -179,26 +185,48 @@ def predict(
     topk: int,
     exclude_history: bool = True,
     batch_size: int = EVAL_BATCH_SIZE,
+    prefix_predictions: bool = False,
 ) -> Iterator[dict]:
-    """Yield one {"id", "items", "scores"} row per instance of `split`, in order."""
+    """Yield one {"id", "items", "scores"} row per instance of `split`, in order (plus
+    "prefix_length" and "prefix_items" with `prefix_predictions`)."""
     check_compatible(model, dataset)
     if not 1 <= topk <= model.num_items:
         raise DelrecError(f"--topk {topk} must be between 1 and the catalogue size ({model.num_items} items)")
     instances = dataset.instances(split)
-    histories = [inst.history for inst in instances]
-    ranked: list = [None] * len(instances)  # batches come length-sorted; rows are written in order
+    ranked = _top_items(model, [inst.history for inst in instances], topk, exclude_history, batch_size)
+    if prefix_predictions:
+        prefixes = [inst.history[: prefix_length(inst.history)] for inst in instances]
+        with_prefix = [i for i, prefix in enumerate(prefixes) if prefix]
+        prefix_ranked = dict(zip(with_prefix, _top_items(
+            model, [prefixes[i] for i in with_prefix], topk, exclude_history, batch_size
+        )))
+    for index, (inst, kept) in enumerate(zip(instances, ranked)):
+        row = {
+            "id": inst.id,
+            "items": [i for i, _ in kept],
+            "scores": [float(f"{v:.9g}") for _, v in kept],  # 9 digits: float32 round-trips
+        }
+        if prefix_predictions:
+            row["prefix_length"] = prefix_length(inst.history)
+            row["prefix_items"] = [i for i, _ in prefix_ranked.get(index, [])]
+        yield row
+
+
+def prefix_length(history: Sequence[int]) -> int:
+    """k of DELRec's Temporal Analysis example: the first half of the history (rounded down)."""
+    return len(history) // 2
+
+
+def _top_items(model, histories, topk: int, exclude_history: bool, batch_size: int) -> list[list[tuple[int, float]]]:
+    """Per history, in input order: the top-K (item, score) pairs, excluded items dropped."""
+    ranked: list = [None] * len(histories)  # batches come length-sorted; rows are returned in order
     for rows, scores, mask in iter_full_scores(model, histories, batch_size, exclude_history):
         if mask is not None:
             scores = scores.masked_fill(mask, float("-inf"))
         values, items = scores.topk(topk, dim=1)
         for row, row_values, row_items in zip(rows.tolist(), values.tolist(), items.tolist()):
             ranked[row] = [(i, v) for i, v in zip(row_items, row_values) if v != float("-inf")]
-    for inst, kept in zip(instances, ranked):
-        yield {
-            "id": inst.id,
-            "items": [i for i, _ in kept],
-            "scores": [float(f"{v:.9g}") for _, v in kept],  # 9 digits: float32 round-trips
-        }
+    return ranked
 
 
 def meta_path(path: str | Path) -> Path:
@@ -215,13 +243,14 @@ def write_predictions(
     exclude_history: bool = True,
     batch_size: int = EVAL_BATCH_SIZE,
     model_path: str | Path | None = None,
+    prefix_predictions: bool = False,
 ) -> dict:
     """Write the predictions file and its sidecar (each atomically); return the sidecar."""
     path = Path(path)
     digest = hashlib.sha256()
     count = 0
     with atomic_write(path) as handle:
-        for row in predict(model, dataset, split, topk, exclude_history, batch_size):
+        for row in predict(model, dataset, split, topk, exclude_history, batch_size, prefix_predictions):
             line = json.dumps(row) + "\n"
             handle.write(line)
             digest.update(line.encode("utf-8"))
@@ -233,6 +262,7 @@ def write_predictions(
         "split": split,
         "topk": topk,
         "exclude_history": exclude_history,
+        "prefix_predictions": prefix_predictions,
         "rows": count,
         "sha256": digest.hexdigest(),
         "model": {"model_type": model.model_type, "path": None if model_path is None else str(model_path)},
@@ -248,6 +278,7 @@ class Predictions:
     meta: dict
     items: list[list[int]]
     scores: list[list[float]]
+    prefix_items: list[list[int]] | None = None  # with prefix predictions: the top-K after history[:k]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -282,7 +313,9 @@ def read_predictions(path: str | Path, dataset: PreparedDataset, split: str) -> 
     expected = len(dataset.instances(split))
     topk = meta.get("topk")
     n = dataset.num_items
-    items, scores = [], []
+    with_prefix = bool(meta.get("prefix_predictions"))
+    instances = dataset.instances(split)
+    items, scores, prefix_items = [], [], []
     for line_no, row in read_jsonl(path):
         if row.get("id") != len(items):
             raise DelrecError(f"{where(path, line_no, 'id')}: expected id {len(items)} (rows follow the {split} instances)")
@@ -294,8 +327,25 @@ def read_predictions(path: str | Path, dataset: PreparedDataset, split: str) -> 
         for item in row_items:
             if not isinstance(item, int) or isinstance(item, bool) or not 0 <= item < n:
                 raise DelrecError(f"{where(path, line_no, 'items')}: item id {item!r} is not in the catalogue (0..{n - 1})")
+        if with_prefix:
+            prefix_items.append(_checked_prefix(row, instances, len(items), topk, n, path, line_no))
         items.append(row_items)
         scores.append(row_scores)
     if len(items) != expected or len(items) != meta.get("rows"):
         raise DelrecError(f"{path}: {len(items)} rows for {expected} {split} instances (the sidecar says {meta.get('rows')})")
-    return Predictions(meta, items, scores)
+    return Predictions(meta, items, scores, prefix_items if with_prefix else None)
+
+
+def _checked_prefix(row: dict, instances, index: int, topk: int, n: int, path: Path, line_no: int) -> list[int]:
+    if index >= len(instances):
+        return []  # the row count check reports the mismatch
+    expected = prefix_length(instances[index].history)
+    if row.get("prefix_length") != expected:
+        raise DelrecError(f"{where(path, line_no, 'prefix_length')}: expected {expected} (half the history), "
+                          f"got {row.get('prefix_length')!r}")
+    prefix = row.get("prefix_items")
+    if not isinstance(prefix, list) or len(prefix) > topk or not all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in prefix
+    ):
+        raise DelrecError(f"{where(path, line_no, 'prefix_items')}: expected at most {topk} item ids in 0..{n - 1}")
+    return prefix

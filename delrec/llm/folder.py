@@ -1,0 +1,78 @@
+"""The DELRec LLM folder (DESIGN.md, "Model folders are self-describing") and its loader.
+
+    delrec.json                  what the folder is: stage, base model, SR model, templates and their
+                                 fingerprints, soft-prompt name and size, dataset fingerprint
+    soft_prompt.safetensors      the soft-prompt rows (absent when trained without a soft prompt)
+    tokenizer files              the base tokenizer with the soft-prompt tokens added
+    adapter_config.json,         stage 2 only: the LoRA adapter (no embedding rows: the soft rows
+    adapter_model.safetensors    are in soft_prompt.safetensors, everything else is the base's)
+    metrics.json                 valid (and stage 2: test) metrics
+
+No full model copy: `load_delrec_model` rebuilds the model from the base it names, the soft rows
+and the adapter, so the ranking stage and the tests score exactly what training evaluated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from delrec.errors import DelrecError
+from delrec.io import read_json, write_json
+
+INFO_FILE = "delrec.json"
+KIND = "delrec-llm"
+FORMAT_VERSION = 1
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def write_info(folder: str | Path, info: dict[str, Any]) -> None:
+    write_json(Path(folder) / INFO_FILE, {"kind": KIND, "format_version": FORMAT_VERSION, **info})
+
+
+def read_info(folder: str | Path) -> dict[str, Any]:
+    """The folder's delrec.json, checked; a folder without one was not (fully) written by a DELRec stage."""
+    folder = Path(folder)
+    path = folder / INFO_FILE
+    if not path.is_file():
+        raise DelrecError(f"{folder}: not a DELRec LLM folder (no {INFO_FILE}); write one with `delrec llm "
+                          "distill-pattern` (stage 1) or `delrec llm finetune` (stage 2)")
+    info = read_json(path)
+    if not isinstance(info, dict) or info.get("kind") != KIND:
+        raise DelrecError(f"{path}: not a DELRec LLM description (field 'kind' should be '{KIND}')")
+    if info.get("format_version") != FORMAT_VERSION:
+        raise DelrecError(f"{path}: format version {info.get('format_version')!r}, this delrec reads {FORMAT_VERSION}")
+    return info
+
+
+def load_delrec_model(folder: str | Path, device: str = "auto", dtype: str = "auto", base: str | None = None):
+    """Return `(model, tokenizer, info)`: the base model + soft-prompt rows (+ the stage-2 LoRA adapter), in eval mode.
+
+    `base` overrides the base model recorded in delrec.json (e.g. the same model at another path).
+    """
+    from delrec.llm.loading import ModelConfig, ensure_pad_token, load_model, load_tokenizer
+    from delrec.llm.soft_prompt import SOFT_PROMPT_FILE, SoftPrompt
+
+    folder = Path(folder)
+    info = read_info(folder)
+    model_info = info["base_model"]
+    config = ModelConfig(
+        base or model_info["model_name_or_path"], dtype=dtype, device=device,
+        load_in_4bit=model_info.get("load_in_4bit", False), load_in_8bit=model_info.get("load_in_8bit", False),
+        trust_remote_code=model_info.get("trust_remote_code", False),
+    )
+    model, _ = load_model(config)
+    tokenizer = load_tokenizer(str(folder), config.trust_remote_code)  # holds the soft-prompt tokens
+    ensure_pad_token(model, tokenizer)
+    soft = info.get("soft_prompt")
+    if soft:
+        if not (folder / SOFT_PROMPT_FILE).is_file():
+            raise DelrecError(f"{folder}: {INFO_FILE} names soft prompt '{soft['name']}' but {SOFT_PROMPT_FILE} "
+                              "is missing")
+        SoftPrompt.load(folder, model, tokenizer, num_tokens=soft["num_tokens"])
+    if (folder / ADAPTER_CONFIG).is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(folder))
+    model.eval()
+    return model, tokenizer, info

@@ -1,0 +1,415 @@
+"""DELRec stage 1: distil an SR model's recommendation pattern into a soft prompt (METHODS.md, "DELRec").
+
+The LLM is frozen; only one soft prompt (P added tokens named after the SR model, shared by both
+tasks) trains, on Temporal Analysis (TA) and Recommendation Pattern Simulating (RPS) instances
+built from the SR model's predictions (`delrec.llm.instances`), with the loss on the answer
+tokens only. The two task losses (each a token mean over its own instances in the batch) are
+combined with
+
+- fixed weights (`task_weights`, normalised over the tasks present in the batch), or
+- DELRec's dynamic weights, recomputed every step: w_t ∝ (1 / ||∇_softprompt L_t||)^power
+  (power 0.5), normalised to sum 1 (`dynamic_task_weights`).
+
+How the dynamic weights cost no extra backward pass: examples of different tasks never interact
+in a forward pass, so the gradient reaching the input embeddings of a TA example is the gradient
+of L_ta alone (times the coefficient it had in the summed loss). A tensor hook on the embedding
+output therefore reads, in the ONE backward pass of the equally weighted loss, each task's
+gradient w.r.t. the soft-prompt vectors (summed over the positions holding them), computes the
+weights, and rescales each example's gradient to its task's weight before it reaches the
+embedding matrix. The result equals backpropagating sum_t w_t L_t (the tests check it against
+separate backward passes). With tied input/output embeddings (Qwen2) the soft rows are also LM-head
+rows; that output-side gradient (pushing down the probability of emitting a soft token) is not
+part of "the gradient w.r.t. the soft prompt" and is left with the equal weights.
+
+Only the soft rows train: a gradient mask on the embedding matrix (`SoftPrompt.train_only_soft_prompt`)
+and `SoftRowsAdamW`, which keeps Adam state for those P rows only, so a checkpoint is the soft
+rows + a few KB of optimizer state, not a model copy (weight decay 0, as the mask requires).
+
+Distributed: DDP (accelerate_configs/multi_gpu.yaml). Not FSDP: sharding flattens the embedding
+matrix, so the row mask and the row optimizer have no rows to hold on to; the soft prompt is
+small, so DDP is the right tool.
+
+Output folder: soft_prompt.safetensors, the tokenizer (with the soft tokens), delrec.json,
+metrics.json (valid RPS agreement and TA accuracy with their chance levels, before and after),
+checkpoints/ (for resuming) and cache/ (built instances).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+import delrec
+from delrec.errors import DelrecError
+from delrec.llm.training import (
+    CACHE_DIR,
+    AnswerCollator,
+    CHECKPOINTS_DIR,
+    CandidateEvaluator,
+    DelrecTrainer,
+    RankCounts,
+    StageResult,
+    TrainingSettings,
+    answer_log_probs,
+    apply_runtime,
+    local_or_hub,
+    main_process,
+    model_description,
+    on_cpu,
+    prepare_run,
+    run_config,
+    sft_config,
+    write_metrics,
+)
+
+STAGE = "distill-pattern"
+TASKS = ("ta", "rps")
+DEFAULT_LEARNING_RATE = 1e-2
+
+
+@dataclass
+class DistillArguments:
+    """Stage-1 inputs and the DELRec options (model: `ModelConfig`; trainer: `TrainingSettings`)."""
+
+    data: str = field(metadata={"help": "A prepared dataset folder (from `delrec data prepare`)."})
+    train_predictions: str = field(
+        metadata={"help": "SR predictions for the train split (`delrec sr predict --split train --prefix_predictions`)."}
+    )
+    valid_predictions: str = field(
+        metadata={"help": "SR predictions for the valid split, same SR model (with --prefix_predictions for TA)."}
+    )
+    out: str = field(metadata={"help": "Output folder: soft prompt, tokenizer, delrec.json, metrics.json, checkpoints."})
+    tasks: list[str] = field(
+        default_factory=lambda: list(TASKS),
+        metadata={"help": "Stage-1 tasks: ta and/or rps (one alone is the TA-only / RPS-only ablation)."},
+    )
+    task_weighting: Literal["dynamic", "fixed"] = field(
+        default="dynamic",
+        metadata={"help": "dynamic: w_t ∝ (1/||grad_softprompt L_t||)^weight_power per step; fixed: task_weights."},
+    )
+    task_weights: list[float] = field(
+        default_factory=lambda: [1.0, 1.0],
+        metadata={"help": "fixed weighting: one weight per task in `tasks` order (normalised to sum 1)."},
+    )
+    weight_power: float = field(default=0.5, metadata={"help": "dynamic weighting: the exponent (DELRec: 0.5)."})
+    soft_prompt_tokens: int = field(default=100, metadata={"help": "P, the soft prompt's number of vectors."})
+    soft_prompt_init: Literal["vocab", "random"] = field(
+        default="vocab", metadata={"help": "Start from P distinct vocabulary embeddings (DELRec) or at random."}
+    )
+    soft_prompt_name: str | None = field(
+        default=None, metadata={"help": "Name of the soft prompt's tokens (default: the SR model type, e.g. sasrec)."}
+    )
+    sr_display_name: str | None = field(
+        default=None, metadata={"help": "How the templates name the SR model (default: e.g. SASRec)."}
+    )
+    ta_template: str = field(default="ta", metadata={"help": "Template of the TA task (prompts/NAME.jinja)."})
+    rps_template: str = field(default="rps", metadata={"help": "Template of the RPS task."})
+    prompts_dir: str | None = field(default=None, metadata={"help": "Template folder (default: the repository's prompts/)."})
+    domain: str = field(default="item", metadata={"help": "Wording of prompts/domains.yaml (item, movie, game, artist, ...)."})
+    num_candidates: int | None = field(
+        default=None, metadata={"help": "RPS candidates per instance, C (default: the dataset's candidate count)."}
+    )
+    sr_top: int = field(default=3, metadata={"help": "RPS: h, how many of the SR model's top items are candidates."})
+    max_train_instances: int | None = field(
+        default=None, metadata={"help": "A seeded subsample of this many training instances per task (default: all)."}
+    )
+    eval_max_instances: int | None = field(
+        default=200, metadata={"help": "Valid instances per task scored at each evaluation (default 200; none: all)."}
+    )
+    max_length: int = field(default=1024, metadata={"help": "Longest instance in tokens (prompt + longest candidate)."})
+    allow_truncation: bool = field(
+        default=False, metadata={"help": "Drop the oldest history items of longer instances instead of refusing."}
+    )
+
+    def __post_init__(self):
+        if not self.tasks or any(t not in TASKS for t in self.tasks) or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be ta, rps or both, got {self.tasks}")
+        if self.task_weighting == "fixed" and (
+            len(self.task_weights) != len(self.tasks) or any(w < 0 for w in self.task_weights) or not sum(self.task_weights) > 0
+        ):
+            raise ValueError(f"task_weights needs one non-negative weight per task ({self.tasks}), not all zero; "
+                             f"got {self.task_weights}")
+        if self.soft_prompt_tokens < 1:
+            raise ValueError(f"soft_prompt_tokens must be at least 1, got {self.soft_prompt_tokens}")
+        if not self.weight_power > 0:
+            raise ValueError(f"weight_power must be positive, got {self.weight_power}")
+
+
+def dynamic_task_weights(grad_norms: torch.Tensor, present: torch.Tensor, power: float = 0.5) -> torch.Tensor:
+    """DELRec's dynamic weights: w_t ∝ (1 / ||grad_t||)^power over the tasks present, normalised to sum 1."""
+    inverse = grad_norms.float().clamp_min(1e-12).pow(-power) * present.float()
+    return inverse / inverse.sum()
+
+
+class SoftRowsAdamW(torch.optim.Optimizer):
+    """AdamW (no weight decay) on a few rows of one matrix: state and updates for the soft-prompt rows only.
+
+    A float32 master copy of the rows is kept, so a bf16 model still takes small steps exactly.
+    """
+
+    def __init__(self, weight: torch.nn.Parameter, rows: list[int], lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        super().__init__([weight], {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": 0.0})
+        self.rows = torch.tensor(rows, dtype=torch.long, device=weight.device)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for weight in group["params"]:
+                if weight.grad is None:
+                    continue
+                grad = weight.grad[self.rows].float()
+                state = self.state[weight]
+                if not state:
+                    state["step"] = 0
+                    state["master"] = weight[self.rows].float().clone()
+                    state["exp_avg"] = torch.zeros_like(grad)
+                    state["exp_avg_sq"] = torch.zeros_like(grad)
+                state["step"] += 1
+                state["exp_avg"].lerp_(grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                bias1 = 1 - beta1 ** state["step"]
+                bias2 = 1 - beta2 ** state["step"]
+                denominator = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
+                state["master"].addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / bias1)
+                weight[self.rows] = state["master"].to(weight.dtype)
+        return loss
+
+
+class SoftPromptTrainer(DelrecTrainer):
+    """Trains only the soft-prompt rows on TA + RPS with fixed or dynamic task weights."""
+
+    def __init__(self, *args, soft_prompt, tasks: list[str], weighting: str, task_weights: list[float],
+                 weight_power: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.is_fsdp_enabled:
+            raise DelrecError("stage 1 (distill-pattern) runs on one device or with DDP (accelerate_configs/"
+                              "multi_gpu.yaml), not FSDP: it trains rows of the embedding matrix, which FSDP flattens")
+        self.soft_prompt = soft_prompt
+        self.tasks = tasks
+        self.weighting = weighting
+        self.fixed_weights = torch.tensor(task_weights, dtype=torch.float32)
+        self.weight_power = weight_power
+        self._backward_context: dict | None = None
+        if weighting == "dynamic":
+            self.model.get_input_embeddings().register_forward_hook(self._attach_reweighting)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            weight = self.model.get_input_embeddings().weight
+            self.optimizer = SoftRowsAdamW(
+                weight, self.soft_prompt.token_ids, lr=self.args.learning_rate,
+                betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
+            )
+            self.soft_prompt.check_optimizer(self.optimizer, self.model)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        task = inputs.pop("task")
+        present = torch.stack([(task == t).any() for t in range(len(self.tasks))])
+        context = {"task": task, "input_ids": inputs["input_ids"], "present": present}
+        if self.weighting == "dynamic" and model.training:
+            self._backward_context = context  # the embedding hook picks it up during this forward pass
+        log_probs, keep = answer_log_probs(model, inputs)
+        nll = -log_probs.sum(1)
+        tokens = keep.sum(1)
+        losses = torch.stack([
+            nll[task == t].sum() / tokens[task == t].sum().clamp(min=1) for t in range(len(self.tasks))
+        ])
+        if self.weighting == "fixed":
+            coefficients = self.fixed_weights.to(losses.device) * present
+        else:  # equal weights forward; the embedding hook applies the dynamic ones in the backward pass
+            coefficients = present.float()
+        coefficients = coefficients / coefficients.sum()
+        context["coefficients"] = coefficients.detach()  # read by the gradient hook in the backward pass
+        mode = "train" if model.training else "eval"
+        for t, name in enumerate(self.tasks):
+            if present[t]:
+                self._metrics[mode][f"loss_{name}"].append(losses[t].item())
+                if self.weighting == "fixed":
+                    self._metrics[mode][f"weight_{name}"].append(coefficients[t].item())
+        loss = (coefficients * losses).sum()
+        return (loss, None) if return_outputs else loss
+
+    def _attach_reweighting(self, module, args, output):
+        context, self._backward_context = self._backward_context, None
+        if context is not None and output.requires_grad:
+            output.register_hook(lambda grad: self._reweight(grad, context))
+
+    def _reweight(self, grad: torch.Tensor, context: dict) -> torch.Tensor:
+        """Per task: the gradient w.r.t. the soft vectors -> dynamic weights -> each example's gradient rescaled."""
+        task, input_ids, coefficients, present = (context[k] for k in ("task", "input_ids", "coefficients", "present"))
+        soft_ids = torch.tensor(self.soft_prompt.token_ids, device=input_ids.device)
+        at_soft = torch.isin(input_ids, soft_ids)
+        slot = (input_ids[at_soft][:, None] == soft_ids).long().argmax(1)
+        owner = task[:, None].expand_as(input_ids)[at_soft]
+        num_tasks, size = len(self.tasks), len(soft_ids)
+        per_task = torch.zeros(num_tasks * size, grad.shape[-1], device=grad.device, dtype=torch.float32)
+        per_task.index_add_(0, owner * size + slot, grad[at_soft].float())
+        # the gradient of L_t itself: undo the coefficient it had in the summed loss
+        per_task = per_task.view(num_tasks, -1) / coefficients.clamp_min(1e-12)[:, None]
+        present = present.float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(per_task)
+            torch.distributed.all_reduce(present)
+            per_task = per_task / present.clamp_min(1)[:, None]
+        weights = dynamic_task_weights(per_task.norm(dim=1), present > 0, self.weight_power)
+        for t, name in enumerate(self.tasks):
+            if present[t]:
+                self._metrics["train"][f"weight_{name}"].append(weights[t].item())
+        scale = torch.where(coefficients > 0, weights / coefficients.clamp_min(1e-12), torch.zeros_like(weights))
+        return grad * scale[task].to(grad.dtype)[:, None, None]
+
+    def save_weights(self, output_dir: Path, state_dict) -> None:
+        """Nothing but the soft rows changed: no model weights are written."""
+
+    def save_soft_prompt(self, output_dir: Path) -> None:
+        self.soft_prompt.save(output_dir, self.model)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        self._load_soft_rows(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        self._load_soft_rows(self.state.best_model_checkpoint)
+
+    def _load_soft_rows(self, folder: str) -> None:
+        from delrec.llm.soft_prompt import SoftPrompt
+
+        loaded = SoftPrompt.load(folder, self.model, self.processing_class, num_tokens=self.soft_prompt.num_tokens)
+        if loaded.name != self.soft_prompt.name:
+            raise DelrecError(f"{folder}: holds soft prompt '{loaded.name}', this run trains '{self.soft_prompt.name}'")
+
+
+def stage1_metrics(counts: dict[str, RankCounts]) -> dict[str, float]:
+    """RPS agreement (the LLM's top-1 = the SR model's top-1) and TA accuracy, each with its chance level."""
+    names = {"rps": "rps_agreement", "ta": "ta_accuracy"}
+    metrics = {}
+    for task, entry in counts.items():
+        values = entry.metrics()
+        metrics[names[task]] = values["hr@1"]
+        metrics[f"{task}_hr@5"] = values["hr@5"]
+        metrics[f"{task}_chance"] = values["chance@1"]
+    return metrics
+
+
+def distill_pattern(args: DistillArguments, model_config, settings: TrainingSettings) -> StageResult:
+    """Run stage 1: the summary printed and written to metrics.json, and the trainer (the trained model)."""
+    from accelerate import PartialState
+    from datasets import concatenate_datasets
+
+    from delrec.data.dataset import PreparedDataset
+    from delrec.llm.folder import write_info
+    from delrec.llm.instances import InstanceOptions, build_instances, read_task_predictions
+    from delrec.llm.loading import load_model
+    from delrec.llm.soft_prompt import SoftPrompt
+    from delrec.prompts import get_template
+
+    started = time.perf_counter()
+    apply_runtime(settings)
+    if settings.weight_decay != 0:
+        raise DelrecError(f"stage 1 trains soft-prompt rows with weight_decay 0 (decay would move every vocabulary "
+                          f"row), got {settings.weight_decay}; remove weight_decay from the config")
+    out = Path(args.out)
+    dataset = PreparedDataset.load(args.data)
+    templates = {task: get_template(getattr(args, f"{task}_template"), args.prompts_dir) for task in args.tasks}
+    for task, template in templates.items():
+        if template.task != task:
+            raise DelrecError(f"{task}_template '{template.name}' is a template for task '{template.task}', not {task}")
+    first = "ta" if "ta" in args.tasks else "rps"  # TA needs the prefix predictions: check for them up front
+    sr_model = _sr_model(
+        read_task_predictions(first, dataset, "train", args.train_predictions).meta,
+        read_task_predictions(first, dataset, "valid", args.valid_predictions).meta, args,
+    )
+    resume_from = prepare_run(out, STAGE, run_config(args, model_config, settings), settings.resume)
+
+    model, tokenizer = load_model(model_config)
+    soft = SoftPrompt(sr_model["name"], args.soft_prompt_tokens).add_to(
+        model, tokenizer, init=args.soft_prompt_init, seed=settings.seed)
+    soft.train_only_soft_prompt(model)
+
+    def options(split: str, limit: int | None) -> InstanceOptions:
+        return InstanceOptions(
+            split=split, soft_prompt=soft.placeholder_text(), sr_model=sr_model["display_name"], domain=args.domain,
+            num_candidates=args.num_candidates, sr_top=args.sr_top, max_instances=limit, seed=settings.seed,
+            max_length=args.max_length, allow_truncation=args.allow_truncation,
+        )
+
+    with PartialState().main_process_first():
+        train_sets = [build_instances(dataset, templates[t], options("train", args.max_train_instances), tokenizer,
+                                      args.train_predictions, out / CACHE_DIR) for t in args.tasks]
+        valid_sets = [build_instances(dataset, templates[t], options("valid", args.eval_max_instances), tokenizer,
+                                      args.valid_predictions, out / CACHE_DIR) for t in args.tasks]
+    train = concatenate_datasets([s.rows for s in train_sets]).select_columns(["input_ids", "completion_mask", "task"])
+    valid = concatenate_datasets([s.rows for s in valid_sets])
+
+    trainer = SoftPromptTrainer(
+        model=model,
+        args=sft_config(settings, out / CHECKPOINTS_DIR, on_cpu(model), learning_rate=DEFAULT_LEARNING_RATE,
+                        metric_for_best_model="rps_agreement" if "rps" in args.tasks else "ta_accuracy",
+                        resuming=resume_from is not None),
+        train_dataset=train,
+        eval_dataset=valid.select_columns(["input_ids", "completion_mask", "task"]),
+        processing_class=tokenizer,
+        data_collator=AnswerCollator(tokenizer.pad_token_id, list(args.tasks)),
+        evaluator=CandidateEvaluator(valid, tokenizer, stage1_metrics, settings.eval_batch_size,
+                                     settings.length_normalized),
+        soft_prompt=soft,
+        tasks=list(args.tasks),
+        weighting=args.task_weighting,
+        task_weights=args.task_weights,
+        weight_power=args.weight_power,
+    )
+    train_started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = time.perf_counter() - train_started
+    trainer.save_model(str(out))  # the best checkpoint's rows, loaded at the end of training
+
+    summary = {
+        "protocol": "candidates",
+        "stage": STAGE,
+        "valid": trainer.logged_metrics(),  # of the best checkpoint's rows, loaded at the end of training
+        "valid_before_training": trainer.logged_metrics(step=0),
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "global_step": trainer.state.global_step,
+        "train_seconds": round(train_seconds, 2),
+        "total_seconds": round(time.perf_counter() - started, 2),
+        "instances": {"train": [s.stats for s in train_sets], "valid": [s.stats for s in valid_sets]},
+    }
+    if main_process():
+        write_metrics(out, summary)
+        write_info(out, {
+            "stage": STAGE,
+            "delrec_version": delrec.__version__,
+            "base_model": model_description(model_config),
+            "sr_model": sr_model,
+            "soft_prompt": {"name": soft.name, "num_tokens": soft.num_tokens, "init": args.soft_prompt_init},
+            "templates": {t: {"name": tp.name, "fingerprint": tp.fingerprint} for t, tp in templates.items()},
+            "domain": args.domain,
+            "dataset": {"path": local_or_hub(str(dataset.path)), "fingerprint": dataset.fingerprint},
+            "tasks": list(args.tasks),
+            "task_weighting": args.task_weighting,
+        })
+    return StageResult({"out": str(out), **summary}, trainer)
+
+
+def _sr_model(train_meta: dict, valid_meta: dict, args: DistillArguments) -> dict:
+    """Which SR model the predictions come from (both files must agree): names the soft prompt."""
+    from delrec.llm.instances import SR_DISPLAY_NAMES
+
+    model = train_meta.get("model") or {}
+    if (valid_meta.get("model") or {}) != model:
+        raise DelrecError(f"{args.train_predictions} and {args.valid_predictions} come from different SR models "
+                          f"({model} vs {valid_meta.get('model')}); predict both splits with the same model")
+    model_type = str(model.get("model_type") or "sr")
+    return {
+        "name": args.soft_prompt_name or model_type,
+        "display_name": args.sr_display_name or SR_DISPLAY_NAMES.get(model_type, model_type),
+        "model_type": model_type,
+        "path": model.get("path"),
+    }
+

@@ -1,0 +1,284 @@
+"""DELRec stage 2: LoRA fine-tuning on LLM sequential recommendation (LSR) with the soft prompt frozen.
+
+The base model gets the stage-1 soft prompt (its rows loaded and frozen), or for the ablations a
+random soft prompt (`soft_prompt: random`) or none with the `plain` template (`soft_prompt: none`).
+TRL's `SFTTrainer` puts a PEFT LoRA adapter on it (r, alpha, dropout, target modules from the
+config; a 4-bit base gives QLoRA) and trains on pre-tokenized LSR instances with the loss on
+the answer only. Evaluation ranks the FIXED valid candidates by log-likelihood (HR@1, HR@5,
+NDCG@5); the checkpoint with the best valid metric is loaded at the end and scored on test.
+
+Saving: PEFT would write the whole resized embedding matrix (and LM head) into the adapter
+(`save_embedding_layers="auto"` sees the grown vocabulary); the adapter here holds the LoRA
+matrices only and the soft rows are written once, in `soft_prompt.safetensors`, beside it.
+
+Output folder (`delrec.llm.folder`): adapter_config.json + adapter_model.safetensors,
+soft_prompt.safetensors, tokenizer, delrec.json, metrics.json (valid and test candidate metrics),
+checkpoints/ and cache/. `load_delrec_model(OUT)` rebuilds base + soft rows + adapter.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import delrec
+from delrec.errors import DelrecError
+from delrec.llm.training import (
+    CACHE_DIR,
+    AnswerCollator,
+    CANDIDATE_KEYS,
+    CHECKPOINTS_DIR,
+    CandidateEvaluator,
+    DelrecTrainer,
+    RankCounts,
+    StageResult,
+    TrainingSettings,
+    apply_runtime,
+    local_or_hub,
+    main_process,
+    model_description,
+    on_cpu,
+    prepare_run,
+    run_config,
+    sft_config,
+    write_metrics,
+)
+
+STAGE = "finetune"
+DEFAULT_LEARNING_RATE = 2e-4
+
+
+@dataclass
+class FinetuneArguments:
+    """Stage-2 inputs and options (model: `ModelConfig`; adapter: `LoraSettings`; trainer: `TrainingSettings`)."""
+
+    data: str = field(metadata={"help": "A prepared dataset folder with fixed valid/test candidate sets."})
+    out: str = field(metadata={"help": "Output folder: adapter, soft prompt, tokenizer, delrec.json, metrics.json."})
+    soft_prompt: Literal["stage1", "random", "none"] = field(
+        default="stage1",
+        metadata={"help": "stage1: the soft prompt of `stage1`; random: an untrained one (ablation); none: no soft "
+                  "prompt, with the plain template (ablation)."},
+    )
+    stage1: str | None = field(
+        default=None, metadata={"help": "The output folder of `delrec llm distill-pattern` (soft_prompt: stage1)."}
+    )
+    template: str | None = field(
+        default=None, metadata={"help": "Prompt template (default: lsr with a soft prompt, plain without)."}
+    )
+    soft_prompt_tokens: int = field(default=100, metadata={"help": "soft_prompt: random: P, its number of vectors."})
+    soft_prompt_name: str = field(
+        default="sasrec", metadata={"help": "soft_prompt: random: the SR model it stands for (token names, prompt)."}
+    )
+    sr_display_name: str | None = field(
+        default=None, metadata={"help": "How the template names the SR model (default: from the stage-1 folder)."}
+    )
+    prompts_dir: str | None = field(default=None, metadata={"help": "Template folder (default: the repository's prompts/)."})
+    domain: str | None = field(
+        default=None, metadata={"help": "Wording of prompts/domains.yaml (default: the stage-1 run's, else item)."}
+    )
+    num_candidates: int | None = field(
+        default=None, metadata={"help": "Candidates drawn per TRAINING instance (default: the dataset's C)."}
+    )
+    max_train_instances: int | None = field(
+        default=None, metadata={"help": "A seeded subsample of this many training instances (default: all)."}
+    )
+    eval_max_instances: int | None = field(
+        default=200, metadata={"help": "Valid instances scored at each evaluation (default 200; none: all)."}
+    )
+    test_max_instances: int | None = field(
+        default=None, metadata={"help": "Test instances scored at the end (default: all)."}
+    )
+    max_length: int = field(default=1024, metadata={"help": "Longest instance in tokens (prompt + longest candidate)."})
+    allow_truncation: bool = field(
+        default=False, metadata={"help": "Drop the oldest history items of longer instances instead of refusing."}
+    )
+    optim: str = field(
+        default="adamw_torch",
+        metadata={"help": "Optimizer name of transformers' TrainingArguments (e.g. paged_adamw_8bit for QLoRA)."},
+    )
+
+    def __post_init__(self):
+        if self.soft_prompt_tokens < 1:
+            raise ValueError(f"soft_prompt_tokens must be at least 1, got {self.soft_prompt_tokens}")
+
+
+class LoraTrainer(DelrecTrainer):
+    """Saves the LoRA matrices only (no embedding layers) and a copy of the frozen soft-prompt file."""
+
+    def __init__(self, *args, soft_prompt_file: Path | None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.soft_prompt_file = soft_prompt_file
+
+    def save_weights(self, output_dir: Path, state_dict) -> None:
+        self.accelerator.unwrap_model(self.model).save_pretrained(
+            str(output_dir), state_dict=state_dict, save_embedding_layers=False, is_main_process=self.args.should_save
+        )
+
+    def save_soft_prompt(self, output_dir: Path) -> None:
+        if self.soft_prompt_file is not None and self.soft_prompt_file.parent.resolve() != output_dir.resolve():
+            shutil.copyfile(self.soft_prompt_file, output_dir / self.soft_prompt_file.name)
+
+
+def stage2_metrics(counts: dict[str, RankCounts]) -> dict[str, float]:
+    (entry,) = counts.values()
+    values = entry.metrics()
+    return {**{key: values[key] for key in CANDIDATE_KEYS}, "chance@1": values["chance@1"]}
+
+
+def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSettings) -> StageResult:
+    """Run stage 2: the summary printed and written to metrics.json, and the trainer (the trained model)."""
+    from accelerate import PartialState
+    from peft import LoraConfig
+
+    from delrec.data.dataset import PreparedDataset
+    from delrec.llm.folder import write_info
+    from delrec.llm.instances import SR_DISPLAY_NAMES, InstanceOptions, build_instances
+    from delrec.llm.loading import load_model
+    from delrec.llm.soft_prompt import SOFT_PROMPT_FILE, SoftPrompt
+    from delrec.prompts import get_template
+
+    started = time.perf_counter()
+    apply_runtime(settings)
+    out = Path(args.out)
+    dataset = PreparedDataset.load(args.data)
+    stage1 = _stage1_info(args, dataset, model_config)
+    template = get_template(args.template or ("plain" if args.soft_prompt == "none" else "lsr"), args.prompts_dir)
+    _check_template(template, args.soft_prompt)
+    domain = args.domain or (stage1 or {}).get("domain", "item")
+    sr_name = stage1["soft_prompt"]["name"] if stage1 else args.soft_prompt_name
+    sr_display = args.sr_display_name or ((stage1 or {}).get("sr_model") or {}).get("display_name") \
+        or SR_DISPLAY_NAMES.get(sr_name, sr_name)
+    resume_from = prepare_run(out, STAGE, run_config(args, model_config, lora, settings), settings.resume)
+
+    model, tokenizer = load_model(model_config)
+    soft = None
+    if args.soft_prompt == "stage1":
+        soft = SoftPrompt.load(args.stage1, model, tokenizer, num_tokens=stage1["soft_prompt"]["num_tokens"])
+    elif args.soft_prompt == "random":
+        soft = SoftPrompt(sr_name, args.soft_prompt_tokens).add_to(model, tokenizer, init="random", seed=settings.seed)
+    soft_file = None
+    if soft is not None:
+        soft_file = out / SOFT_PROMPT_FILE
+        if main_process():
+            soft.save(out, model)  # the frozen rows, written once (the adapter does not hold them)
+
+    def options(split: str, limit: int | None) -> InstanceOptions:
+        return InstanceOptions(
+            split=split, soft_prompt=soft.placeholder_text() if soft else None, sr_model=sr_display, domain=domain,
+            num_candidates=args.num_candidates, max_instances=limit, seed=settings.seed,
+            max_length=args.max_length, allow_truncation=args.allow_truncation,
+        )
+
+    with PartialState().main_process_first():
+        sets = {split: build_instances(dataset, template, options(split, limit), tokenizer, cache_dir=out / CACHE_DIR)
+                for split, limit in (("train", args.max_train_instances), ("valid", args.eval_max_instances),
+                                     ("test", args.test_max_instances))}
+    tokens_only = ["input_ids", "completion_mask"]
+
+    def evaluator(split: str) -> CandidateEvaluator:
+        return CandidateEvaluator(sets[split].rows, tokenizer, stage2_metrics, settings.eval_batch_size,
+                                  settings.length_normalized)
+
+    trainer = LoraTrainer(
+        model=model,
+        args=sft_config(settings, out / CHECKPOINTS_DIR, on_cpu(model), learning_rate=DEFAULT_LEARNING_RATE,
+                        metric_for_best_model="ndcg@5", resuming=resume_from is not None, optim=args.optim),
+        train_dataset=sets["train"].rows.select_columns(tokens_only),
+        eval_dataset=sets["valid"].rows.select_columns(tokens_only),
+        processing_class=tokenizer,
+        data_collator=AnswerCollator(tokenizer.pad_token_id),
+        peft_config=LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+            target_modules="all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules),
+        ),
+        evaluator=evaluator("valid"),
+        soft_prompt_file=soft_file,
+    )
+    if soft is not None:
+        soft.freeze(trainer.model)  # refuses a LoRA on the embedding layer: the soft rows must not move
+    train_started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = time.perf_counter() - train_started
+    test_started = time.perf_counter()
+    test = evaluator("test")(trainer.model)
+    test_seconds = time.perf_counter() - test_started
+    trainer.save_model(str(out))
+
+    summary = {
+        "protocol": "candidates",
+        "stage": STAGE,
+        "num_candidates": dataset.num_candidates,
+        "valid": trainer.logged_metrics(),  # of the best checkpoint's adapter, loaded at the end of training
+        "test": test,
+        "valid_before_training": trainer.logged_metrics(step=0),
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "global_step": trainer.state.global_step,
+        "train_seconds": round(train_seconds, 2),
+        "test_seconds": round(test_seconds, 2),
+        "total_seconds": round(time.perf_counter() - started, 2),
+        "instances": {split: s.stats for split, s in sets.items()},
+    }
+    if main_process():
+        write_metrics(out, summary)
+        write_info(out, {
+            "stage": STAGE,
+            "delrec_version": delrec.__version__,
+            "base_model": model_description(model_config),
+            "sr_model": {"name": sr_name, "display_name": sr_display},
+            "soft_prompt": None if soft is None else {
+                "name": soft.name, "num_tokens": soft.num_tokens, "source": args.soft_prompt,
+                "stage1": local_or_hub(args.stage1) if args.stage1 else None,
+            },
+            "template": {"name": template.name, "fingerprint": template.fingerprint},
+            "domain": domain,
+            "dataset": {"path": local_or_hub(str(dataset.path)), "fingerprint": dataset.fingerprint},
+            "lora": {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": lora.target_modules},
+        })
+    return StageResult({"out": str(out), **summary}, trainer)
+
+
+def _stage1_info(args: FinetuneArguments, dataset, model_config) -> dict | None:
+    """The stage-1 folder's delrec.json, checked against this run (soft_prompt: stage1), else None."""
+    from delrec.llm.folder import INFO_FILE, read_info
+    from delrec.llm.soft_prompt import SOFT_PROMPT_FILE
+
+    if args.soft_prompt != "stage1":
+        return None
+    fix = ("run `delrec llm distill-pattern` first and set stage1 to its output folder, or set soft_prompt: random "
+           "or soft_prompt: none (ablations)")
+    if args.stage1 is None:
+        raise DelrecError(f"soft_prompt: stage1 needs the stage-1 folder (stage1: FOLDER); {fix}")
+    folder = Path(args.stage1)
+    if not (folder / SOFT_PROMPT_FILE).is_file() or not (folder / INFO_FILE).is_file():
+        raise DelrecError(f"{folder}: no stage-1 soft prompt ({SOFT_PROMPT_FILE} and {INFO_FILE}); {fix}")
+    info = read_info(folder)
+    if info.get("stage") != "distill-pattern" or not info.get("soft_prompt"):
+        raise DelrecError(f"{folder}: a {info.get('stage')} folder, not a stage-1 soft prompt; {fix}")
+    fingerprint = (info.get("dataset") or {}).get("fingerprint")
+    if fingerprint != dataset.fingerprint:
+        raise DelrecError(
+            f"{folder}: its soft prompt was distilled on dataset {fingerprint}, not on {dataset.path} (fingerprint "
+            f"{dataset.fingerprint}); run stage 1 on this dataset"
+        )
+    base = info["base_model"]["model_name_or_path"]
+    if base != local_or_hub(model_config.model_name_or_path):
+        raise DelrecError(
+            f"{folder}: its soft prompt lives in the embedding space of {base}, not of {model_config.model_name_or_path}; "
+            "set model_name_or_path to the stage-1 base model"
+        )
+    return info
+
+
+def _check_template(template, soft_prompt: str) -> None:
+    if template.task not in ("lsr", "plain"):
+        raise DelrecError(f"template '{template.name}' is for task '{template.task}'; stage 2 uses an lsr or plain "
+                          "template")
+    if template.requires_soft_prompt and soft_prompt == "none":
+        raise DelrecError(f"template '{template.name}' has a soft-prompt slot but soft_prompt is none; use "
+                          "template: plain, or soft_prompt: stage1 / random")
+    if not template.requires_soft_prompt and soft_prompt != "none":
+        raise DelrecError(f"template '{template.name}' has no soft-prompt slot, so the {soft_prompt} soft prompt "
+                          "would be unused; use template: lsr, or soft_prompt: none")

@@ -1,0 +1,452 @@
+"""What DELRec stage 1 (soft-prompt distillation) and stage 2 (LoRA fine-tuning) share.
+
+Both stages run on TRL's `SFTTrainer` (HF Trainer underneath: progress bar, logging, step
+checkpoints, resume, accelerate/DDP, mixed precision). They share:
+
+- `TrainingSettings`: the trainer options a user sets, turned into an `SFTConfig` by
+  `sft_config`, with the device-dependent choices made here once: on CPU `use_cpu`, no bf16
+  and no gradient checkpointing (TRL 1.16 defaults both on); on CUDA bf16 when the GPU has it
+  and gradient checkpointing. Datasets arrive pre-tokenized (`input_ids` + `completion_mask`
+  from `delrec.llm.instances`), so TRL only builds the labels (answer tokens only) and never
+  truncates (`max_length=None`: the builders already refused or shortened long instances).
+- The loss on the answer only, computed cheaply: `AnswerCollator` left-pads each batch (with
+  explicit position ids, so padding changes nothing) so that every answer ends at the last
+  position, and `answer_log_probs` asks the model for the logits of the last k positions only
+  (`logits_to_keep`), k = the longest answer in the batch. The LM head then runs on a few
+  positions instead of the whole prompt (TRL's fused head scores every position off CUDA: 4x
+  slower per step on CPU here), through the model's own forward, so DDP, FSDP and PEFT see an
+  ordinary call. The loss is a token mean per micro-batch (the Trainer divides by the
+  gradient-accumulation steps).
+- `CandidateEvaluator`: evaluation is ranking, not loss. Each eval row's candidates are scored
+  by log-likelihood (`delrec.llm.scoring`), rows split across processes and gathered.
+- `DelrecTrainer`: an `SFTTrainer` whose `evaluate` runs the evaluator and whose saves write
+  the soft prompt and the tokenizer with the weights (each stage decides which weights).
+- `prepare_run`: an output folder remembers the configuration it was started with; re-running
+  the same command resumes from its last checkpoint, a different configuration is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from trl import SFTTrainer
+
+from delrec.errors import DelrecError
+from delrec.io import read_json, write_json
+from delrec.metrics import RankingMetrics
+
+CHECKPOINTS_DIR = "checkpoints"
+CACHE_DIR = "cache"
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.json"
+CANDIDATE_KEYS = ("hr@1", "hr@5", "ndcg@5")
+# Options that may change when a run is resumed: they do not change what is learned per step.
+RUNTIME_OPTIONS = frozenset({
+    "num_train_epochs", "max_steps", "logging_steps", "eval_steps", "save_total_limit", "eval_batch_size",
+    "num_threads", "progress", "resume", "dataloader_num_workers", "eval_max_instances", "test_max_instances",
+    "device",
+})
+
+
+@dataclass
+class TrainingSettings:
+    """Trainer options shared by both DELRec stages (the rest of `SFTConfig` keeps TRL's defaults)."""
+
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate (default: 1e-2 for the soft prompt, 2e-4 for LoRA)."}
+    )
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training instances."})
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to run; overrides num_train_epochs when > 0."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Training instances per device per step."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    warmup_steps: float = field(
+        default=0.05, metadata={"help": "Learning-rate warm-up: steps, or a share of all steps when below 1."}
+    )
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = field(
+        default="cosine", metadata={"help": "Learning-rate schedule after the warm-up."}
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: no clipping)."})
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW weight decay (stage 2 only: the soft prompt must train with 0)."}
+    )
+    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every N steps."})
+    eval_steps: int = field(
+        default=100,
+        metadata={"help": "Evaluate on the valid candidates and save a checkpoint every N steps (and at the end)."},
+    )
+    save_total_limit: int = field(
+        default=2, metadata={"help": "Checkpoints kept in OUT/checkpoints (the best one is always kept)."}
+    )
+    metric_for_best_model: str | None = field(
+        default=None,
+        metadata={"help": "Valid metric that picks the checkpoint loaded at the end (default: rps_agreement in "
+                  "stage 1, ndcg@5 in stage 2; higher is better)."},
+    )
+    eval_batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass when scoring candidates."})
+    length_normalized: bool = field(
+        default=False, metadata={"help": "Rank candidates by mean instead of summed token log-likelihood."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of instance sampling, initialisation and data order."})
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(
+        default="auto", metadata={"help": "auto: bf16 on a CUDA GPU that supports it, none on CPU."}
+    )
+    gradient_checkpointing: Literal["auto", "yes", "no"] = field(
+        default="auto", metadata={"help": "Recompute activations in the backward pass; auto: on CUDA only."}
+    )
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Data-loading worker processes."})
+    num_threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+    resume: bool = field(
+        default=True, metadata={"help": "Resume from the last checkpoint in OUT/checkpoints when there is one."}
+    )
+
+    def __post_init__(self):
+        positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "eval_steps",
+                    "save_total_limit", "eval_batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.weight_decay < 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
+            raise ValueError("weight_decay, warmup_steps and max_grad_norm must not be negative")
+
+
+def apply_runtime(settings: TrainingSettings) -> None:
+    """CPU threads, and without `progress` no progress bars from datasets and transformers either."""
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
+    if not settings.progress:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def sft_config(
+    settings: TrainingSettings,
+    output_dir: Path,
+    on_cpu: bool,
+    *,
+    learning_rate: float,
+    metric_for_best_model: str,
+    resuming: bool,
+    **overrides: Any,
+):
+    """The `SFTConfig` of a DELRec stage: evaluation before training (step 0) and every `eval_steps` with a
+    checkpoint, the best checkpoint by a valid metric loaded at the end."""
+    from trl import SFTConfig
+
+    bf16 = settings.mixed_precision == "bf16" or (
+        settings.mixed_precision == "auto" and not on_cpu and torch.cuda.is_bf16_supported()
+    )
+    checkpointing = settings.gradient_checkpointing == "yes" or (
+        settings.gradient_checkpointing == "auto" and not on_cpu
+    )
+    options = dict(
+        output_dir=str(output_dir),
+        use_cpu=on_cpu,
+        bf16=bf16,
+        fp16=settings.mixed_precision == "fp16",
+        gradient_checkpointing=checkpointing,
+        learning_rate=settings.learning_rate or learning_rate,
+        num_train_epochs=settings.num_train_epochs,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.per_device_train_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        warmup_steps=settings.warmup_steps,
+        lr_scheduler_type=settings.lr_scheduler_type,
+        max_grad_norm=settings.max_grad_norm,
+        weight_decay=settings.weight_decay,
+        logging_steps=settings.logging_steps,
+        eval_strategy="steps",
+        eval_steps=settings.eval_steps,
+        eval_on_start=not resuming,
+        save_strategy="steps",
+        save_steps=settings.eval_steps,
+        save_total_limit=settings.save_total_limit,
+        load_best_model_at_end=True,
+        metric_for_best_model=settings.metric_for_best_model or metric_for_best_model,
+        greater_is_better=True,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        dataloader_num_workers=settings.dataloader_num_workers,
+        disable_tqdm=not settings.progress,
+        report_to="none",
+        completion_only_loss=True,
+        max_length=None,
+        packing=False,
+        remove_unused_columns=False,
+    )
+    options.update(overrides)
+    return SFTConfig(**options)
+
+
+# --- the loss on the answer tokens ---------------------------------------------------------------
+
+
+class AnswerCollator:
+    """Left-pads `input_ids`/`labels` (labels: -100 outside the answer) so that all answers end at the last position.
+
+    Adds `attention_mask` and `position_ids` (0 at each row's first real token), and with `tasks`
+    the index of each example's `task` column.
+    """
+
+    def __init__(self, pad_token_id: int, tasks: list[str] | None = None):
+        self.pad_token_id = pad_token_id
+        self.tasks = tasks
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, example in enumerate(examples):
+            size = len(example["input_ids"])
+            ids[row, width - size:] = torch.tensor(example["input_ids"])
+            labels[row, width - size:] = torch.tensor(example["labels"])
+            mask[row, width - size:] = 1
+        batch = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+                 "labels": labels}
+        if self.tasks is not None:
+            batch["task"] = torch.tensor([self.tasks.index(e["task"]) for e in examples], dtype=torch.long)
+        return batch
+
+
+def answer_log_probs(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities [B, k] of the answer tokens of a left-padded batch (0 where there is none) and their mask.
+
+    Only the last k + 1 positions get logits: position t predicts token t + 1, and the answers
+    (k tokens at most) end the rows.
+    """
+    labels = inputs["labels"]
+    k = int((labels[:, 1:] != -100).sum(1).max())
+    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                position_ids=inputs["position_ids"], logits_to_keep=k + 1, use_cache=False)
+    targets = labels[:, -k:]
+    keep = targets != -100
+    logits = out.logits[:, :-1].float()
+    token_log_probs = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    return token_log_probs * keep, keep
+
+
+# --- evaluation by candidate ranking ---------------------------------------------------------------
+
+
+@dataclass
+class RankCounts:
+    """Per eval row: how many candidates scored above the answer, how many tied with it, and how many there were."""
+
+    greater: list[int] = field(default_factory=list)
+    ties: list[int] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+
+    def metrics(self, ks=(1, 5)) -> dict[str, float]:
+        """HR/NDCG at `ks` (ties at their expected value, `delrec.metrics`) and the chance level of HR@1."""
+        ranking = RankingMetrics(ks, ("hr", "ndcg"))
+        ranking.update_counts(torch.tensor(self.greater), torch.tensor(self.ties))
+        return {**ranking.compute(), "chance@1": sum(1 / n for n in self.sizes) / len(self.sizes)}
+
+
+class CandidateEvaluator:
+    """Ranks the candidates of eval rows (`prompt`, `candidates`, `answer`, `task` columns) by log-likelihood.
+
+    `summarize` turns the per-task `RankCounts` into the named metrics of a stage. With several
+    processes each scores an equal share (padded by repeating a row, so every process runs the
+    same number of forward passes) and the counts are gathered.
+    """
+
+    def __init__(self, rows, tokenizer, summarize: Callable[[dict[str, RankCounts]], dict[str, float]],
+                 batch_size: int = 16, length_normalized: bool = False):
+        self.prompts = list(rows["prompt"])
+        self.candidates = list(rows["candidates"])
+        self.answers = list(rows["answer"])
+        self.tasks = list(rows["task"])
+        self.tokenizer = tokenizer
+        self.summarize = summarize
+        self.batch_size = batch_size
+        self.length_normalized = length_normalized
+
+    def __call__(self, model) -> dict[str, float]:
+        from accelerate import PartialState
+        from accelerate.utils import gather_object
+
+        from delrec.llm.scoring import score_candidates
+
+        state = PartialState()
+        total = len(self.prompts)
+        share = math.ceil(total / state.num_processes)
+        mine = list(range(state.process_index, total, state.num_processes))
+        padded = mine + [mine[-1] if mine else 0] * (share - len(mine))
+        scores = score_candidates(
+            model, self.tokenizer, [self.prompts[i] for i in padded], [self.candidates[i] for i in padded],
+            batch_size=self.batch_size,
+        )
+        local = []
+        for index, score in zip(mine, scores):
+            values = score.normalized if self.length_normalized else score.logprob
+            target = values[self.answers[index]]
+            greater = sum(v > target for v in values)
+            local.append((index, greater, sum(v == target for v in values) - 1))
+        counts: dict[str, RankCounts] = {}
+        for index, greater, ties in sorted(gather_object(local) if state.num_processes > 1 else local):
+            entry = counts.setdefault(self.tasks[index], RankCounts())
+            entry.greater.append(greater)
+            entry.ties.append(ties)
+            entry.sizes.append(len(self.candidates[index]))
+        return self.summarize(counts)
+
+
+# --- the trainer -------------------------------------------------------------------------------------
+
+
+class DelrecTrainer(SFTTrainer):
+    """`SFTTrainer` + ranking evaluation + saves that write the soft prompt and the tokenizer.
+
+    Subclasses say which weights a save writes (`save_weights`); the soft-prompt file is written
+    by `save_soft_prompt` (stage 1: the live rows; stage 2: a copy of the frozen rows' file).
+    """
+
+    loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean; the Trainer divides by accumulation
+
+    def __init__(self, *args, evaluator: CandidateEvaluator, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.evaluator = evaluator
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Mean negative log-likelihood of the answer tokens of the batch."""
+        log_probs, keep = answer_log_probs(model, inputs)
+        loss = -log_probs.sum() / keep.sum().clamp(min=1)
+        return (loss, None) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Rank the valid candidates (not the LM loss): the metric that picks the best checkpoint.
+
+        The Trainer wants an `eval_dataset` for step-wise evaluation; the stages pass the valid
+        instances, and the evaluator ranks their candidates.
+        """
+        started = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()  # also makes SFTTrainer.log file these under eval
+        try:
+            values = self.evaluator(self.model)
+            metrics = {f"{metric_key_prefix}_{key}": value for key, value in values.items()}
+            metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - started, 3)
+            self.log(dict(metrics))  # a copy: Trainer.log adds the epoch to what it is given
+        finally:
+            self.model.train(was_training)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = Path(output_dir or self.args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.save_weights(output_dir, state_dict)
+        if self.args.should_save:
+            self.save_soft_prompt(output_dir)
+            self.processing_class.save_pretrained(output_dir)
+
+    def logged_metrics(self, step: int | None = None, prefix: str = "eval") -> dict[str, float] | None:
+        """The last evaluation logged at `step` (default: the best checkpoint's step), without the prefix."""
+        step = self.state.best_global_step if step is None else step
+        key = f"{prefix}_{self.args.metric_for_best_model}"
+        logged = [e for e in self.state.log_history if e.get("step") == step and key in e]
+        return strip_prefix(logged[-1], prefix) if logged else None
+
+    def save_weights(self, output_dir: Path, state_dict) -> None:
+        raise NotImplementedError
+
+    def save_soft_prompt(self, output_dir: Path) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class StageResult:
+    """What a stage returns: the printed summary (also in metrics.json) and the trainer holding the trained model."""
+
+    summary: dict[str, Any]
+    trainer: DelrecTrainer
+
+
+# --- output folder, resume -------------------------------------------------------------------------
+
+
+def prepare_run(out: Path, stage: str, config: dict[str, Any], resume: bool) -> str | None:
+    """Record the run's configuration in OUT/run.json; return the checkpoint to resume from, if any.
+
+    A folder started with another configuration is refused (the checkpoints would mix two runs),
+    naming the first option that differs; `RUNTIME_OPTIONS` may change.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out.mkdir(parents=True, exist_ok=True)
+    run_file = out / RUN_FILE
+    checkpoints = out / CHECKPOINTS_DIR
+    if run_file.is_file():
+        previous = read_json(run_file)
+        if previous.get("stage") != stage:
+            raise DelrecError(f"{out} holds a {previous.get('stage')} run, not a {stage} run; choose another out")
+        old, new = previous.get("config", {}), config
+        for key in sorted(set(old) | set(new)):
+            if key not in RUNTIME_OPTIONS and old.get(key) != new.get(key):
+                raise DelrecError(
+                    f"{out} was started with {key} = {old.get(key)!r}, not {new.get(key)!r}; cannot resume a run "
+                    f"with another configuration: choose another out, or delete {out} to start again"
+                )
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        write_json(run_file, {"stage": stage, "config": config})
+    last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.is_dir() else None
+    return last
+
+
+def strip_prefix(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
+    """`{"eval_hr@1": x, "eval_runtime": t, "epoch": e}` -> `{"hr@1": x}`."""
+    start = f"{prefix}_"
+    return {k[len(start):]: v for k, v in metrics.items() if k.startswith(start) and k != f"{start}runtime"}
+
+
+def run_config(*configs) -> dict[str, Any]:
+    """The options of a run as one flat dict (for run.json and delrec.json)."""
+    merged: dict[str, Any] = {}
+    for config in configs:
+        merged.update(dataclasses.asdict(config))
+    return merged
+
+
+def local_or_hub(name: str) -> str:
+    """An existing local path made absolute (so the folder loads from anywhere); a hub id unchanged."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def model_description(model_config) -> dict[str, Any]:
+    """How to load the base model again (delrec.json's base_model)."""
+    return {
+        "model_name_or_path": local_or_hub(model_config.model_name_or_path),
+        "load_in_4bit": model_config.load_in_4bit,
+        "load_in_8bit": model_config.load_in_8bit,
+        "trust_remote_code": model_config.trust_remote_code,
+    }
+
+
+def on_cpu(model) -> bool:
+    return model.get_input_embeddings().weight.device.type == "cpu"
+
+
+def write_metrics(out: Path, metrics: dict[str, Any]) -> None:
+    write_json(out / METRICS_FILE, metrics)
+
+
+def main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process

@@ -1,0 +1,91 @@
+"""One ranking request per dataset instance: the rendered prompt and its fixed candidates.
+
+The prompt is the model's template rendered as stage 2 renders it (`delrec.llm.instances`: the
+same `task_variables`, the split's fixed candidate set in its stored order). When prompt + answer
+would exceed the model's context, history items are dropped from the OLDEST side until it fits
+(the most recent items carry the most signal for the next one), the rule of stage 2's
+`allow_truncation`, so a prompt stage 2 evaluated on is the prompt ranked here (a test checks
+it); the fewest items to drop are found by bisection, as serving renders many prompts. Each
+request records how many items it lost, and the run reports the count. Token counts use
+`delrec.llm.tokenization`, the one tokenization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from delrec.data.dataset import PreparedDataset
+from delrec.errors import DelrecError
+from delrec.llm.tokenization import encode_prompt
+from delrec.prompts import PromptTemplate, task_variables
+from delrec.ranking.models import ModelSpec
+
+
+@dataclass(frozen=True)
+class RankingRequest:
+    """One instance to rank: prompt text, candidate item ids and titles (stored order), the target."""
+
+    id: int
+    prompt: str
+    candidates: tuple[int, ...]
+    titles: tuple[str, ...]
+    target: int
+    dropped_history: int  # oldest history items left out so the prompt fits the context
+
+
+def build_requests(
+    dataset: PreparedDataset,
+    split: str,
+    spec: ModelSpec,
+    template: PromptTemplate,
+    tokenizer,
+    max_length: int,
+    answer_tokens: Callable[[Sequence[str]], int],
+    max_instances: int | None = None,
+) -> list[RankingRequest]:
+    """Requests for the first `max_instances` instances of `split` (all when None).
+
+    `answer_tokens(titles)` is how many tokens must fit after the prompt (the longest candidate for
+    scoring, the generation budget for free generation).
+    """
+    instances = dataset.instances(split)
+    candidate_sets = dataset.candidates(split)
+    count = len(instances) if max_instances is None else min(max_instances, len(instances))
+    titles = dataset.titles
+    requests = []
+    for inst, candidates in zip(instances[:count], candidate_sets[:count]):
+        cand_titles = tuple(titles[i] for i in candidates)
+
+        def render(dropped: int) -> str:
+            values = task_variables(
+                template.task, [titles[i] for i in inst.history[dropped:]], titles[inst.target],
+                candidates=cand_titles, sr_model=spec.sr_model, soft_prompt=spec.soft_prompt,
+            )
+            return template.render(values, spec.domain, with_completion=False).prompt
+
+        budget = max_length - answer_tokens(cand_titles)
+        dropped = _oldest_to_drop(render, len(inst.history), lambda text: len(encode_prompt(tokenizer, text)) <= budget)
+        if dropped is None:
+            raise DelrecError(
+                f"{split} instance {inst.id}: even with no history the prompt and answer exceed the model's "
+                f"{max_length} tokens; use a model with a longer context or a shorter template"
+            )
+        requests.append(RankingRequest(inst.id, render(dropped), tuple(candidates), cand_titles, inst.target, dropped))
+    return requests
+
+
+def _oldest_to_drop(render: Callable[[int], str], history: int, fits: Callable[[str], bool]) -> int | None:
+    """Fewest oldest items to drop so the prompt fits (binary search: fewer items never make it longer)."""
+    if fits(render(0)):
+        return 0
+    if not fits(render(history)):
+        return None
+    low, high = 1, history  # render(high) fits, render(low - 1) does not
+    while low < high:
+        middle = (low + high) // 2
+        if fits(render(middle)):
+            high = middle
+        else:
+            low = middle + 1
+    return high

@@ -1,0 +1,160 @@
+"""`rank`: a model folder + a prepared dataset split -> OUT/rankings.jsonl + OUT/metrics.json.
+
+The one entry point behind `delrec rank` and `scripts/vllm_batch.py`: checks everything that can
+be checked before a model is loaded (dataset, split, model folder, template), opens the chosen
+backend, renders one request per instance (history truncated to fit), reads the rankings out
+chunk by chunk with a progress bar, and writes both files atomically (the rankings stream to a
+temp file renamed at the end; metrics.json, written last, marks a finished run).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from tqdm.auto import tqdm
+
+from delrec.data.dataset import CANDIDATE_SPLITS, PreparedDataset
+from delrec.errors import DelrecError
+from delrec.io import write_json
+from delrec.llm.tokenization import encode_completion
+from delrec.ranking.base import BACKENDS, ReadoutConfig, RunSummary, backend_module, read_out, rankings_writer
+from delrec.ranking.models import check_soft_tokens, describe_model, ranking_template
+from delrec.ranking.requests import build_requests
+
+RANKINGS_FILE = "rankings.jsonl"
+METRICS_FILE = "metrics.json"
+GENERATION_MARGIN = 8  # tokens beyond the longest candidate title that free generation may use
+
+
+@dataclass
+class RankArguments:
+    """What to rank, with which backend, and where to write it."""
+
+    model: str = field(
+        metadata={"help": "A DELRec stage-2 folder, a `delrec export` folder, or any causal LM (folder or hub id)."}
+    )
+    data: str = field(metadata={"help": "A prepared dataset folder (from `delrec data prepare`)."})
+    out: str = field(metadata={"help": "Folder to write rankings.jsonl and metrics.json into."})
+    split: Literal["valid", "test"] = field(
+        default="test", metadata={"help": "Split whose fixed candidate sets to rank."}
+    )
+    backend: Literal["hf", "vllm"] = field(
+        default="hf", metadata={"help": "hf: transformers, any device; vllm: vLLM engine (exported or plain folders)."}
+    )
+    max_instances: int | None = field(default=None, metadata={"help": "Rank only the split's first N instances."})
+    template: str | None = field(
+        default=None, metadata={"help": "Prompt template (default: the model's delrec.json, else plain)."}
+    )
+    domain: str | None = field(
+        default=None,
+        metadata={"help": "Domain wording from domains.yaml (default: the model's delrec.json, else item)."},
+    )
+    prompts: str | None = field(
+        default=None,
+        metadata={"help": "Template folder (default: $DELREC_PROMPTS_DIR, else the repository's prompts/)."},
+    )
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+
+    def __post_init__(self):
+        if self.max_instances is not None and self.max_instances < 1:
+            raise ValueError(f"max_instances must be at least 1, got {self.max_instances}")
+        if self.split not in CANDIDATE_SPLITS:
+            raise ValueError(f"split '{self.split}' has no fixed candidate sets; rank {' or '.join(CANDIDATE_SPLITS)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got '{self.backend}'")
+
+
+def rank(args: RankArguments, readout: ReadoutConfig, options=None) -> dict:
+    """Rank, write OUT/rankings.jsonl and OUT/metrics.json, and return the metrics.
+
+    `options`: the backend module's `Options` (its defaults when None).
+    """
+    started = time.perf_counter()
+    out = Path(args.out)
+    dataset = PreparedDataset.load(args.data)
+    for name, folder in (("model", args.model), ("dataset", args.data)):
+        if Path(folder).exists() and out.resolve() == Path(folder).resolve():
+            raise DelrecError(f"--out {out} is the {name} folder; write the rankings to a folder of their own")
+    spec = describe_model(args.model, args.template, args.domain)
+    template = ranking_template(spec, args.prompts)
+    module = backend_module(args.backend)
+    options = options if options is not None else module.Options()
+
+    with module.open_backend(spec, options) as backend:
+        loaded = time.perf_counter()
+        check_soft_tokens(spec, backend.tokenizer)
+        requests, max_new_tokens = _requests(args, readout, dataset, spec, template, backend)
+        summary = RunSummary(readout)
+        began = time.perf_counter()
+        with rankings_writer(out / RANKINGS_FILE) as write, tqdm(
+            total=len(requests), desc=f"rank ({readout.readout})", unit="inst", disable=not args.progress
+        ) as bar:
+            for start in range(0, len(requests), backend.chunk_size):
+                chunk = requests[start : start + backend.chunk_size]
+                ranked = read_out(backend, chunk, readout, max_new_tokens)
+                write([r.row for r in ranked])
+                for request, result in zip(chunk, ranked):
+                    summary.add(request, result)
+                bar.update(len(chunk))
+        seconds = time.perf_counter() - began
+        settings = {"name": backend.name, **backend.settings()}
+
+    totals = summary.metrics()
+    metrics = {
+        "protocol": "candidates",
+        args.split: totals.pop("metrics"),
+        "readout": _readout_settings(readout, max_new_tokens),
+        **totals,
+        "seconds": round(seconds, 3),
+        "instances_per_second": round(len(requests) / seconds, 3) if seconds > 0 else None,
+        "load_seconds": round(loaded - started, 3),
+        "total_seconds": round(time.perf_counter() - started, 3),
+        "backend": settings,
+        "model": {"path": spec.path, "kind": spec.kind, "template": template.name,
+                  "template_fingerprint": template.fingerprint, "domain": spec.domain, "sr_model": spec.sr_model,
+                  "soft_prompt": spec.soft_prompt is not None},
+        "dataset": {"path": str(dataset.path), "fingerprint": dataset.fingerprint, "split": args.split},
+    }
+    write_json(out / METRICS_FILE, metrics)
+    return metrics
+
+
+def _readout_settings(readout: ReadoutConfig, max_new_tokens: int | None) -> dict:
+    """The read-out options that shaped the result (the others do not apply to it)."""
+    relevant = {"score": ("length_normalized",), "constrained": ("num_beams",), "generate": ()}[readout.readout]
+    settings = {"name": readout.readout, **{k: v for k, v in asdict(readout).items() if k in relevant}}
+    if readout.readout == "generate":
+        settings["max_new_tokens"] = max_new_tokens
+    return settings
+
+
+def _requests(args: RankArguments, readout: ReadoutConfig, dataset, spec, template, backend):
+    """The requests to rank and the generation budget (None unless generating)."""
+    cache: dict[str, int] = {}
+
+    def length(title: str) -> int:
+        """Tokens of a title as an answer (EOS included)."""
+        if title not in cache:
+            cache[title] = len(encode_completion(backend.tokenizer, title))
+        return cache[title]
+
+    generate = readout.readout == "generate"
+    max_new_tokens = readout.max_new_tokens
+    if generate and max_new_tokens is None:
+        titles = dataset.titles
+        candidate_sets = dataset.candidates(args.split)[: args.max_instances]
+        max_new_tokens = max(length(titles[i]) for items in candidate_sets for i in items) + GENERATION_MARGIN
+
+    def answer_tokens(titles) -> int:
+        """Tokens that must fit after the prompt: the generation budget, or the longest candidate."""
+        return max_new_tokens if generate else max(length(t) for t in titles)
+
+    requests = build_requests(
+        dataset, args.split, spec, template, backend.tokenizer, backend.max_length, answer_tokens, args.max_instances
+    )
+    if not requests:
+        raise DelrecError(f"{dataset.path}: split '{args.split}' has no instances to rank")
+    return requests, max_new_tokens
