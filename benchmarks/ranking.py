@@ -11,17 +11,22 @@ Steps, one after the other in one process (so timings are taken under the same c
    depend on the weights; a random model never emits EOS, so free generation always spends its
    whole budget, the worst case).
 3. Runs `delrec.ranking.rank` (the code behind `delrec rank`) on the first `--instances` test
-   instances with the plain template for each read-out on the hf backend: score (shared prompt
-   KV cache), constrained (`--beams` beams over the candidate trie), generate (greedy; budget =
-   longest candidate title + 8 tokens). One untimed warm-up run comes first.
+   instances with the plain template for each read-out and each of `--backends`: score (hf:
+   shared prompt KV cache; vllm: prefix-cached next-token log-probs), constrained (`--beams`
+   beams over the candidate trie), generate (greedy; budget = longest candidate title + 8
+   tokens). One untimed warm-up run per backend comes first. vLLM runs in this process
+   (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, so both backends use the same `--threads`), compiled
+   (not eager), with the backend's default KV cache.
 4. Scores the first `--naive-instances` of the same requests with `score_candidates` (each prompt
    once, its KV cache shared by the candidates) and with `score_candidates_naive` (one full
    forward per candidate): max abs difference of the log-likelihoods and the speed ratio
-   (goal >= 5x).
-5. Prints a table and writes `--json` and this benchmark's block of `--markdown` (only between
+   (goal >= 5x). With vllm, the same for the vLLM backend's scoring against one
+   `prompt_logprobs` request per (prompt + candidate), which vLLM computes without its prefix cache.
+5. With vllm, compares the two backends' rankings files: top-1 agreement of the score read-out
+   (ties within 1e-4 aside), max |difference| of the candidate log-likelihoods, identical
+   constrained rankings and identical greedy generations.
+6. Prints a table and writes `--json` and this benchmark's block of `--markdown` (only between
    `<!-- ranking -->` and `<!-- /ranking -->`; the file is re-read right before writing).
-
-The vLLM columns stay empty until the vLLM backend lands (`--backends hf,vllm` then fills them).
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LASTFM = ROOT.parent / "shared" / "data" / "lastfm"
 MARK_BEGIN, MARK_END = "<!-- ranking -->", "<!-- /ranking -->"
 READOUTS = ("score", "constrained", "generate")
+TIE = 1e-4  # log-likelihoods this close are a tie: either top-1 is right
+VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 HEADER = ["read-out", "hf inst/s", "vllm inst/s", "HR@1", "HR@5", "NDCG@5", "ValidRatio"]
 
 
@@ -80,7 +87,7 @@ def run_readouts(args, model: Path, data: Path) -> dict:
                                     if k in known})
 
         def run(readout: str, instances: int) -> dict:
-            out = args.out / "rankings" / f"{backend}-{readout}"
+            out = rankings_dir(args, backend, readout)
             return rank(RankArguments(model=str(model), data=str(data), out=str(out), backend=backend,
                                       max_instances=instances, progress=False),
                         ReadoutConfig(readout=readout, num_beams=args.beams), options)
@@ -92,47 +99,122 @@ def run_readouts(args, model: Path, data: Path) -> dict:
     return results
 
 
-def shared_vs_naive(args, model_path: Path, data_path: Path) -> dict:
-    import torch
+def rankings_dir(args, backend: str, readout: str) -> Path:
+    return args.out / "rankings" / f"{backend}-{readout}"
 
+
+def agreement(args) -> dict:
+    """How far the vllm backend's rankings files agree with the hf backend's, read-out by read-out."""
+    from delrec.io import read_jsonl
+
+    rows = {(backend, readout): [row for _, row in read_jsonl(rankings_dir(args, backend, readout) / "rankings.jsonl")]
+            for backend in ("hf", "vllm") for readout in READOUTS}
+    top1, diff = 0, 0.0
+    for hf, vllm in zip(rows["hf", "score"], rows["vllm", "score"]):
+        hf_logprob, vllm_logprob = dict(zip(hf["items"], hf["logprob"])), dict(zip(vllm["items"], vllm["logprob"]))
+        top1 += hf_logprob[vllm["items"][0]] >= max(hf["logprob"]) - TIE
+        diff = max([diff, *(abs(hf_logprob[item] - vllm_logprob[item]) for item in hf["items"])])
+    pairs = {readout: list(zip(rows["hf", readout], rows["vllm", readout])) for readout in READOUTS}
+    return {
+        "instances": len(pairs["score"]),
+        "score_top1_agreement": top1 / len(pairs["score"]),
+        "score_max_abs_logprob_diff": diff,
+        "constrained_identical_rankings": sum(a["items"] == b["items"] for a, b in pairs["constrained"])
+        / len(pairs["constrained"]),
+        "generate_identical": sum(a["text"] == b["text"] for a, b in pairs["generate"]) / len(pairs["generate"]),
+    }
+
+
+def naive_requests(args, model_path: Path, data_path: Path, tokenizer, max_length: int):
+    """The first `--naive-instances` test requests: prompts and their candidate titles."""
     from delrec.data.dataset import PreparedDataset
-    from delrec.llm.loading import ModelConfig, load_model
-    from delrec.llm.scoring import score_candidates, score_candidates_naive
-    from delrec.llm.tokenization import encode_prompt
     from delrec.prompts import get_template
     from delrec.ranking.models import describe_model
     from delrec.ranking.requests import build_requests
 
-    model, tokenizer = load_model(ModelConfig(str(model_path), dtype="float32", device=args.device))
     spec = describe_model(str(model_path))
     requests = build_requests(PreparedDataset.load(data_path), "test", spec, get_template(spec.template), tokenizer,
-                              model.config.max_position_embeddings, lambda titles: 64, args.naive_instances)
-    prompts, titles = [r.prompt for r in requests], [list(r.titles) for r in requests]
-    score_candidates(model, tokenizer, prompts[:2], titles[:2], batch_size=args.batch_size)  # warm-up
-    timings, scores = {}, {}
-    for name, run in (
-        ("shared", lambda: score_candidates(model, tokenizer, prompts, titles, batch_size=args.batch_size)),
-        ("naive", lambda: score_candidates_naive(model, tokenizer, prompts, titles)),
-    ):
-        if torch.cuda.is_available() and args.device != "cpu":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        scores[name] = run()
-        if torch.cuda.is_available() and args.device != "cpu":
-            torch.cuda.synchronize()
-        timings[name] = time.perf_counter() - started
-    diff = max(abs(a - b) for s, n in zip(scores["shared"], scores["naive"]) for a, b in zip(s.logprob, n.logprob))
+                              max_length, lambda titles: 64, args.naive_instances)
+    return [r.prompt for r in requests], [list(r.titles) for r in requests]
+
+
+def timed(run) -> tuple:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    result = run()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - started
+
+
+def comparison(shared, naive, shared_seconds: float, naive_seconds: float, extra: dict) -> dict:
+    diff = max(abs(a - b) for s, n in zip(shared, naive) for a, b in zip(s.logprob, n.logprob))
     return {
-        "instances": len(requests),
-        "candidates_per_instance": sum(len(t) for t in titles) / len(titles),
-        "mean_prompt_tokens": sum(len(encode_prompt(tokenizer, p)) for p in prompts) / len(prompts),
-        "shared_seconds": timings["shared"],
-        "naive_seconds": timings["naive"],
-        "shared_instances_per_second": len(requests) / timings["shared"],
-        "naive_instances_per_second": len(requests) / timings["naive"],
-        "speedup": timings["naive"] / timings["shared"],
+        "instances": len(shared),
+        **extra,
+        "shared_seconds": shared_seconds,
+        "naive_seconds": naive_seconds,
+        "shared_instances_per_second": len(shared) / shared_seconds,
+        "naive_instances_per_second": len(shared) / naive_seconds,
+        "speedup": naive_seconds / shared_seconds,
         "max_abs_logprob_diff": diff,
     }
+
+
+def vllm_shared_vs_naive(args, model_path: Path, data_path: Path) -> dict:
+    """The vllm backend's scoring vs one `prompt_logprobs` request per (prompt + candidate + EOS)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from delrec.llm.scoring import CandidateScores
+    from delrec.llm.tokenization import encode_completion, encode_prompt
+    from delrec.ranking.models import describe_model
+    from delrec.ranking.vllm import Options, open_backend
+
+    with open_backend(describe_model(str(model_path)), Options(device=args.device)) as backend:
+        prompts, titles = naive_requests(args, model_path, data_path, backend.tokenizer, backend.max_length)
+
+        def naive():
+            params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+            prompt_ids = [encode_prompt(backend.tokenizer, p) for p in prompts]
+            completions = [[encode_completion(backend.tokenizer, t) for t in cands] for cands in titles]
+            outputs = iter(backend.llm.generate(
+                [TokensPrompt(prompt_token_ids=ids + c) for ids, cands in zip(prompt_ids, completions) for c in cands],
+                params, use_tqdm=False))
+            scores = []
+            for ids, cands in zip(prompt_ids, completions):
+                logprob = []
+                for completion in cands:  # row len(ids) + k holds log P(completion[k] | the ids before it)
+                    rows = next(outputs).prompt_logprobs
+                    logprob.append(sum(rows[len(ids) + k][token].logprob for k, token in enumerate(completion)))
+                scores.append(CandidateScores(logprob, [len(c) for c in cands]))
+            return scores
+
+        backend.score(prompts[:2], titles[:2])  # warm-up
+        shared, shared_seconds = timed(lambda: backend.score(prompts, titles))
+        backend.llm.reset_prefix_cache()  # the naive requests would not read it anyway
+        naive_scores, naive_seconds = timed(naive)
+    return comparison(shared, naive_scores, shared_seconds, naive_seconds, {})
+
+
+def shared_vs_naive(args, model_path: Path, data_path: Path) -> dict:
+    from delrec.llm.loading import ModelConfig, load_model
+    from delrec.llm.scoring import score_candidates, score_candidates_naive
+    from delrec.llm.tokenization import encode_prompt
+
+    model, tokenizer = load_model(ModelConfig(str(model_path), dtype="float32", device=args.device))
+    prompts, titles = naive_requests(args, model_path, data_path, tokenizer, model.config.max_position_embeddings)
+    score_candidates(model, tokenizer, prompts[:2], titles[:2], batch_size=args.batch_size)  # warm-up
+    shared, shared_seconds = timed(
+        lambda: score_candidates(model, tokenizer, prompts, titles, batch_size=args.batch_size))
+    naive, naive_seconds = timed(lambda: score_candidates_naive(model, tokenizer, prompts, titles))
+    return comparison(shared, naive, shared_seconds, naive_seconds, {
+        "candidates_per_instance": sum(len(t) for t in titles) / len(titles),
+        "mean_prompt_tokens": sum(len(encode_prompt(tokenizer, p)) for p in prompts) / len(prompts),
+    })
 
 
 def readout_rows(report: dict) -> list[list[str]]:
@@ -144,7 +226,7 @@ def readout_rows(report: dict) -> list[list[str]]:
         rows.append([
             readout + (f" ({report['settings']['beams']} beams)" if readout == "constrained" else ""),
             f"{hf['instances_per_second']:.2f}",
-            f"{vllm['instances_per_second']:.2f}" if vllm else "pending (vLLM backend)",
+            f"{vllm['instances_per_second']:.2f}" if vllm else "not run",
             f"{quality['hr@1']:.3f}",
             f"{quality['hr@5']:.3f}" if "hr@5" in quality else "–",
             f"{quality['ndcg@5']:.3f}" if "ndcg@5" in quality else "–",
@@ -189,12 +271,43 @@ def markdown_section(report: dict) -> str:
         f"{n['speedup']:.1f}x | {n['max_abs_logprob_diff']:.1e} |",
         f"| naive (one forward per candidate) | {n['naive_seconds']:.2f} | {n['naive_instances_per_second']:.2f} | "
         "1.0x | – |",
-        "",
-        "vLLM figures: pending; the vLLM backend (issue #6) fills the `vllm inst/s` column with "
-        "`--backends hf,vllm` on the same model and data.",
+        *vllm_lines(report),
         MARK_END,
         "",
     ])
+
+
+def vllm_lines(report: dict) -> list[str]:
+    """The vLLM rows of the scoring table, the engine settings and the agreement with the hf backend."""
+    if "vllm/score" not in report["readouts"]:
+        return ["", "vLLM: not run; `--backends hf,vllm` fills the `vllm inst/s` column and adds the agreement "
+                "figures."]
+    n, a = report["vllm_shared_vs_naive"], report["agreement"]
+    engine = report["readouts"]["vllm/score"]["backend"]
+    cache = (f"{engine['kv_cache_memory_bytes'] >> 20} MiB" if engine["kv_cache_memory_bytes"]
+             else f"{engine['gpu_memory_utilization']} of GPU memory")
+    return [
+        f"| vLLM backend: prefix-cached next-token log-probs | {n['shared_seconds']:.2f} | "
+        f"{n['shared_instances_per_second']:.2f} | {n['speedup']:.1f}x | {n['max_abs_logprob_diff']:.1e} |",
+        f"| vLLM naive (`prompt_logprobs`, one request per candidate) | {n['naive_seconds']:.2f} | "
+        f"{n['naive_instances_per_second']:.2f} | 1.0x | – |",
+        "",
+        f"vLLM {engine['vllm']} ({engine['device']}), in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, the same "
+        f"{report['settings']['threads']} thread(s) as hf), dtype {engine['dtype']}, "
+        f"{'eager' if engine['enforce_eager'] else 'compiled (not eager)'}, KV cache {cache} in blocks of "
+        f"{engine['block_size']} tokens, prefix caching on, {engine['chunk_size']} instances per engine call; its "
+        f"start-up (not timed above) took {report['readouts']['vllm/score']['load_seconds']:.0f} s. "
+        "The vLLM speed-up row compares the backend's scoring with vLLM's own per-candidate `prompt_logprobs` "
+        "requests (vLLM 0.32 does not read its prefix cache for those).",
+        "",
+        f"vLLM vs hf on the same {a['instances']} instances (from the two backends' rankings files):",
+        "",
+        "| score: top-1 agreement (ties within 1e-4 aside) | score: max abs diff of log-likelihoods | "
+        "constrained: identical rankings | generate: identical greedy texts |",
+        "|---:|---:|---:|---:|",
+        f"| {100 * a['score_top1_agreement']:.1f}% | {a['score_max_abs_logprob_diff']:.1e} | "
+        f"{100 * a['constrained_identical_rankings']:.1f}% | {100 * a['generate_identical']:.1f}% |",
+    ]
 
 
 def write_markdown(path: Path, section: str) -> None:
@@ -241,6 +354,11 @@ def main() -> None:
     p.add_argument("--markdown", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = p.parse_args()
 
+    backends = args.backends.split(",")
+    if "vllm" in backends:
+        for key, value in VLLM_ENV.items():  # read when vllm is imported
+            os.environ.setdefault(key, value)
+
     import torch
 
     torch.set_num_threads(args.threads)
@@ -252,6 +370,8 @@ def main() -> None:
     print(f"ranking {args.instances} {args.data} test instances, tiny LLM ({args.size}), {args.threads} thread(s):")
     readouts = run_readouts(args, model, data)
     naive = shared_vs_naive(args, model, data)
+    vllm = {"vllm_shared_vs_naive": vllm_shared_vs_naive(args, model, data), "agreement": agreement(args)} \
+        if "vllm" in backends else {}
     report = {
         "command": " ".join(["python benchmarks/ranking.py", *sys.argv[1:]]),
         "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
@@ -263,13 +383,18 @@ def main() -> None:
         "instances": readouts["hf/score"]["instances"],
         "readouts": readouts,
         "shared_vs_naive": naive,
+        **vllm,
     }
     widths = (24, 10, 24, 6, 6, 7, 10)
     for row in [HEADER, *readout_rows(report)]:
         print(" ".join(f"{cell:{'<' if i == 0 else '>'}{w}s}" for i, (cell, w) in enumerate(zip(row, widths))))
-    print(f"\nshared-prefix vs naive scoring on {naive['instances']} instances: {naive['speedup']:.1f}x faster "
-          f"({naive['shared_seconds']:.2f} s vs {naive['naive_seconds']:.2f} s), max abs diff "
-          f"{naive['max_abs_logprob_diff']:.1e}")
+    for name, result in (("hf", naive), ("vllm", vllm.get("vllm_shared_vs_naive"))):
+        if result:
+            print(f"{name}: shared-prefix vs naive scoring on {result['instances']} instances: "
+                  f"{result['speedup']:.1f}x faster ({result['shared_seconds']:.2f} s vs "
+                  f"{result['naive_seconds']:.2f} s), max abs diff {result['max_abs_logprob_diff']:.1e}")
+    if vllm:
+        print("vllm vs hf:", json.dumps(vllm["agreement"]))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     write_markdown(args.markdown, markdown_section(report))

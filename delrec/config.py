@@ -146,20 +146,34 @@ def parse_command(
     return tuple(outputs)
 
 
-def apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
-    """Make the YAML file's values the parser's defaults, validating every key and value."""
-    data = load_yaml(path)
+def option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Each option's action by name (the first one: `--no_x` flags share the dest of `--x`)."""
     actions: dict[str, argparse.Action] = {}
-    for action in parser._actions:  # the first action per name; `--no_x` flags share the dest of `--x`
+    for action in parser._actions:
         if action.dest not in ("help", "config"):
             actions.setdefault(action.dest, action)
-    defaults = {}
+    return actions
+
+
+def coerce_config(parser: argparse.ArgumentParser, data: dict[str, Any], source: str,
+                  hidden: Sequence[str] = ()) -> dict[str, Any]:
+    """The mapping's values converted and checked as the parser's flags would be; an unknown key
+    is a one-line error listing the valid ones (less `hidden`) and naming `source`."""
+    actions = option_actions(parser)
+    values = {}
     for key, value in data.items():
         if key not in actions:
-            raise unknown_key_error(str(path), str(key), list(actions))
-        action = actions[key]
-        defaults[key] = _coerce(value, action, str(path))
-        action.required = False
+            raise unknown_key_error(source, str(key), [k for k in actions if k not in hidden])
+        values[key] = _coerce(value, actions[key], source)
+    return values
+
+
+def apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
+    """Make the YAML file's values the parser's defaults, validating every key and value."""
+    defaults = coerce_config(parser, load_yaml(path), str(path))
+    actions = option_actions(parser)
+    for key in defaults:
+        actions[key].required = False
     parser.set_defaults(**defaults)
 
 

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from delrec.errors import DelrecError, where
 
@@ -56,19 +56,64 @@ def replace_directory(source: Path, target: Path) -> None:
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
         os.replace(source, target)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # a file in the way, replaced as asked (overwrite)
+            old.unlink()
     else:
         os.replace(source, target)
 
 
-def is_nonempty_dir(path: Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
+def is_occupied(path: Path) -> bool:
+    """Whether writing an output folder at `path` would replace something: a file, or a non-empty folder."""
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def check_apart_from_inputs(out: str | os.PathLike, inputs: dict[str, Any], what: str = "the output") -> None:
+    """Refuse an output folder that is, or holds, an input (`inputs`: name -> path, None when not given):
+    writing there would replace or mix with the input, which the command is still reading."""
+    target = Path(out).resolve()
+    for name, path in inputs.items():
+        if path is None or not Path(path).exists():
+            continue
+        source = Path(path).resolve()
+        if source == target or target in source.parents:
+            relation = f"is the {name} folder" if source == target else f"holds the {name} {path}"
+            raise DelrecError(f"--out {out} {relation}; write {what} to a folder of its own")
+
+
+def check_own_folder(out: str | os.PathLike, outputs: Sequence[str]) -> None:
+    """Refuse an output folder holding anything but the command's `outputs` (hidden temp files aside): the
+    folder of a model or a dataset, say, whose files (its metrics.json) the command would replace."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DelrecError(f"--out {out} is a file; expected a folder for {', '.join(outputs)}")
+    entries = out.iterdir() if out.is_dir() else ()
+    others = sorted(p.name for p in entries if p.name not in outputs and not p.name.startswith("."))
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise DelrecError(f"--out {out} already holds other files ({shown}), which are not {' or '.join(outputs)}; "
+                          "choose a new or empty folder")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_write(path) as handle:
         json.dump(obj, handle, indent=2, ensure_ascii=False)
         handle.write("\n")
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """`safetensors.torch.save`, but the same tensors and metadata always give the same bytes: safetensors
+    writes the metadata map in a random order per process, so the header is rewritten with sorted keys
+    (the data offsets in it are relative to the data, which stays as it is)."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + size]), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    header = header.encode("utf-8")
+    header += b" " * (-len(header) % 8)  # the data stays 8-byte aligned, as safetensors writes it
+    return len(header).to_bytes(8, "little") + header + data[8 + size:]
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -535,7 +535,7 @@ def get_template(name: str, folder: str | os.PathLike | None = None) -> PromptTe
         raise DelrecError(f"no template '{stem}' in {path_folder} (available: {available})")
     template, problems = _analyse_cached(path, path_folder)
     if template is None:
-        more = f" ({len(problems) - 1} more problems; run `delrec prompts lint`)" if len(problems) > 1 else ""
+        more = f" (and {len(problems) - 1} more; run `delrec prompts lint`)" if len(problems) > 1 else ""
         raise DelrecError(problems[0] + more)
     return template
 
@@ -567,6 +567,12 @@ def load_tokenizer(path: str | os.PathLike):
     if not path.is_dir():
         raise DelrecError(f"{path}: tokenizer folder not found; pass a local folder holding tokenizer files")
     from transformers import AutoTokenizer
+
+    from delrec.llm.loading import TOKENIZER_FILES
+
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise DelrecError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass an LLM folder, e.g. "
+                          "one from `delrec llm build-tiny`")
 
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

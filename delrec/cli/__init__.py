@@ -30,6 +30,12 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("prompts", "lint"): ("delrec.cli.prompts", "lint", "check every template parses, declares and fits"),
     ("rank",): ("delrec.cli.rank", "rank", "rank a split's fixed candidates with an LLM (score, constrained, generate)"),
     ("export",): ("delrec.cli.rank", "export", "merge a DELRec stage-2 folder into a plain Hugging Face model folder"),
+    ("teacher", "export"): ("delrec.cli.teacher", "export",
+                            "write a teacher folder (top-K rankings + item embeddings) from an LLM or SR model"),
+    ("student", "train"): ("delrec.cli.student", "train",
+                           "train a lightweight SR student, distilled from teacher folders (DLLM2Rec, RD, RRD)"),
+    ("run",): ("delrec.cli.run", "run", "run the whole loop from one YAML config, skipping unchanged stages"),
+    ("demo",): ("delrec.cli.run", "demo", "run the whole loop on built-in synthetic data with a tiny model (~5 min)"),
 }
 
 

@@ -37,7 +37,11 @@ def load_input(args: PrepareArguments, seed: int):
     if args.format == "synthetic":
         from delrec.data.synthetic import make_synthetic
 
-        return make_synthetic(num_users=args.synthetic_users, num_items=args.synthetic_items, seed=seed)
+        try:
+            return make_synthetic(num_users=args.synthetic_users, num_items=args.synthetic_items, seed=seed)
+        except ValueError as exc:
+            raise DelrecError(f"--format synthetic with --synthetic_users {args.synthetic_users} --synthetic_items "
+                              f"{args.synthetic_items}: {exc}") from None
     if args.input is None:
         raise DelrecError(f"--input is required for --format {args.format}")
     from delrec.data.loaders import load_raw
@@ -50,7 +54,9 @@ def load_input(args: PrepareArguments, seed: int):
 def prepare(argv, prog: str, description: str) -> int:
     args, config = parse_command([PrepareArguments, PreprocessConfig], argv, prog, description)
     from delrec.data.prepare import prepare_dataset
+    from delrec.io import check_apart_from_inputs
 
+    check_apart_from_inputs(args.out, {"raw data": args.input}, "the prepared dataset")
     raw = load_input(args, config.seed)
     dataset = prepare_dataset(raw, config, args.out, overwrite=args.overwrite)
     print(json.dumps({"out": str(dataset.path), **dataset.stats()}, indent=2))

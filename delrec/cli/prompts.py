@@ -75,11 +75,16 @@ def _positional_template(argv) -> list[str]:
     return argv
 
 
-def _load_predictions(path: str, split: str) -> dict[int, list[int]]:
+def _load_predictions(path: str, dataset, split: str) -> dict[int, list[int]]:
+    """Ranked items per instance id: a `delrec sr predict` file (with its .meta.json) is checked against the
+    dataset and split it was written for; a hand-written JSONL is taken as it is."""
     from pathlib import Path
 
     from delrec.io import read_jsonl
+    from delrec.sr.evaluate import meta_path, read_predictions
 
+    if meta_path(path).is_file():
+        return dict(enumerate(read_predictions(path, dataset, split).items))
     result: dict[int, list[int]] = {}
     for line_no, row in read_jsonl(Path(path)):
         if row.get("split", split) != split:
@@ -111,7 +116,7 @@ def render(argv, prog: str, description: str) -> int:
     else:
         ranked = None
         if args.predictions:
-            table = _load_predictions(args.predictions, args.split)
+            table = _load_predictions(args.predictions, dataset, args.split)
             instance_id = args.index  # instance ids are their positions in the split
             if instance_id not in table:
                 raise DelrecError(f"{args.predictions}: no predictions for {args.split} instance {instance_id}")
@@ -156,19 +161,19 @@ def lint(argv, prog: str, description: str) -> int:
         folder.prompts, args.data, args.tokenizer, args.max_length,
         soft_tokens=args.soft_tokens, domain=args.domain, sr_top=args.sr_top,
     )
-    failed = 0
+    problems = []
     for report in reports:
-        if report.problems:
-            failed += 1
-            for problem in report.problems:
-                print(problem if report.name in problem else f"{report.name}: {problem}")
+        found = [problem if report.name in problem else f"{report.name}: {problem}" for problem in report.problems]
+        if found:
+            print("\n".join(found))
+            problems.extend(found)
             continue
         line = f"{report.name}: ok"
         if report.tokens is not None:
             limit = f" <= {args.max_length}" if args.max_length else ""
             line += (f" ({report.tokens.total} tokens{limit} on the {report.instance}; {report.tokens.method})")
         print(line)
-    if failed:
-        print(f"{prog}: {failed} file(s) with problems", file=sys.stderr)
+    if problems:
+        print(f"{prog}: problems found ({len(problems)}, listed above); the first: {problems[0]}", file=sys.stderr)
         return 2
     return 0

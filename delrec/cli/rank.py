@@ -17,7 +17,7 @@ from delrec.config import load_yaml, parse_command
 DEFAULT_BACKEND = "hf"
 
 
-def _backend_name(argv: list[str]) -> str:
+def backend_name(argv: list[str]) -> str:
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--backend", default=None)
     pre.add_argument("--config", default=None)
@@ -32,7 +32,7 @@ def rank(argv, prog: str, description: str) -> int:
     from delrec.ranking.runner import RankArguments, rank as run
 
     argv = list(argv)
-    module = backend_module(_backend_name(argv))
+    module = backend_module(backend_name(argv))
     args, readout, options = parse_command([RankArguments, ReadoutConfig, module.Options], argv, prog, description)
     metrics = run(args, readout, options)
     print(

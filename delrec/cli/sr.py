@@ -95,7 +95,9 @@ class EvaluateArguments:
     model: str = field(metadata={"help": "A trained SR model folder (config.json + model.safetensors)."})
     data: str = field(metadata={"help": "A prepared dataset folder with the same item ids."})
     out: str | None = field(
-        default=None, metadata={"help": "Folder to write metrics.json into (default: the model folder)."}
+        default=None,
+        metadata={"help": "Folder to write metrics.json into (default: the model folder); another model's folder is "
+                  "refused."},
     )
     keep_history: bool = field(
         default=False, metadata={"help": "Full ranking: keep history items rankable instead of excluding them."}
@@ -106,11 +108,13 @@ class EvaluateArguments:
 
 def evaluate(argv, prog: str, description: str) -> int:
     from delrec.data.dataset import PreparedDataset
-    from delrec.io import read_json, write_json
+    from delrec.io import check_own_folder, read_json, write_json
     from delrec.sr import load_model
     from delrec.sr.evaluate import evaluate_model, resolve_device
 
     (args,) = parse_command([EvaluateArguments], argv, prog, description)
+    if args.out is not None and Path(args.out).resolve() != Path(args.model).resolve():
+        check_own_folder(args.out, ("metrics.json",))
     device = resolve_device(args.device)
     model = load_model(args.model, device)
     dataset = PreparedDataset.load(args.data)

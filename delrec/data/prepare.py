@@ -19,7 +19,7 @@ from delrec.data.dataset import (
 from delrec.data.preprocess import PreprocessConfig, Processed, preprocess
 from delrec.data.raw import RawDataset
 from delrec.errors import DelrecError
-from delrec.io import is_nonempty_dir, read_json, replace_directory, staged_directory, write_json, write_jsonl
+from delrec.io import is_occupied, read_json, replace_directory, staged_directory, write_json, write_jsonl
 
 
 def write_prepared(processed: Processed, folder: Path, source: str, protocol: str, options: dict) -> dict:
@@ -64,7 +64,7 @@ def prepare_dataset(raw: RawDataset, config: PreprocessConfig, out: str | Path, 
     """
     out = Path(out)
     existing = _existing_fingerprint(out)
-    if is_nonempty_dir(out) and existing is None and not overwrite:
+    if is_occupied(out) and existing is None and not overwrite:
         raise DelrecError(f"{out} already exists and is not a prepared dataset; choose another --out or pass --overwrite")
     processed = preprocess(raw, config)
     with staged_directory(out) as tmp:

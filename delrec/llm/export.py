@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from delrec.errors import DelrecError
-from delrec.io import is_nonempty_dir, read_json, replace_directory, staged_directory, write_json
+from delrec.io import check_apart_from_inputs, is_occupied, read_json, replace_directory, staged_directory, write_json
 from delrec.llm.folder import ADAPTER_CONFIG, INFO_FILE, load_delrec_model, read_info
 from delrec.llm.loading import DTYPES, TOKENIZER_FILES, WEIGHT_FILES, describe_non_model_folder
 from delrec.llm.soft_prompt import SOFT_PROMPT_FILE, SoftPrompt
@@ -129,9 +129,8 @@ def export_model(
 
     source, out = Path(source), Path(out)
     info = read_stage2(source)
-    if out.resolve() == source.resolve():
-        raise DelrecError(f"--out {out} is the stage-2 folder itself; choose a new folder for the export")
-    if is_nonempty_dir(out) and not overwrite:
+    check_apart_from_inputs(out, {"stage-2": source}, "the export")
+    if is_occupied(out) and not overwrite:
         raise DelrecError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
     if dtype != "auto" and dtype not in DTYPES:
         raise DelrecError(f"dtype must be auto, {', '.join(DTYPES)}; got '{dtype}'")

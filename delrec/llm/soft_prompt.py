@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from delrec.errors import DelrecError
-from delrec.io import atomic_write
+from delrec.io import atomic_write, safetensors_bytes
 from delrec.llm.loading import resize_embeddings
 
 SOFT_PROMPT_FILE = "soft_prompt.safetensors"
@@ -161,8 +161,6 @@ class SoftPrompt:
 
     def save(self, folder: str | Path, model) -> Path:
         """Write `soft_prompt.safetensors`: the P x hidden rows (float32) and what they belong to."""
-        from safetensors.torch import save
-
         rows = self.rows(model).float().cpu().contiguous()
         metadata = {
             "format": FILE_FORMAT,
@@ -174,7 +172,7 @@ class SoftPrompt:
         }
         path = Path(folder) / SOFT_PROMPT_FILE
         with atomic_write(path, "wb") as handle:
-            handle.write(save({"embeddings": rows}, metadata=metadata))
+            handle.write(safetensors_bytes({"embeddings": rows}, metadata=metadata))
         return path
 
     @classmethod

@@ -25,7 +25,7 @@ import torch
 import delrec
 from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
-from delrec.io import is_nonempty_dir, replace_directory, staged_directory, write_json
+from delrec.io import check_apart_from_inputs, is_occupied, replace_directory, staged_directory, write_json
 
 HEAD_DIM = 64
 SIZES = {
@@ -96,7 +96,8 @@ def build_tiny_llm(data: str | Path, out: str | Path, config: TinyLLMConfig, ove
                    progress: bool = True) -> dict:
     """Build the tokenizer and model from the prepared dataset `data`, write them to `out`; return build info."""
     out = Path(out)
-    if is_nonempty_dir(out) and not overwrite:
+    check_apart_from_inputs(out, {"dataset": data}, "the model")
+    if is_occupied(out) and not overwrite:
         raise DelrecError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
     started = time.perf_counter()
     dataset = PreparedDataset.load(data)

@@ -38,7 +38,7 @@ import torch
 from trl import SFTTrainer
 
 from delrec.errors import DelrecError
-from delrec.io import read_json, write_json
+from delrec.io import is_occupied, read_json, write_json
 from delrec.metrics import RankingMetrics
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -381,15 +381,21 @@ class StageResult:
 def prepare_run(out: Path, stage: str, config: dict[str, Any], resume: bool) -> str | None:
     """Record the run's configuration in OUT/run.json; return the checkpoint to resume from, if any.
 
-    A folder started with another configuration is refused (the checkpoints would mix two runs),
-    naming the first option that differs; `RUNTIME_OPTIONS` may change.
+    A folder holding the work of a run started with another configuration (a checkpoint, or the
+    finished outputs) is refused, naming the first option that differs: the checkpoints would mix
+    two runs; `RUNTIME_OPTIONS` may change. The record of an attempt that failed before its first
+    checkpoint (a bad option, a model that did not load) is replaced, so the corrected command
+    runs. Any other existing file or folder is refused rather than written into.
     """
-    from transformers.trainer_utils import get_last_checkpoint
+    from accelerate import PartialState
 
-    out.mkdir(parents=True, exist_ok=True)
+    main = PartialState().is_main_process  # the one process that writes here (others could see it mid-write)
     run_file = out / RUN_FILE
-    checkpoints = out / CHECKPOINTS_DIR
-    if run_file.is_file():
+    if main and is_occupied(out) and not run_file.is_file():
+        raise DelrecError(f"{out} already exists and is not a {stage} run folder (no {RUN_FILE}); choose another out "
+                          "(a new or empty folder)")
+    last = last_complete_checkpoint(out / CHECKPOINTS_DIR)
+    if run_file.is_file() and (last is not None or (out / METRICS_FILE).is_file()):
         previous = read_json(run_file)
         if previous.get("stage") != stage:
             raise DelrecError(f"{out} holds a {previous.get('stage')} run, not a {stage} run; choose another out")
@@ -400,12 +406,25 @@ def prepare_run(out: Path, stage: str, config: dict[str, Any], resume: bool) -> 
                     f"{out} was started with {key} = {old.get(key)!r}, not {new.get(key)!r}; cannot resume a run "
                     f"with another configuration: choose another out, or delete {out} to start again"
                 )
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
+    out.mkdir(parents=True, exist_ok=True)
+    if main:
         write_json(run_file, {"stage": stage, "config": config})
-    last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.is_dir() else None
-    return last
+    return last if resume else None
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest `checkpoint-N` in `folder` that holds its trainer state, which the Trainer writes last: a run
+    killed while saving leaves a newer, partial folder, skipped here (the Trainer's `get_last_checkpoint` would
+    pick it and fail to resume)."""
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    steps = {}
+    for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if folder.is_dir() else ():
+        step = path.name[len(PREFIX_CHECKPOINT_DIR) + 1:]
+        if step.isdigit() and (path / TRAINER_STATE_NAME).is_file():
+            steps[int(step)] = str(path)
+    return steps[max(steps)] if steps else None
 
 
 def strip_prefix(metrics: dict[str, Any], prefix: str) -> dict[str, float]:

@@ -34,7 +34,7 @@ from delrec.llm.scoring import CandidateScores, score_candidates
 from delrec.llm.tokenization import encode_completion, encode_prompt
 from delrec.ranking.base import Backend
 from delrec.ranking.models import ModelSpec
-from delrec.ranking.trie import TrieNode, build_trie
+from delrec.ranking.trie import Beam, Finished, TrieNode, build_trie, prune, ranked
 
 CHUNK_BATCHES = 8  # batches per backend call: enough prompts to sort by length, a progress step still short
 
@@ -154,68 +154,39 @@ def left_pad(sequences: list[list[int]], device) -> tuple[torch.Tensor, torch.Te
 # ----------------------------------------------------------------------------- constrained beam search
 
 
-@dataclass
-class _Beam:
-    owner: int  # which prompt of the batch
-    node: TrieNode
-    score: float
-
-
 def constrained_beam_search(
     model, prompt_ids: list[list[int]], tries: list[TrieNode], num_beams: int
 ) -> list[list[tuple[int, float]]]:
     """Per prompt: the finished candidates, best first, as (candidate index, summed log-probability).
 
     One left-padded prompt pass over the batch, then one single-token pass per step over all live
-    beams. Call under `torch.inference_mode()` with the model in eval mode.
+    beams (`delrec.ranking.trie` has the search's rules). Call under `torch.inference_mode()` with
+    the model in eval mode.
     """
     device = model.get_input_embeddings().weight.device
     ids, mask = left_pad(prompt_ids, device)
     lengths = mask.sum(-1)
     out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                 use_cache=True, logits_to_keep=1)
-    beams = [_Beam(owner, trie, 0.0) for owner, trie in enumerate(tries)]
-    finished: list[list[tuple[float, int, list[int]]]] = [[] for _ in tries]
+    beams = [Beam(owner, trie, 0.0) for owner, trie in enumerate(tries)]
+    finished: Finished = [[] for _ in tries]
     step = 0
     while True:
         cache, logprobs = out.past_key_values, out.logits[:, -1].float().log_softmax(-1)
-        live = []
-        for row, token, beam in _best_expansions(beams, logprobs, num_beams):
-            if beam.node.leaves:
-                finished[beam.owner].append((beam.score, beam.node.first, beam.node.leaves))
-            else:
-                live.append((row, token, beam))
-        beams = [beam for _, _, beam in live]
+        rows = [row for row, beam in enumerate(beams) for _ in beam.node.children]
+        tokens = [token for beam in beams for token in beam.node.children]
+        values = logprobs[torch.tensor(rows, device=device), torch.tensor(tokens, device=device)].tolist()
+        beams = prune((beams[row].extend(token, value, row) for row, token, value in zip(rows, tokens, values)),
+                      num_beams, finished)
         if not beams:
-            break
+            return ranked(finished)
         owners = torch.tensor([beam.owner for beam in beams], device=device)
-        cache.reorder_cache(torch.tensor([row for row, _, _ in live], device=device))
+        cache.reorder_cache(torch.tensor([beam.parent for beam in beams], device=device))
         step += 1
         out = model(
-            input_ids=torch.tensor([[token] for _, token, _ in live], device=device),
+            input_ids=torch.tensor([[beam.tokens[-1]] for beam in beams], device=device),
             attention_mask=torch.cat([mask[owners], mask.new_ones(len(beams), step)], dim=1),
             position_ids=(lengths[owners] + step - 1)[:, None],
             past_key_values=cache,
             use_cache=True,
         )
-    return [
-        [(index, score) for score, _, leaves in sorted(done, key=lambda f: (-f[0], f[1])) for index in leaves]
-        for done in finished
-    ]
-
-
-def _best_expansions(beams: list[_Beam], logprobs: torch.Tensor, num_beams: int) -> list[tuple[int, int, _Beam]]:
-    """Per prompt, the `num_beams` best one-token extensions of its beams: (parent row, token, new beam)."""
-    rows = [row for row, beam in enumerate(beams) for _ in beam.node.children]
-    tokens = [token for beam in beams for token in beam.node.children]
-    index = torch.tensor(rows, device=logprobs.device), torch.tensor(tokens, device=logprobs.device)
-    expansions: dict[int, list[tuple[int, int, _Beam]]] = {}
-    for row, token, value in zip(rows, tokens, logprobs[index].tolist()):
-        parent = beams[row]
-        child = _Beam(parent.owner, parent.node.children[token], parent.score + value)
-        expansions.setdefault(parent.owner, []).append((row, token, child))
-    kept = []
-    for options in expansions.values():
-        options.sort(key=lambda e: (-e[2].score, e[2].node.first))
-        kept += options[:num_beams]
-    return kept

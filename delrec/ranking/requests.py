@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from delrec.data.dataset import PreparedDataset
+from delrec.data.dataset import Instance, PreparedDataset
 from delrec.errors import DelrecError
 from delrec.llm.tokenization import encode_prompt
 from delrec.prompts import PromptTemplate, task_variables
@@ -44,17 +44,33 @@ def build_requests(
     answer_tokens: Callable[[Sequence[str]], int],
     max_instances: int | None = None,
 ) -> list[RankingRequest]:
-    """Requests for the first `max_instances` instances of `split` (all when None).
+    """Requests for the first `max_instances` instances of `split` (all when None), with its fixed
+    candidate sets; see `requests_for`."""
+    instances = dataset.instances(split)
+    count = len(instances) if max_instances is None else min(max_instances, len(instances))
+    return requests_for(instances[:count], dataset.candidates(split)[:count], dataset.titles, split, spec, template,
+                        tokenizer, max_length, answer_tokens)
+
+
+def requests_for(
+    instances: Sequence[Instance],
+    candidate_sets: Sequence[Sequence[int]],
+    titles: Sequence[str],
+    split: str,
+    spec: ModelSpec,
+    template: PromptTemplate,
+    tokenizer,
+    max_length: int,
+    answer_tokens: Callable[[Sequence[str]], int],
+) -> list[RankingRequest]:
+    """One request per instance with the candidates given (e.g. a teacher's re-rank lists), rendered
+    and truncated from the oldest history item until prompt + answer fit `max_length` tokens.
 
     `answer_tokens(titles)` is how many tokens must fit after the prompt (the longest candidate for
-    scoring, the generation budget for free generation).
+    scoring, the generation budget for free generation); `split` only names the split in errors.
     """
-    instances = dataset.instances(split)
-    candidate_sets = dataset.candidates(split)
-    count = len(instances) if max_instances is None else min(max_instances, len(instances))
-    titles = dataset.titles
     requests = []
-    for inst, candidates in zip(instances[:count], candidate_sets[:count]):
+    for inst, candidates in zip(instances, candidate_sets):
         cand_titles = tuple(titles[i] for i in candidates)
 
         def render(dropped: int) -> str:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from delrec.data.dataset import CANDIDATE_SPLITS, PreparedDataset
 from delrec.errors import DelrecError
-from delrec.io import write_json
+from delrec.io import check_apart_from_inputs, check_own_folder, write_json
 from delrec.llm.tokenization import encode_completion
 from delrec.ranking.base import BACKENDS, ReadoutConfig, RunSummary, backend_module, read_out, rankings_writer
 from delrec.ranking.models import check_soft_tokens, describe_model, ranking_template
@@ -75,9 +75,8 @@ def rank(args: RankArguments, readout: ReadoutConfig, options=None) -> dict:
     started = time.perf_counter()
     out = Path(args.out)
     dataset = PreparedDataset.load(args.data)
-    for name, folder in (("model", args.model), ("dataset", args.data)):
-        if Path(folder).exists() and out.resolve() == Path(folder).resolve():
-            raise DelrecError(f"--out {out} is the {name} folder; write the rankings to a folder of their own")
+    check_apart_from_inputs(out, {"model": args.model, "dataset": args.data}, "the rankings")
+    check_own_folder(out, (RANKINGS_FILE, METRICS_FILE))
     spec = describe_model(args.model, args.template, args.domain)
     template = ranking_template(spec, args.prompts)
     module = backend_module(args.backend)

@@ -50,12 +50,11 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from delrec.config import dataclass_from_dict
 from delrec.errors import DelrecError
-from delrec.io import atomic_write, read_json
+from delrec.io import atomic_write, read_json, safetensors_bytes
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -230,7 +229,7 @@ class SequentialRecommender(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         with atomic_write(folder / WEIGHTS_FILE, "wb") as handle:
-            handle.write(safetensors_save(tensors, metadata={"format": "pt", "model_type": self.model_type}))
+            handle.write(safetensors_bytes(tensors, metadata={"format": "pt", "model_type": self.model_type}))
         with atomic_write(folder / CONFIG_FILE) as handle:
             json.dump(self.folder_config(), handle, indent=2)
             handle.write("\n")

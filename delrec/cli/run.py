@@ -1,0 +1,70 @@
+"""`delrec run CONFIG.yaml` (the whole loop from one config) and `delrec demo` (the same on the built-in config).
+
+The config is a YAML file of sections, one per stage (see `delrec.pipeline` and `delrec run --help`),
+so the command line only says where to run and which stages: `--out`, `--only`, `--from`, `--dry-run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from importlib import resources
+from pathlib import Path
+
+from delrec.config import CommandParser
+
+DEMO_OUT = "runs/demo"
+
+
+def _parser(prog: str, description: str, config: bool) -> argparse.ArgumentParser:
+    from delrec.pipeline import STAGES, help_text
+
+    parser = CommandParser(prog=prog, description=description, epilog=help_text() if config else None,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    if config:
+        parser.add_argument("config", metavar="CONFIG.yaml",
+                            help="The pipeline config (e.g. configs/pipeline/lastfm.yaml).")
+    parser.add_argument("--out", metavar="RUN", default=None,
+                        help="Run folder (default: the config's `out`, else runs/<config name>)." if config
+                        else f"Run folder (default: {DEMO_OUT}).")
+    parser.add_argument("--only", metavar="STAGE", default=None,
+                        help=f"Run this stage alone, even if unchanged (one of: {', '.join(STAGES)}).")
+    parser.add_argument("--from", dest="start", metavar="STAGE", default=None,
+                        help="Run this stage, even if unchanged, and every stage after it.")
+    parser.add_argument("--dry-run", action="store_true", help="Print the plan (each stage: run, resume or skip, and "
+                        "why) and stop.")
+    parser.add_argument("--verbose", action="store_true", help="Show each stage's own output here instead of writing "
+                        "it to RUN/<stage>/stage.log.")
+    return parser
+
+
+def run(argv, prog: str, description: str) -> int:
+    from delrec.pipeline import load_config
+
+    args = _parser(prog, description, config=True).parse_args(list(argv))
+    config = load_config(args.config)
+    out = args.out or config.run.out or str(Path("runs") / Path(args.config).stem)
+    return _run(config, out, args, print_table=False)
+
+
+def demo(argv, prog: str, description: str) -> int:
+    from delrec.pipeline import builtin_demo_config, load_config
+
+    args = _parser(prog, description, config=False).parse_args(list(argv))
+    with resources.as_file(builtin_demo_config()) as path:
+        config = load_config(path)
+    return _run(config, args.out or config.run.out or DEMO_OUT, args, print_table=True)
+
+
+def _run(config, out: str, args, print_table: bool) -> int:
+    from delrec.pipeline import REPORT_FILE, run_pipeline
+    from delrec.report import PLOTS_DIR, TABLE_FILE
+
+    summary = run_pipeline(config, out, only=args.only, start=args.start, dry_run=args.dry_run, verbose=args.verbose)
+    if args.dry_run:
+        return 0
+    print(f"finished in {summary['seconds']:.0f} s; report: {Path(out) / REPORT_FILE}")
+    table = Path(out) / PLOTS_DIR / TABLE_FILE
+    if print_table and table.is_file():
+        print()
+        print(table.read_text(encoding="utf-8"), end="")
+    return 0

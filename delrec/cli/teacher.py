@@ -1,0 +1,31 @@
+"""`delrec teacher export`: a model folder + a prepared dataset -> a teacher folder.
+
+Options come from `delrec.distill.export.TeacherExportConfig` + the chosen LLM backend's
+`Options` (device, dtype, batch size; `--backend` is read first, as `delrec rank` does), so
+every option is a flag and a YAML key. An SR model runs on the same `--device`.
+"""
+
+from __future__ import annotations
+
+import json
+
+from delrec.config import parse_command
+
+
+def export(argv, prog: str, description: str) -> int:
+    from delrec.cli.rank import backend_name
+    from delrec.distill.export import TeacherExportConfig, export_teacher
+    from delrec.distill.teacher import INFO_FILE
+    from delrec.io import read_json
+    from delrec.ranking.base import backend_module
+
+    argv = list(argv)
+    module = backend_module(backend_name(argv))
+    config, options = parse_command([TeacherExportConfig, module.Options], argv, prog, description)
+    out = export_teacher(config, options)
+    info = read_json(out / INFO_FILE)
+    source = info["source"]
+    keys = ("num_instances", "num_items", "topk", "score_kind", "embedding_dim", "seconds", "instances_per_second")
+    print(json.dumps({"out": str(out), "kind": source["kind"], **{k: info[k] for k in keys},
+                      "target_in_topk": source.get("target_in_topk")}, indent=2))
+    return 0

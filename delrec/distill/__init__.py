@@ -1,0 +1,17 @@
+"""Forward distillation (LLM / SR teachers -> lightweight SR students): teacher folders, the
+ensemble of several teachers, the loss zoo and the student trainer.
+
+    from delrec.distill import TeacherExportConfig, export_teacher, load_teacher, combine_teachers
+    folder = export_teacher(TeacherExportConfig(model="runs/sasrec", data="data/games", out="runs/teacher"))
+    teacher = load_teacher(folder, dataset, min_topk=10)   # validated against the dataset
+
+The teacher folder format (`teacher.py`) is the contract between the two sides: any system can
+write one. `teacher.py` and `ensemble.py` need torch alone (students train without the LLM
+stack); `export.py` imports the LLM stack only when an LLM teacher is exported.
+"""
+
+from delrec.distill.ensemble import combine_teachers
+from delrec.distill.export import TeacherExportConfig, export_teacher
+from delrec.distill.teacher import Teacher, load_teacher, write_teacher
+
+__all__ = ["Teacher", "TeacherExportConfig", "combine_teachers", "export_teacher", "load_teacher", "write_teacher"]

@@ -1,0 +1,453 @@
+"""`export_teacher`: a model + a prepared dataset -> a teacher folder for EVERY training instance.
+
+Three teachers (`--mode`; `auto` picks `sr` for an SR model folder, `grounding` otherwise):
+
+- `sr`: any SR model folder (`delrec.sr.load_model`): scores over all items, the top-K kept,
+  history items excluded as in `delrec sr predict`; item embeddings = `model.item_embeddings()`
+  (none for the popularity baseline).
+- `grounding` (BIGRec, as DLLM2Rec's teacher): greedy generation of a title from a prompt
+  without candidates (template task `teacher`), the generated text embedded as the LLM's
+  last-layer hidden state of its last token, and ALL items ranked by L2 distance to each item
+  title embedded the same way (score kind `distance`); item embeddings z_i = those title
+  embeddings. Hidden states need transformers: HF backend only. A text is embedded alone
+  (BOS when the tokenizer adds one, no EOS); an empty generation is embedded as the EOS token.
+- `rerank` (cheaper): per instance an SR model's (`--sr_model`) top-M (history excluded) plus R
+  items drawn uniformly from the rest (not in the history, seeded), shown in a shuffled order,
+  scored by the LLM's title log-likelihood (the backends' `score`, shared-prompt KV cache; the
+  model's own template, e.g. `lsr` lists them as candidates); the teacher's top-K is the best K of
+  that list (score kind `score`: summed log-probability). Item embeddings as in grounding with the
+  HF backend; the vLLM backend gives no hidden states, so it writes no embedding file.
+
+The LLM may be a DELRec stage-2 folder, a `delrec export` folder or any causal LM
+(`delrec.ranking.models.describe_model`); prompts are rendered as `delrec rank` renders them,
+oldest history items dropped when a prompt would not fit the context. teacher.json records the
+speed (`seconds`, `instances_per_second`: from the loaded model on, rerank's SR candidates
+included) and in `source` the share of instances whose target is in the top-K, and per mode the
+truncated prompts, empty generations, generations that are exactly a catalogue title, and the
+targets among the rerank candidates.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from delrec.data.dataset import Instance, PreparedDataset
+from delrec.distill.teacher import SPLIT, check_teacher_out, write_teacher
+from delrec.errors import DelrecError
+from delrec.io import check_apart_from_inputs, read_json
+
+MODES = ("auto", "sr", "grounding", "rerank")
+GROUNDING_TASK = "teacher"  # the template task without candidates (prompts/teacher.jinja)
+
+
+@dataclass
+class TeacherExportConfig:
+    """Which teacher to export, for which dataset, and how."""
+
+    model: str = field(
+        metadata={"help": "An SR model folder, a DELRec stage-2 folder, a `delrec export` folder or any causal LM "
+                  "(folder or hub id)."}
+    )
+    data: str = field(metadata={"help": "The prepared dataset whose TRAINING instances the teacher ranks."})
+    out: str = field(metadata={"help": "Teacher folder to write (teacher.json, rankings.safetensors, "
+                               "item_embeddings.safetensors); an existing teacher folder is replaced."})
+    topk: int = field(
+        default=10, metadata={"help": "Items kept per instance (K); the students' losses need K or more."}
+    )
+    mode: Literal["auto", "sr", "grounding", "rerank"] = field(
+        default="auto",
+        metadata={"help": "sr: SR model scores; grounding: BIGRec generate + L2 grounding over all items (hf); "
+                  "rerank: the LLM re-ranks an SR model's top-M + random items; auto: sr for an SR model folder, "
+                  "else grounding."},
+    )
+    backend: Literal["hf", "vllm"] = field(
+        default="hf",
+        metadata={"help": "LLM backend: hf (transformers; all modes) or vllm (rerank only, no embeddings)."},
+    )
+    sr_model: str | None = field(
+        default=None, metadata={"help": "rerank: the SR model folder whose top-M items the LLM re-ranks."}
+    )
+    sr_topm: int = field(default=20, metadata={"help": "rerank: the SR model's top-M items per instance (M)."})
+    num_random: int = field(
+        default=10, metadata={"help": "rerank: items drawn uniformly from the rest of the catalogue per instance (R)."}
+    )
+    keep_history: bool = field(
+        default=False, metadata={"help": "Let history items be ranked (and drawn) instead of excluding them."}
+    )
+    template: str | None = field(
+        default=None,
+        metadata={"help": "Prompt template (grounding: teacher; rerank: the model's delrec.json, else plain)."},
+    )
+    domain: str | None = field(
+        default=None,
+        metadata={"help": "Domain wording from domains.yaml (default: the model's delrec.json, else item)."},
+    )
+    prompts: str | None = field(
+        default=None,
+        metadata={"help": "Template folder (default: $DELREC_PROMPTS_DIR, else the repository's prompts/)."},
+    )
+    max_new_tokens: int | None = field(
+        default=None, metadata={"help": "grounding: generation budget (default: the longest item title + 8 tokens)."}
+    )
+    sr_batch_size: int = field(default=1024, metadata={"help": "Histories per SR model batch."})
+    seed: int = field(default=0, metadata={"help": "rerank: seed of the random items and the candidate order."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+    def __post_init__(self):
+        for name in ("topk", "sr_topm", "sr_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_random < 0:
+            raise ValueError(f"num_random must be non-negative, got {self.num_random}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+
+
+@dataclass
+class _Ranked:
+    """A teacher's output before it is written."""
+
+    items: torch.Tensor  # [R, K]
+    scores: torch.Tensor  # [R, K]
+    score_kind: str
+    embeddings: torch.Tensor | None
+    source: dict
+    seconds: float  # ranking time, model loading excluded
+
+
+def export_teacher(config: TeacherExportConfig, options=None) -> Path:
+    """Write the teacher folder `config.out` and return its path.
+
+    `options`: the LLM backend module's `Options` (device, dtype, batch size; its defaults when
+    None); an SR model runs on `options.device` (auto when there is none).
+    """
+    dataset = PreparedDataset.load(config.data)
+    out = Path(config.out)
+    check_apart_from_inputs(out, {"model": config.model, "dataset": config.data, "SR model": config.sr_model},
+                            "the teacher")
+    check_teacher_out(out)
+    if not config.topk <= dataset.num_items:
+        raise DelrecError(f"--topk {config.topk} exceeds the catalogue size ({dataset.num_items} items)")
+    instances = dataset.instances(SPLIT)
+    if not instances:
+        raise DelrecError(f"{dataset.path}: the train split has no instances to rank")
+    mode = resolve_mode(config)
+    if mode == "sr":
+        ranked = _sr_teacher(config, dataset, instances, getattr(options, "device", "auto"))
+    else:
+        ranked = _llm_teacher(config, dataset, instances, mode, options)
+    targets = torch.tensor([inst.target for inst in instances], dtype=torch.long)
+    ranked.source["target_in_topk"] = round(float((ranked.items == targets[:, None]).any(1).float().mean()), 6)
+    ids = torch.tensor([inst.id for inst in instances], dtype=torch.long)
+    return write_teacher(out, dataset, ids, ranked.items, ranked.scores, ranked.score_kind, ranked.embeddings,
+                         ranked.source, ranked.seconds)
+
+
+def is_sr_folder(path: str | Path) -> bool:
+    """Whether `path` is an SR model folder: a config.json whose model_type is a delrec SR model."""
+    from delrec.sr import MODELS
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    data = read_json(config)
+    return isinstance(data, dict) and data.get("model_type") in MODELS
+
+
+def resolve_mode(config: TeacherExportConfig) -> str:
+    """The mode to run: `auto` resolved from the folder, and a mode that does not fit the folder refused."""
+    sr = is_sr_folder(config.model)
+    if config.mode == "auto":
+        return "sr" if sr else "grounding"
+    if sr and config.mode != "sr":
+        raise DelrecError(f"{config.model} is an SR model folder; --mode {config.mode} needs an LLM (use --mode sr, "
+                          "or pass it as --sr_model for rerank)")
+    if config.mode == "sr" and not sr:
+        raise DelrecError(f"--mode sr needs an SR model folder (config.json with a delrec SR model_type); "
+                          f"{config.model} is not one")
+    return config.mode
+
+
+# ----------------------------------------------------------------------------- SR teacher
+
+
+def _load_sr(path: str, dataset: PreparedDataset, device: torch.device):
+    from delrec.sr import load_model
+    from delrec.sr.evaluate import check_compatible
+
+    model = load_model(path, device)
+    check_compatible(model, dataset)
+    if model.dataset_fingerprint not in (None, dataset.fingerprint):
+        raise DelrecError(f"{path}: the SR model was trained on dataset {model.dataset_fingerprint}, not on "
+                          f"{dataset.path} (fingerprint {dataset.fingerprint}); use the dataset it was trained on")
+    return model
+
+
+def _sr_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instances, device: str) -> _Ranked:
+    from delrec.sr.evaluate import resolve_device
+
+    exclude = not config.keep_history
+    _check_room(instances, dataset.num_items, config.topk, exclude, "--topk")
+    device = resolve_device(device)
+    model = _load_sr(config.model, dataset, device)
+    began = time.perf_counter()
+    histories = [inst.history for inst in instances]
+    items, scores = sr_top_items(model, histories, config.topk, exclude, config.sr_batch_size, config.progress)
+    try:
+        embeddings = model.item_embeddings().detach().float().cpu()
+    except NotImplementedError:  # the popularity baseline has none
+        embeddings = None
+    source = {"kind": "sr", "model": str(config.model), "model_type": model.model_type, "exclude_history": exclude,
+              "device": str(device)}
+    return _Ranked(items, scores, "score", embeddings, source, time.perf_counter() - began)
+
+
+def sr_top_items(
+    model, histories: Sequence[Sequence[int]], k: int, exclude_history: bool, batch_size: int, progress: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([R, k] items, [R, k] scores) of an SR model over all items, best first, rows in input order.
+
+    Callers check first that every history leaves k items to rank (`_check_room`)."""
+    from delrec.sr.evaluate import iter_full_scores
+
+    items = torch.empty(len(histories), k, dtype=torch.long)
+    scores = torch.empty(len(histories), k)
+    with tqdm(total=len(histories), desc="SR top-k", unit="inst", disable=not progress) as bar:
+        for rows, batch, mask in iter_full_scores(model, histories, batch_size, exclude_history):
+            if mask is not None:
+                batch = batch.masked_fill(mask, float("-inf"))
+            values, top = batch.topk(k, dim=1)
+            items[rows], scores[rows] = top.cpu(), values.float().cpu()
+            bar.update(len(rows))
+    return items, scores
+
+
+def _check_room(instances: Sequence[Instance], num_items: int, needed: int, exclude: bool, option: str) -> None:
+    """Refuse when some history leaves fewer than `needed` items to rank once history items are excluded."""
+    if needed > num_items:
+        raise DelrecError(f"{option} needs {needed} items per instance, but the catalogue has {num_items}")
+    if not exclude:
+        return
+    inst = max(instances, key=lambda i: len(set(i.history)))
+    left = num_items - len(set(inst.history))
+    if left < needed:
+        raise DelrecError(
+            f"{option} needs {needed} items per instance, but train instance {inst.id} has {num_items - left} "
+            f"distinct history items, leaving {left} of the {num_items} items once its history is excluded; "
+            f"lower {option} or pass --keep_history"
+        )
+
+
+# ----------------------------------------------------------------------------- LLM teachers
+
+
+def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instances, mode: str, options) -> _Ranked:
+    from delrec.ranking.base import backend_module
+    from delrec.ranking.models import check_soft_tokens, describe_model, ranking_template
+
+    if mode == "grounding" and config.backend != "hf":
+        raise DelrecError(f"--mode grounding needs the LLM's hidden states, which only the hf backend gives; use "
+                          f"--backend hf, or --mode rerank with --backend {config.backend}")
+    spec = describe_model(config.model, config.template or (GROUNDING_TASK if mode == "grounding" else None),
+                          config.domain)
+    template = ranking_template(spec, config.prompts)
+    if mode == "grounding" and template.task != GROUNDING_TASK:
+        raise DelrecError(f"--mode grounding renders a template without candidates (task '{GROUNDING_TASK}', e.g. "
+                          f"--template {GROUNDING_TASK}); '{template.name}' is a '{template.task}' template")
+    exclude = not config.keep_history
+    candidate_sets, rerank_source, sr_seconds = None, {}, 0.0
+    if mode == "rerank":
+        began = time.perf_counter()
+        device = getattr(options, "device", "auto")
+        candidate_sets, rerank_source = _rerank_candidates(config, dataset, instances, device)
+        sr_seconds = time.perf_counter() - began
+    else:
+        _check_room(instances, dataset.num_items, config.topk, exclude, "--topk")
+
+    module = backend_module(config.backend)
+    options = options if options is not None else module.Options()
+    started = time.perf_counter()
+    with module.open_backend(spec, options) as backend:
+        check_soft_tokens(spec, backend.tokenizer)
+        began = time.perf_counter()
+        embeddings = None
+        if backend.name == "hf":  # hidden states come from the transformers model
+            embeddings = embed_texts(backend.model, backend.tokenizer, dataset.titles, backend.batch_size,
+                                     config.progress, "embed titles")
+        if mode == "grounding":
+            items, scores, counts = _ground(config, dataset, instances, spec, template, backend, embeddings)
+        else:
+            items, scores, counts = _rerank(config, dataset, instances, candidate_sets, spec, template, backend)
+        seconds = time.perf_counter() - began + sr_seconds  # the SR candidates are part of the teacher's cost
+        settings = {"name": backend.name, **backend.settings()}
+    source = {
+        "kind": f"llm-{mode}",
+        "model": {"path": spec.path, "kind": spec.kind, "template": template.name,
+                  "template_fingerprint": template.fingerprint, "domain": spec.domain,
+                  "soft_prompt": spec.soft_prompt is not None},
+        "backend": settings,
+        "exclude_history": exclude,
+        **rerank_source,
+        **counts,
+        "embeddings": "last-layer last-token hidden state of each item title" if embeddings is not None else
+        f"none: the {config.backend} backend gives no hidden states (use --backend hf)",
+        "load_seconds": round(began - started, 3),
+    }
+    return _Ranked(items, scores, "distance" if mode == "grounding" else "score", embeddings, source, seconds)
+
+
+def _chunks(instances: Sequence[Instance], size: int, progress: bool, desc: str):
+    """(start, chunk) pairs over the instances, with a progress bar in instances."""
+    with tqdm(total=len(instances), desc=desc, unit="inst", disable=not progress) as bar:
+        for start in range(0, len(instances), size):
+            chunk = instances[start : start + size]
+            yield start, chunk
+            bar.update(len(chunk))
+
+
+def _truncation_counts(requests) -> dict:
+    return {"truncated_prompts": sum(r.dropped_history > 0 for r in requests),
+            "dropped_history_items": sum(r.dropped_history for r in requests)}
+
+
+def _ground(config, dataset, instances, spec, template, backend, title_embeddings):
+    """BIGRec grounding: generate, embed the text, rank all items by L2 distance to the title embeddings."""
+    from delrec.llm.scoring import normalize_title
+    from delrec.llm.tokenization import encode_completion
+    from delrec.metrics import history_mask
+    from delrec.ranking.requests import requests_for
+    from delrec.ranking.runner import GENERATION_MARGIN
+
+    titles = dataset.titles
+    budget = config.max_new_tokens
+    if budget is None:
+        budget = max(len(encode_completion(backend.tokenizer, t)) for t in titles) + GENERATION_MARGIN
+    catalogue = {normalize_title(t) for t in titles}
+    # float64: cdist's matrix-product form loses ~1e-2 of a float32 distance near 0 (an exact title match)
+    title_embeddings = title_embeddings.double()
+    k, exclude = config.topk, not config.keep_history
+    items = torch.empty(len(instances), k, dtype=torch.long)
+    distances = torch.empty(len(instances), k)
+    counts = {"max_new_tokens": budget, "empty_generations": 0, "generated_catalogue_titles": 0,
+              "truncated_prompts": 0, "dropped_history_items": 0}
+    for start, chunk in _chunks(instances, backend.chunk_size, config.progress, "grounding"):
+        requests = requests_for(chunk, [[] for _ in chunk], titles, SPLIT, spec, template, backend.tokenizer,
+                                backend.max_length, lambda _: budget)
+        texts = backend.generate([r.prompt for r in requests], budget)
+        generated = embed_texts(backend.model, backend.tokenizer, texts, backend.batch_size)
+        distance = torch.cdist(generated.double(), title_embeddings).float()
+        if exclude:
+            distance = distance.masked_fill(history_mask([inst.history for inst in chunk], len(titles)), float("inf"))
+        values, top = distance.topk(k, dim=1, largest=False)
+        items[start : start + len(chunk)], distances[start : start + len(chunk)] = top, values
+        for key, value in _truncation_counts(requests).items():
+            counts[key] += value
+        counts["empty_generations"] += sum(not t.strip() for t in texts)
+        counts["generated_catalogue_titles"] += sum(normalize_title(t) in catalogue for t in texts)
+    return items, distances, counts
+
+
+def _rerank_candidates(config: TeacherExportConfig, dataset: PreparedDataset, instances, device):
+    """Per instance the SR top-M + R random other items, shuffled; and what teacher.json records of them."""
+    if not config.sr_model:
+        raise DelrecError("--mode rerank needs --sr_model DIR: the SR model folder whose top-M items the LLM re-ranks")
+    if config.sr_topm + config.num_random < config.topk:
+        raise DelrecError(f"--topk {config.topk} exceeds the re-ranked list of --sr_topm {config.sr_topm} + "
+                          f"--num_random {config.num_random} items; raise them or lower --topk")
+    exclude = not config.keep_history
+    _check_room(instances, dataset.num_items, config.sr_topm + config.num_random, exclude, "--sr_topm + --num_random")
+    from delrec.sr.evaluate import resolve_device
+
+    model = _load_sr(config.sr_model, dataset, resolve_device(device))
+    top, _ = sr_top_items(model, [inst.history for inst in instances], config.sr_topm, exclude,
+                          config.sr_batch_size, config.progress)
+    rng = np.random.default_rng(config.seed)
+    candidate_sets, hits = [], 0
+    for inst, sr_items in zip(instances, top.tolist()):
+        taken = set(sr_items) | (set(inst.history) if exclude else set())
+        drawn: list[int] = []
+        while len(drawn) < config.num_random:
+            item = int(rng.integers(dataset.num_items))
+            if item not in taken:
+                taken.add(item)
+                drawn.append(item)
+        candidates = [int(i) for i in rng.permutation(sr_items + drawn)]
+        hits += inst.target in candidates
+        candidate_sets.append(candidates)
+    source = {"sr_model": {"path": str(config.sr_model), "model_type": model.model_type}, "sr_topm": config.sr_topm,
+              "num_random": config.num_random, "seed": config.seed,
+              "target_in_candidates": round(hits / len(instances), 6)}
+    return candidate_sets, source
+
+
+def _rerank(config, dataset, instances, candidate_sets, spec, template, backend):
+    """The LLM's title log-likelihoods over each instance's candidates; the best K kept."""
+    from delrec.llm.scoring import rank_candidates
+    from delrec.llm.tokenization import encode_completion
+    from delrec.ranking.requests import requests_for
+
+    titles = dataset.titles
+    lengths: dict[str, int] = {}
+
+    def answer_tokens(candidate_titles) -> int:
+        for title in candidate_titles:
+            if title not in lengths:
+                lengths[title] = len(encode_completion(backend.tokenizer, title))
+        return max(lengths[t] for t in candidate_titles)
+
+    k = config.topk
+    items = torch.empty(len(instances), k, dtype=torch.long)
+    scores = torch.empty(len(instances), k)
+    counts = {"truncated_prompts": 0, "dropped_history_items": 0}
+    for start, chunk in _chunks(instances, backend.chunk_size, config.progress, "rerank"):
+        requests = requests_for(chunk, candidate_sets[start : start + len(chunk)], titles, SPLIT, spec, template,
+                                backend.tokenizer, backend.max_length, answer_tokens)
+        results = backend.score([r.prompt for r in requests], [list(r.titles) for r in requests])
+        for row, (request, result, order) in enumerate(zip(requests, results, rank_candidates(results, False))):
+            best = order[:k]
+            items[start + row] = torch.tensor([request.candidates[j] for j in best])
+            scores[start + row] = torch.tensor([result.logprob[j] for j in best])
+        for key, value in _truncation_counts(requests).items():
+            counts[key] += value
+    return items, scores, counts
+
+
+@torch.inference_mode()
+def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int, progress: bool = False,
+                desc: str = "embed") -> torch.Tensor:
+    """[len(texts), d] float32 on CPU: the last layer's hidden state at each text's last token.
+
+    Each text is encoded alone as a prompt is (BOS when the tokenizer adds one, no EOS); an
+    empty text is the EOS token. Texts of similar length share a right-padded batch."""
+    from delrec.llm.tokenization import encode_prompt
+
+    device = model.get_input_embeddings().weight.device
+    ids = [encode_prompt(tokenizer, text) or [tokenizer.eos_token_id] for text in texts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    result = None
+    with tqdm(total=len(ids), desc=desc, unit="text", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            group = order[start : start + batch_size]
+            width = max(len(ids[i]) for i in group)
+            batch = torch.zeros(len(group), width, dtype=torch.long)
+            mask = torch.zeros_like(batch)
+            for row, i in enumerate(group):
+                batch[row, : len(ids[i])] = torch.tensor(ids[i])
+                mask[row, : len(ids[i])] = 1
+            out = model(input_ids=batch.to(device), attention_mask=mask.to(device), output_hidden_states=True,
+                        use_cache=False, logits_to_keep=1)
+            last = out.hidden_states[-1][torch.arange(len(group)), mask.sum(1).to(device) - 1].float().cpu()
+            if result is None:
+                result = torch.empty(len(ids), last.shape[1])
+            result[group] = last
+            bar.update(len(group))
+    return result

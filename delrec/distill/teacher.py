@@ -1,0 +1,304 @@
+"""The teacher folder: what forward distillation reads, whoever wrote it.
+
+A teacher folder holds, for EVERY training instance of one prepared dataset, the teacher's
+top-K items over the whole catalogue with a score or a distance each, and optionally an item
+embedding matrix. `delrec teacher export` writes it from an SR model or an LLM; any external
+system can write the same files (safetensors + JSON) and the students read them unchanged.
+
+    OUT/teacher.json                  {"format": "delrec-teacher", "format_version": 1,
+                                       "dataset_fingerprint", "split": "train", "num_instances",
+                                       "num_items", "topk", "score_kind": "score" | "distance",
+                                       "embedding_dim" (null without embeddings),
+                                       "source": {"kind": "sr" | "llm-grounding" | "llm-rerank" |
+                                                  "ensemble" | anything, ...free-form details},
+                                       "seconds", "instances_per_second" (null when unknown)}
+    OUT/rankings.safetensors          instance_ids int64 [R]: the train instance ids, every train
+                                          instance once, in dataset order (0..R-1)
+                                      items int64 [R, K]: item ids in [0, N), best first, no repeats
+                                      scores float32 [R, K]: "score": higher is better (non-increasing
+                                          along a row); "distance": lower is better (non-decreasing)
+    OUT/item_embeddings.safetensors   embeddings float32 [N, D] (optional): z_i, one row per item
+
+`load_teacher` checks all of it against the dataset (fingerprint, split, row count and ids, item
+range, top-K size, finite scores, order, embedding rows), so a teacher for another dataset, a
+truncated file or NaN scores fail with one line naming the file, instead of training a student
+on misaligned rows. This module needs torch and safetensors only: students train without the
+LLM stack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from delrec.data.dataset import PreparedDataset
+from delrec.errors import DelrecError
+from delrec.io import is_occupied, read_json, replace_directory, safetensors_bytes, staged_directory, write_json
+
+FORMAT = "delrec-teacher"
+FORMAT_VERSION = 1
+SPLIT = "train"
+SCORE_KINDS = ("score", "distance")
+INFO_FILE = "teacher.json"
+RANKINGS_FILE = "rankings.safetensors"
+EMBEDDINGS_FILE = "item_embeddings.safetensors"
+
+
+@dataclass
+class Teacher:
+    """A validated teacher: row r of `items`/`scores` belongs to train instance `instance_ids[r]`."""
+
+    folder: Path | None  # None: built in memory (e.g. `combine_teachers`)
+    info: dict  # teacher.json
+    instance_ids: torch.LongTensor  # [R]
+    items: torch.LongTensor  # [R, K], best first
+    scores: torch.FloatTensor  # [R, K]
+    score_kind: str  # "score": higher is better; "distance": lower is better
+    embeddings: torch.FloatTensor | None = None  # [N, D]
+    _row_index: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def topk(self) -> int:
+        return int(self.items.shape[1])
+
+    def confidences(self) -> torch.Tensor:
+        """[R, K] softmax over each row's K of the scores (of the negated distances): the official
+        DLLM2Rec code's confidence, and the distribution the ensemble mixes."""
+        return torch.softmax(self.scores if self.score_kind == "score" else -self.scores, dim=-1)
+
+    def rows(self, instance_ids: torch.Tensor) -> torch.Tensor:
+        """[B] row of each train instance id (on the ids' device); `DelrecError` if one is absent."""
+        device = instance_ids.device
+        if device not in self._row_index:
+            index = torch.full((int(self.instance_ids.max()) + 1,), -1, dtype=torch.long)
+            index[self.instance_ids] = torch.arange(len(self.instance_ids))
+            self._row_index[device] = index.to(device)
+        index = self._row_index[device]
+        ids = instance_ids.long()
+        inside = (ids >= 0) & (ids < len(index))
+        rows = torch.where(inside, index[ids.clamp(0, len(index) - 1)], -1)
+        if bool((rows < 0).any()):
+            missing = ids[rows < 0][:3].tolist()
+            raise DelrecError(
+                f"{self.folder or 'teacher'}: no row for train instance id(s) {missing}; the teacher was written "
+                "for another dataset or split"
+            )
+        return rows
+
+
+def teacher_info(
+    dataset_fingerprint: str,
+    num_items: int,
+    num_instances: int,
+    topk: int,
+    score_kind: str,
+    embedding_dim: int | None,
+    source: dict | None,
+    seconds: float | None,
+) -> dict:
+    """The teacher.json body (also the `info` of an in-memory teacher)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dataset_fingerprint": dataset_fingerprint,
+        "split": SPLIT,
+        "num_instances": num_instances,
+        "num_items": num_items,
+        "topk": topk,
+        "score_kind": score_kind,
+        "embedding_dim": embedding_dim,
+        "source": source or {"kind": "unknown"},
+        "seconds": None if seconds is None else round(seconds, 3),
+        "instances_per_second": round(num_instances / seconds, 3) if seconds else None,
+    }
+
+
+def check_teacher_out(out: Path) -> None:
+    """A teacher folder replaces an existing teacher folder only; anything else there is refused."""
+    if is_occupied(out) and not (out / INFO_FILE).is_file():
+        raise DelrecError(f"{out} already exists and is not a teacher folder (no {INFO_FILE}); choose another --out")
+
+
+def write_teacher(
+    out: str | Path,
+    dataset: PreparedDataset,
+    instance_ids: torch.Tensor,
+    items: torch.Tensor,
+    scores: torch.Tensor,
+    score_kind: str,
+    embeddings: torch.Tensor | None = None,
+    source: dict | None = None,
+    seconds: float | None = None,
+) -> Path:
+    """Check the arrays against `dataset` and write the teacher folder `out` (built aside, then moved in).
+
+    An existing teacher folder at `out` is replaced; any other non-empty folder is refused.
+    """
+    out = Path(out)
+    check_teacher_out(out)
+    instance_ids = instance_ids.detach().cpu().long().contiguous()
+    items = items.detach().cpu().long().contiguous()
+    scores = scores.detach().cpu().float().contiguous()
+    if embeddings is not None:
+        embeddings = embeddings.detach().cpu().float().contiguous()
+    label = f"teacher for {out}"
+    _check_arrays(dataset, instance_ids, items, scores, score_kind, embeddings, label, label)
+    info = teacher_info(dataset.fingerprint, dataset.num_items, len(instance_ids), items.shape[1], score_kind,
+                        None if embeddings is None else int(embeddings.shape[1]), source, seconds)
+    with staged_directory(out) as tmp:
+        (tmp / RANKINGS_FILE).write_bytes(safetensors_bytes(
+            {"instance_ids": instance_ids, "items": items, "scores": scores},
+            metadata={"format": FORMAT, "score_kind": score_kind}))
+        if embeddings is not None:
+            (tmp / EMBEDDINGS_FILE).write_bytes(safetensors_bytes({"embeddings": embeddings},
+                                                                  metadata={"format": FORMAT}))
+        write_json(tmp / INFO_FILE, info)
+        replace_directory(tmp, out)
+    return out
+
+
+def load_teacher(folder: str | Path, dataset: PreparedDataset, min_topk: int | None = None) -> Teacher:
+    """Read and validate the teacher folder `folder` for `dataset`'s train split.
+
+    `min_topk`: the K the caller's loss needs; a teacher with a shorter list is refused.
+    """
+    folder = Path(folder)
+    export = "write one with `delrec teacher export`"
+    if not folder.is_dir():
+        raise DelrecError(f"teacher folder not found: {folder}; {export}")
+    info_path = folder / INFO_FILE
+    if not info_path.is_file():
+        raise DelrecError(f"{folder}: not a teacher folder (no {INFO_FILE}); {export}")
+    info = read_json(info_path)
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise DelrecError(f"{info_path}: not a teacher description (field 'format' should be '{FORMAT}')")
+    if info.get("format_version") != FORMAT_VERSION:
+        raise DelrecError(f"{info_path}: teacher format version {info.get('format_version')!r}, this delrec reads "
+                          f"{FORMAT_VERSION}; re-export the teacher")
+    if info.get("dataset_fingerprint") != dataset.fingerprint:
+        raise DelrecError(
+            f"{info_path}: teacher for another dataset (fingerprint {info.get('dataset_fingerprint')!r}, "
+            f"{dataset.path} has {dataset.fingerprint}); re-export it with --data {dataset.path}"
+        )
+    if info.get("split") != SPLIT:
+        raise DelrecError(f"{info_path}: teacher for split {info.get('split')!r}, students distil from the "
+                          f"'{SPLIT}' split; re-export it")
+    score_kind = info.get("score_kind")
+    if score_kind not in SCORE_KINDS:
+        raise DelrecError(f"{info_path}: field 'score_kind' is {score_kind!r}, expected one of "
+                          f"{', '.join(SCORE_KINDS)}")
+
+    rankings_path = folder / RANKINGS_FILE
+    if not rankings_path.is_file():
+        raise DelrecError(f"{folder}: teacher folder is missing {RANKINGS_FILE}; re-export the teacher")
+    tensors = _read_tensors(rankings_path, ("instance_ids", "items", "scores"))
+    instance_ids, items, scores = (tensors[k] for k in ("instance_ids", "items", "scores"))
+    embeddings_path = folder / EMBEDDINGS_FILE
+    embeddings = None
+    if embeddings_path.is_file():
+        embeddings = _read_tensors(embeddings_path, ("embeddings",))["embeddings"]
+    elif info.get("embedding_dim") is not None:
+        raise DelrecError(f"{folder}: teacher folder is missing {EMBEDDINGS_FILE} ({INFO_FILE} says embedding_dim "
+                          f"{info['embedding_dim']}); re-export the teacher")
+    for name, tensor, kind in (("instance_ids", instance_ids, "integer"), ("items", items, "integer"),
+                               ("scores", scores, "float"), ("embeddings", embeddings, "float")):
+        if tensor is not None and (tensor.dtype.is_floating_point != (kind == "float") or tensor.dtype == torch.bool):
+            file = embeddings_path if name == "embeddings" else rankings_path
+            raise DelrecError(f"{file}: tensor '{name}' has dtype {tensor.dtype}, expected {kind}")
+    instance_ids, items, scores = instance_ids.long(), items.long(), scores.float()
+    embeddings = None if embeddings is None else embeddings.float()
+    _check_arrays(dataset, instance_ids, items, scores, score_kind, embeddings, str(rankings_path),
+                  str(embeddings_path))
+    for key, value in (("num_instances", len(instance_ids)), ("topk", items.shape[1]),
+                       ("embedding_dim", None if embeddings is None else embeddings.shape[1])):
+        if info.get(key) != value:
+            raise DelrecError(f"{info_path}: field '{key}' is {info.get(key)!r} but the files hold {value}; "
+                              "the folder was edited or mixed up")
+    teacher = Teacher(folder, info, instance_ids, items, scores, score_kind, embeddings)
+    check_topk(teacher, min_topk)
+    return teacher
+
+
+def check_topk(teacher: Teacher, min_topk: int | None) -> None:
+    """Refuse a teacher whose lists are shorter than the `min_topk` a loss needs."""
+    if min_topk is not None and teacher.topk < min_topk:
+        raise DelrecError(
+            f"{teacher.folder or 'teacher'}: the loss needs K={min_topk}, the teacher has {teacher.topk}; "
+            f"re-export with --topk {min_topk}"
+        )
+
+
+def _read_tensors(path: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DelrecError(f"{path}: not a readable safetensors file ({exc})") from None
+    missing = [name for name in names if name not in tensors]
+    if missing:
+        raise DelrecError(f"{path}: no tensor {', '.join(repr(m) for m in missing)} (it holds "
+                          f"{', '.join(sorted(tensors)) or 'nothing'}); see delrec.distill.teacher for the format")
+    return tensors
+
+
+def _check_arrays(
+    dataset: PreparedDataset,
+    instance_ids: torch.Tensor,
+    items: torch.Tensor,
+    scores: torch.Tensor,
+    score_kind: str,
+    embeddings: torch.Tensor | None,
+    rankings: str,
+    embeddings_file: str,
+) -> None:
+    """Every check of the format that needs the arrays; messages name `rankings` / `embeddings_file`."""
+    if score_kind not in SCORE_KINDS:
+        raise DelrecError(f"{rankings}: score kind {score_kind!r}, expected one of {', '.join(SCORE_KINDS)}")
+    train = dataset.instances(SPLIT)
+    if instance_ids.dim() != 1 or items.dim() != 2 or tuple(scores.shape) != tuple(items.shape):
+        raise DelrecError(
+            f"{rankings}: expected instance_ids [R], items [R, K] and scores [R, K], got shapes "
+            f"{list(instance_ids.shape)}, {list(items.shape)}, {list(scores.shape)}"
+        )
+    if len(instance_ids) != len(train) or items.shape[0] != len(train):
+        raise DelrecError(
+            f"{rankings}: {items.shape[0]} rows but {dataset.path} has {len(train)} train instances; the teacher "
+            "was written for another dataset or split"
+        )
+    expected_ids = torch.tensor([inst.id for inst in train], dtype=torch.long)
+    if not torch.equal(instance_ids, expected_ids):
+        row = int((instance_ids != expected_ids).nonzero()[0, 0])
+        raise DelrecError(f"{rankings}: row {row} holds instance id {int(instance_ids[row])}, expected train "
+                          f"instance {int(expected_ids[row])} (every train instance once, in dataset order)")
+    n, k = dataset.num_items, items.shape[1]
+    if not 1 <= k <= n:
+        raise DelrecError(f"{rankings}: top-K of {k} items, expected between 1 and the catalogue size {n}")
+    outside = (items < 0) | (items >= n)
+    if bool(outside.any()):
+        row = int(outside.any(1).nonzero()[0, 0])
+        raise DelrecError(f"{rankings}: row {row} holds item id {int(items[row][outside[row]][0])}, outside the "
+                          f"catalogue 0..{n - 1} of {dataset.path}; the teacher was written for another dataset")
+    repeated = (items.sort(dim=1).values.diff(dim=1) == 0).any(1)
+    if bool(repeated.any()):
+        raise DelrecError(f"{rankings}: row {int(repeated.nonzero()[0, 0])} lists an item twice; a top-K list holds "
+                          "K distinct items")
+    bad = ~torch.isfinite(scores)
+    if bool(bad.any()):
+        row = int(bad.any(1).nonzero()[0, 0])
+        raise DelrecError(f"{rankings}: {int(bad.sum())} NaN/inf scores (first in row {row}, train instance "
+                          f"{int(instance_ids[row])}); fix or re-export the teacher")
+    steps = scores.diff(dim=1)
+    unordered = (steps > 0 if score_kind == "score" else steps < 0).any(1)
+    if bool(unordered.any()):
+        better = "highest" if score_kind == "score" else "lowest"
+        raise DelrecError(f"{rankings}: row {int(unordered.nonzero()[0, 0])} is not sorted best first "
+                          f"({score_kind}s: {better} first)")
+    if embeddings is not None:
+        if embeddings.dim() != 2 or embeddings.shape[0] != n:
+            raise DelrecError(f"{embeddings_file}: embedding matrix of shape {list(embeddings.shape)}, expected "
+                              f"[{n}, D]: one row per item of {dataset.path}")
+        if not bool(torch.isfinite(embeddings).all()):
+            raise DelrecError(f"{embeddings_file}: NaN/inf values in the embedding matrix; re-export the teacher")

@@ -1,0 +1,262 @@
+"""`delrec run` / `delrec demo`: one config drives every stage; unchanged stages are skipped, a changed one re-runs
+with everything downstream, an interrupted one resumes; the report is written; bad configs exit 2 in one line.
+
+One small end-to-end run on synthetic data (module fixture) is shared; tests that change a run work on a copy.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from delrec.cli import main
+from delrec.pipeline import STAGE_FILE, STAGES, load_config
+
+CONFIG = {
+    "threads": 1,
+    "data": {"format": "synthetic", "synthetic_users": 60, "synthetic_items": 40, "synthetic_min_length": 5,
+             "synthetic_max_length": 9, "num_candidates": 8},
+    "sr": {"pop": {"model": "pop"}, "sasrec": {"model": "sasrec", "hidden_size": 16, "num_layers": 1, "epochs": 2}},
+    "predictions": {"model": "sasrec", "topk": 10},
+    "llm": {"pretrain_steps": 2, "batch_size": 4, "block_size": 64, "max_position_embeddings": 512,
+            "dtype": "float32", "device": "cpu"},
+    "stage1": {"soft_prompt_tokens": 4, "max_train_instances": 8, "eval_max_instances": 4, "max_length": 512,
+               "max_steps": 2, "per_device_train_batch_size": 4, "eval_steps": 1, "logging_steps": 1},
+    "stage2": {"variants": ["stage1", "none"], "r": 2, "alpha": 4, "max_train_instances": 8, "eval_max_instances": 4,
+               "test_max_instances": 4, "max_length": 512, "max_steps": 2, "per_device_train_batch_size": 4,
+               "eval_steps": 1, "logging_steps": 1},
+    "rank": {"backends": ["hf"], "max_instances": 12, "hf": {"device": "cpu"}},
+    "teacher": {"llm": {"model": "stage2/stage1", "mode": "grounding", "topk": 10, "max_new_tokens": 4,
+                        "device": "cpu"},
+                "sasrec": {"model": "sr/sasrec", "topk": 10}},
+    "students": {"model": "sasrec", "hidden_size": 8, "num_layers": 1, "epochs": 2, "device": "cpu",
+                 "runs": {"alone": {"method": "none"}, "distilled": {"method": "dllm2rec", "teacher": ["llm"]}}},
+    "latency": {"users": 10, "repeats": 2, "topk": 10},
+    "report": {"full_k": 10},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_config(folder: Path, config: dict, name: str = "pipeline.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """(config file, run folder) of one whole run."""
+    folder = tmp_path_factory.mktemp("pipeline")
+    config = write_config(folder, CONFIG)
+    run = folder / "run"
+    assert main(["run", str(config), "--out", str(run)]) == 0
+    return config, run
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    """A copy of the finished run to change (paths inside model folders still point at the original, which stays)."""
+    config, run = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return config, copy
+
+
+def records(run: Path) -> dict[str, dict]:
+    return {s: json.loads((run / s / STAGE_FILE).read_text()) for s in STAGES}
+
+
+def plan_lines(capsys, config: Path, run: Path, *extra: str) -> dict[str, str]:
+    """`delrec run --dry-run`: stage -> 'action reason'."""
+    capsys.readouterr()
+    assert main(["run", str(config), "--out", str(run), "--dry-run", *extra]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    return {line.split()[0]: " ".join(line.split()[1:]) for line in lines}
+
+
+@pytest.mark.slow
+def test_a_full_run_writes_every_stage_the_report_and_plots(finished_run):
+    _, run = finished_run
+    for stage, record in records(run).items():
+        assert record["status"] == "finished" and record["hash"] and record["seconds"] >= 0, stage
+        assert set(record) >= {"hash", "inputs", "config", "started", "finished", "seconds", "status"}
+    assert set(records(run)["stage2"]["inputs"]) == {"data", "llm", "stage1"}
+    summary = json.loads((run / "run.json").read_text())
+    assert summary["status"] == "finished" and list(summary["stages"]) == list(STAGES)
+    for folder in ("sr/pop", "sr/sasrec", "stage1/soft-prompt", "stage2/soft-prompt", "stage2/no-soft-prompt",
+                   "rank/soft-prompt-hf", "rank/no-soft-prompt-hf", "students/alone", "students/distilled"):
+        assert (run / folder / "metrics.json").is_file(), folder
+    for split in ("train", "valid", "test"):
+        rows = (run / "predictions" / f"{split}.jsonl").read_text().splitlines()
+        assert "prefix_items" in json.loads(rows[0])
+    assert all((run / "teacher" / name / "teacher.json").is_file() for name in ("llm", "sasrec"))
+    latency = json.loads((run / "latency" / "latency.json").read_text())
+    assert latency["student"]["users"] == 10 and latency["llm"]["teacher"] == "llm" and latency["ratio"] > 0
+
+    report = (run / "report.md").read_text()
+    table = (run / "report" / "table.md").read_text()
+    assert table in report
+    for label in ("popularity", "SASRec", "LLM + distilled soft prompt (DELRec)", "LLM, no soft prompt",
+                  "student SASRec alone", "student SASRec + DLLM2Rec (teacher: llm)", "random (chance level)"):
+        assert f"| {label}" in table, label
+    assert "HR@10" in table and "NDCG@5" in table and "top-10 ms/user" in table
+    assert "## Timings per stage" in report and "| stage2 " in report and "synthetic_users: 60" in report
+    assert "chance" in report and "Latency: the student ranks" in report
+    pngs = sorted(p.name for p in (run / "report").glob("*.png"))
+    assert pngs == ["candidate_metrics.png", "full_ranking.png", "latency.png", "sr_training.png",
+                    "stage1_training.png", "stage2_training.png", "students_training.png"]
+    for png in pngs:
+        assert (run / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"](report/{png})" in report
+
+
+@pytest.mark.slow
+def test_a_second_run_skips_every_stage(finished_run, capsys):
+    config, run = finished_run
+    before = records(run)
+    plan = plan_lines(capsys, config, run)
+    assert list(plan) == list(STAGES) and all(line.startswith("skip unchanged") for line in plan.values())
+    assert main(["run", str(config), "--out", str(run)]) == 0
+    assert records(run) == before
+
+
+@pytest.mark.slow
+def test_a_changed_stage_reruns_with_everything_downstream_only(run_copy, tmp_path, capsys):
+    config, run = run_copy
+    changed = json.loads(json.dumps(CONFIG))
+    changed["students"]["epochs"] = 3
+    config = write_config(tmp_path, changed, "changed.yaml")
+    plan = plan_lines(capsys, config, run)
+    upstream = STAGES[: STAGES.index("students")]
+    assert all(plan[s].startswith("skip") for s in upstream)
+    assert plan["students"] == "run config changed (students.epochs: 2 -> 3)"
+    assert plan["latency"] == "run input 'students' runs first" and plan["report"].startswith("run input")
+    before = records(run)
+    assert main(["run", str(config), "--out", str(run)]) == 0
+    after = records(run)
+    assert all(after[s] == before[s] for s in upstream)
+    assert all(after[s]["finished"] != before[s]["finished"] for s in ("students", "latency", "report"))
+    assert json.loads((run / "students" / "alone" / "metrics.json").read_text())["epochs_run"] == 3
+
+
+@pytest.mark.slow
+def test_only_and_from_force_their_stages(run_copy, capsys):
+    config, run = run_copy
+    before = records(run)
+    plan = plan_lines(capsys, config, run, "--only", "report")
+    assert plan["report"] == "run forced by --only report"
+    assert all(plan[s].startswith("skip unchanged") for s in STAGES[:-1])
+    assert main(["run", str(config), "--out", str(run), "--only", "report"]) == 0
+    after = records(run)
+    assert after["report"]["finished"] != before["report"]["finished"]
+    assert all(after[s] == before[s] for s in STAGES[:-1])
+
+    plan = plan_lines(capsys, config, run, "--from", "latency")
+    assert plan["latency"] == "run forced by --from latency" and plan["report"] == "run input 'latency' runs first"
+    assert plan["students"].startswith("skip unchanged")
+    assert main(["run", str(config), "--out", str(run), "--only", "latency"]) == 0
+    plan = plan_lines(capsys, config, run)  # --only left the report stale: a plain run re-runs it alone
+    assert plan["report"] == "run input 'latency' changed" and plan["latency"].startswith("skip")
+
+
+@pytest.mark.slow
+def test_only_refuses_a_stage_whose_inputs_are_not_up_to_date(run_copy, tmp_path, capsys):
+    config, run = run_copy
+    changed = json.loads(json.dumps(CONFIG))
+    changed["teacher"]["sasrec"]["topk"] = 12
+    config = write_config(tmp_path, changed, "changed.yaml")
+    capsys.readouterr()
+    assert main(["run", str(config), "--out", str(run), "--only", "students"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot --only students: stage 'teacher' before it is not up to date" in err
+
+
+@pytest.mark.slow
+def test_an_interrupted_stage_resumes_and_keeps_its_finished_parts(run_copy, capsys):
+    config, run = run_copy
+    stage = run / "students" / STAGE_FILE
+    record = json.loads(stage.read_text())
+    expected = json.loads((run / "students" / "distilled" / "metrics.json").read_text())
+    kept = (run / "students" / "alone" / "metrics.json").stat().st_mtime_ns
+    # as if killed while training the second student: status still running, its metrics not yet written
+    stage.write_text(json.dumps({**record, "status": "running", "finished": None}))
+    (run / "students" / "distilled" / "metrics.json").unlink()
+    plan = plan_lines(capsys, config, run)
+    assert plan["students"] == "resume running earlier; resumes where it stopped"
+    assert main(["run", str(config), "--out", str(run)]) == 0
+    assert (run / "students" / "alone" / "metrics.json").stat().st_mtime_ns == kept  # not redone
+    resumed = json.loads((run / "students" / "distilled" / "metrics.json").read_text())
+    assert resumed["test"] == expected["test"] and resumed["epochs_run"] == expected["epochs_run"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"stage1": {"lerning_rate": 0.1}}, "section 'stage1': unknown key 'lerning_rate'; did you mean 'learning_rate'?"),
+    ({"stag1": {}}, "unknown key 'stag1'; did you mean 'stage1'?"),
+    ({"sr": {"sasrec": {"model": "sasrec", "num_kernels": 4}}}, "section 'sr.sasrec': unknown key 'num_kernels'"),
+    ({"stage2": {"learning_rate": "fast"}}, "section 'stage2': key 'learning_rate' expects float, got 'fast'"),
+    ({"stage1": {"out": "elsewhere"}}, "section 'stage1': key 'out' is set by the pipeline"),
+    ({"teacher": {"llm": {"model": "sr/nope"}}}, "section 'teacher.llm': key 'model' is 'sr/nope'; expected one of: "
+                                                 "sr/pop, sr/sasrec, stage2/stage1"),
+    ({"students": {"runs": {"x": {"method": "dllm2rec", "teacher": ["ghost"]}}}},
+     "section 'students.runs.x': teacher 'ghost' is not an entry of section 'teacher'"),
+    ({"predictions": {"model": "pop"}}, "section 'predictions': model 'pop' is not a trainable model"),
+    ({"stage2": {"variants": ["stage1", "bogus"]}}, "variants must list distinct values among stage1, none, random"),
+])
+def test_bad_config_exits_2_with_one_line_naming_file_and_key(tmp_path, capsys, change, message):
+    config = write_config(tmp_path, {"data": {"format": "synthetic"}, **change})
+    capsys.readouterr()
+    assert main(["run", str(config), "--out", str(tmp_path / "run"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert str(config) in err and message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_command_line_exits_2(tmp_path, capsys):
+    config = write_config(tmp_path, {})
+    for argv, message in ((["--only", "stage9"], "--only stage9: unknown stage"),
+                          (["--only", "sr", "--from", "llm"], "give --only or --from, not both")):
+        capsys.readouterr()
+        assert main(["run", str(config), "--out", str(tmp_path / "run"), "--dry-run", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_the_builtin_demo_config_parses_and_plans_every_stage(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith(f"-> {tmp_path / 'demo'}") and [line.split()[0] for line in out[1:]] == list(STAGES)
+    assert out[1].split()[1:] == ["run", "not", "run", "yet"]
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "pipeline" / "demo.yaml"
+    assert load_config(shipped).stage_config("stage2") == load_config(
+        Path(__file__).resolve().parents[1] / "delrec" / "configs" / "demo.yaml").stage_config("stage2")
+
+
+@pytest.mark.parametrize("name", ["lastfm.yaml", "games.yaml"])
+def test_the_example_configs_parse(name):
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "pipeline" / name)
+    assert config.sections["data"].values[0].input.startswith("../shared/data/")
+
+
+def test_a_failing_stage_exits_2_in_one_line_and_records_the_failure(tmp_path, capsys):
+    config = write_config(tmp_path, {"data": {"format": "rows", "input": str(tmp_path / "no-such-data")}})
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["run", str(config), "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "stage 'data' failed:" in err and "no-such-data" in err
+    record = json.loads((run / "data" / STAGE_FILE).read_text())
+    assert record["status"] == "failed" and "no-such-data" in record["error"]
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
