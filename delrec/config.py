@@ -146,6 +146,19 @@ def parse_command(
     return tuple(outputs)
 
 
+def preparsed_option(argv: Sequence[str], name: str, default: str | None = None) -> str | None:
+    """The value of `--NAME` from the flags, else from the `--config` YAML, before the full parse: for
+    options that choose which config dataclasses the command parses (`--model`, `--backend`, ...)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument(f"--{name}", default=None)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(list(argv))
+    value = getattr(known, name)
+    if value is None and known.config:
+        value = load_yaml(known.config).get(name)
+    return default if value is None else str(value)
+
+
 def option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     """Each option's action by name (the first one: `--no_x` flags share the dest of `--x`)."""
     actions: dict[str, argparse.Action] = {}

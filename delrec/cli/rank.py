@@ -7,24 +7,13 @@ train` reads `--model`): every option is a flag and a YAML key.
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-from delrec.config import load_yaml, parse_command
+from delrec.config import parse_command, preparsed_option
 
 DEFAULT_BACKEND = "hf"
-
-
-def backend_name(argv: list[str]) -> str:
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--backend", default=None)
-    pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(argv)
-    if known.backend is None and known.config:
-        known.backend = load_yaml(known.config).get("backend")
-    return str(known.backend or DEFAULT_BACKEND)
 
 
 def rank(argv, prog: str, description: str) -> int:
@@ -32,7 +21,7 @@ def rank(argv, prog: str, description: str) -> int:
     from delrec.ranking.runner import RankArguments, rank as run
 
     argv = list(argv)
-    module = backend_module(backend_name(argv))
+    module = backend_module(preparsed_option(argv, "backend", DEFAULT_BACKEND))
     args, readout, options = parse_command([RankArguments, ReadoutConfig, module.Options], argv, prog, description)
     metrics = run(args, readout, options)
     print(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from delrec.config import load_yaml, parse_command
+from delrec.config import load_yaml, parse_command, preparsed_option
 
 DEFAULT_MODEL_FOR_HELP = "sasrec"
 
@@ -29,18 +29,7 @@ class TrainArguments:
     )
 
 
-def _model_name(argv: list[str]) -> str | None:
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--model", default=None)
-    pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(argv)
-    if known.model is None and known.config:
-        value = load_yaml(known.config).get("model")
-        return None if value is None else str(value)
-    return known.model
-
-
-def _check_config_keys_fit_model(argv: list[str], cls) -> None:
+def check_config_keys_fit_model(argv: list[str], cls) -> None:
     """A YAML key of another model's config gets a precise error (not a 'did you mean')."""
     from delrec.errors import DelrecError
     from delrec.sr import MODELS
@@ -66,9 +55,9 @@ def train(argv, prog: str, description: str) -> int:
     from delrec.sr.trainer import TrainConfig, train_sr
 
     argv = list(argv)
-    name = _model_name(argv)
+    name = preparsed_option(argv, "model")
     cls = model_class(name if name is not None else DEFAULT_MODEL_FOR_HELP)
-    _check_config_keys_fit_model(argv, cls)
+    check_config_keys_fit_model(argv, cls)
     args, config, model_config = parse_command([TrainArguments, TrainConfig, cls.config_class], argv, prog, description)
     model_class(args.model)
     result = train_sr(args.data, model_config, config, args.out)
@@ -79,14 +68,14 @@ def train(argv, prog: str, description: str) -> int:
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
         "seconds_per_epoch": result.seconds_per_epoch,
-        "valid": _headline(metrics["valid"]),
-        "test": _headline(metrics["test"]),
+        "valid": headline(metrics["valid"]),
+        "test": headline(metrics["test"]),
         "candidates_test": metrics["candidates"]["test"],
     }, indent=2))
     return 0
 
 
-def _headline(values: dict) -> dict:
+def headline(values: dict) -> dict:
     return {k: round(v, 5) for k, v in values.items() if k in ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20")}
 
 

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import json
 
-from delrec.config import parse_command
+from delrec.config import parse_command, preparsed_option
 
 
 def export(argv, prog: str, description: str) -> int:
-    from delrec.cli.rank import backend_name
+    from delrec.cli.rank import DEFAULT_BACKEND
     from delrec.distill.export import TeacherExportConfig, export_teacher
     from delrec.distill.teacher import INFO_FILE
     from delrec.io import read_json
     from delrec.ranking.base import backend_module
 
     argv = list(argv)
-    module = backend_module(backend_name(argv))
+    module = backend_module(preparsed_option(argv, "backend", DEFAULT_BACKEND))
     config, options = parse_command([TeacherExportConfig, module.Options], argv, prog, description)
     out = export_teacher(config, options)
     info = read_json(out / INFO_FILE)

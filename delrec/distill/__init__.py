@@ -4,6 +4,11 @@ ensemble of several teachers, the loss zoo and the student trainer.
     from delrec.distill import TeacherExportConfig, export_teacher, load_teacher, combine_teachers
     folder = export_teacher(TeacherExportConfig(model="runs/sasrec", data="data/games", out="runs/teacher"))
     teacher = load_teacher(folder, dataset, min_topk=10)   # validated against the dataset
+    train_student(dataset, SASRecConfig(), TrainConfig(), teachers=[folder], method="dllm2rec", out="runs/student")
+
+Losses, a file and a config dataclass each: `dllm2rec.py` (importance-aware ranking distillation),
+`embedding.py` (collaborative embedding distillation), `rd.py`, `rrd.py`; `student.py` trains a
+student with any of them through `delrec.sr.trainer.train_sr`.
 
 The teacher folder format (`teacher.py`) is the contract between the two sides: any system can
 write one. `teacher.py` and `ensemble.py` need torch alone (students train without the LLM
@@ -12,6 +17,13 @@ stack); `export.py` imports the LLM stack only when an LLM teacher is exported.
 
 from delrec.distill.ensemble import combine_teachers
 from delrec.distill.export import TeacherExportConfig, export_teacher
+from delrec.distill.dllm2rec import DLLM2RecConfig
+from delrec.distill.rd import RDConfig
+from delrec.distill.rrd import RRDConfig
+from delrec.distill.student import StudentConfig, train_student
 from delrec.distill.teacher import Teacher, load_teacher, write_teacher
 
-__all__ = ["Teacher", "TeacherExportConfig", "combine_teachers", "export_teacher", "load_teacher", "write_teacher"]
+__all__ = [
+    "DLLM2RecConfig", "RDConfig", "RRDConfig", "StudentConfig", "Teacher", "TeacherExportConfig", "combine_teachers",
+    "export_teacher", "load_teacher", "train_student", "write_teacher",
+]

@@ -1,0 +1,83 @@
+"""`delrec student train`: an SR student distilled from teacher folders (DLLM2Rec, RD, RRD, none).
+
+Options: `StudentArguments` + `delrec.distill.student.StudentConfig` (method, teachers, embedding
+distillation) + `delrec.sr.TrainConfig` + the chosen model's config + the chosen method's config
+(`DLLM2RecConfig`, `RDConfig`, `RRDConfig`). As in `delrec sr train`, `--model` and `--method` (or
+`model:` / `method:` in the YAML) are read first, so only the chosen model's and method's keys are
+accepted. `--teacher` may be repeated (`--teacher A --teacher B`) or given a list (`--teacher A B`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from delrec.cli.sr import DEFAULT_MODEL_FOR_HELP, check_config_keys_fit_model, headline
+from delrec.config import parse_command, preparsed_option
+
+DEFAULT_METHOD = "dllm2rec"
+STUDENT_MODELS = ("sasrec", "gru4rec", "caser")
+
+
+@dataclass
+class StudentArguments:
+    data: str = field(metadata={"help": "A prepared dataset folder (the one the teachers were exported for)."})
+    model: str = field(metadata={"help": "Student model: sasrec, gru4rec or caser."})
+    out: str = field(
+        metadata={"help": "Output folder: the best student, metrics.json, log.jsonl and checkpoint/ (re-run to resume)."}
+    )
+
+
+def _merge_repeated(argv: list[str], flag: str) -> list[str]:
+    """`--teacher A --teacher B C` -> `--teacher A B C` (argparse keeps only the last occurrence)."""
+    values, rest, at, index = [], [], None, 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg == flag or arg.startswith(flag + "="):
+            at = len(rest) if at is None else at
+            if "=" in arg:
+                values.append(arg.split("=", 1)[1])
+            index += 1
+            while index < len(argv) and not argv[index].startswith("--"):
+                values.append(argv[index])
+                index += 1
+            continue
+        rest.append(arg)
+        index += 1
+    return rest if at is None else rest[:at] + [flag, *values] + rest[at:]
+
+
+def train(argv, prog: str, description: str) -> int:
+    from delrec.distill.student import StudentConfig, method_config_class, train_student
+    from delrec.errors import DelrecError
+    from delrec.sr import model_class
+    from delrec.sr.trainer import TrainConfig
+
+    argv = _merge_repeated(list(argv), "--teacher")
+    name = preparsed_option(argv, "model")
+    cls = model_class(name if name is not None else DEFAULT_MODEL_FOR_HELP)
+    method_class = method_config_class(preparsed_option(argv, "method", DEFAULT_METHOD))
+    check_config_keys_fit_model(argv, cls)
+    classes = [StudentArguments, StudentConfig, TrainConfig, cls.config_class] + ([method_class] if method_class else [])
+    args, student, config, model_config, *method_config = parse_command(classes, argv, prog, description)
+    if args.model not in STUDENT_MODELS:
+        raise DelrecError(f"--model {args.model}: a student is one of {', '.join(STUDENT_MODELS)}")
+    result = train_student(
+        args.data, model_config, config, student.teacher, student.method, method_config[0] if method_config else None,
+        args.out, student.embedding_distillation, student.ed_weight,
+    )
+    metrics = result.metrics
+    print(json.dumps({
+        "out": str(result.out),
+        "model": args.model,
+        "method": student.method,
+        "teachers": student.teacher,
+        "embedding_distillation": student.embedding_distillation,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "seconds_per_epoch": result.seconds_per_epoch,
+        "valid": headline(metrics["valid"]),
+        "test": headline(metrics["test"]),
+        "candidates_test": metrics["candidates"]["test"],
+    }, indent=2))
+    return 0

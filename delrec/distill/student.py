@@ -1,0 +1,264 @@
+"""Student training: an SR model trained by `train_sr` plus a forward-distillation term.
+
+    from delrec.distill.dllm2rec import DLLM2RecConfig
+    from delrec.distill.student import train_student
+    from delrec.sr import SASRecConfig, TrainConfig
+    result = train_student("runs/games", SASRecConfig(hidden_size=32), TrainConfig(epochs=20),
+                           ["runs/teacher-llm", "runs/teacher-sasrec"], "dllm2rec", DLLM2RecConfig(),
+                           "runs/student", embedding_distillation=True)
+
+The student is any trainable SR model (SASRec, GRU4Rec, Caser) with its own loss (the
+trainer's `loss`: CE by default, BCE as in DLLM2Rec's code), the same trainer, selection on
+validation only, checkpoints, resume and `metrics.json` as `delrec sr train`. On each batch the
+method adds its term (`extra_loss`), computed from each training instance's state after its
+history (`last_states`), the student's item table and the teacher's rows for the batch's instance
+ids: the scores of the items a loss needs carry the gradient (`StudentBatch.scores_of`), the
+scores over all items, needed only by weights (the student's current top-K, its ranks), carry none:
+
+    dllm2rec  lambda_d * L_d       importance-aware ranking distillation (delrec.distill.dllm2rec)
+    rd        rd_weight * L_RD     position-weighted ranking distillation (delrec.distill.rd)
+    rrd       rrd_weight * L_RRD   listwise relaxed ranking distillation (delrec.distill.rrd)
+    none      nothing              the student alone (the baseline every gain is measured against)
+
+`embedding_distillation` (any method, `none` included) adds DLLM2Rec's collaborative embedding
+distillation through the item-embedding seam (delrec.distill.embedding). Several teacher
+folders are combined into one with `delrec.distill.ensemble.combine_teachers` (cut to the
+method's K) before training. The run's settings recorded in the checkpoint include the method,
+its configuration and a digest of each teacher's contents, so resuming an OUT with other
+teachers or weights is refused.
+metrics.json is `delrec sr train`'s plus a "distillation" entry describing the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+
+from delrec.data.dataset import PreparedDataset
+from delrec.distill.dllm2rec import DLLM2RecConfig, dllm2rec_loss, dllm2rec_weights
+from delrec.distill.embedding import install_collaborative_embedding
+from delrec.distill.ensemble import combine_teachers
+from delrec.distill.rd import RDConfig, items_mask, rd_loss, rd_weights, sample_excluding
+from delrec.distill.rrd import RRDConfig, rrd_loss, sample_uninteresting
+from delrec.distill.teacher import Teacher, load_teacher
+from delrec.errors import DelrecError
+from delrec.io import write_json
+from delrec.sr.base import SequentialRecommender, model_class_for_config
+from delrec.sr.trainer import TrainBatch, TrainConfig, TrainResult, train_sr
+
+
+@dataclass
+class StudentConfig:
+    method: Literal["dllm2rec", "rd", "rrd", "none"] = field(
+        default="dllm2rec",
+        metadata={"help": "Distillation loss: dllm2rec (importance-aware ranking distillation), rd, rrd, or none "
+                  "(the student alone)."},
+    )
+    teacher: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Teacher folder(s) from `delrec teacher export`; repeat --teacher (or list them) to "
+                  "combine several teachers."},
+    )
+    embedding_distillation: bool = field(
+        default=False,
+        metadata={"help": "Collaborative embedding distillation: item vectors e_i = b_i + ed_weight * (W z_i + c), "
+                  "z_i the teacher's item embeddings."},
+    )
+    ed_weight: float = field(
+        default=0.2, metadata={"help": "alpha of the embedding distillation (official code 0.2; paper 0.2-0.3)."}
+    )
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not self.ed_weight > 0:
+            raise ValueError(f"ed_weight must be positive, got {self.ed_weight}")
+
+
+# --- the methods: config class and the term added to each batch's loss ---------------------------
+
+
+@dataclass
+class StudentBatch:
+    """What a method's term sees of one batch: the student's states and item table (with gradient),
+    the teacher's rows for the batch's instances, their targets and history items."""
+
+    states: torch.Tensor  # [B, d] each instance's state after its history
+    table: torch.Tensor  # [N, d] the student's item vectors
+    items: torch.Tensor  # [B, K] the teacher's items, best first
+    confidences: torch.Tensor  # [B, K] Teacher.confidences() over the K
+    targets: torch.Tensor  # [B]
+    history: torch.Tensor  # [B, N] bool: the instance's history items
+
+    def scores_of(self, items: torch.Tensor) -> torch.Tensor:
+        """[B, M] the student's scores of `items` [B, M], with gradient (only these rows get one)."""
+        return torch.einsum("bd,bmd->bm", self.states, self.table[items])
+
+    def all_scores(self) -> torch.Tensor:
+        """[B, N] the student's scores over all items, without gradient (for the weights)."""
+        with torch.no_grad():
+            return self.states @ self.table.T
+
+
+def _dllm2rec_term(config: DLLM2RecConfig, batch: StudentBatch) -> torch.Tensor:
+    weights = dllm2rec_weights(batch.all_scores(), batch.items, batch.confidences, config, batch.targets, batch.history)
+    negatives = None
+    if config.negative_term:  # one negative per instance: neither its target nor in its history
+        drawn = sample_excluding(batch.history | items_mask(batch.targets[:, None], batch.history.shape[1]), 1)
+        negatives = batch.scores_of(drawn)[:, 0]
+    return config.lambda_d * dllm2rec_loss(batch.scores_of(batch.items), weights, negatives)
+
+
+def _rd_term(config: RDConfig, batch: StudentBatch) -> torch.Tensor:
+    scores = batch.all_scores() if config.dynamic_weight else None
+    weights = rd_weights(batch.items, config, scores, batch.history, batch.states.dtype)
+    negatives = None
+    if config.rd_negatives:
+        negatives = batch.scores_of(sample_uninteresting(batch.items, batch.history.shape[1], config.rd_negatives))
+    return config.rd_weight * rd_loss(batch.scores_of(batch.items), weights, negatives)
+
+
+def _rrd_term(config: RRDConfig, batch: StudentBatch) -> torch.Tensor:
+    drawn = sample_uninteresting(batch.items, batch.history.shape[1], config.num_uninteresting)
+    return config.rrd_weight * rrd_loss(batch.scores_of(batch.items), batch.scores_of(drawn))
+
+
+@dataclass(frozen=True)
+class Method:
+    config_class: type
+    term: Callable[[Any, StudentBatch], torch.Tensor]  # the weighted loss term of one batch
+
+
+METHODS: dict[str, Method | None] = {
+    "dllm2rec": Method(DLLM2RecConfig, _dllm2rec_term),
+    "rd": Method(RDConfig, _rd_term),
+    "rrd": Method(RRDConfig, _rrd_term),
+    "none": None,
+}
+
+
+def method_config_class(method: str) -> type | None:
+    """The config dataclass of `method` (None for `none`); `DelrecError` for an unknown name."""
+    if method not in METHODS:
+        raise DelrecError(f"unknown distillation method '{method}'; expected one of: {', '.join(METHODS)}")
+    entry = METHODS[method]
+    return None if entry is None else entry.config_class
+
+
+class DistillationLoss:
+    """The trainer's `extra_loss`: the method's term on the batch's teacher rows."""
+
+    def __init__(self, teacher: Teacher, method: Method, config: Any):
+        k = config.topk
+        kept = dataclasses.replace(teacher, items=teacher.items[:, :k], scores=teacher.scores[:, :k])
+        self.teacher = teacher
+        self.items = kept.items.contiguous()
+        self.confidences = kept.confidences()  # softmax over the K kept (the code's over its K)
+        self.method, self.config = method, config
+
+    def __call__(self, model: SequentialRecommender, batch: TrainBatch, last_states: torch.Tensor) -> torch.Tensor:
+        device = last_states.device
+        if self.items.device != device:
+            self.items, self.confidences = self.items.to(device), self.confidences.to(device)
+        rows = self.teacher.rows(batch.ids)
+        view = StudentBatch(last_states, model.item_embeddings(), self.items[rows], self.confidences[rows],
+                            batch.labels[:, -1], items_mask(batch.inputs, model.num_items))  # pad ids (= N) dropped
+        return self.method.term(self.config, view)
+
+
+# --- teachers -----------------------------------------------------------------------------------
+
+
+def teacher_digest(teacher: Teacher, with_embeddings: bool) -> str:
+    """A digest of what a student learns from a teacher (its lists, scores and, if used, embeddings)."""
+    digest = hashlib.sha256()
+    tensors = [teacher.instance_ids, teacher.items, teacher.scores]
+    if with_embeddings and teacher.embeddings is not None:
+        tensors.append(teacher.embeddings)
+    for tensor in tensors:
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(teacher.score_kind.encode())
+    return digest.hexdigest()[:16]
+
+
+def combined_teacher(teachers: list[Teacher], topk: int | None) -> Teacher:
+    """One teacher: the only one, or the per-instance combination of several, cut to their first
+    `topk` items (default: the shortest list), see `delrec.distill.ensemble`."""
+    if len(teachers) == 1:
+        return teachers[0]
+    return combine_teachers(teachers, topk or min(t.topk for t in teachers))
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+def train_student(
+    dataset: PreparedDataset | str | Path,
+    model_config: Any,
+    train_config: TrainConfig | None = None,
+    teachers: Sequence[str | Path] = (),
+    method: str = "dllm2rec",
+    method_config: Any = None,
+    out: str | Path = "runs/student",
+    embedding_distillation: bool = False,
+    ed_weight: float = 0.2,
+) -> TrainResult:
+    """Train (or resume) a student in OUT; see the module docstring. `method_config` defaults to
+    the method's config class with its defaults."""
+    config_class = method_config_class(method)
+    if method_config is None and config_class is not None:
+        method_config = config_class()
+    if config_class is not None and type(method_config) is not config_class:
+        raise TypeError(f"method '{method}' takes a {config_class.__name__}, got {type(method_config).__name__}")
+    if not model_class_for_config(model_config).trainable:
+        raise DelrecError(f"a student must be a trainable SR model (sasrec, gru4rec, caser), got "
+                          f"'{model_class_for_config(model_config).model_type}'")
+    if not isinstance(dataset, PreparedDataset):
+        dataset = PreparedDataset.load(dataset)
+    teachers = [str(t) for t in teachers]
+    if config_class is not None and not teachers:
+        raise DelrecError(f"--method {method} distils a teacher: give one with --teacher DIR (from `delrec teacher export`)")
+    if embedding_distillation and not teachers:
+        raise DelrecError("--embedding_distillation needs a teacher with item embeddings: give one with --teacher DIR")
+    if teachers and config_class is None and not embedding_distillation:
+        raise DelrecError("--method none trains the student alone but --teacher was given; drop --teacher, or add "
+                          "--embedding_distillation to use only the teacher's item embeddings")
+
+    min_topk = None if method_config is None else method_config.topk
+    loaded = [load_teacher(folder, dataset, min_topk) for folder in teachers]
+    teacher = combined_teacher(loaded, min_topk) if loaded else None
+    samples_outside_list = method == "rrd" or (method == "rd" and method_config.rd_negatives > 0)
+    if samples_outside_list and dataset.num_items <= min_topk:
+        raise DelrecError(f"--method {method} samples items outside the teacher's top-{min_topk}, but {dataset.path} "
+                          f"has only {dataset.num_items} items; lower --topk")
+    if embedding_distillation and teacher.embeddings is None:
+        raise DelrecError(f"{teachers[0] if len(teachers) == 1 else 'the combined teachers'}: no item embeddings "
+                          f"(item_embeddings.safetensors); re-export the teacher with embeddings or drop "
+                          f"--embedding_distillation")
+
+    settings = {  # what the checkpoint's configuration check compares (folders may move)
+        "method": method,
+        "method_config": None if method_config is None else dataclasses.asdict(method_config),
+        "embedding_distillation": embedding_distillation,
+        "ed_weight": ed_weight if embedding_distillation else None,
+        "teachers": [{"digest": teacher_digest(t, embedding_distillation), "topk": t.topk, "score_kind": t.score_kind}
+                     for t in loaded],
+    }
+    extra_loss = None if config_class is None else DistillationLoss(teacher, METHODS[method], method_config)
+    model_hook = None
+    if embedding_distillation:
+        model_hook = functools.partial(install_collaborative_embedding, teacher_embeddings=teacher.embeddings, alpha=ed_weight)
+    result = train_sr(dataset, model_config, train_config, out, extra_loss=extra_loss, model_hook=model_hook,
+                      extra_settings=settings)
+    result.metrics["distillation"] = {**settings, "teachers": [
+        {**entry, "folder": str(t.folder), "source": t.info.get("source")} for entry, t in zip(settings["teachers"], loaded)
+    ]}
+    write_json(Path(out) / "metrics.json", result.metrics)
+    return result

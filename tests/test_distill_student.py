@@ -1,0 +1,175 @@
+"""`delrec student train` end to end on synthetic data with an SR teacher written by `write_teacher`."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from delrec.cli import main
+from delrec.data.prepare import prepare_dataset
+from delrec.data.preprocess import PreprocessConfig
+from delrec.data.synthetic import make_synthetic
+from delrec.distill.dllm2rec import DLLM2RecConfig
+from delrec.distill.rd import RDConfig
+from delrec.distill.rrd import RRDConfig
+from delrec.distill.student import train_student
+from delrec.distill.teacher import write_teacher
+from delrec.sr import ItemEmbedding, SASRecConfig, TrainConfig, evaluate_model, load_model, pad_histories, predict, train_sr
+
+SMALL = SASRecConfig(hidden_size=16, num_layers=1, num_heads=1, inner_size=32, dropout=0.1, max_length=16)
+FLAGS = ["--model", "sasrec", "--hidden_size", "16", "--num_layers", "1", "--num_heads", "1", "--inner_size", "32",
+         "--max_length", "16", "--epochs", "2", "--lr", "0.01", "--batch_size", "32", "--no_progress",
+         "--num_threads", "1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(args):
+    try:
+        return main(args)
+    except SystemExit as exc:  # argparse errors
+        return exc.code
+
+
+def sr_teacher(dataset, model, out, topk, embeddings=True):
+    """A teacher folder from an SR model's top-K over the train split (history excluded)."""
+    rows = list(predict(model, dataset, "train", topk))
+    return write_teacher(
+        out, dataset, torch.tensor([r["id"] for r in rows]), torch.tensor([r["items"] for r in rows]),
+        torch.tensor([r["scores"] for r in rows]), "score",
+        model.item_embeddings().detach() if embeddings else None, {"kind": "sr", "note": "test"},
+    )
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("student")
+    raw = make_synthetic(num_users=200, num_items=50, min_length=6, max_length=16, seed=3)
+    dataset = prepare_dataset(raw, PreprocessConfig(num_candidates=10), root / "data")
+    model = train_sr(dataset, SMALL, TrainConfig(epochs=3, lr=0.01, batch_size=32, progress=False), root / "sasrec").model
+    teacher = sr_teacher(dataset, model, root / "teacher", 10)
+    short = sr_teacher(dataset, model, root / "teacher-k5", 5, embeddings=False)
+    other_raw = make_synthetic(num_users=120, num_items=50, min_length=6, max_length=16, seed=9)
+    other = prepare_dataset(other_raw, PreprocessConfig(num_candidates=10), root / "other-data")
+    foreign = sr_teacher(other, train_sr(other, SMALL, TrainConfig(epochs=1, progress=False), root / "o").model,
+                         root / "foreign-teacher", 10)
+    return {"root": root, "dataset": dataset, "teacher": teacher, "short": short, "foreign": foreign}
+
+
+@pytest.mark.parametrize("method", ["dllm2rec", "rd", "rrd", "none"])
+def test_each_method_trains_writes_metrics_and_a_student_that_reloads(setup, method, capsys):
+    out = setup["root"] / f"cli-{method}"
+    teacher = [] if method == "none" else ["--teacher", str(setup["teacher"])]
+    assert run(["student", "train", "--data", str(setup["dataset"].path), *FLAGS, "--method", method,
+                "--out", str(out), *teacher]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert printed["method"] == method and metrics["epochs_run"] == 2 and metrics["protocol"] == "full"
+    assert metrics["distillation"]["method"] == method
+    assert len(metrics["distillation"]["teachers"]) == (0 if method == "none" else 1)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(("extra_loss" in entry) == (method != "none") for entry in log)
+    reloaded = evaluate_model(load_model(out), setup["dataset"])
+    for split in ("valid", "test"):
+        assert reloaded[split] == metrics[split]
+    assert reloaded["candidates"] == metrics["candidates"]
+
+
+def test_embedding_distillation_saves_a_plain_student_with_identical_scores(setup, tmp_path):
+    result = train_student(setup["dataset"], SMALL, TrainConfig(epochs=1, progress=False), [setup["teacher"]],
+                           "dllm2rec", DLLM2RecConfig(), tmp_path / "ed", embedding_distillation=True)
+    assert type(result.model.item_embedding) is ItemEmbedding  # baked
+    reloaded = load_model(tmp_path / "ed")
+    histories = pad_histories([inst.history for inst in setup["dataset"].instances("test")], reloaded.pad_id)
+    with torch.no_grad():
+        assert torch.equal(reloaded.score_all(histories), result.model.cpu().score_all(histories))
+    assert result.metrics["distillation"]["embedding_distillation"] is True
+
+
+def test_several_teachers_are_combined(setup, capsys):
+    out = setup["root"] / "two-teachers"
+    assert run(["student", "train", "--data", str(setup["dataset"].path), *FLAGS, "--method", "rd", "--topk", "5",
+                "--teacher", str(setup["teacher"]), "--teacher", str(setup["short"]), "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["distillation"]["teachers"]) == 2
+    assert [t["folder"] for t in metrics["distillation"]["teachers"]] == [str(setup["teacher"]), str(setup["short"])]
+
+
+def test_resuming_with_another_teacher_is_refused(setup, capsys):
+    out = setup["root"] / "resume"
+    base = ["student", "train", "--data", str(setup["dataset"].path), *FLAGS, "--method", "rd", "--topk", "5",
+            "--out", str(out)]
+    assert run(base + ["--teacher", str(setup["teacher"])]) == 0
+    capsys.readouterr()
+    assert run(base + ["--teacher", str(setup["short"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot resume" in err
+
+
+@pytest.mark.parametrize("method,config", [
+    ("dllm2rec", DLLM2RecConfig(lambda_d=5.0)), ("rd", RDConfig(rd_weight=5.0, beta=5.0)), ("rrd", RRDConfig(rrd_weight=2.0))
+])
+def test_distillation_pulls_the_student_towards_the_teachers_lists(setup, tmp_path, method, config):
+    """A teacher that lists the same 10 arbitrary items for everyone: the distilled student ranks
+    them far higher than the student alone does."""
+    dataset = setup["dataset"]
+    train = dataset.instances("train")
+    favourites = torch.arange(40, 50)
+    items = favourites.repeat(len(train), 1)
+    scores = torch.linspace(1.0, 0.1, 10).repeat(len(train), 1)
+    folder = write_teacher(tmp_path / "odd-teacher", dataset, torch.tensor([i.id for i in train]), items, scores, "score")
+    options = TrainConfig(epochs=1, lr=0.01, batch_size=32, progress=False)
+
+    def share_in_top10(result):
+        rows = list(predict(result.model.cpu(), dataset, "valid", 10))
+        return sum(len(set(r["items"]) & set(favourites.tolist())) for r in rows) / (10 * len(rows))
+
+    alone = train_student(dataset, SMALL, options, [], "none", None, tmp_path / "alone")
+    distilled = train_student(dataset, SMALL, options, [folder], method, config, tmp_path / method)
+    assert share_in_top10(distilled) > share_in_top10(alone) + 0.3
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--method", "dllm2rec"], "--teacher DIR"),
+    (["--method", "rrd", "--topk", "20", "--teacher", "{teacher}"], "the loss needs K=20, the teacher has 10"),
+    (["--method", "rd", "--teacher", "{foreign}"], "teacher for another dataset"),
+    (["--method", "rd", "--topk", "5", "--teacher", "{short}", "--embedding_distillation"], "no item embeddings"),
+    (["--method", "none", "--teacher", "{teacher}"], "drop --teacher"),
+    (["--method", "rd", "--teacher", "{root}/missing"], "teacher folder not found"),
+    (["--method", "bogus", "--teacher", "{teacher}"], "unknown distillation method 'bogus'"),
+    (["--method", "rd", "--teacher", "{teacher}", "--gamma_position", "0.5"], "unrecognized arguments"),
+])
+def test_bad_input_exits_2_with_one_line(setup, capsys, extra, message):
+    paths = {k: str(setup[k]) for k in ("teacher", "short", "foreign", "root")}
+    extra = [a.format(**paths) for a in extra]
+    out = setup["root"] / "bad"
+    assert run(["student", "train", "--data", str(setup["dataset"].path), *FLAGS, "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_pop_is_not_a_student(setup, capsys):
+    args = ["student", "train", "--data", str(setup["dataset"].path), "--model", "pop", "--method", "none",
+            "--out", str(setup["root"] / "pop")]
+    assert run(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "sasrec, gru4rec" in err
+
+
+@pytest.mark.parametrize("name", ["student-games.yaml", "student-lastfm.yaml"])
+def test_example_configs_run(setup, name):
+    config = Path(__file__).resolve().parents[1] / "configs" / "distill" / name
+    out = setup["root"] / f"yaml-{name}"
+    assert run(["student", "train", "--config", str(config), "--data", str(setup["dataset"].path),
+                "--teacher", str(setup["teacher"]), "--out", str(out), "--epochs", "1", "--no_progress",
+                "--num_threads", "1"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["distillation"]["method"] == "dllm2rec" and metrics["distillation"]["embedding_distillation"]
