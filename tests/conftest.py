@@ -1,8 +1,9 @@
-"""Shared test helpers: where the real datasets live, and a prepared synthetic dataset."""
+"""Shared test helpers: one torch thread per test module, and where the real datasets live."""
 
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -13,3 +14,12 @@ def shared_data(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"real dataset not found at {path} (a user's clone has no ../shared/data)")
     return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices gain nothing from a second thread; on busy shared cores two threads made tests 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

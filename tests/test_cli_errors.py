@@ -36,14 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def w(tiny_llm_data, tiny_llama, stage2_llama, sr_model, sr_teacher, tmp_path_factory):
     """The folders the cases read, and copies of finished folders the cases aim `--out` at."""

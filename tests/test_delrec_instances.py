@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
@@ -16,14 +15,6 @@ from delrec.sr.evaluate import predict
 from llm_fixtures import tiny_llama, tiny_llm_data  # noqa: F401 (fixtures)
 
 SOFT = "<|sp:pop:0|><|sp:pop:1|>"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -33,14 +33,6 @@ FAST = dict(per_device_train_batch_size=4, max_steps=4, eval_steps=2, logging_st
             eval_batch_size=32, warmup_steps=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def predictions(tiny_llm_data, tmp_path_factory):
     folder = tmp_path_factory.mktemp("pop")

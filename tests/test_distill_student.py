@@ -23,14 +23,6 @@ FLAGS = ["--model", "sasrec", "--hidden_size", "16", "--num_layers", "1", "--num
          "--num_threads", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run(args):
     try:
         return main(args)

@@ -28,14 +28,6 @@ from llm_fixtures import load_tiny, tiny_llama, tiny_llm_data  # noqa: F401 (fix
 from ranking_fixtures import stage2_llama  # noqa: F401 (fixtures)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dataset(tiny_llm_data):
     return PreparedDataset.load(tiny_llm_data)

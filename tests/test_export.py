@@ -23,15 +23,6 @@ from llm_fixtures import tiny_llama, tiny_llm_data  # noqa: F401 (fixtures)
 from ranking_fixtures import SOFT_TOKENS, export_llama, export_path, stage2_llama, stage2_path  # noqa: F401
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from a second thread; on busy shared cores two threads made tests 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def lsr_requests(model_folder, data, tokenizer, count=6):
     spec = describe_model(str(model_folder))
     return build_requests(PreparedDataset.load(data), "test", spec, get_template(spec.template), tokenizer, 512,

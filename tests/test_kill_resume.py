@@ -35,14 +35,6 @@ SR_KEYS = ("valid", "test", "candidates", "best_epoch", "epochs_run")
 STAGE2_KEYS = ("global_step", "valid", "test")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     raw = make_synthetic(num_users=300, num_items=100, seed=0)

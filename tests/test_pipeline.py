@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from delrec.cli import main
@@ -37,14 +36,6 @@ CONFIG = {
     "latency": {"users": 10, "repeats": 2, "topk": 10},
     "report": {"full_k": 10},
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_config(folder: Path, config: dict, name: str = "pipeline.yaml") -> Path:

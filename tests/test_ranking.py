@@ -33,15 +33,6 @@ TITLES = ["The Hollow Echo", "The Hollow Echo Deluxe Edition", "The Crystal Mirr
           "Endless Compass"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from a second thread; on busy shared cores two threads made tests 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def llama(tiny_llama):
     model, tokenizer = load_model(ModelConfig(str(tiny_llama), dtype="float32", device="cpu"))

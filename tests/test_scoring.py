@@ -33,15 +33,6 @@ CANDIDATES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from a second thread; on busy shared cores two threads made tests 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def assert_same(got: list[CandidateScores], expected: list[CandidateScores], tol: float = 1e-4) -> None:
     assert len(got) == len(expected)
     for a, b in zip(got, expected):

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from delrec.cli import main
 from delrec.data.dataset import PreparedDataset
@@ -19,14 +18,6 @@ TINY_FLAGS = [
     "--hidden_size", "16", "--num_layers", "1", "--num_heads", "1", "--inner_size", "32",
     "--epochs", "3", "--lr", "0.01", "--batch_size", "32", "--no_progress", "--num_threads", "1",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(args):

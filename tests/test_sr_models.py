@@ -36,14 +36,6 @@ TINY = {
 CASER_2_TO_L = CaserConfig(hidden_size=16, window=4, min_height=2, num_horizontal=4, num_vertical=2, max_length=12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops: far faster than several threads on a shared CPU
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory):
     raw = make_synthetic(num_users=80, num_items=30, min_length=8, max_length=14, seed=1, follow_prob=1.0)

@@ -16,14 +16,6 @@ from delrec.sr.trainer import resolve_train_positions
 SMALL = SASRecConfig(hidden_size=16, num_layers=1, num_heads=1, inner_size=32, dropout=0.1, max_length=20)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     raw = make_synthetic(num_users=300, num_items=60, min_length=6, max_length=20, seed=0)

@@ -58,15 +58,6 @@ def vllm_env(tmp_path_factory):
         yield
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from a second thread, and the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def open_vllm(model):
     from delrec.ranking.vllm import Options, open_backend
 
