@@ -36,6 +36,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from results_section import write_section  # benchmarks/ is on sys.path when a benchmark runs as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 LASTFM = ROOT.parent / "shared" / "data" / "lastfm"
 CONFIGS = ROOT / "configs" / "delrec"
@@ -212,17 +214,6 @@ def section(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, block: str) -> None:
-    """Replace only this benchmark's block (re-read right before writing: others edit the file too)."""
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmark results\n"
-    begin, end = text.find(MARK_BEGIN), text.find(MARK_END)
-    if begin != -1 and end != -1:
-        text = text[:begin] + block + text[end + len(MARK_END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text, encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "delrec_lastfm",
@@ -239,7 +230,7 @@ def main() -> None:
     report["seconds"]["total"] = round(time.perf_counter() - started, 1)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    write_markdown(args.markdown, section(report))
+    write_section(args.markdown, section(report), MARK_BEGIN, MARK_END)
     print("\n".join(table(report["test"])))
     print(json.dumps({"stage1": report["stage1"], "seconds": report["seconds"]}, indent=2))
 

@@ -52,6 +52,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from results_section import write_section  # benchmarks/ is on sys.path when a benchmark runs as a script
+from delrec.io import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 WORK = ROOT / "benchmarks" / "out" / "distill"
@@ -365,28 +368,6 @@ def verdict(report: dict) -> str:
     return "; ".join(parts) + "."
 
 
-def write_markdown(path: Path, section: str) -> None:
-    """Replace only this benchmark's block (re-read right before writing: others edit the file too)."""
-    text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    begin, end = text.find(MARK_BEGIN), text.find(MARK_END)
-    if begin != -1 and end > begin:
-        new = text[:begin] + section.rstrip("\n") + text[end + len(MARK_END):]
-    elif text:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        new = "# Benchmark results\n\n" + section
-    tmp = path.with_name(path.name + ".distill.tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def machine() -> dict:
     import torch
 
@@ -478,7 +459,7 @@ def main(argv=None) -> int:
               f"LLM teacher {lat['llm_teacher']['seconds']:.1f} s, ratio {lat['ratio']:,.0f}x")
     print(f"verdict: {report['verdict']}")
     if args.write_markdown:
-        write_markdown(args.markdown, markdown_section(report))
+        write_section(args.markdown, markdown_section(report), MARK_BEGIN, MARK_END)
         print(f"wrote {rel(args.json)} and the distill section of {rel(args.markdown)}")
     else:
         print(f"wrote {rel(args.json)}")

@@ -41,6 +41,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from results_section import write_section  # benchmarks/ is on sys.path when a benchmark runs as a script
+
 ROOT = Path(__file__).resolve().parent.parent
 LASTFM = ROOT.parent / "shared" / "data" / "lastfm"
 MARK_BEGIN, MARK_END = "<!-- ranking -->", "<!-- /ranking -->"
@@ -310,21 +312,6 @@ def vllm_lines(report: dict) -> list[str]:
     ]
 
 
-def write_markdown(path: Path, section: str) -> None:
-    """Replace only this benchmark's block (re-read right before writing: others edit the file too)."""
-    text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    begin, end = text.find(MARK_BEGIN), text.find(MARK_END)
-    if begin != -1 and end > begin:
-        new = text[:begin] + section.rstrip("\n") + text[end + len(MARK_END):]
-    elif text:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        new = "# Benchmark results\n\n" + section
-    tmp = path.with_name(path.name + ".ranking.tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def machine() -> dict:
     import torch
     import transformers
@@ -397,7 +384,7 @@ def main() -> None:
         print("vllm vs hf:", json.dumps(vllm["agreement"]))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    write_markdown(args.markdown, markdown_section(report))
+    write_section(args.markdown, markdown_section(report), MARK_BEGIN, MARK_END)
     print(f"wrote {args.json} and the ranking block of {args.markdown}")
 
 

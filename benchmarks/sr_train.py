@@ -42,6 +42,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from results_section import write_section  # benchmarks/ is on sys.path when a benchmark runs as a script
+from delrec.io import write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 MARK_BEGIN, MARK_END = "<!-- sr_train -->", "<!-- /sr_train -->"
 
@@ -626,28 +629,6 @@ def markdown_section(report: dict, rows: list[list[str]]) -> str:
 SHARED_THRESHOLD = 0.25  # cores used by other processes, on average, during a run
 
 
-def write_markdown(path: Path, section: str) -> None:
-    """Replace only this benchmark's block (re-read right before writing: others edit the file too)."""
-    text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    begin, end = text.find(MARK_BEGIN), text.find(MARK_END)
-    if begin != -1 and end != -1 and end > begin:
-        new = text[:begin] + section.rstrip("\n") + text[end + len(MARK_END):]
-    elif text:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        new = "# Benchmark results\n\n" + section
-    tmp = path.with_name(path.name + ".sr_train.tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def rel(path: Path) -> str:
     path = path.resolve()
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
@@ -780,7 +761,7 @@ def main(argv=None) -> int:
             print(f"SASRec-CE {key[10:]}: test NDCG@10 {pct(cmp[key]['relative_gain_test_ndcg@10'])}")
     print(f"machine shared: {report['machine_shared']}; wrote {rel(args.json)}", end="")
     if not args.no_markdown:
-        write_markdown(args.markdown, markdown_section(report, rows))
+        write_section(args.markdown, markdown_section(report, rows), MARK_BEGIN, MARK_END)
         print(f" and the sr_train section of {rel(args.markdown)}")
     else:
         print()
