@@ -60,22 +60,27 @@ def train(argv, prog: str, description: str) -> int:
     check_config_keys_fit_model(argv, cls)
     args, config, model_config = parse_command([TrainArguments, TrainConfig, cls.config_class], argv, prog, description)
     model_class(args.model)
-    result = train_sr(args.data, model_config, config, args.out)
-    metrics = result.metrics
-    print(json.dumps({
-        "out": str(result.out),
-        "model": args.model,
-        "best_epoch": result.best_epoch,
-        "epochs_run": result.epochs_run,
-        "seconds_per_epoch": result.seconds_per_epoch,
-        "valid": headline(metrics["valid"]),
-        "test": headline(metrics["test"]),
-        "candidates_test": metrics["candidates"]["test"],
-    }, indent=2))
+    print(train_summary(train_sr(args.data, model_config, config, args.out), args.model))
     return 0
 
 
-def headline(values: dict) -> dict:
+def train_summary(result, model: str, **extra) -> str:
+    """What `sr train` and `student train` print: where, which epoch, and the headline metrics."""
+    metrics = result.metrics
+    return json.dumps({
+        "out": str(result.out),
+        "model": model,
+        **extra,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "seconds_per_epoch": result.seconds_per_epoch,
+        "valid": _headline(metrics["valid"]),
+        "test": _headline(metrics["test"]),
+        "candidates_test": metrics["candidates"]["test"],
+    }, indent=2)
+
+
+def _headline(values: dict) -> dict:
     return {k: round(v, 5) for k, v in values.items() if k in ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20")}
 
 

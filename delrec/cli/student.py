@@ -9,10 +9,9 @@ accepted. `--teacher` may be repeated (`--teacher A --teacher B`) or given a lis
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
-from delrec.cli.sr import DEFAULT_MODEL_FOR_HELP, check_config_keys_fit_model, headline
+from delrec.cli.sr import DEFAULT_MODEL_FOR_HELP, check_config_keys_fit_model, train_summary
 from delrec.config import parse_command, preparsed_option
 
 DEFAULT_METHOD = "dllm2rec"
@@ -66,18 +65,6 @@ def train(argv, prog: str, description: str) -> int:
         args.data, model_config, config, student.teacher, student.method, method_config[0] if method_config else None,
         args.out, student.embedding_distillation, student.ed_weight,
     )
-    metrics = result.metrics
-    print(json.dumps({
-        "out": str(result.out),
-        "model": args.model,
-        "method": student.method,
-        "teachers": student.teacher,
-        "embedding_distillation": student.embedding_distillation,
-        "best_epoch": result.best_epoch,
-        "epochs_run": result.epochs_run,
-        "seconds_per_epoch": result.seconds_per_epoch,
-        "valid": headline(metrics["valid"]),
-        "test": headline(metrics["test"]),
-        "candidates_test": metrics["candidates"]["test"],
-    }, indent=2))
+    print(train_summary(result, args.model, method=student.method, teachers=student.teacher,
+                        embedding_distillation=student.embedding_distillation))
     return 0
