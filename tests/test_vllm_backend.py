@@ -6,24 +6,21 @@ run in-process with one thread, and each test module (here: each engine) takes a
 to start, so the tests share one engine per model and CLI runs start their own afterwards.
 """
 
-import os
-
 import pytest
 import torch
 
 from delrec.cli import main
 from delrec.data.dataset import PreparedDataset
-from delrec.errors import DelrecError
 from delrec.io import read_json, read_jsonl
 from delrec.llm.loading import ModelConfig, load_model
 from delrec.llm.tokenization import encode_completion
 from delrec.prompts import get_template
-from delrec.ranking.base import backend_module
 from delrec.ranking.hf import HFBackend
 from delrec.ranking.models import describe_model
 from delrec.ranking.requests import build_requests
 from llm_fixtures import tiny_llm_data  # noqa: F401 (fixtures)
 from ranking_fixtures import export_llama, export_path, stage2_llama  # noqa: F401 (fixtures)
+from vllm_fixtures import ENGINE, open_vllm, top1_agreement, vllm_env  # noqa: F401 (fixtures)
 
 pytestmark = [
     pytest.mark.vllm,
@@ -31,37 +28,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
 ]
 
-ENGINE = {"device": "cpu", "dtype": "float32", "enforce_eager": True, "kv_cache_memory_bytes": 256 * 2**20}
-TIE = 1e-4  # scores closer than this are a tie: either order is a correct ranking
 LOGPROB_TOLERANCE = 1e-4
 SET_NUM_THREADS = torch.set_num_threads  # in-process engines replace it while they run
-
-
-@pytest.fixture(scope="session", autouse=True)
-def vllm_env(tmp_path_factory):
-    """vLLM in this process (no worker processes), no telemetry, caches in a temp folder; or skip, saying why.
-
-    Session-scoped so that it runs before the (session-scoped) model fixtures: a skip costs no model build.
-    """
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in {
-            "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1", "VLLM_NO_USAGE_STATS": "1",
-            "DO_NOT_TRACK": "1", "VLLM_CACHE_ROOT": str(tmp_path_factory.mktemp("vllm-cache")),
-        }.items():
-            patch.setenv(key, value)
-        try:
-            backend_module("vllm")
-        except DelrecError as exc:
-            if os.environ.get("DELREC_REQUIRE_VLLM") == "1":
-                pytest.fail(f"DELREC_REQUIRE_VLLM=1 but {exc}")
-            pytest.skip(str(exc))
-        yield
-
-
-def open_vllm(model):
-    from delrec.ranking.vllm import Options, open_backend
-
-    return open_backend(describe_model(str(model)), Options(**ENGINE))
 
 
 def requests_for(model, data, tokenizer, count=None):
@@ -138,15 +106,6 @@ def test_rank_cli_end_to_end_matches_the_hf_backend(export_llama, tiny_llm_data,
 def engines(export_llama):
     with open_vllm(export_llama) as vllm_backend:
         yield vllm_backend, hf_backend(export_llama)
-
-
-def top1_agreement(got, expected) -> float:
-    """Share of instances whose top-1 under `got` is a top-1 under `expected`, scores within `TIE` counted equal."""
-    agree = 0
-    for a, b in zip(got, expected):
-        best = max(b.logprob)
-        agree += b.logprob[max(range(len(a.logprob)), key=lambda j: (a.logprob[j], -j))] >= best - TIE
-    return agree / len(expected)
 
 
 def test_score_readout_agrees_with_hf(engines, export_llama, tiny_llm_data):

