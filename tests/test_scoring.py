@@ -8,6 +8,7 @@ import torch
 
 from delrec.llm.loading import LoraSettings, apply_lora
 from delrec.llm.scoring import (
+    LogProbHead,
     CandidateScores,
     count_duplicate_titles,
     normalize_title,
@@ -63,6 +64,28 @@ def test_fast_path_equals_one_forward_per_candidate(tiny_llm):
     # batch_size 2: prompts of different lengths share a left-padded pass, candidates span several chunks
     fast = score_candidates(model, tokenizer, PROMPTS, CANDIDATES, batch_size=2)
     assert_same(fast, score_candidates_naive(model, tokenizer, PROMPTS, CANDIDATES))
+
+
+def test_chunked_head_is_used_when_exact_and_transformed_logits_fall_back(tiny_llm):
+    """The chunked log-softmax is checked against the model once; a head that is not a plain linear map
+    (here: logits soft-capped by a wrapper module) is noticed and scored from the model's own logits."""
+    model, tokenizer = load_tiny(tiny_llm)
+    assert LogProbHead.of(model).plain
+    reference = score_candidates_naive(model, tokenizer, PROMPTS, CANDIDATES)
+
+    class SoftCapped(torch.nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, hidden):
+            return 3.0 * torch.tanh(self.linear(hidden) / 3.0)
+
+    model.set_output_embeddings(SoftCapped(model.get_output_embeddings()))
+    assert not LogProbHead.of(model).plain
+    capped = score_candidates(model, tokenizer, PROMPTS, CANDIDATES, batch_size=2)
+    assert_same(capped, score_candidates_naive(model, tokenizer, PROMPTS, CANDIDATES))
+    assert any(abs(a - b) > 1e-2 for x, y in zip(capped, reference) for a, b in zip(x.logprob, y.logprob))
 
 
 def test_batch_size_does_not_change_the_numbers(tiny_llm):

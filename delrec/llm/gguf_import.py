@@ -30,6 +30,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Iterator
 
@@ -91,7 +92,8 @@ def converted_folder(gguf_path: str | Path, packaged: PackagedModel | None = Non
     check_gguf_file(gguf_path)
     digest = sha256_file(gguf_path)
     folder = cache_root() / "gguf" / f"{digest[:16]}-v{CONVERTER_VERSION}"
-    if (folder / IMPORT_FILE).is_file() and read_json(folder / IMPORT_FILE).get("sha256") == digest:
+    complete = (folder / IMPORT_FILE).is_file() and (folder / "model.safetensors").is_file()
+    if complete and read_json(folder / IMPORT_FILE).get("sha256") == digest:
         return folder
     with staged_directory(folder) as tmp:
         _convert(gguf_path, digest, tmp, packaged)
@@ -181,11 +183,11 @@ def _convert(gguf_path: Path, digest: str, out: Path, packaged: PackagedModel | 
     write_json(out / IMPORT_FILE, {
         "kind": IMPORT_KIND,
         "converter_version": CONVERTER_VERSION,
-        "source": str(gguf_path.resolve()),
+        "source": str(gguf_path.resolve()) if packaged is None else f"assembled from the package {packaged.distribution}",
         "file_name": name,
         "sha256": digest,
         "bytes": gguf_path.stat().st_size,
-        "package": None if packaged is None else packaged.distribution,
+        "package": None if packaged is None else f"{packaged.distribution}=={version(packaged.distribution)}",
         "model_type": config.model_type,
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": "float32",
