@@ -99,6 +99,22 @@ def _coerce_scalar(value: Any, action: argparse.Action, source: str) -> Any:
     return value
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in `--help`, but not for required options, options without one, or `--no_X` switches."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required or action.default is None or action.option_strings[:1] == [f"--no_{action.dest}"]:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _describe_negations(parser: argparse.ArgumentParser) -> None:
+    """HfArgumentParser gives `--no_X` the help of `--X`; say what it does instead."""
+    for action in parser._actions:
+        if action.option_strings[:1] == [f"--no_{action.dest}"]:
+            action.help = f"Turn --{action.dest} off (it is on by default)."
+
+
 def build_parser(dataclass_types: Sequence[type], prog: str, description: str | None = None):
     from transformers import HfArgumentParser
 
@@ -109,8 +125,9 @@ def build_parser(dataclass_types: Sequence[type], prog: str, description: str | 
         list(dataclass_types),
         prog=prog,
         description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
+    _describe_negations(parser)
     parser.add_argument(
         "--config",
         default=None,

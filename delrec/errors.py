@@ -7,6 +7,7 @@ expected or what to do. The CLI prints it without a traceback and exits with cod
 
 from __future__ import annotations
 
+import errno
 from os import PathLike
 
 
@@ -25,3 +26,21 @@ def where(path: str | PathLike, line: int | None = None, field: str | None = Non
     if field is not None:
         text += f" field '{field}'"
     return text
+
+
+_OS_ERROR_HINTS = {
+    errno.ENOSPC: "no space left on the device; free some space and re-run the same command (finished files are "
+                  "intact, and training resumes from its last checkpoint)",
+    errno.ENOTDIR: "a part of this path is a file, not a folder; choose an output path whose parents are folders",
+    errno.EEXIST: "a file is in the way of a folder this command needs to create; choose another output path",
+    errno.EACCES: "permission denied; choose a path you can write to",
+    errno.EROFS: "the file system is read-only; choose a path you can write to",
+    errno.EISDIR: "this is a folder; expected a file path",
+}
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an `OSError` the user can act on: the path, what the system said and what to do."""
+    path = exc.filename if exc.filename is not None else "(a file being written)"
+    hint = _OS_ERROR_HINTS.get(exc.errno, "check the path and the disk, then re-run the same command")
+    return " ".join(f"{path}: {exc.strerror or exc}; {hint}".split())

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from delrec.errors import DelrecError, where
 
@@ -20,18 +20,41 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     Readers never see a half-written file, and an interrupted run leaves the old file intact.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    created = make_parents(path)
     try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        if exc.filename is None:  # a failed write() names no file; say which one
+            exc.filename = str(path)
+        remove_empty(created)
         raise
+    except BaseException:
+        remove_empty(created)
+        raise
+
+
+def make_parents(path: Path) -> list[Path]:
+    """Create the missing parent folders of `path`; return them, deepest first, so that a failed write can
+    remove exactly what it created (an empty `checkpoint/` left behind would block the next run)."""
+    missing = [parent for parent in path.parents if not parent.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def remove_empty(folders: Sequence[Path]) -> None:
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 @contextlib.contextmanager
@@ -42,12 +65,14 @@ def staged_directory(path: str | os.PathLike):
     interrupted run never leaves a half-written folder under the real name.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    created = make_parents(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not path.exists():
+            remove_empty(created)
 
 
 def replace_directory(source: Path, target: Path) -> None:
@@ -80,6 +105,23 @@ def check_apart_from_inputs(out: str | os.PathLike, inputs: dict[str, Any], what
         if source == target or target in source.parents:
             relation = f"is the {name} folder" if source == target else f"holds the {name} {path}"
             raise DelrecError(f"--out {out} {relation}; write {what} to a folder of its own")
+
+
+def check_output_file(out: str | os.PathLike, overwrite: bool, is_own: Callable[[Path], bool],
+                      inputs: dict[str, Any], what: str) -> None:
+    """Refuse a file output that would replace something the command did not write: a folder, a file inside
+    an input folder (`inputs`: name -> folder), or an existing file for which `is_own` is false (the
+    command's own earlier output is replaced; anything else only with `overwrite`)."""
+    out = Path(out)
+    if out.is_dir():
+        raise DelrecError(f"--out {out} is a folder; expected the path of the {what} file to write")
+    target = out.resolve()
+    for name, folder in inputs.items():
+        if folder is not None and Path(folder).is_dir() and Path(folder).resolve() in target.parents:
+            raise DelrecError(f"--out {out} is inside the {name} folder {folder}; write the {what} elsewhere")
+    if out.exists() and not overwrite and not is_own(out):
+        raise DelrecError(f"--out {out} already exists and is not {what} written by delrec; choose another path, "
+                          "or pass --overwrite to replace it")
 
 
 def check_own_folder(out: str | os.PathLike, outputs: Sequence[str]) -> None:

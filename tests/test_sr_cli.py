@@ -52,10 +52,20 @@ def test_evaluate_prints_and_writes_the_same_metrics(trained, data_dir, tmp_path
     assert run(["sr", "evaluate", "--model", str(trained), "--data", str(data_dir), "--out", str(tmp_path),
                 "--device", "cpu"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    written = json.loads((tmp_path / "metrics.json").read_text())
+    written = json.loads((tmp_path / "evaluation.json").read_text())
     trained_metrics = json.loads((trained / "metrics.json").read_text())
     for key in ("valid", "test", "candidates"):
         assert printed[key] == written[key] == trained_metrics[key]
+
+
+def test_evaluate_in_the_model_folder_keeps_the_training_metrics(trained, data_dir, capsys):
+    before = (trained / "metrics.json").read_bytes()
+    assert run(["sr", "evaluate", "--model", str(trained), "--data", str(data_dir), "--device", "cpu",
+                "--keep_history"]) == 0
+    assert (trained / "metrics.json").read_bytes() == before
+    evaluation = json.loads((trained / "evaluation.json").read_text())
+    assert evaluation["exclude_history"] is False and "best_epoch" in json.loads(before)
+    (trained / "evaluation.json").unlink()
 
 
 def test_predictions_reproduce_metrics_json(trained, data_dir, tmp_path):

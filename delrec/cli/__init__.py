@@ -7,11 +7,12 @@ User errors (`DelrecError`) are printed as one line and exit with code 2, never 
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 from typing import Sequence
 
-from delrec.errors import DelrecError
+from delrec.errors import DelrecError, os_error_message
 
 # (group, command) -> (module, function, one-line summary)
 COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
@@ -41,8 +42,24 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
 }
 
 
+# The order of work, for `delrec --help`: each step reads the folder the one before it wrote.
+ORDER_OF_WORK = """\
+start here:
+  delrec demo                      the whole loop on built-in synthetic data with a tiny model (~5 min)
+
+the order of work (each step reads the folder the step before wrote):
+  1. delrec data prepare           raw files -> a prepared dataset folder
+  2. delrec sr train               the SR model (SASRec, GRU4Rec, Caser); `sr predict` its top-K per instance
+  3. delrec llm distill-pattern    DELRec stage 1: the SR pattern -> a soft prompt (LLM frozen)
+  4. delrec llm finetune           DELRec stage 2: LoRA on recommendation, reading the soft prompt
+  5. delrec rank / delrec export   rank fixed candidates (HF or vLLM); merge for vLLM serving
+  6. delrec teacher export         the LLM (or SR model) as teacher -> delrec student train
+  or all of it from one config:    delrec run configs/pipeline/lastfm.yaml"""
+
+
 def _usage() -> str:
-    lines = ["usage: delrec GROUP COMMAND [options]   (delrec GROUP COMMAND --help for options)", "", "commands:"]
+    lines = ["usage: delrec GROUP COMMAND [options]   (delrec GROUP COMMAND --help for options)", "",
+             ORDER_OF_WORK, "", "commands:"]
     width = max(len(" ".join(key)) for key in COMMANDS)
     for key, (_, _, summary) in COMMANDS.items():
         lines.append(f"  {' '.join(key):<{width}}  {summary}")
@@ -85,6 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = function(rest, prog=prog, description=summary)
     except DelrecError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the machine refused a read or write (full disk, a file where a folder goes, ...)
+        if exc.errno is None or exc.errno not in errno.errorcode:
+            raise
+        print(f"{prog}: error: {os_error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; re-run the same command to resume where it supports resuming", file=sys.stderr)

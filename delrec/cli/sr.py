@@ -90,8 +90,8 @@ class EvaluateArguments:
     data: str = field(metadata={"help": "A prepared dataset folder with the same item ids."})
     out: str | None = field(
         default=None,
-        metadata={"help": "Folder to write metrics.json into (default: the model folder); another model's folder is "
-                  "refused."},
+        metadata={"help": "Folder to write evaluation.json into (default: the model folder, beside the training "
+                  "run's own metrics.json, which is never replaced); another model's folder is refused."},
     )
     keep_history: bool = field(
         default=False, metadata={"help": "Full ranking: keep history items rankable instead of excluding them."}
@@ -102,28 +102,21 @@ class EvaluateArguments:
 
 def evaluate(argv, prog: str, description: str) -> int:
     from delrec.data.dataset import PreparedDataset
-    from delrec.io import check_own_folder, read_json, write_json
+    from delrec.io import check_own_folder, write_json
     from delrec.sr import load_model
-    from delrec.sr.evaluate import evaluate_model, resolve_device
+    from delrec.sr.evaluate import EVALUATION_FILE, evaluate_model, resolve_device
 
     (args,) = parse_command([EvaluateArguments], argv, prog, description)
     if args.out is not None and Path(args.out).resolve() != Path(args.model).resolve():
-        check_own_folder(args.out, ("metrics.json",))
+        check_own_folder(args.out, (EVALUATION_FILE,))
     device = resolve_device(args.device)
     model = load_model(args.model, device)
     dataset = PreparedDataset.load(args.data)
-    metrics = evaluate_model(model, dataset, args.batch_size, exclude_history=not args.keep_history)
-    out = Path(args.out or args.model) / "metrics.json"
-    merged = metrics
-    if out.is_file():  # keep a training run's timings when re-evaluating on the same dataset
-        try:
-            previous = read_json(out)
-        except Exception:
-            previous = None
-        if isinstance(previous, dict) and previous.get("dataset_fingerprint") == dataset.fingerprint:
-            merged = {**previous, **metrics}
-    write_json(out, merged)
-    print(json.dumps({"metrics": str(out), **metrics}, indent=2))
+    metrics = evaluate_model(model, dataset, args.batch_size, exclude_history=not args.keep_history,
+                             source=args.model)
+    out = Path(args.out or args.model) / EVALUATION_FILE
+    write_json(out, {"model": str(args.model), "data": str(args.data), **metrics})
+    print(json.dumps({"evaluation": str(out), **metrics}, indent=2))
     return 0
 
 
@@ -132,7 +125,9 @@ class PredictArguments:
     model: str = field(metadata={"help": "A trained SR model folder (config.json + model.safetensors)."})
     data: str = field(metadata={"help": "A prepared dataset folder with the same item ids."})
     split: Literal["train", "valid", "test"] = field(metadata={"help": "Which split's instances to predict for."})
-    out: str = field(metadata={"help": "JSONL file to write (plus FILE.meta.json beside it)."})
+    out: str = field(metadata={"help": "JSONL file to write (plus FILE.meta.json beside it). An existing file is "
+                               "replaced only if it is an earlier delrec predictions file, or with --overwrite."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --out file that delrec did not write."})
     topk: int = field(default=20, metadata={"help": "How many ranked items to write per instance."})
     keep_history: bool = field(
         default=False, metadata={"help": "Allow items of the instance's history in its predictions."}
@@ -150,9 +145,13 @@ def predict(argv, prog: str, description: str) -> int:
     from delrec.data.dataset import PreparedDataset
     from delrec.errors import DelrecError
     from delrec.sr import load_model
-    from delrec.sr.evaluate import resolve_device, write_predictions
+    from delrec.io import check_output_file
+    from delrec.sr.evaluate import is_predictions_file, meta_path, resolve_device, write_predictions
 
     (args,) = parse_command([PredictArguments], argv, prog, description)
+    for path in (args.out, meta_path(args.out)):  # the file and its sidecar: both are replaced
+        check_output_file(path, args.overwrite, lambda _: is_predictions_file(args.out),
+                          {"dataset": args.data}, "a predictions file")
     device = resolve_device(args.device)
     model = load_model(args.model, device)
     dataset = PreparedDataset.load(args.data)

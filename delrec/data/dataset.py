@@ -47,6 +47,11 @@ def candidates_file(split: str) -> str:
     return f"candidates/{split}.jsonl"
 
 
+def dataset_files() -> list[str]:
+    """The files a prepared dataset consists of, in fingerprint order."""
+    return [ITEMS_FILE] + [split_file(s) for s in SPLITS] + [candidates_file(s) for s in CANDIDATE_SPLITS]
+
+
 def fingerprint_files(folder: Path, names: list[str]) -> str:
     """A content hash of the dataset files, stored in meta.json so that files derived from a
     dataset (predictions, teacher files) can prove which dataset they belong to."""
@@ -55,6 +60,23 @@ def fingerprint_files(folder: Path, names: list[str]) -> str:
         digest.update(name.encode())
         digest.update((folder / name).read_bytes())
     return digest.hexdigest()[:16]
+
+
+# Files that tell what a folder is, when it is not a dataset: (file, what it is).
+_OTHER_FOLDERS = (
+    ("teacher.json", "a teacher folder"),
+    ("delrec.json", "a delrec LLM folder"),
+    ("run.json", "a run folder"),
+    ("config.json", "a model folder"),
+)
+
+
+def _what_instead(path: Path) -> str:
+    """What to do about a folder that is not a dataset: name the kind it seems to be, else say how to make one."""
+    for name, kind in _OTHER_FOLDERS:
+        if (path / name).is_file():
+            return f"it is {kind} ({name}); pass the prepared dataset folder instead"
+    return f"create one with `delrec data prepare --out {path}`"
 
 
 class PreparedDataset:
@@ -72,9 +94,7 @@ class PreparedDataset:
             raise DelrecError(f"{path}: dataset folder not found; create one with `delrec data prepare`")
         meta_path = path / META_FILE
         if not meta_path.is_file():
-            raise DelrecError(
-                f"{path}: not a prepared dataset (no {META_FILE}); create one with `delrec data prepare --out {path}`"
-            )
+            raise DelrecError(f"{path}: not a prepared dataset (no {META_FILE}); {_what_instead(path)}")
         meta = read_json(meta_path)
         if not isinstance(meta, dict) or meta.get("kind") != DATASET_KIND:
             raise DelrecError(f"{meta_path}: not a delrec dataset (field 'kind' should be '{DATASET_KIND}')")
@@ -83,9 +103,16 @@ class PreparedDataset:
                 f"{meta_path}: dataset format version {meta.get('format_version')!r}, this delrec reads "
                 f"{FORMAT_VERSION}; re-run `delrec data prepare`"
             )
-        for name in [ITEMS_FILE] + [split_file(s) for s in SPLITS]:
+        names = dataset_files()
+        for name in names:
             if not (path / name).is_file():
                 raise DelrecError(f"{path}: prepared dataset is missing {name}; re-run `delrec data prepare`")
+        found = fingerprint_files(path, names)
+        if found != meta.get("fingerprint"):
+            raise DelrecError(
+                f"{path}: the dataset files changed since `delrec data prepare` wrote them (content fingerprint "
+                f"{found}, {META_FILE} records {meta.get('fingerprint')!r}); re-run `delrec data prepare`"
+            )
         return cls(path, meta)
 
     @property

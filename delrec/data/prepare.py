@@ -13,6 +13,7 @@ from delrec.data.dataset import (
     SPLITS,
     PreparedDataset,
     candidates_file,
+    dataset_files,
     fingerprint_files,
     split_file,
 )
@@ -40,7 +41,7 @@ def write_prepared(processed: Processed, folder: Path, source: str, protocol: st
             folder / candidates_file(split),
             ({"id": i, "candidates": c} for i, c in enumerate(processed.candidates[split])),
         )
-    names = [ITEMS_FILE] + [split_file(s) for s in SPLITS] + [candidates_file(s) for s in CANDIDATE_SPLITS]
+    names = dataset_files()
     meta = {
         "kind": DATASET_KIND,
         "format_version": FORMAT_VERSION,

@@ -185,10 +185,7 @@ def _load_sr(path: str, dataset: PreparedDataset, device: torch.device):
     from delrec.sr.evaluate import check_compatible
 
     model = load_model(path, device)
-    check_compatible(model, dataset)
-    if model.dataset_fingerprint not in (None, dataset.fingerprint):
-        raise DelrecError(f"{path}: the SR model was trained on dataset {model.dataset_fingerprint}, not on "
-                          f"{dataset.path} (fingerprint {dataset.fingerprint}); use the dataset it was trained on")
+    check_compatible(model, dataset, path)
     return model
 
 

@@ -43,6 +43,7 @@ CANDIDATE_KEYS = ("hr@1", "hr@5", "ndcg@5")
 PREDICTIONS_KIND = "delrec-predictions"
 PREDICTIONS_VERSION = 1
 EVAL_BATCH_SIZE = 1024
+EVALUATION_FILE = "evaluation.json"  # what `sr evaluate` writes: a training run's metrics.json is never replaced
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
@@ -154,9 +155,10 @@ def evaluate_model(
     batch_size: int = EVAL_BATCH_SIZE,
     exclude_history: bool = True,
     splits: Sequence[str] = ("valid", "test"),
+    source: str | Path | None = None,
 ) -> dict:
     """The metrics.json body: full ranking on `splits` plus the candidate protocol."""
-    check_compatible(model, dataset)
+    check_compatible(model, dataset, source)
     result: dict = {"protocol": "full", "exclude_history": exclude_history, "dataset_fingerprint": dataset.fingerprint}
     for split in splits:
         result[split] = evaluate_full(model, dataset.instances(split), batch_size, exclude_history)
@@ -167,12 +169,18 @@ def evaluate_model(
     return result
 
 
-def check_compatible(model: SequentialRecommender, dataset: PreparedDataset) -> None:
+def check_compatible(model: SequentialRecommender, dataset: PreparedDataset, source: str | Path | None = None) -> None:
+    """The model must score `dataset`'s items: the same catalogue size, and the dataset it was trained on (by
+    content fingerprint: another dataset with as many items would be scored silently and wrongly)."""
+    name = f"{source}: the SR model" if source is not None else "the SR model"
     if model.num_items != dataset.num_items:
         raise DelrecError(
-            f"the model scores {model.num_items} items but the dataset {dataset.path} has {dataset.num_items}; "
+            f"{name} scores {model.num_items} items but the dataset {dataset.path} has {dataset.num_items}; "
             "use the dataset the model was trained on"
         )
+    if model.dataset_fingerprint not in (None, dataset.fingerprint):
+        raise DelrecError(f"{name} was trained on dataset {model.dataset_fingerprint}, not on {dataset.path} "
+                          f"(fingerprint {dataset.fingerprint}); use the dataset it was trained on")
 
 
 # --- predictions ---------------------------------------------------------------------------------
@@ -186,10 +194,11 @@ def predict(
     exclude_history: bool = True,
     batch_size: int = EVAL_BATCH_SIZE,
     prefix_predictions: bool = False,
+    source: str | Path | None = None,
 ) -> Iterator[dict]:
     """Yield one {"id", "items", "scores"} row per instance of `split`, in order (plus
     "prefix_length" and "prefix_items" with `prefix_predictions`)."""
-    check_compatible(model, dataset)
+    check_compatible(model, dataset, source)
     if not 1 <= topk <= model.num_items:
         raise DelrecError(f"--topk {topk} must be between 1 and the catalogue size ({model.num_items} items)")
     instances = dataset.instances(split)
@@ -250,7 +259,7 @@ def write_predictions(
     digest = hashlib.sha256()
     count = 0
     with atomic_write(path) as handle:
-        for row in predict(model, dataset, split, topk, exclude_history, batch_size, prefix_predictions):
+        for row in predict(model, dataset, split, topk, exclude_history, batch_size, prefix_predictions, model_path):
             line = json.dumps(row) + "\n"
             handle.write(line)
             digest.update(line.encode("utf-8"))
@@ -269,6 +278,16 @@ def write_predictions(
     }
     write_json(meta_path(path), meta)
     return meta
+
+
+def is_predictions_file(path: str | Path) -> bool:
+    """Whether `path` is a predictions file delrec wrote (its sidecar names it by checksum): safe to replace."""
+    path, side = Path(path), meta_path(path)
+    try:
+        meta = read_json(side)
+        return meta.get("kind") == PREDICTIONS_KIND and hashlib.sha256(path.read_bytes()).hexdigest() == meta.get("sha256")
+    except (DelrecError, OSError, AttributeError):
+        return False
 
 
 @dataclass

@@ -53,6 +53,7 @@ teacher file's fingerprint and the loss weights) so that a resume with other one
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import random
 import resource
@@ -260,6 +261,40 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
+def check_negative_sampling(config: TrainConfig, model_config: Any, num_items: int, device: torch.device) -> None:
+    """bce/gbce draw `num_negatives` items per position, from the N-1 items that are not the target; the
+    drawn vectors take batch_size x max_length x num_negatives x hidden_size floats (x3 with gradients),
+    so a value that cannot fit is refused before any memory is taken."""
+    if config.loss == "ce":
+        return
+    if config.num_negatives > num_items - 1:
+        raise DelrecError(f"--num_negatives {config.num_negatives} exceeds the {num_items - 1} items that can be "
+                          f"negatives (the catalogue has {num_items}); use at most {num_items - 1}, or --loss ce")
+    hidden = getattr(model_config, "hidden_size", 0)
+    length = getattr(model_config, "max_length", 0)
+    needed = 3 * 4 * config.batch_size * length * config.num_negatives * hidden
+    available = available_memory_bytes(device)
+    if available is not None and needed > available:
+        raise DelrecError(
+            f"--loss {config.loss} with --num_negatives {config.num_negatives}, --batch_size {config.batch_size}, "
+            f"--max_length {length} and --hidden_size {hidden} needs ~{needed / 2**30:.1f} GiB for the sampled "
+            f"negatives, more than the {available / 2**30:.1f} GiB available; lower --num_negatives or --batch_size"
+        )
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Free memory of the GPU, or MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _cpu_state(module_or_state) -> dict:
     state = module_or_state.state_dict() if hasattr(module_or_state, "state_dict") else module_or_state
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
@@ -293,8 +328,12 @@ def load_checkpoint(out: Path, settings: dict) -> dict | None:
 
 
 def save_checkpoint(out: Path, state: dict) -> None:
+    """Serialised in memory first: torch's own writer turns a full disk into a cryptic RuntimeError, a plain
+    write gives an OSError naming the file (and `atomic_write` keeps the previous checkpoint)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     with atomic_write(out / CHECKPOINT_DIR / CHECKPOINT_FILE, "wb") as handle:
-        torch.save(state, handle)
+        handle.write(buffer.getbuffer())
 
 
 # --- memory ---------------------------------------------------------------------------------------
@@ -410,6 +449,7 @@ def _train(dataset, model_config, config: TrainConfig, out, extra_loss, model_ho
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
+    check_negative_sampling(config, model_config, dataset.num_items, device)
     model = build_model(model_config, dataset.num_items, dataset.fingerprint)
     if model_hook is not None:
         model_hook(model)
@@ -433,7 +473,9 @@ def _train(dataset, model_config, config: TrainConfig, out, extra_loss, model_ho
         _set_rng_state(state["rng"])
         epoch, best_epoch, best_metric = state["epoch"], state["best_epoch"], state["best_metric"]
         log, best_state = state["log"], state["best_model"]
-        say(f"resuming {out} after epoch {epoch} (best so far: epoch {best_epoch}, valid {SELECTION_METRIC} {best_metric:.4f})")
+        # said even without progress output: a resumed run must never pass for a fresh one
+        tqdm.write(f"resuming {out} after epoch {epoch} (best so far: epoch {best_epoch}, valid {SELECTION_METRIC} "
+                   f"{best_metric:.4f})", file=sys.stderr)
 
     data = training_sequences(dataset, model.max_length, model.pad_id) if model.trainable else None
     valid = dataset.instances("valid")
