@@ -1,3 +1,3 @@
-from delrec.cli import main
+from delrec.cli import console_main
 
-raise SystemExit(main())
+raise SystemExit(console_main())

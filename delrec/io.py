@@ -94,9 +94,20 @@ def is_occupied(path: Path) -> bool:
     return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
+def check_parents_are_folders(out: str | os.PathLike) -> None:
+    """Refuse, before any work, an output path under a regular file (it could never be written)."""
+    for parent in Path(out).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DelrecError(f"--out {out}: {parent} is a file, not a folder; choose an output path whose "
+                                  "parents are folders")
+            return
+
+
 def check_apart_from_inputs(out: str | os.PathLike, inputs: dict[str, Any], what: str = "the output") -> None:
     """Refuse an output folder that is, or holds, an input (`inputs`: name -> path, None when not given):
     writing there would replace or mix with the input, which the command is still reading."""
+    check_parents_are_folders(out)
     target = Path(out).resolve()
     for name, path in inputs.items():
         if path is None or not Path(path).exists():
@@ -113,12 +124,13 @@ def check_output_file(out: str | os.PathLike, overwrite: bool, is_own: Callable[
     an input folder (`inputs`: name -> folder), or an existing file for which `is_own` is false (the
     command's own earlier output is replaced; anything else only with `overwrite`)."""
     out = Path(out)
+    check_parents_are_folders(out)
     if out.is_dir():
-        raise DelrecError(f"--out {out} is a folder; expected the path of the {what} file to write")
+        raise DelrecError(f"--out {out} is a folder; expected the path of {what} to write")
     target = out.resolve()
     for name, folder in inputs.items():
         if folder is not None and Path(folder).is_dir() and Path(folder).resolve() in target.parents:
-            raise DelrecError(f"--out {out} is inside the {name} folder {folder}; write the {what} elsewhere")
+            raise DelrecError(f"--out {out} is inside the {name} folder {folder}; write {what} elsewhere")
     if out.exists() and not overwrite and not is_own(out):
         raise DelrecError(f"--out {out} already exists and is not {what} written by delrec; choose another path, "
                           "or pass --overwrite to replace it")
@@ -188,7 +200,7 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     with open(path, "rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a BOM, as editors on Windows write
             except UnicodeDecodeError as exc:
                 raise DelrecError(
                     f"{where(path, line_no)}: not UTF-8 text (byte {exc.start}); re-encode the file as UTF-8"

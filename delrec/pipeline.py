@@ -61,7 +61,7 @@ from typing import Any, Callable, Literal
 import delrec
 from delrec.config import build_parser, coerce_config, load_yaml, option_actions, unknown_key_error
 from delrec.errors import DelrecError
-from delrec.io import atomic_write, read_json, write_json, write_jsonl
+from delrec.io import atomic_write, check_parents_are_folders, is_occupied, read_json, write_json, write_jsonl
 
 STAGES = ("data", "sr", "predictions", "llm", "stage1", "stage2", "rank", "teacher", "students", "latency", "report")
 INPUTS: dict[str, tuple[str, ...]] = {
@@ -100,7 +100,10 @@ class RunOptions:
     out: str | None = field(
         default=None, metadata={"help": "Run folder (default: runs/<config file name>); `--out` overrides it."}
     )
-    threads: int = field(default=0, metadata={"help": "torch CPU threads in every stage (0: torch's default)."})
+    threads: int = field(
+        default=0, metadata={"help": "torch CPU threads in every stage; 0: the process's (OMP_NUM_THREADS, else the "
+                             "`delrec` command's one per free core)."}
+    )
 
     def __post_init__(self):
         if self.threads < 0:
@@ -1009,6 +1012,22 @@ def captured(log: Path | None):
         os.close(saved[1])
 
 
+def check_run_folder(run: Path) -> None:
+    """Refuse a run folder that holds anything but an earlier run: stages wipe and rewrite their folders."""
+    check_parents_are_folders(run)
+    if not is_occupied(run):
+        return
+    if not run.is_dir():
+        raise DelrecError(f"--out {run} is a file; expected a run folder")
+    try:
+        record = read_json(run / RUN_FILE)
+    except DelrecError:
+        record = None
+    if not (isinstance(record, dict) and "delrec_version" in record and "stages" in record):
+        raise DelrecError(f"--out {run} is not empty and is not a delrec run folder (no {RUN_FILE}); its files would "
+                          "be replaced: choose a new or empty folder")
+
+
 def run_pipeline(config: PipelineConfig, run_dir: str | Path, only: str | None = None, start: str | None = None,
                  dry_run: bool = False, verbose: bool = False, echo: Callable[[str], None] = print) -> dict:
     """Run the plan (or only print it); return the run summary written to RUN/run.json."""
@@ -1020,6 +1039,7 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path, only: str | None =
     if dry_run:
         echo(format_plan(steps))
         return {"plan": [dataclasses.asdict(s) for s in steps]}
+    check_run_folder(layout.run)
     layout.run.mkdir(parents=True, exist_ok=True)
     with atomic_write(layout.run / CONFIG_COPY) as handle:
         handle.write(config.text)

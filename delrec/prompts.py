@@ -457,6 +457,10 @@ def _analyse(path: Path, domains: Mapping[str, Mapping[str, str]]) -> tuple[Prom
                         "into the prompt")
     if TARGET not in used["completion"]:
         problems.append(f"{path}: the completion block must render the answer '{{{{ {TARGET} }}}}'")
+    elif not _is_target_alone(blocks["completion"]):
+        problems.append(f"{where(path, blocks['completion'].lineno)}: the completion block must be "
+                        f"'{{{{ {TARGET} }}}}' alone (the loss and the read-outs score the answer's title only); "
+                        "move any other text into the prompt block")
 
     # soft-prompt slot
     slots = [(node, parents) for node, parents in _walk(blocks["prompt"])
@@ -492,6 +496,17 @@ def _analyse(path: Path, domains: Mapping[str, Mapping[str, str]]) -> tuple[Prom
         domains=domains, fingerprint=digest.hexdigest()[:16], compiled=_ENV.from_string(source),
     )
     return template, []
+
+
+def _is_target_alone(block: nodes.Block) -> bool:
+    """The block's body is whitespace and one plain `{{ target }}` (no filter, no other text or tags)."""
+    if not all(isinstance(output, nodes.Output) for output in block.body):
+        return False
+    parts = [node for output in block.body for node in output.nodes]
+    names = [n for n in parts if isinstance(n, nodes.Name)]
+    rest = [n for n in parts if not isinstance(n, nodes.Name)]
+    return (len(names) == 1 and names[0].name == TARGET
+            and all(isinstance(n, nodes.TemplateData) and not n.data.strip() for n in rest))
 
 
 _CACHE: dict[tuple, tuple[PromptTemplate | None, list[str]]] = {}

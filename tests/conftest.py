@@ -1,9 +1,12 @@
 """Shared test helpers: one torch thread per test module, and where the real datasets live."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+
+from delrec.data.dataset import META_FILE, dataset_files, fingerprint_files
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -23,3 +26,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def reseal_dataset(folder: Path) -> None:
+    """Record the current content fingerprint in a prepared folder's meta.json, as if `delrec data prepare`
+    had written its edited files: for tests that edit a dataset on purpose."""
+    meta = json.loads((folder / META_FILE).read_text())
+    meta["fingerprint"] = fingerprint_files(folder, dataset_files())
+    (folder / META_FILE).write_text(json.dumps(meta))

@@ -17,7 +17,7 @@ import torch
 
 from delrec.data.dataset import PreparedDataset
 from delrec.llm.export import export_model
-from delrec.llm.folder import write_info
+from delrec.llm.folder import model_fingerprint, write_info
 from delrec.llm.loading import LoraSettings, apply_lora
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.prompts import get_template
@@ -50,8 +50,8 @@ def make_stage2(base: Path, data: Path, out: Path, soft_tokens: int | None = SOF
     dataset = PreparedDataset.load(data)
     write_info(out, {
         "stage": "finetune",
-        "base_model": {"model_name_or_path": str(base), "load_in_4bit": False, "load_in_8bit": False,
-                       "trust_remote_code": False},
+        "base_model": {"model_name_or_path": str(base), "fingerprint": model_fingerprint(str(base)),
+                       "load_in_4bit": False, "load_in_8bit": False, "trust_remote_code": False},
         "sr_model": {"name": "sasrec", "display_name": "SASRec"},
         "soft_prompt": None if soft is None else {"name": soft.name, "num_tokens": soft.num_tokens,
                                                   "source": "random", "stage1": None},

@@ -11,6 +11,7 @@ run the console script itself in a subprocess.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import reseal_dataset
 from delrec.cli import main
 from delrec.data.dataset import PreparedDataset
 from delrec.data.prepare import prepare_dataset
@@ -52,8 +54,19 @@ def w(tiny_llm_data, tiny_llama, stage2_llama, sr_model, sr_teacher, tmp_path_fa
                       "train", 10, prefix_predictions=True)
     copies = {name: shutil.copytree(source, root / name)
               for name, source in (("finished_sr", sr_model), ("finished_stage2", stage2_llama),
-                                   ("base_llm", tiny_llama))}
-    return SimpleNamespace(
+                                   ("base_llm", tiny_llama), ("same_size", tiny_llm_data), ("emptied", tiny_llm_data),
+                                   ("moved_base_stage2", stage2_llama))}
+    items = (copies["same_size"] / "items.jsonl").read_text().replace('"title": "', '"title": "The ', 1)
+    (copies["same_size"] / "items.jsonl").write_text(items)  # another dataset with as many items
+    reseal_dataset(copies["same_size"])
+    (copies["emptied"] / "train.jsonl").write_text("")  # emptied by hand: meta.json no longer matches
+    info = json.loads((copies["moved_base_stage2"] / "delrec.json").read_text())
+    info["base_model"]["model_name_or_path"] = str(root / "moved-away")
+    (copies["moved_base_stage2"] / "delrec.json").write_text(json.dumps(info))
+    foreign = root / "foreign"  # a user's own folder: config.yaml and data/important.txt
+    write(foreign / "data" / "important.txt", "keep me\n")
+    write(foreign / "config.yaml", "mine: true\n")
+    return SimpleNamespace(foreign=foreign,
         data=tiny_llm_data, llm=tiny_llama, stage2=stage2_llama, sr=sr_model, teacher=sr_teacher, other=other,
         other_teacher=write_sr_teacher(other, root / "other-pop", root / "other-teacher"), preds=preds, root=root,
         **copies,
@@ -84,6 +97,12 @@ def csv_folder(t: Path, items: str, interactions: str) -> Path:
     write(t / "csv" / "items.csv", items)
     write(t / "csv" / "interactions.csv", interactions)
     return t / "csv"
+
+
+def recbole_folder(t: Path, inter: str) -> Path:
+    write(t / "rb" / "rb.item", "item_id:token\ttitle:token_seq\n1\tOne\n")
+    write(t / "rb" / "rb.inter", inter)
+    return t / "rb"
 
 
 def prompts_folder(t: Path, file: str, old: str | None = None, new: str = "") -> Path:
@@ -152,7 +171,28 @@ CASES = {
         lambda w, t: ["data", "prepare", "--format", "rows", "--input", rows_folder(t, ""), "--out", t / "rows",
                       "--overwrite"],
         "is the raw data folder"),
+    "prepare/input-with-synthetic": (
+        lambda w, t: ["data", "prepare", "--format", "synthetic", "--input", w.foreign, "--out", t / "o"],
+        "is given with --format synthetic, which reads no files"),
+    "prepare/negative-kcore": (lambda w, t: ["data", "prepare", "--format", "synthetic", "--kcore", "-3",
+                                             "--out", t / "o"], "kcore must be 0 (off) or a positive count"),
+    "prepare/csv-unclosed-quote": (
+        lambda w, t: ["data", "prepare", "--format", "csv", "--out", t / "o", "--input",
+                      csv_folder(t, 'item,title\n1,One\n2,"Two\n3,Three\n', "user,item,timestamp\n1,1,1\n")],
+        'items.csv:3: a quote (") opened in the row on this line is never closed'),
+    "prepare/recbole-header-typo": (
+        lambda w, t: ["data", "prepare", "--format", "recbole", "--out", t / "o", "--input", recbole_folder(
+            t, "user_id:token\titme_id:token\ttimestamp:float\n1\t1\t1\n")],
+        "missing column 'item_id'; expected columns user_id, item_id, timestamp (found user_id, itme_id, timestamp); "
+        "is 'itme_id' a typo of it?"),
+    "prepare/out-under-a-file": (
+        lambda w, t: ["data", "prepare", "--format", "synthetic", "--out", w.foreign / "config.yaml" / "o"],
+        "config.yaml is a file, not a folder"),
     "stats/model-folder": (lambda w, t: ["data", "stats", w.sr], "not a prepared dataset (no meta.json)"),
+    "stats/sr-model-folder-is-named": (lambda w, t: ["data", "stats", w.sr],
+                                       "it is a model folder (config.json); pass the prepared dataset folder instead"),
+    "stats/emptied-train-file": (lambda w, t: ["data", "stats", w.emptied],
+                                 "the dataset files changed since `delrec data prepare` wrote them"),
     # sr train / evaluate / predict
     "sr-train/unknown-flag": (
         lambda w, t: ["sr", "train", "--data", w.data, "--model", "caser", "--out", t / "o", "--num_heads", "2"],
@@ -170,12 +210,40 @@ CASES = {
     "sr-train/out-is-a-dataset": (
         lambda w, t: ["sr", "train", "--data", w.data, "--model", "pop", "--out", w.other],
         "other already holds files but no training checkpoint"),
+    "sr-train/emptied-train-file": (
+        lambda w, t: ["sr", "train", "--data", w.emptied, "--model", "pop", "--out", t / "o"],
+        "emptied: the dataset files changed since `delrec data prepare` wrote them"),
+    "sr-train/negatives-above-catalogue": (
+        lambda w, t: ["sr", "train", "--data", w.data, "--model", "sasrec", "--loss", "bce", "--num_negatives",
+                      "100000", "--out", t / "o"],
+        "--num_negatives 100000"),
+    "sr-train/out-under-a-file": (
+        lambda w, t: ["sr", "train", "--data", w.data, "--model", "pop", "--out", w.foreign / "config.yaml" / "o"],
+        "config.yaml is a file, not a folder"),
     "sr-evaluate/llm-folder": (lambda w, t: ["sr", "evaluate", "--model", w.llm, "--data", w.data],
                                "a Hugging Face model folder (model_type 'llama'), not a delrec SR model"),
     "sr-evaluate/stage2-folder": (lambda w, t: ["sr", "evaluate", "--model", w.stage2, "--data", w.data],
                                   "not an SR model folder, it is a PEFT adapter folder"),
     "sr-evaluate/other-dataset": (lambda w, t: ["sr", "evaluate", "--model", w.sr, "--data", w.other],
-                                  "the model scores 40 items but the dataset"),
+                                  "the SR model scores 40 items but the dataset"),
+    "sr-evaluate/same-size-other-dataset": (
+        lambda w, t: ["sr", "evaluate", "--model", w.sr, "--data", w.same_size],
+        "was trained on dataset"),
+    "sr-predict/same-size-other-dataset": (
+        lambda w, t: ["sr", "predict", "--model", w.sr, "--data", w.same_size, "--split", "test", "--out", t / "p.jsonl"],
+        "was trained on dataset"),
+    "sr-predict/out-is-the-dataset-file": (
+        lambda w, t: ["sr", "predict", "--model", w.sr, "--data", w.data, "--split", "test", "--out", w.data / "train.jsonl"],
+        "train.jsonl is inside the dataset folder"),
+    "sr-predict/out-is-a-foreign-file": (
+        lambda w, t: ["sr", "predict", "--model", w.sr, "--data", w.data, "--split", "test", "--out", w.foreign / "config.yaml"],
+        "config.yaml already exists and is not a predictions file written by delrec"),
+    "sr-predict/out-is-a-folder": (
+        lambda w, t: ["sr", "predict", "--model", w.sr, "--data", w.data, "--split", "test", "--out", w.foreign / "data"],
+        "data is a folder; expected the path of a predictions file to write"),
+    "sr-predict/out-under-a-file": (
+        lambda w, t: ["sr", "predict", "--model", w.sr, "--data", w.data, "--split", "test", "--out", w.foreign / "config.yaml" / "p"],
+        "config.yaml is a file, not a folder"),
     "sr-evaluate/out-is-another-model": (
         lambda w, t: ["sr", "evaluate", "--model", w.sr, "--data", w.data, "--out", w.finished_stage2],
         "finished_stage2 already holds other files (README.md, adapter_config.json"),
@@ -193,6 +261,10 @@ CASES = {
     # llm build-tiny / distill-pattern / finetune
     "build-tiny/out-is-the-dataset": (
         lambda w, t: ["llm", "build-tiny", "--data", w.data, "--out", w.data, "--overwrite"], "is the dataset folder"),
+    "build-tiny/out-under-a-file": (
+        lambda w, t: ["llm", "build-tiny", "--data", w.data, "--out", w.foreign / "config.yaml" / "o"], "config.yaml is a file, not a folder"),
+    "distill-pattern/out-under-a-file": (
+        lambda w, t: [*distill(w, t), "--out", w.foreign / "config.yaml" / "o"], "config.yaml is a file, not a folder"),
     "distill-pattern/predictions-of-another-dataset": (
         lambda w, t: distill(w, t, train="other-train.jsonl"), "other-train.jsonl: predictions were made on dataset"),
     "distill-pattern/no-prefix-predictions": (
@@ -210,6 +282,9 @@ CASES = {
         lambda w, t: ["llm", "finetune", "--data", w.data, "--out", w.base_llm, "--model_name_or_path", w.base_llm,
                       "--soft_prompt", "random"],
         "base_llm already exists and is not a finetune run folder (no run.json)"),
+    "finetune/out-under-a-file": (
+        lambda w, t: ["llm", "finetune", "--data", w.data, "--out", w.foreign / "config.yaml" / "o",
+                      "--model_name_or_path", w.llm, "--soft_prompt", "random"], "config.yaml is a file, not a folder"),
     "finetune/yaml-list-for-an-int": (
         lambda w, t: ["llm", "finetune", "--config", write(t / "ft.yaml", f"data: {w.data}\nout: {t / 'o'}\n"
                                                               f"model_name_or_path: {w.llm}\nr: [4, 8]\n")],
@@ -237,6 +312,10 @@ CASES = {
         lambda w, t: ["prompts", "lint", "--prompts",
                       prompts_folder(t, "lsr.jinja", "Answer:", "{{ cnadidates }}\nAnswer:")],
         "uses variable 'cnadidates' but does not declare it"),
+    "prompts-lint/completion-with-more-than-the-target": (
+        lambda w, t: ["prompts", "lint", "--prompts",
+                      prompts_folder(t, "plain.jinja", "{{ target }}", "The answer is {{ target }}")],
+        "the completion block must be '{{ target }}' alone"),
     "prompts-list/domains-yaml-syntax-error": (
         lambda w, t: ["prompts", "list", "--prompts",
                       prompts_folder(t, "domains.yaml", None, "item: {item_noun: [x\n")],
@@ -255,6 +334,9 @@ CASES = {
     "rank/template-without-its-target": (
         lambda w, t: rank(w, t, "--prompts", prompts_folder(t, "plain.jinja", "{{ target }}"), model=w.llm),
         "plain.jinja: template plain.jinja declares variable 'target' but never uses it"),
+    "rank/stage2-of-another-dataset": (
+        lambda w, t: rank(w, t, "--data", w.same_size), "was fine-tuned on dataset"),
+    "rank/out-under-a-file": (lambda w, t: [*rank(w, t), "--out", w.foreign / "config.yaml" / "o"], "config.yaml is a file, not a folder"),
     "rank/soft-prompt-template-on-a-plain-model": (
         lambda w, t: rank(w, t, "--template", "lsr", model=w.llm), "template 'lsr' needs a soft prompt"),
     "rank/cuda-on-cpu": (lambda w, t: [*rank(w, t), "--device", "cuda"],
@@ -263,6 +345,14 @@ CASES = {
                          "not a DELRec stage-2 folder (no delrec.json)"),
     "export/out-exists": (lambda w, t: ["export", "--model", w.stage2, "--out", w.finished_sr],
                           "finished_sr already exists; pass --overwrite to replace it"),
+    "export/moved-base-model": (
+        lambda w, t: ["export", "--model", w.moved_base_stage2, "--out", t / "e"],
+        "moved-away, which is not there any more; put it back, or pass its new path with --base_model"),
+    "export/another-base-model": (
+        lambda w, t: ["export", "--model", w.moved_base_stage2, "--out", t / "e", "--base_model", w.sr],
+        "is not the base model"),
+    "export/out-under-a-file": (
+        lambda w, t: ["export", "--model", w.stage2, "--out", w.foreign / "config.yaml" / "e"], "config.yaml is a file, not a folder"),
     # teacher export / student train
     "teacher/topk-above-catalogue": (lambda w, t: teacher(w, t, "--topk", "41"),
                                      "--topk 41 exceeds the catalogue size (40 items)"),
@@ -270,6 +360,10 @@ CASES = {
         lambda w, t: [*teacher(w, t, "--mode", "rerank"), "--model", w.stage2], "--mode rerank needs --sr_model"),
     "teacher/out-is-a-dataset": (lambda w, t: [*teacher(w, t), "--out", w.other],
                                  "other already exists and is not a teacher folder (no teacher.json)"),
+    "teacher/out-under-a-file": (lambda w, t: [*teacher(w, t), "--out", w.foreign / "config.yaml" / "o"],
+                                 "config.yaml is a file, not a folder"),
+    "student/out-under-a-file": (lambda w, t: [*student(w, t, "--teacher", w.teacher), "--out", w.foreign / "config.yaml" / "o"],
+                                 "config.yaml is a file, not a folder"),
     "student/dllm2rec-without-teacher": (
         lambda w, t: student(w, t, "--method", "dllm2rec"),
         "--method dllm2rec distils a teacher: give one with --teacher"),
@@ -293,6 +387,12 @@ CASES = {
     "run/unknown-stage": (
         lambda w, t: ["run", write(t / "run.yaml", "data:\n  format: synthetic\n"), "--only", "stage3", "--dry-run"],
         "--only stage3: unknown stage; expected one of: data, sr,"),
+    "run/out-is-a-foreign-folder": (
+        lambda w, t: ["run", write(t / "run.yaml", "data:\n  format: synthetic\n"), "--out", w.foreign],
+        "foreign is not empty and is not a delrec run folder"),
+    "run/out-under-a-file": (
+        lambda w, t: ["run", write(t / "run.yaml", "data:\n  format: synthetic\n"), "--out",
+                      w.foreign / "config.yaml" / "run"], "config.yaml is a file, not a folder"),
     "demo/unknown-stage": (lambda w, t: ["demo", "--from", "training", "--dry-run", "--out", t / "demo"],
                            "--from training: unknown stage"),
 }
@@ -308,7 +408,7 @@ def run_cli(argv) -> int:
 def guarded(w) -> dict[str, dict[str, str]]:
     """Every folder of the fixture world: none may change when a command fails."""
     folders = [w.data, w.llm, w.stage2, w.sr, w.teacher, w.other, w.other_teacher, w.preds, w.finished_sr,
-               w.finished_stage2, w.base_llm]
+               w.finished_stage2, w.base_llm, w.same_size, w.emptied, w.moved_base_stage2, w.foreign]
     return {str(folder): snapshot(folder) for folder in folders}
 
 

@@ -1,5 +1,6 @@
 """Config dataclasses -> YAML + CLI flags, strictly validated."""
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -67,3 +68,16 @@ def test_dataclass_from_dict_is_strict():
     assert dataclass_from_dict(TrainArgs, {"out": "y", "epochs": 1}, "config.json").epochs == 1
     with pytest.raises(DelrecError, match="config.json: unknown key 'lrr'; did you mean 'lr'"):
         dataclass_from_dict(TrainArgs, {"out": "y", "lrr": 1}, "config.json")
+
+
+@pytest.mark.parametrize("load, expected", [(0.0, 2), (0.6, 1), (1.0, 1), (7.5, 1)])
+def test_the_console_script_starts_with_one_thread_per_free_core(load, expected, monkeypatch):
+    import delrec.cli as cli
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+    monkeypatch.setattr(cli, "main", lambda: int(os.environ["OMP_NUM_THREADS"]))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cli.console_main() == expected
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands
+    assert cli.console_main() == 3

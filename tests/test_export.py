@@ -119,6 +119,20 @@ def test_export_refuses_the_wrong_kind_of_folder(tiny_llama, tiny_llm_data, expo
     assert "--overwrite" in export(stage2_llama, tmp_path / "taken")
 
 
+def test_export_finds_a_moved_base_model_by_its_content(stage2_llama, tiny_llama, tiny_llm_data, tmp_path, capsys):
+    """The base moved: `--base_model NEW_PATH` is accepted because its files are the recorded ones, and the
+    export scores as the one merged into the base at its old path."""
+    stage2 = shutil.copytree(stage2_llama, tmp_path / "stage2")
+    moved = shutil.copytree(tiny_llama, tmp_path / "moved-base")
+    info = read_json(stage2 / "delrec.json")
+    info["base_model"]["model_name_or_path"] = str(tmp_path / "gone")
+    (stage2 / "delrec.json").write_text(json.dumps(info))
+    assert "--base_model" in one_line_error(capsys, ["export", "--model", str(stage2), "--out", str(tmp_path / "o")])
+    assert main(["export", "--model", str(stage2), "--out", str(tmp_path / "moved"), "--base_model", str(moved)]) == 0
+    assert main(["export", "--model", str(stage2_llama), "--out", str(tmp_path / "original")]) == 0
+    assert (tmp_path / "moved" / "model.safetensors").read_bytes() == (tmp_path / "original" / "model.safetensors").read_bytes()
+
+
 @pytest.mark.parametrize("remove,message", [
     ("model.safetensors", "missing the model weights"),
     ("tokenizer*", "missing tokenizer files"),

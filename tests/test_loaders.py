@@ -129,6 +129,13 @@ def test_rows_jsonl_detects_the_pad_and_keeps_empty_histories(tmp_path):
     assert raw.protocol == "given"
 
 
+def test_rows_jsonl_with_a_byte_order_mark(tmp_path):
+    """Editors on Windows save UTF-8 with a BOM; the JSONL reader accepts it as every other format does."""
+    folder = _rows_folder(tmp_path, [{"seq": [0, 1, 9], "len_seq": 2, "next": 2}])
+    (folder / "train.jsonl").write_bytes(b"\xef\xbb\xbf" + (folder / "train.jsonl").read_bytes())
+    assert load_raw("rows", folder).splits["train"] == [RowInstance(["0", "1"], "2", f"{folder / 'train.jsonl'}:1")]
+
+
 def test_rows_explicit_pad_id(tmp_path):
     train = [{"seq": [9, 0, 1], "len_seq": 2, "next": 2}]  # left padding cannot be detected
     refused("rows", _rows_folder(tmp_path, train), "valid.jsonl:1 field 'seq'", "train.jsonl:1 pads with 1", "pad_id")
@@ -261,6 +268,15 @@ def test_movielens_1m(tmp_path):
     raw = load_raw("movielens", tmp_path)
     assert raw.titles == {"1": "Toy Story (1995)", "2": "A Bug's Life (1998)"}
     assert raw.events == [Event("1", "2", 978300760.0, 5.0, 0), Event("1", "1", 978302109.0, 3.0, 1)]
+
+
+def test_movielens_1m_resaved_as_utf8(tmp_path):
+    """A release re-saved as UTF-8 reads as UTF-8 (assuming Latin-1 would turn 'é' into 'Ã©')."""
+    write(tmp_path, "movies.dat", "1::Cité des enfants perdus, La (1995)::Drama\n".encode("utf-8"))
+    write(tmp_path, "ratings.dat", "1::1::5::978300760\n")
+    assert load_raw("movielens", tmp_path).titles == {"1": "Cité des enfants perdus, La (1995)"}
+    write(tmp_path, "movies.dat", "1::Cité des enfants perdus, La (1995)::Drama\n".encode("latin-1"))
+    assert load_raw("movielens", tmp_path).titles == {"1": "Cité des enfants perdus, La (1995)"}
 
 
 def test_movielens_refuses_mixed_releases(tmp_path):

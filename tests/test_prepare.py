@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from delrec.data.dataset import PreparedDataset, dataset_files, fingerprint_files
+from conftest import reseal_dataset
+from delrec.data.dataset import PreparedDataset
 from delrec.data.prepare import prepare_dataset
 from delrec.data.preprocess import PreprocessConfig, preprocess
 from delrec.data.raw import Event, RawDataset, RowInstance
@@ -161,8 +162,6 @@ def test_loading_validates_the_folder(tmp_path):
     (ds.path / "test.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(DelrecError, match=r"the dataset files changed since `delrec data prepare` wrote them"):
         PreparedDataset.load(ds.path)
-    meta = json.loads((ds.path / "meta.json").read_text())  # an edit that also re-fingerprinted the folder
-    meta["fingerprint"] = fingerprint_files(ds.path, dataset_files())
-    (ds.path / "meta.json").write_text(json.dumps(meta))
+    reseal_dataset(ds.path)  # an edit that also re-fingerprinted the folder
     with pytest.raises(DelrecError, match=r"test.jsonl:3 field 'history'.*99.*not in the catalogue"):
         PreparedDataset.load(ds.path).instances("test")

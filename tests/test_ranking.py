@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from conftest import reseal_dataset
 from delrec.cli import main
 from delrec.data.dataset import PreparedDataset
 from delrec.io import read_json, read_jsonl, write_jsonl
@@ -241,6 +242,7 @@ def test_colliding_titles_are_ranked_lower_index_first_and_reported(tiny_llama, 
     items[second]["title"] = items[first]["title"]  # identical: identical scores
     items[third]["title"] = "  " + items[first]["title"].upper()  # equal after normalisation only
     write_jsonl(data / "items.jsonl", items)
+    reseal_dataset(data)
 
     for readout in ("score", "constrained"):
         metrics = run_rank(tiny_llama, data, tmp_path / readout, readout, max_instances=1, num_beams=8)

@@ -60,7 +60,7 @@ def test_outputs_metrics_log_and_selection_on_valid(dataset, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), result.model.state_dict().values()))
 
 
-def test_resume_after_interruption_equals_an_uninterrupted_run(dataset, tmp_path):
+def test_resume_after_interruption_equals_an_uninterrupted_run(dataset, tmp_path, capsys):
     straight = train_sr(dataset, SMALL, fast(epochs=4), tmp_path / "straight")
     first = train_sr(dataset, SMALL, fast(epochs=2), tmp_path / "resumed")
     assert first.epochs_run == 2
@@ -71,6 +71,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(dataset, tmp_path
         assert resumed.metrics[key] == straight.metrics[key], key
     for a, b in zip(resumed.model.state_dict().values(), straight.model.state_dict().values()):
         assert torch.equal(a, b)
+    assert "resuming" in capsys.readouterr().err  # said even without progress output
     again = train_sr(dataset, SMALL, fast(epochs=4), tmp_path / "resumed")  # finished: evaluates only
     assert again.epochs_run == 4 and again.metrics["test"] == straight.metrics["test"]
 

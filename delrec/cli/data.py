@@ -37,6 +37,10 @@ def load_input(args: PrepareArguments, seed: int):
     if args.format == "synthetic":
         from delrec.data.synthetic import make_synthetic
 
+        if args.input is not None:
+            raise DelrecError(f"--input {args.input} is given with --format synthetic, which reads no files; drop "
+                              "--input, or give the format of the files (recbole, rows, movielens or csv)")
+
         try:
             return make_synthetic(num_users=args.synthetic_users, num_items=args.synthetic_items, seed=seed)
         except ValueError as exc:

@@ -46,13 +46,19 @@ class ExportArguments:
     )
     device: Literal["cpu", "cuda", "auto"] = field(default="cpu", metadata={"help": "Where to merge."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --out folder."})
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "The base model's new path, when it moved from the path recorded in the stage-2 folder's "
+                  "delrec.json; accepted only if its files are the same (content fingerprint)."},
+    )
 
 
 def export(argv, prog: str, description: str) -> int:
     (args,) = parse_command([ExportArguments], argv, prog, description)
     from delrec.llm.export import export_model
 
-    info = export_model(args.model, args.out, dtype=args.dtype, device=args.device, overwrite=args.overwrite)
+    info = export_model(args.model, args.out, dtype=args.dtype, device=args.device, overwrite=args.overwrite,
+                        base_model=args.base_model)
     keys = ("template", "domain", "sr_model", "dtype", "max_abs_logit_diff")
     soft = info["soft_prompt"]
     print(json.dumps({"out": args.out, **{k: info[k] for k in keys},

@@ -7,6 +7,7 @@ checked number of fields, and values are converted with errors that name file, l
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import math
 import re
@@ -32,10 +33,16 @@ def dataset_folder(path: str | PathLike, expected: str) -> Path:
 
 
 def read_text(path: Path, expected: str, encoding: str = "utf-8") -> str:
-    """The whole file as text; missing, empty or non-UTF-8 files are errors naming file and line."""
+    """The whole file as text; missing, empty or non-UTF-8 files are errors naming file and line.
+
+    `encoding="detect"` (for releases distributed in Latin-1 but often re-saved as UTF-8): UTF-8 when the
+    bytes are valid UTF-8, else Latin-1. Latin-1 text with accents is practically never valid UTF-8.
+    """
     if not path.is_file():
         raise DelrecError(f"{path}: file not found; expected {expected}")
     data = path.read_bytes()
+    if encoding == "detect":
+        encoding = "utf-8" if _is_utf8(data) else "latin-1"
     try:
         text = data.decode(encoding)
     except UnicodeDecodeError as exc:
@@ -47,6 +54,14 @@ def read_text(path: Path, expected: str, encoding: str = "utf-8") -> str:
     if not text.strip():
         raise DelrecError(f"{path}: file is empty; expected {expected}")
     return text
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def numbered_lines(text: str) -> Iterator[tuple[int, str]]:
@@ -77,9 +92,11 @@ def column_index(
     """Map column names to positions; a missing required column is an error listing what was found."""
     for name in required:
         if name not in header:
+            close = difflib.get_close_matches(name, [h for h in header if h not in required], n=1)
+            hint = f"; is '{close[0]}' a typo of it?" if close else ""
             raise DelrecError(
                 f"{where(path, number)}: missing column '{name}'; expected columns {', '.join(required)} "
-                f"(found {', '.join(header)})"
+                f"(found {', '.join(header)}){hint}"
             )
     return {name: header.index(name) for name in (*required, *optional) if name in header}
 
@@ -90,23 +107,29 @@ def csv_records(
     """(line number, {column: value}) per data row of a CSV file with a header (names matched
     case-insensitively; extra columns ignored). Quoted values may hold commas and newlines."""
     text = read_text(path, f"a CSV header with columns {', '.join(required)}")
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    start = 1  # the line the current row starts on: a quoted field may span lines
     try:
         header = [name.strip().lower() for name in next(reader)]
         index = column_index(header, path, reader.line_num, required, optional)
         count = 0
+        start = reader.line_num + 1
         for row in reader:
-            if not any(value.strip() for value in row):
-                continue
-            if len(row) != len(header):
-                raise DelrecError(
-                    f"{where(path, reader.line_num)}: expected {len(header)} comma-separated fields "
-                    f"as in the header, found {len(row)}"
-                )
-            count += 1
-            yield reader.line_num, {name: row[i] for name, i in index.items()}
+            end = reader.line_num
+            if any(value.strip() for value in row):
+                if len(row) != len(header):
+                    spans = (f" (this row runs on to line {end}: a quote opened on line {start} may be unclosed)"
+                             if end > start else "")
+                    raise DelrecError(f"{where(path, start)}: expected {len(header)} comma-separated fields as in "
+                                      f"the header, found {len(row)}{spans}")
+                count += 1
+                yield start, {name: row[i] for name, i in index.items()}
+            start = end + 1
     except csv.Error as exc:
-        raise DelrecError(f"{where(path, reader.line_num)}: malformed CSV ({exc})") from None
+        if "unexpected end of data" in str(exc):
+            raise DelrecError(f"{where(path, start)}: a quote (\") opened in the row on this line is never closed; "
+                              "close it, or double a quote that is part of a value (\"\")") from None
+        raise DelrecError(f"{where(path, start)}: malformed CSV ({exc})") from None
     if not count:
         raise DelrecError(f"{path}: no rows after the header; expected rows of {', '.join(required)}")
 

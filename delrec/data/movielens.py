@@ -1,4 +1,4 @@
-"""Raw MovieLens releases, read as distributed (latin-1 text).
+"""Raw MovieLens releases: Latin-1 text as distributed, or UTF-8 where a file was re-saved (detected).
 
 ml-100k: `u.data` (user TAB item TAB rating TAB timestamp) and `u.item` (id|title|...).
 ml-1m: `ratings.dat` (user::item::rating::timestamp) and `movies.dat` (id::title::genres).
@@ -20,7 +20,7 @@ from delrec.data.titles import TitleTable
 from delrec.errors import DelrecError
 
 RATING_FIELDS = ("user", "item", "rating", "timestamp")
-ENCODING = "latin-1"
+ENCODING = "detect"  # Latin-1 as distributed; UTF-8 when re-saved so (mojibake otherwise)
 # "Name, The (alternate title) (1994)": the article may be followed by parenthesised parts only.
 _TRAILING_ARTICLE = re.compile(r"(?P<name>.+?), (?P<article>The|A|An)(?P<rest>(?: \(.*\))?)")
 

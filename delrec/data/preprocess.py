@@ -41,6 +41,8 @@ class PreprocessConfig:
             raise ValueError(f"num_candidates must be at least 2, got {self.num_candidates}")
         if self.max_history < 1:
             raise ValueError(f"max_history must be at least 1, got {self.max_history}")
+        if self.kcore < 0:
+            raise ValueError(f"kcore must be 0 (off) or a positive count of interactions, got {self.kcore}")
         if self.min_user_interactions < 3:
             raise ValueError("min_user_interactions must be at least 3 (train, valid and test each need one item)")
 

@@ -25,7 +25,7 @@ import torch
 
 from delrec.errors import DelrecError
 from delrec.io import check_apart_from_inputs, is_occupied, read_json, replace_directory, staged_directory, write_json
-from delrec.llm.folder import ADAPTER_CONFIG, INFO_FILE, load_delrec_model, read_info
+from delrec.llm.folder import ADAPTER_CONFIG, INFO_FILE, load_delrec_model, read_info, same_base_model
 from delrec.llm.loading import DTYPES, TOKENIZER_FILES, WEIGHT_FILES, describe_non_model_folder, resolve_source
 from delrec.llm.soft_prompt import SOFT_PROMPT_FILE, SoftPrompt
 from delrec.llm.tokenization import encode_prompt
@@ -118,12 +118,14 @@ def prompt_settings(info: dict) -> dict:
 
 
 def export_model(
-    source: str | Path, out: str | Path, *, dtype: str = "auto", device: str = "cpu", overwrite: bool = False
+    source: str | Path, out: str | Path, *, dtype: str = "auto", device: str = "cpu", overwrite: bool = False,
+    base_model: str | None = None,
 ) -> dict:
     """Merge the stage-2 folder `source` into a plain model folder `out`; return its delrec.json.
 
     `dtype`: the saved weights' dtype; `auto` keeps the base checkpoint's (merging is done in float32,
-    on `device`).
+    on `device`). `base_model`: the base at a new path, when it moved from the one delrec.json records
+    (accepted when its content fingerprint is the recorded one).
     """
     from transformers import AutoModelForCausalLM
 
@@ -139,8 +141,9 @@ def export_model(
         raise DelrecError(f"{source}: trained on a 4/8-bit base (QLoRA); `delrec export` merges into a full-precision "
                           "base only and does not support QLoRA folders yet")
 
-    model, tokenizer, _ = load_delrec_model(source, device=device, dtype="float32")
-    target_dtype = DTYPES[dtype] if dtype != "auto" else _checkpoint_dtype(base["model_name_or_path"])
+    base_path = locate_base_model(source, base, base_model)
+    model, tokenizer, _ = load_delrec_model(source, device=device, dtype="float32", base=base_path)
+    target_dtype = DTYPES[dtype] if dtype != "auto" else _checkpoint_dtype(base_path)
     soft = soft_prompt_text(info)
     probe = torch.tensor([encode_prompt(tokenizer, PROBE_TEXT.format(soft=soft or ""))], device=model.device)
     with torch.inference_mode():
@@ -172,6 +175,24 @@ def export_model(
         write_json(tmp / INFO_FILE, export_info)
         replace_directory(tmp, out)
     return export_info
+
+
+def locate_base_model(source: Path, recorded: dict, given: str | None) -> str:
+    """The base model to merge into: the one delrec.json records, or `given` if it is the same model."""
+    path = recorded["model_name_or_path"]
+    if given is None:
+        if Path(path).is_absolute() and not Path(path).exists():
+            raise DelrecError(f"{source / INFO_FILE} records the base model {path}, which is not there any more; "
+                              "put it back, or pass its new path with --base_model")
+        return path
+    if not Path(given).exists():
+        raise DelrecError(f"--base_model {given}: not found")
+    if not same_base_model(recorded, given):
+        known = "its content fingerprint differs" if recorded.get("fingerprint") else \
+            "the folder records no content fingerprint to compare"
+        raise DelrecError(f"--base_model {given} is not the base model {source / INFO_FILE} records ({path}): "
+                          f"{known}; pass the model stage 2 was trained on")
+    return given
 
 
 def _checkpoint_dtype(base: str) -> torch.dtype:

@@ -14,6 +14,7 @@ and the adapter, so the ranking stage and the tests score exactly what training 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,43 @@ INFO_FILE = "delrec.json"
 KIND = "delrec-llm"
 FORMAT_VERSION = 1
 ADAPTER_CONFIG = "adapter_config.json"
+
+
+def local_or_hub(name: str) -> str:
+    """An existing local path made absolute (so the folder loads from anywhere); a hub id unchanged."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def model_fingerprint(name: str) -> str | None:
+    """A content hash of a local model (its config.json and weight files; a .gguf file itself), so that the
+    same model at a new path is recognised as the same; None for a hub id."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and (p.name == "config.json"
+                                                                       or p.suffix in WEIGHT_SUFFIXES))
+    else:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def same_base_model(recorded: dict[str, Any], name: str) -> bool:
+    """Whether `name` is the base model delrec.json recorded: the same path, or the same content elsewhere."""
+    if recorded["model_name_or_path"] == local_or_hub(name):
+        return True
+    found = model_fingerprint(name)
+    return found is not None and found == recorded.get("fingerprint")
 
 
 def write_info(folder: str | Path, info: dict[str, Any]) -> None:

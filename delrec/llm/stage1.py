@@ -45,6 +45,7 @@ import torch
 
 import delrec
 from delrec.errors import DelrecError
+from delrec.llm.folder import local_or_hub
 from delrec.llm.training import (
     CACHE_DIR,
     AnswerCollator,
@@ -56,7 +57,6 @@ from delrec.llm.training import (
     TrainingSettings,
     answer_log_probs,
     apply_runtime,
-    local_or_hub,
     main_process,
     model_description,
     on_cpu,

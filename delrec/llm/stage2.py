@@ -26,6 +26,7 @@ from typing import Literal
 
 import delrec
 from delrec.errors import DelrecError
+from delrec.llm.folder import local_or_hub, same_base_model
 from delrec.llm.training import (
     CACHE_DIR,
     AnswerCollator,
@@ -37,7 +38,6 @@ from delrec.llm.training import (
     StageResult,
     TrainingSettings,
     apply_runtime,
-    local_or_hub,
     main_process,
     model_description,
     on_cpu,
@@ -263,11 +263,11 @@ def _stage1_info(args: FinetuneArguments, dataset, model_config) -> dict | None:
             f"{folder}: its soft prompt was distilled on dataset {fingerprint}, not on {dataset.path} (fingerprint "
             f"{dataset.fingerprint}); run stage 1 on this dataset"
         )
-    base = info["base_model"]["model_name_or_path"]
-    if base != local_or_hub(model_config.model_name_or_path):
+    if not same_base_model(info["base_model"], model_config.model_name_or_path):
         raise DelrecError(
-            f"{folder}: its soft prompt lives in the embedding space of {base}, not of {model_config.model_name_or_path}; "
-            "set model_name_or_path to the stage-1 base model"
+            f"{folder}: its soft prompt lives in the embedding space of {info['base_model']['model_name_or_path']}, "
+            f"not of {model_config.model_name_or_path} (another path, and not the same files); set "
+            "model_name_or_path to the stage-1 base model"
         )
     return info
 

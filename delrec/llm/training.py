@@ -38,7 +38,8 @@ import torch
 from trl import SFTTrainer
 
 from delrec.errors import DelrecError
-from delrec.io import is_occupied, read_json, write_json
+from delrec.io import check_parents_are_folders, is_occupied, read_json, write_json
+from delrec.llm.folder import local_or_hub, model_fingerprint
 from delrec.metrics import RankingMetrics
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -100,7 +101,10 @@ class TrainingSettings:
         default="auto", metadata={"help": "Recompute activations in the backward pass; auto: on CUDA only."}
     )
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data-loading worker processes."})
-    num_threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)."})
+    num_threads: int = field(
+        default=0, metadata={"help": "CPU threads for torch; 0: the process's (OMP_NUM_THREADS, else the `delrec` "
+                             "command's one per free core)."}
+    )
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
     resume: bool = field(
         default=True, metadata={"help": "Resume from the last checkpoint in OUT/checkpoints when there is one."}
@@ -390,6 +394,7 @@ def prepare_run(out: Path, stage: str, config: dict[str, Any], resume: bool) -> 
     from accelerate import PartialState
 
     main = PartialState().is_main_process  # the one process that writes here (others could see it mid-write)
+    check_parents_are_folders(out)
     run_file = out / RUN_FILE
     if main and is_occupied(out) and not run_file.is_file():
         raise DelrecError(f"{out} already exists and is not a {stage} run folder (no {RUN_FILE}); choose another out "
@@ -441,16 +446,11 @@ def run_config(*configs) -> dict[str, Any]:
     return merged
 
 
-def local_or_hub(name: str) -> str:
-    """An existing local path made absolute (so the folder loads from anywhere); a hub id unchanged."""
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.exists() else name
-
-
 def model_description(model_config) -> dict[str, Any]:
-    """How to load the base model again (delrec.json's base_model)."""
+    """How to load the base model again (delrec.json's base_model), with its content fingerprint."""
     return {
         "model_name_or_path": local_or_hub(model_config.model_name_or_path),
+        "fingerprint": model_fingerprint(model_config.model_name_or_path),
         "load_in_4bit": model_config.load_in_4bit,
         "load_in_8bit": model_config.load_in_8bit,
         "trust_remote_code": model_config.trust_remote_code,

@@ -42,6 +42,7 @@ class ModelSpec:
     sr_model: str
     soft_prompt: str | None  # the placeholder text of the template's soft-prompt slot; None: no soft prompt
     trained_template_fingerprint: str | None = None  # as recorded at training time, when known
+    trained_dataset_fingerprint: str | None = None  # the dataset stage 2 was trained on, when known
 
 
 def describe_model(path: str, template: str | None = None, domain: str | None = None) -> ModelSpec:
@@ -51,10 +52,11 @@ def describe_model(path: str, template: str | None = None, domain: str | None = 
         info = read_export(folder)
         settings = {key: info.get(key) for key in ("template", "template_fingerprint", "domain", "sr_model")}
         soft = (info["soft_prompt"] or {}).get("text")
-        return _spec(path, "export", settings, soft, template, domain)
+        return _spec(path, "export", settings, soft, template, domain, _dataset_fingerprint(info.get("stage2")))
     if folder.is_dir() and (folder / INFO_FILE).is_file():
         info = read_stage2(folder)
-        return _spec(path, "stage2", prompt_settings(info), soft_prompt_text(info), template, domain)
+        return _spec(path, "stage2", prompt_settings(info), soft_prompt_text(info), template, domain,
+                     _dataset_fingerprint(info))
     if folder.is_dir():
         problem = describe_non_model_folder(folder)
         if problem:
@@ -62,8 +64,13 @@ def describe_model(path: str, template: str | None = None, domain: str | None = 
     return ModelSpec(path, "plain", template or PLAIN_TEMPLATE, domain or DEFAULT_DOMAIN, DEFAULT_SR_MODEL, None)
 
 
+def _dataset_fingerprint(info: dict | None) -> str | None:
+    return ((info or {}).get("dataset") or {}).get("fingerprint")
+
+
 def _spec(
-    path: str, kind: str, settings: dict, soft: str | None, template: str | None, domain: str | None
+    path: str, kind: str, settings: dict, soft: str | None, template: str | None, domain: str | None,
+    dataset_fingerprint: str | None,
 ) -> ModelSpec:
     trained_template = template in (None, settings["template"])
     return ModelSpec(
@@ -75,6 +82,7 @@ def _spec(
         soft_prompt=soft,
         # the recorded fingerprint says nothing about a template chosen instead of the trained one
         trained_template_fingerprint=settings["template_fingerprint"] if trained_template else None,
+        trained_dataset_fingerprint=dataset_fingerprint,
     )
 
 

@@ -69,7 +69,7 @@ from tqdm import tqdm
 
 from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
-from delrec.io import atomic_write, write_json, write_jsonl
+from delrec.io import atomic_write, check_parents_are_folders, write_json, write_jsonl
 from delrec.sr.base import SequentialRecommender, build_model, model_class_for_config
 from delrec.sr.evaluate import EVAL_BATCH_SIZE, evaluate_full, evaluate_model, resolve_device
 from delrec.sr.losses import LOSSES, next_item_loss
@@ -117,7 +117,8 @@ class TrainConfig:
     eval_batch_size: int = field(default=EVAL_BATCH_SIZE, metadata={"help": "Histories scored per evaluation batch."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar and one line per epoch on stderr."})
     num_threads: int = field(
-        default=0, metadata={"help": "CPU threads for torch (0: torch's default). On a busy shared CPU, 1 is often faster."}
+        default=0, metadata={"help": "CPU threads for torch; 0: the process's (OMP_NUM_THREADS, else the `delrec` "
+                             "command's one per free core, which does not collapse on a busy machine)."}
     )
 
     def __post_init__(self):
@@ -441,6 +442,7 @@ def _train(dataset, model_config, config: TrainConfig, out, extra_loss, model_ho
     if not isinstance(dataset, PreparedDataset):
         dataset = PreparedDataset.load(dataset)
     out = Path(out)
+    check_parents_are_folders(out)
     model_class_for_config(model_config)  # fail fast on a foreign config object
     device = resolve_device(config.device)
     positions = resolve_train_positions(config.train_positions, dataset)
