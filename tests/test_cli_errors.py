@@ -10,6 +10,7 @@ run the console script itself in a subprocess.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -456,3 +457,19 @@ def test_the_console_script_exits_2_without_a_traceback(argv, expected, w, tmp_p
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr and expected in lines[0], done.stderr
     assert not (tmp_path / "o").exists() and not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["data", "prepare", "--format", "synthetic", "--out", "{tmp}/prepared"],
+    ["sr", "train", "--data", "{data}", "--model", "sasrec", "--out", "{tmp}/sasrec", *TINY_SASREC_FLAGS],
+], ids=["prepare", "sr-train"])
+def test_a_full_disk_is_one_line_and_leaves_no_half_written_folder(argv, w, tmp_path, capsys, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)  # every atomic write syncs before its rename
+    assert run_cli([str(a).format(tmp=tmp_path, data=w.data) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "No space left on device; no space left on the device; free some space" in err, err
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or p.name == "checkpoint"]
+    assert leftovers == [], leftovers
