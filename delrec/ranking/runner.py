@@ -41,8 +41,10 @@ class RankArguments:
     split: Literal["valid", "test"] = field(
         default="test", metadata={"help": "Split whose fixed candidate sets to rank."}
     )
-    backend: Literal["hf", "vllm"] = field(
-        default="hf", metadata={"help": "hf: transformers, any device; vllm: vLLM engine (exported or plain folders)."}
+    backend: Literal["hf", "vllm", "openai"] = field(
+        default="hf",
+        metadata={"help": "hf: transformers, any device; vllm: vLLM engine (exported or plain folders); openai: any "
+                  "OpenAI-compatible server (--base_url) serving --model."},
     )
     max_instances: int | None = field(default=None, metadata={"help": "Rank only the split's first N instances."})
     template: str | None = field(
@@ -55,6 +57,11 @@ class RankArguments:
     prompts: str | None = field(
         default=None,
         metadata={"help": "Template folder (default: $DELREC_PROMPTS_DIR, else the repository's prompts/)."},
+    )
+    allow_other_dataset: bool = field(
+        default=False,
+        metadata={"help": "Rank a dataset other than the one the model was fine-tuned on (a transfer experiment); "
+                  "without it that is refused, since item titles and candidates would not be the trained ones."},
     )
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
@@ -78,6 +85,10 @@ def rank(args: RankArguments, readout: ReadoutConfig, options=None) -> dict:
     check_apart_from_inputs(out, {"model": args.model, "dataset": args.data}, "the rankings")
     check_own_folder(out, (RANKINGS_FILE, METRICS_FILE))
     spec = describe_model(args.model, args.template, args.domain)
+    trained_on = spec.trained_dataset_fingerprint
+    if trained_on not in (None, dataset.fingerprint) and not args.allow_other_dataset:
+        raise DelrecError(f"{args.model} was fine-tuned on dataset {trained_on}, not on {args.data} (fingerprint "
+                          f"{dataset.fingerprint}); rank the dataset it was trained on, or pass --allow_other_dataset")
     template = ranking_template(spec, args.prompts)
     module = backend_module(args.backend)
     options = options if options is not None else module.Options()

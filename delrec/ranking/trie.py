@@ -15,7 +15,7 @@ ends when no beam is live, and `ranked` lists the finished candidates best first
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 
 @dataclass
@@ -73,3 +73,18 @@ def ranked(finished: Finished) -> list[list[tuple[int, float]]]:
         [(index, score) for score, _, leaves in sorted(done, key=lambda f: (-f[0], f[1])) for index in leaves]
         for done in finished
     ]
+
+
+def beam_search(
+    tries: Sequence[TrieNode], num_beams: int, next_logprobs: Callable[[list[Beam]], list[dict[int, float]]]
+) -> list[list[tuple[int, float]]]:
+    """The search over each prompt's trie, for backends that answer a whole step at once: `next_logprobs`
+    gives, for each live beam, the log-probability of each child token of its node."""
+    beams = [Beam(owner, root, 0.0) for owner, root in enumerate(tries)]
+    finished: Finished = [[] for _ in tries]
+    while beams:
+        extensions = (beam.extend(token, values[token], row)
+                      for row, (beam, values) in enumerate(zip(beams, next_logprobs(beams)))
+                      for token in beam.node.children)
+        beams = prune(extensions, num_beams, finished)
+    return ranked(finished)

@@ -49,7 +49,7 @@ from delrec.llm.scoring import CandidateScores
 from delrec.llm.tokenization import encode_completion, encode_prompt
 from delrec.ranking.base import Backend
 from delrec.ranking.models import ModelSpec
-from delrec.ranking.trie import Beam, Finished, build_trie, prune, ranked
+from delrec.ranking.trie import beam_search, build_trie
 
 CPU_KV_CACHE_BYTES = 2**30
 # Tokens per KV block on CPU, the smallest its attention takes (its default is 128). The prefix cache
@@ -220,16 +220,9 @@ class VLLMBackend(Backend):
     ) -> list[list[tuple[int, float]]]:
         """The beam search of the hf backend (`delrec.ranking.trie`), one engine call a step."""
         prompt_ids = [encode_prompt(self.tokenizer, p) for p in prompts]
-        beams = [Beam(owner, build_trie([encode_completion(self.tokenizer, t) for t in titles]), 0.0)
-                 for owner, titles in enumerate(candidates)]
-        finished: Finished = [[] for _ in prompts]
-        while beams:
-            requests = [(prompt_ids[beam.owner] + list(beam.tokens), list(beam.node.children)) for beam in beams]
-            extensions = (beam.extend(token, values[token], row)
-                          for row, (beam, values) in enumerate(zip(beams, self._next_token_logprobs(requests)))
-                          for token in beam.node.children)
-            beams = prune(extensions, num_beams, finished)
-        return ranked(finished)
+        tries = [build_trie([encode_completion(self.tokenizer, t) for t in titles]) for titles in candidates]
+        return beam_search(tries, num_beams, lambda beams: self._next_token_logprobs(
+            [(prompt_ids[beam.owner] + list(beam.tokens), list(beam.node.children)) for beam in beams]))
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         from vllm import SamplingParams

@@ -202,11 +202,11 @@ def predict(
     if not 1 <= topk <= model.num_items:
         raise DelrecError(f"--topk {topk} must be between 1 and the catalogue size ({model.num_items} items)")
     instances = dataset.instances(split)
-    ranked = _top_items(model, [inst.history for inst in instances], topk, exclude_history, batch_size)
+    ranked = top_items(model, [inst.history for inst in instances], topk, exclude_history, batch_size)
     if prefix_predictions:
         prefixes = [inst.history[: prefix_length(inst.history)] for inst in instances]
         with_prefix = [i for i, prefix in enumerate(prefixes) if prefix]
-        prefix_ranked = dict(zip(with_prefix, _top_items(
+        prefix_ranked = dict(zip(with_prefix, top_items(
             model, [prefixes[i] for i in with_prefix], topk, exclude_history, batch_size
         )))
     for index, (inst, kept) in enumerate(zip(instances, ranked)):
@@ -226,7 +226,7 @@ def prefix_length(history: Sequence[int]) -> int:
     return len(history) // 2
 
 
-def _top_items(model, histories, topk: int, exclude_history: bool, batch_size: int) -> list[list[tuple[int, float]]]:
+def top_items(model, histories, topk: int, exclude_history: bool, batch_size: int) -> list[list[tuple[int, float]]]:
     """Per history, in input order: the top-K (item, score) pairs, excluded items dropped."""
     ranked: list = [None] * len(histories)  # batches come length-sorted; rows are returned in order
     for rows, scores, mask in iter_full_scores(model, histories, batch_size, exclude_history):

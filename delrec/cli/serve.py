@@ -1,0 +1,67 @@
+"""`delrec serve`: an SR model or distilled student as an HTTP JSON service (`delrec.serving`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from delrec.config import parse_command
+
+
+@dataclass
+class ServeArguments:
+    model: str = field(metadata={"help": "An SR model or student folder (from `delrec sr train` or `student train`)."})
+    data: str = field(metadata={"help": "The prepared dataset it was trained on: raw ids and titles of the answers."})
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (0.0.0.0: every interface)."})
+    port: int = field(default=8000, metadata={"help": "TCP port to listen on."})
+    device: Literal["auto", "cpu", "cuda"] = field(default="cpu", metadata={"help": "cpu, cuda, or auto."})
+    num_threads: int = field(
+        default=0,
+        metadata={"help": "torch CPU threads for scoring; 0: the process's (OMP_NUM_THREADS, else one per free core)."},
+    )
+    max_batch_size: int = field(
+        default=64, metadata={"help": "Most requests scored together when several are waiting (no timer: a lone "
+                              "request is scored at once)."}
+    )
+    max_history: int = field(
+        default=1000, metadata={"help": "Longest request history accepted (the model reads its last max_length)."}
+    )
+    default_k: int = field(default=20, metadata={"help": "Items returned when a request gives no k (sr predict's topk)."})
+
+    def __post_init__(self):
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+        for name in ("max_batch_size", "max_history", "default_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_threads < 0:
+            raise ValueError(f"num_threads must be 0 or more, got {self.num_threads}")
+
+
+def serve(argv, prog: str, description: str) -> int:
+    (args,) = parse_command([ServeArguments], argv, prog, description)
+    from delrec.errors import DelrecError
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        from delrec.serving import SERVE_INSTALL
+
+        raise DelrecError(f"delrec serve needs {exc.name}, which is not installed; {SERVE_INSTALL}") from None
+    import torch
+
+    from delrec.data.dataset import PreparedDataset
+    from delrec.serving import Recommender, create_app, serve as run_server
+    from delrec.sr import load_model
+    from delrec.sr.evaluate import resolve_device
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    model = load_model(args.model, resolve_device(args.device))
+    recommender = Recommender(model, PreparedDataset.load(args.data), args.max_history, args.default_k, args.model)
+    info = {"model": str(args.model), "data": str(args.data)}
+    announce = (f"serving {args.model} ({model.model_type}, {model.num_items} items, {torch.get_num_threads()} torch "
+                f"thread(s)) on http://{args.host}:{args.port}  (POST /recommend, GET /health; Ctrl-C to stop)")
+    run_server(create_app(recommender, args.max_batch_size, info, announce), args.host, args.port)
+    return 0
