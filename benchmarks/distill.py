@@ -202,7 +202,7 @@ def student_latency(student_dir: Path, instances, repeats: int = 3) -> dict:
 
 def llm_latency(dataset, instances, work: Path, args) -> dict:
     from delrec.cli import main as delrec
-    from delrec.distill.export import GROUNDING_TASK, TeacherExportConfig, _ground, embed_texts
+    from delrec.distill.export import GROUNDING_TASK, TeacherExportConfig, embed_texts, ground
     from delrec.ranking.base import backend_module
     from delrec.ranking.models import describe_model, ranking_template
 
@@ -227,7 +227,7 @@ def llm_latency(dataset, instances, work: Path, args) -> dict:
         log(f"  LLM: {len(dataset.titles)} title embeddings in {title_seconds:.1f} s; grounding "
             f"{len(instances)} users ...")
         began = time.perf_counter()
-        items, _, counts = _ground(config, dataset, instances, spec, template, backend, titles)
+        items, _, counts = ground(config, dataset, instances, spec, template, backend, titles)
         seconds = time.perf_counter() - began
     return {"model": rel(llm), "parameters": parameters, "architecture": "tiny Llama (hidden 128, 2 layers), random",
             "backend": "hf", "batch_size": args.llm_batch, "dtype": dtype,

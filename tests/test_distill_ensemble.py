@@ -98,6 +98,26 @@ def test_one_teacher_combines_to_itself_and_embeddings_concatenate():
     assert combine_teachers([make([[1, 2]], [[1.0, 0.0]])], topk=1).items.tolist() == [[1]]
 
 
+def test_teachers_of_subsets_combine_over_the_union_where_they_have_rows():
+    a = make([[1, 2, 3], [4, 5, 6], [7, 8, 9]], [[3.0, 1.0, 0.5], [2.0, 1.5, 1.0], [1.0, 0.5, 0.0]])
+    part = make([[2, 1, 0]], [[5.0, 4.0, 0.0]])
+    part.instance_ids = torch.tensor([1])  # a teacher of instance 1 only
+    combined = combine_teachers([a, part], topk=3)
+    assert combined.instance_ids.tolist() == [0, 1, 2]
+    for row in (0, 2):  # a alone: its own list and distribution
+        assert combined.items[row].tolist() == a.items[row].tolist()
+        assert torch.allclose(combined.confidences()[row], a.confidences()[row], atol=1e-6)
+    assert set(combined.items[1].tolist()) <= {0, 1, 2, 4, 5, 6} and combined.items[1, 0].item() in (1, 2)
+    stats = combined.info["source"]["teachers"]
+    assert [t["instances"] for t in stats] == [3, 1] and stats[1]["mean_consistency"] == 0.0
+    embeddings_only = Teacher(None, teacher_info("abc", N, 0, None, None, 4, {"kind": "emb"}, None), None, None,
+                              None, None, torch.randn(N, 4))
+    with_embeddings = combine_teachers([a, embeddings_only], topk=3)
+    assert torch.equal(with_embeddings.items, a.items) and with_embeddings.embeddings.shape == (N, 4)
+    alone = combine_teachers([embeddings_only], topk=3)
+    assert not alone.has_rankings and alone.embeddings.shape == (N, 4)
+
+
 def test_teachers_of_other_datasets_or_too_short_lists_are_refused():
     a = make([[1, 2, 3]], [[3.0, 2.0, 1.0]])
     with pytest.raises(DelrecError, match="dataset_fingerprint 'xyz' differs"):

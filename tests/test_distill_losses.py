@@ -176,7 +176,8 @@ SMALL = SASRecConfig(hidden_size=8, num_layers=1, num_heads=1, inner_size=16, dr
 def wrapped_model(num_items=7, dim=5, alpha=0.3):
     torch.manual_seed(0)
     model = build_model(SMALL, num_items)
-    teacher = torch.randn(num_items, dim) * 40.0  # an LLM-like scale; divided by its RMS
+    teacher = torch.randn(num_items, dim) * 40.0 + 3.0  # an LLM-like scale; standardised per feature
+    teacher[:, 0] *= 100.0  # a "massive" dimension: standardising brings it to the others' scale
     install_collaborative_embedding(model, teacher, alpha)
     return model.eval(), teacher
 
@@ -185,7 +186,8 @@ def test_collaborative_embedding_equals_its_formula_and_its_table_with_a_zero_pa
     model, teacher = wrapped_model()
     module = model.item_embedding
     assert isinstance(module, CollaborativeEmbedding)
-    z = teacher / teacher.pow(2).mean().sqrt()
+    z = (teacher - teacher.mean(0)) / teacher.std(0, unbiased=False)
+    torch.testing.assert_close(z.pow(2).mean(0), torch.ones(z.shape[1]))
     expected = module.base.weight[:-1] + 0.3 * (z @ module.projector.weight.T + module.projector.bias)
     torch.testing.assert_close(module.table(), expected)
     ids = torch.tensor([[7, 0, 3], [6, 6, 7]])  # 7 = pad

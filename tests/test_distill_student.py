@@ -165,3 +165,58 @@ def test_example_configs_run(setup, name):
                 "--num_threads", "1"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["distillation"]["method"] == "dllm2rec" and metrics["distillation"]["embedding_distillation"]
+
+
+def test_a_subset_teacher_distils_its_instances_and_leaves_the_others_to_the_students_own_loss(setup):
+    """The term on a batch = the method's mean over the covered instances x their share of the batch."""
+    from delrec.distill.student import METHODS, DistillationLoss
+    from delrec.distill.teacher import load_teacher
+    from delrec.sr import build_model
+    from delrec.sr.trainer import TrainBatch
+
+    dataset = setup["dataset"]
+    full = load_teacher(setup["teacher"], dataset)
+    half = full.instance_ids[::2]
+    subset = write_teacher(setup["root"] / "teacher-half", dataset, half, full.items[::2], full.scores[::2], "score")
+    partial_teacher = load_teacher(subset, dataset)
+    config = DLLM2RecConfig()
+    model = build_model(SMALL, dataset.num_items)
+    inputs = pad_histories([dataset.instances("train")[i].history for i in range(8)], dataset.num_items)
+    labels = torch.tensor([[dataset.instances("train")[i].target] for i in range(8)])
+    batch = TrainBatch(torch.arange(8), inputs, labels, None, None)
+    states = model.encode(inputs)
+    torch.manual_seed(0)
+    partial = DistillationLoss(partial_teacher, METHODS["dllm2rec"], config)(model, batch, states)
+    covered = TrainBatch(torch.arange(0, 8, 2), inputs[::2], labels[::2], None, None)
+    torch.manual_seed(0)
+    alone = DistillationLoss(full, METHODS["dllm2rec"], config)(model, covered, states[::2])
+    assert partial.item() == pytest.approx(alone.item() * 4 / 8, rel=1e-5)
+    none_covered = TrainBatch(torch.tensor([1, 3]), inputs[1:4:2], labels[1:4:2], None, None)
+    zero = DistillationLoss(partial_teacher, METHODS["dllm2rec"], config)(model, none_covered, states[1:4:2])
+    assert zero.item() == 0.0 and zero.requires_grad
+
+    result = train_student(dataset, SMALL, TrainConfig(epochs=1, lr=0.01, batch_size=32, progress=False),
+                           [subset], "dllm2rec", config, setup["root"] / "student-half")
+    assert result.metrics["distillation"]["teachers"][0]["instances"] == len(half)
+
+
+def test_an_embeddings_only_teacher_serves_embedding_distillation_alone(setup, capsys):
+    from delrec.distill.teacher import load_teacher
+
+    dataset = setup["dataset"]
+    embeddings = load_teacher(setup["teacher"], dataset).embeddings
+    folder = write_teacher(setup["root"] / "teacher-emb", dataset, None, None, None, None, embeddings,
+                           {"kind": "llm-embeddings"})
+    out = setup["root"] / "student-emb"
+    assert run(["student", "train", "--data", str(dataset.path), *FLAGS, "--teacher", str(folder), "--method", "none",
+                "--embedding_distillation", "true", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["distillation"]["embedding_distillation"] is True
+    assert metrics["distillation"]["teachers"][0]["topk"] is None
+    assert run(["student", "train", "--data", str(dataset.path), *FLAGS, "--teacher", str(folder), "--method",
+                "dllm2rec", "--out", str(setup["root"] / "no")]) == 2
+    assert "hold item embeddings only" in capsys.readouterr().err
+    combined = train_student(dataset, SMALL, TrainConfig(epochs=1, lr=0.01, batch_size=32, progress=False),
+                             [setup["teacher"], folder], "dllm2rec", DLLM2RecConfig(), setup["root"] / "student-both",
+                             embedding_distillation=True)
+    assert combined.metrics["distillation"]["teachers"][1]["instances"] == 0

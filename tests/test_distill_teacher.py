@@ -128,8 +128,9 @@ def repeated(teacher):
     ("version", r"teacher format version 2, this delrec reads 1"),
     ("split", r"teacher for split 'valid'"),
     ("other dataset", r"teacher for another dataset"),
-    ("rows", r"60 rows but .* has 80 train instances; the teacher was written for another dataset or split"),
-    ("ids", r"row 0 holds instance id 1, expected train instance 0"),
+    ("rows", r"80 rows for 60 instance ids"),
+    ("ids", r"row 79 holds instance id 0 after 79; instance ids must be strictly increasing"),
+    ("unknown id", r"row 79 holds instance id 1000, which is not a train instance"),
     ("item range", r"row 1 holds item id 40, outside the catalogue 0..39"),
     ("repeat", r"row 2 lists an item twice"),
     ("nan", r"2 NaN/inf scores \(first in row 3, train instance 3\)"),
@@ -158,10 +159,13 @@ def test_bad_teacher_folders_are_refused_with_one_line(case, message, sr_teacher
         raw = make_synthetic(num_users=30, num_items=40, min_length=5, max_length=12, seed=3)
         data = prepare_dataset(raw, PreprocessConfig(num_candidates=8), tmp_path / "other")
     elif case == "rows":
-        folder = edited(sr_teacher, tmp_path, rankings={"instance_ids": teacher.instance_ids[:60],
-                                                        "items": teacher.items[:60], "scores": teacher.scores[:60]})
+        folder = edited(sr_teacher, tmp_path, rankings={"instance_ids": teacher.instance_ids[:60]})
     elif case == "ids":
         folder = edited(sr_teacher, tmp_path, rankings={"instance_ids": teacher.instance_ids.roll(-1)})
+    elif case == "unknown id":
+        ids = teacher.instance_ids.clone()
+        ids[-1] = 1000
+        folder = edited(sr_teacher, tmp_path, rankings={"instance_ids": ids})
     elif case == "item range":
         items = teacher.items.clone()
         items[1, 9] = 40
@@ -290,6 +294,40 @@ def test_rerank_teacher_scores_the_sr_models_top_m_by_title_likelihood(tiny_llam
     assert 0 < mixed.info["source"]["target_in_candidates"] <= 1
 
 
+def test_embeddings_teacher_holds_the_title_embeddings_and_no_rankings(tiny_llama, tiny_llm_data, dataset, tmp_path):
+    out = export(tiny_llama, tiny_llm_data, tmp_path / "emb", mode="embeddings")
+    assert not (out / "rankings.safetensors").exists()
+    teacher = load_teacher(out, dataset, min_topk=10)  # no ranking loss can ask it for K: nothing to check
+    model, tokenizer = load_tiny(tiny_llama)
+    assert not teacher.has_rankings and teacher.topk is None and teacher.info["num_instances"] == 0
+    assert torch.allclose(teacher.embeddings, embed_texts(model, tokenizer, dataset.titles, 8), atol=1e-5)
+    assert teacher.info["source"]["embeddings"] == {"text": "each item title", "layer": -1, "pooling": "last"}
+
+    middle = load_teacher(export(tiny_llama, tiny_llm_data, tmp_path / "mean", mode="embeddings", embedding_layer=1,
+                                 embedding_pooling="mean"), dataset)
+    ids = tokenizer(dataset.titles[3], add_special_tokens=True)["input_ids"]
+    with torch.no_grad():
+        states = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0]
+    kept = [i for i, token in enumerate(ids) if token != tokenizer.bos_token_id]
+    assert torch.allclose(middle.embeddings[3], states[kept].mean(0), atol=1e-5)
+
+
+def test_a_subset_of_instances_is_seeded_and_in_dataset_order(tiny_llama, tiny_llm_data, sr_model, dataset, tmp_path):
+    options = dict(mode="rerank", sr_model=str(sr_model), topk=4, sr_topm=4, num_random=2, max_instances=25)
+    first = load_teacher(export(tiny_llama, tiny_llm_data, tmp_path / "a", **options), dataset)
+    again = load_teacher(export(tiny_llama, tiny_llm_data, tmp_path / "b", **options), dataset)
+    full = load_teacher(export(tiny_llama, tiny_llm_data, tmp_path / "c", **{**options, "max_instances": None}),
+                        dataset)
+    ids = first.instance_ids.tolist()
+    assert len(ids) == 25 and ids == sorted(set(ids)) and torch.equal(first.instance_ids, again.instance_ids)
+    assert first.info["num_instances"] == 25 and first.info["num_train_instances"] == len(dataset.instances("train"))
+    assert first.info["source"]["subset"] == {"max_instances": 25, "seed": 0, "instances": 25}
+    assert set(ids) < set(full.instance_ids.tolist())
+    with pytest.raises(DelrecError, match=r"no row for train instance id"):
+        first.rows(torch.tensor([i for i in full.instance_ids.tolist() if i not in ids][:1]))
+    assert first.rows(torch.tensor([ids[3], -5]), missing_ok=True).tolist() == [3, -1]
+
+
 def test_llm_teachers_read_delrec_stage2_folders(stage2_llama, tiny_llm_data, sr_model, dataset, tmp_path):
     grounding = load_teacher(export(stage2_llama, tiny_llm_data, tmp_path / "grounding", topk=5), dataset)
     rerank = load_teacher(export(stage2_llama, tiny_llm_data, tmp_path / "rerank", mode="rerank",
@@ -308,6 +346,7 @@ def test_llm_teacher_modes_refuse_what_does_not_fit(tiny_llama, tiny_llm_data, s
         (dict(mode="grounding", template="plain"), "--mode grounding renders a template without candidates"),
         (dict(mode="sr"), "--mode sr needs an SR model folder"),
         (dict(mode="grounding", backend="vllm"), "only the hf backend gives"),
+        (dict(mode="embeddings", backend="vllm"), "--mode embeddings needs the LLM's hidden states"),
     ]
     for options, message in cases:
         with pytest.raises(DelrecError, match=message.replace("+", r"\+")):
@@ -320,5 +359,6 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "distill").g
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_teacher_configs_parse(path):
     config, options = parse_command([TeacherExportConfig, Options], ["--config", str(path)], "delrec teacher export")
-    assert config.mode in ("sr", "rerank") and config.topk == 10
+    assert config.mode in ("sr", "rerank", "embeddings") and config.topk == 10
     assert (config.sr_model is not None) == (config.mode == "rerank")
+    assert config.max_instances is None or config.mode != "sr"  # a budget is for the LLM modes

@@ -11,11 +11,13 @@ from the student's loss alone. The student ties input and output embeddings, so 
 to read histories and to score items (the official code adds the projection to the inputs only,
 with an untied output layer).
 
-Two choices the paper leaves open, so that `ed_weight` means the same for any teacher: z is divided
-by its root-mean-square entry (one scalar for the whole matrix; the geometry is unchanged, only
-the scale of a 4096-dimensional LLM state vs a 64-dimensional SR embedding differs), and W, c get
-`nn.Linear`'s default initialisation, as in the official code, so the student starts from a random
-projection of the teacher's item geometry plus its own initial b.
+Two choices the paper leaves open, so that `ed_weight` means the same for any teacher: each feature
+of z is centred and scaled to unit variance over the items (entries then have RMS 1, whatever the
+scale of a 4096-dimensional LLM state vs a 64-dimensional SR embedding; per feature because LLM
+hidden states carry a few "massive" dimensions hundreds of times larger than the rest, which a
+single scale would leave to dominate every item's vector; a constant feature becomes 0), and W, c
+get `nn.Linear`'s default initialisation, as in the official code, so the student starts from a
+random projection of the teacher's item geometry plus its own initial b.
 
 `install_collaborative_embedding(model, z, alpha)` is a `train_sr(..., model_hook=...)`; after
 training, `model.bake_item_embedding()` (the trainer calls it) stores the final e_i as a plain
@@ -42,10 +44,9 @@ class CollaborativeEmbedding(nn.Module):
         if teacher_embeddings.dim() != 2 or teacher_embeddings.shape[0] != num_items:
             raise ValueError(f"teacher embeddings must be [{num_items}, D], got {list(teacher_embeddings.shape)}")
         z = teacher_embeddings.detach().to(device=base.weight.device, dtype=base.weight.dtype)
-        rms = z.pow(2).mean().sqrt()
         self.base = base
         self.projector = nn.Linear(z.shape[1], dim).to(device=base.weight.device, dtype=base.weight.dtype)
-        self.register_buffer("teacher", z / rms if rms > 0 else z, persistent=False)
+        self.register_buffer("teacher", standardized(z), persistent=False)
         self.alpha = alpha
         self.pad_id = num_items
 
@@ -58,6 +59,13 @@ class CollaborativeEmbedding(nn.Module):
         real = ids != self.pad_id
         projected = self.projector(self.teacher[ids.clamp(max=self.pad_id - 1)])
         return self.base(ids) + self.alpha * projected * real.unsqueeze(-1)
+
+
+def standardized(z: torch.Tensor) -> torch.Tensor:
+    """Each column centred and scaled to unit variance over the rows; a constant column becomes 0."""
+    centred = z - z.mean(0, keepdim=True)
+    std = centred.pow(2).mean(0, keepdim=True).sqrt()
+    return torch.where(std > 0, centred / std.clamp(min=torch.finfo(z.dtype).tiny), torch.zeros_like(centred))
 
 
 def install_collaborative_embedding(model: SequentialRecommender, teacher_embeddings: torch.Tensor, alpha: float) -> None:

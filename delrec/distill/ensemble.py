@@ -21,9 +21,15 @@ alone finds an item still contributes. Scores enter only through p_t, so confide
 comparable across teachers only as far as their score scales are (an SR model's logits, an LLM's
 log-likelihoods, L2 distances): calibrate by the teachers' own temperature if one dominates.
 
+Teachers of a subset of the instances (an LLM on a budget) take part where they have a row: the
+combined teacher covers the union of their instances, and on an instance a teacher without a row
+gets weight 0 and is left out of the others' consistency. Teachers of item embeddings alone add
+their matrix and nothing else.
+
 Item embeddings: the teachers' matrices (those that have one) are concatenated feature-wise, so a
 linear projector of the combined z_i equals the sum of one projector per teacher. teacher.json's
-`source` records, per teacher, its mean weight, confidence and consistency over the instances.
+`source` records, per teacher, its mean weight, confidence and consistency over the instances it
+has a row for.
 """
 
 from __future__ import annotations
@@ -43,27 +49,37 @@ ROWS_PER_CHUNK = 4096  # bounds the [rows, T*k, T*k] comparison tensors
 def combine_teachers(teachers: list[Teacher], topk: int) -> Teacher:
     """One in-memory teacher (folder None) merging `teachers` per instance (see the module docstring)."""
     started = time.perf_counter()
-    _check_same_instances(teachers)
+    _check_same_dataset(teachers)
     if topk < 1:
         raise DelrecError(f"combining teachers needs topk >= 1, got {topk}")
-    for teacher in teachers:
+    ranked = [t for t in teachers if t.has_rankings]
+    for teacher in ranked:
         check_topk(teacher, topk)
-    lists = torch.stack([t.items[:, :topk] for t in teachers], dim=1)  # [R, T, k]
-    probs = torch.stack([_top_distribution(t, topk) for t in teachers], dim=1)  # [R, T, k]
-    items, scores, weights, confidence, consistency = [], [], [], [], []
-    for start in range(0, lists.shape[0], ROWS_PER_CHUNK):
-        chunk = slice(start, start + ROWS_PER_CHUNK)
-        c, o = _confidence(probs[chunk]), _consistency(lists[chunk])
-        w = c + o + EPSILON
-        w = w / w.sum(dim=1, keepdim=True)
-        top_items, top_scores = _fuse(lists[chunk], probs[chunk], w, topk)
-        items.append(top_items)
-        scores.append(top_scores)
-        weights.append(w)
-        confidence.append(c)
-        consistency.append(o)
-    weights, confidence, consistency = (torch.cat(x) for x in (weights, confidence, consistency))
     embeddings = [t.embeddings for t in teachers if t.embeddings is not None]
+    combined_embeddings = torch.cat(embeddings, dim=1) if embeddings else None
+    ids = items = scores = None
+    stats: dict[int, dict] = {}
+    if ranked:
+        ids, lists, probs, present = _aligned(ranked, topk)
+        items, scores, weights, confidence, consistency = [], [], [], [], []
+        for start in range(0, lists.shape[0], ROWS_PER_CHUNK):
+            chunk = slice(start, start + ROWS_PER_CHUNK)
+            c, o = _confidence(probs[chunk]), _consistency(lists[chunk], present[chunk])
+            w = (c + o + EPSILON) * present[chunk]
+            w = w / w.sum(dim=1, keepdim=True)
+            top_items, top_scores = _fuse(lists[chunk], probs[chunk], w, topk)
+            items.append(top_items)
+            scores.append(top_scores)
+            weights.append(w)
+            confidence.append(c)
+            consistency.append(o)
+        items, scores = torch.cat(items), torch.cat(scores)
+        weights, confidence, consistency = (torch.cat(x) for x in (weights, confidence, consistency))
+        for j, teacher in enumerate(ranked):
+            rows = present[:, j]
+            stats[id(teacher)] = {key: round(float(value[rows, j].mean()), 6) for key, value in (
+                ("mean_weight", weights), ("mean_confidence", confidence), ("mean_consistency", consistency))}
+            stats[id(teacher)]["instances"] = int(rows.sum())
     source = {
         "kind": "ensemble",
         "rule": "w = (1 - H(p)/log k) + mean top-k overlap, normalised per instance; score = log sum_t w_t p_t",
@@ -74,25 +90,22 @@ def combine_teachers(teachers: list[Teacher], topk: int) -> Teacher:
                 "topk": t.topk,
                 "score_kind": t.score_kind,
                 "embedding_dim": None if t.embeddings is None else int(t.embeddings.shape[1]),
-                "mean_weight": round(float(weights[:, j].mean()), 6),
-                "mean_confidence": round(float(confidence[:, j].mean()), 6),
-                "mean_consistency": round(float(consistency[:, j].mean()), 6),
+                **stats.get(id(t), {}),
             }
-            for j, t in enumerate(teachers)
+            for t in teachers
         ],
     }
     first = teachers[0]
-    combined_embeddings = torch.cat(embeddings, dim=1) if embeddings else None
     info = teacher_info(
-        first.info["dataset_fingerprint"], first.info["num_items"], len(first.instance_ids), topk, "score",
+        first.info["dataset_fingerprint"], first.info["num_items"], 0 if ids is None else len(ids),
+        topk if ranked else None, "score" if ranked else None,
         None if combined_embeddings is None else int(combined_embeddings.shape[1]), source,
-        time.perf_counter() - started,
+        time.perf_counter() - started, first.info.get("num_train_instances"),
     )
-    return Teacher(None, info, first.instance_ids.clone(), torch.cat(items), torch.cat(scores), "score",
-                   combined_embeddings)
+    return Teacher(None, info, ids, items, scores, "score" if ranked else None, combined_embeddings)
 
 
-def _check_same_instances(teachers: list[Teacher]) -> None:
+def _check_same_dataset(teachers: list[Teacher]) -> None:
     if not teachers:
         raise DelrecError("combining teachers needs at least one teacher")
     first = teachers[0]
@@ -103,9 +116,23 @@ def _check_same_instances(teachers: list[Teacher]) -> None:
                     f"{teacher.folder or 'teacher'}: {key} {teacher.info.get(key)!r} differs from "
                     f"{first.folder or 'the first teacher'}'s {first.info.get(key)!r}; combine teachers of one dataset"
                 )
-        if not torch.equal(teacher.instance_ids, first.instance_ids):
-            raise DelrecError(f"{teacher.folder or 'teacher'}: its rows are other train instances than "
-                              f"{first.folder or 'the first teacher'}'s; combine teachers of one dataset")
+
+
+def _aligned(teachers: list[Teacher], k: int):
+    """The union of the teachers' instance ids [U], and per teacher on those rows: its first k items
+    [U, T, k], their distribution [U, T, k] and whether it has the row [U, T]. A missing row holds
+    distinct negative ids (they match nothing) with mass 0."""
+    ids = torch.unique(torch.cat([t.instance_ids for t in teachers]))  # sorted
+    count = len(teachers)
+    lists = -1 - torch.arange(count * k).reshape(1, count, k).repeat(len(ids), 1, 1)
+    probs = torch.zeros(len(ids), count, k)
+    present = torch.zeros(len(ids), count, dtype=torch.bool)
+    for j, teacher in enumerate(teachers):
+        rows = torch.searchsorted(ids, teacher.instance_ids)
+        lists[rows, j] = teacher.items[:, :k]
+        probs[rows, j] = _top_distribution(teacher, k)
+        present[rows, j] = True
+    return ids, lists, probs, present
 
 
 def _top_distribution(teacher: Teacher, k: int) -> torch.Tensor:
@@ -123,14 +150,17 @@ def _confidence(probs: torch.Tensor) -> torch.Tensor:
     return (1.0 - entropy / math.log(k)).clamp(0.0, 1.0)
 
 
-def _consistency(lists: torch.Tensor) -> torch.Tensor:
-    """[b, T] mean share of a teacher's top-k found in each other teacher's top-k."""
+def _consistency(lists: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """[b, T] mean share of a teacher's top-k found in each other PRESENT teacher's top-k (1 when it is alone)."""
     b, teachers, k = lists.shape
     if teachers == 1:
         return torch.ones(b, 1)
     same = lists[:, :, None, :, None] == lists[:, None, :, None, :]  # [b, T, T, k, k]
     overlap = same.any(-1).sum(-1).float() / k  # [b, T, T]; the diagonal is 1 (items are distinct)
-    return (overlap.sum(-1) - 1.0) / (teachers - 1)
+    others = present[:, None, :] & ~torch.eye(teachers, dtype=torch.bool)  # [b, T, T]
+    count = others.sum(-1)
+    mean = (overlap * others).sum(-1) / count.clamp(min=1)
+    return torch.where(count > 0, mean, torch.ones_like(mean))
 
 
 def _fuse(lists: torch.Tensor, probs: torch.Tensor, weights: torch.Tensor, k: int):

@@ -1,6 +1,6 @@
-"""`export_teacher`: a model + a prepared dataset -> a teacher folder for EVERY training instance.
+"""`export_teacher`: a model + a prepared dataset -> a teacher folder over the training instances.
 
-Three teachers (`--mode`; `auto` picks `sr` for an SR model folder, `grounding` otherwise):
+Four teachers (`--mode`; `auto` picks `sr` for an SR model folder, `grounding` otherwise):
 
 - `sr`: any SR model folder (`delrec.sr.load_model`): scores over all items, the top-K kept,
   history items excluded as in `delrec sr predict`; item embeddings = `model.item_embeddings()`
@@ -17,6 +17,19 @@ Three teachers (`--mode`; `auto` picks `sr` for an SR model folder, `grounding` 
   model's own template, e.g. `lsr` lists them as candidates); the teacher's top-K is the best K of
   that list (score kind `score`: summed log-probability). Item embeddings as in grounding with the
   HF backend; the vLLM backend gives no hidden states, so it writes no embedding file.
+- `embeddings`: the LLM's item embeddings alone, no rankings: every title of the catalogue embedded
+  (batched, sorted by length), for collaborative embedding distillation with `--method none`.
+  Cheap: one forward pass per title, no generation, no per-instance work.
+
+Item embeddings (all LLM modes): `--embedding_layer` and `--embedding_pooling` pick the hidden
+state; the default is the last layer at the last token, BIGRec's choice, because grounding compares
+generated text with titles in exactly that space (the state the LM head reads to continue the
+text), and one definition for every mode keeps the teachers' matrices comparable. `mean` pools
+the text's tokens (BOS excluded) instead.
+
+The LLM modes cost seconds per instance on a CPU: `--max_instances N` ranks a seeded random subset
+of N training instances (`--seed`); students distil on those and train on the rest with their
+own loss (`delrec.distill.student`).
 
 The LLM may be a DELRec stage-2 folder, a `delrec export` folder or any causal LM
 (`delrec.ranking.models.describe_model`); prompts are rendered as `delrec rank` renders them,
@@ -43,7 +56,7 @@ from delrec.distill.teacher import SPLIT, check_teacher_out, write_teacher
 from delrec.errors import DelrecError
 from delrec.io import check_apart_from_inputs, read_json
 
-MODES = ("auto", "sr", "grounding", "rerank")
+MODES = ("auto", "sr", "grounding", "rerank", "embeddings")
 GROUNDING_TASK = "teacher"  # the template task without candidates (prompts/teacher.jinja)
 
 
@@ -61,11 +74,24 @@ class TeacherExportConfig:
     topk: int = field(
         default=10, metadata={"help": "Items kept per instance (K); the students' losses need K or more."}
     )
-    mode: Literal["auto", "sr", "grounding", "rerank"] = field(
+    mode: Literal["auto", "sr", "grounding", "rerank", "embeddings"] = field(
         default="auto",
         metadata={"help": "sr: SR model scores; grounding: BIGRec generate + L2 grounding over all items (hf); "
-                  "rerank: the LLM re-ranks an SR model's top-M + random items; auto: sr for an SR model folder, "
-                  "else grounding."},
+                  "rerank: the LLM re-ranks an SR model's top-M + random items; embeddings: the LLM's item "
+                  "embeddings only, no rankings (hf); auto: sr for an SR model folder, else grounding."},
+    )
+    max_instances: int | None = field(
+        default=None,
+        metadata={"help": "Rank only a seeded random subset of this many training instances (LLM teachers on a "
+                  "budget); students train on the others with their own loss alone. Default: all."},
+    )
+    embedding_layer: int = field(
+        default=-1, metadata={"help": "LLM item embeddings: which hidden layer (-1: the last, as BIGRec; 0: the "
+                              "input embeddings)."}
+    )
+    embedding_pooling: Literal["last", "mean"] = field(
+        default="last", metadata={"help": "LLM item embeddings: the state at the title's last token (BIGRec), or "
+                                  "the mean over its tokens (BOS excluded)."}
     )
     backend: Literal["hf", "vllm"] = field(
         default="hf",
@@ -97,7 +123,9 @@ class TeacherExportConfig:
         default=None, metadata={"help": "grounding: generation budget (default: the longest item title + 8 tokens)."}
     )
     sr_batch_size: int = field(default=1024, metadata={"help": "Histories per SR model batch."})
-    seed: int = field(default=0, metadata={"help": "rerank: seed of the random items and the candidate order."})
+    seed: int = field(
+        default=0, metadata={"help": "Seed of the --max_instances subset and of rerank's random items and order."}
+    )
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self):
@@ -108,17 +136,19 @@ class TeacherExportConfig:
             raise ValueError(f"num_random must be non-negative, got {self.num_random}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.max_instances is not None and self.max_instances < 1:
+            raise ValueError(f"max_instances must be at least 1, got {self.max_instances}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got '{self.mode}'")
 
 
 @dataclass
 class _Ranked:
-    """A teacher's output before it is written."""
+    """A teacher's output before it is written (items, scores and score_kind None: embeddings only)."""
 
-    items: torch.Tensor  # [R, K]
-    scores: torch.Tensor  # [R, K]
-    score_kind: str
+    items: torch.Tensor | None  # [R, K]
+    scores: torch.Tensor | None  # [R, K]
+    score_kind: str | None
     embeddings: torch.Tensor | None
     source: dict
     seconds: float  # ranking time, model loading excluded
@@ -141,15 +171,29 @@ def export_teacher(config: TeacherExportConfig, options=None) -> Path:
     if not instances:
         raise DelrecError(f"{dataset.path}: the train split has no instances to rank")
     mode = resolve_mode(config)
+    instances = sampled_instances(instances, config.max_instances, config.seed)
     if mode == "sr":
         ranked = _sr_teacher(config, dataset, instances, getattr(options, "device", "auto"))
     else:
         ranked = _llm_teacher(config, dataset, instances, mode, options)
-    targets = torch.tensor([inst.target for inst in instances], dtype=torch.long)
-    ranked.source["target_in_topk"] = round(float((ranked.items == targets[:, None]).any(1).float().mean()), 6)
-    ids = torch.tensor([inst.id for inst in instances], dtype=torch.long)
+    ids = None
+    if ranked.items is not None:
+        targets = torch.tensor([inst.target for inst in instances], dtype=torch.long)
+        ranked.source["target_in_topk"] = round(float((ranked.items == targets[:, None]).any(1).float().mean()), 6)
+        ids = torch.tensor([inst.id for inst in instances], dtype=torch.long)
+    if config.max_instances is not None and ranked.items is not None:
+        ranked.source["subset"] = {"max_instances": config.max_instances, "seed": config.seed,
+                                   "instances": len(instances)}
     return write_teacher(out, dataset, ids, ranked.items, ranked.scores, ranked.score_kind, ranked.embeddings,
                          ranked.source, ranked.seconds)
+
+
+def sampled_instances(instances: list[Instance], count: int | None, seed: int) -> list[Instance]:
+    """`count` instances drawn without replacement (seeded), in dataset order; all of them for None."""
+    if count is None or count >= len(instances):
+        return instances
+    rng = np.random.default_rng([seed, len(instances)])  # its own stream: rerank's draws use `seed` alone
+    return [instances[i] for i in sorted(rng.choice(len(instances), size=count, replace=False).tolist())]
 
 
 def is_sr_folder(path: str | Path) -> bool:
@@ -251,8 +295,8 @@ def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instance
     from delrec.ranking.base import backend_module
     from delrec.ranking.models import check_soft_tokens, describe_model, ranking_template
 
-    if mode == "grounding" and config.backend != "hf":
-        raise DelrecError(f"--mode grounding needs the LLM's hidden states, which only the hf backend gives; use "
+    if mode in ("grounding", "embeddings") and config.backend != "hf":
+        raise DelrecError(f"--mode {mode} needs the LLM's hidden states, which only the hf backend gives; use "
                           f"--backend hf, or --mode rerank with --backend {config.backend}")
     spec = describe_model(config.model, config.template or (GROUNDING_TASK if mode == "grounding" else None),
                           config.domain)
@@ -265,9 +309,9 @@ def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instance
     if mode == "rerank":
         began = time.perf_counter()
         device = getattr(options, "device", "auto")
-        candidate_sets, rerank_source = _rerank_candidates(config, dataset, instances, device)
+        candidate_sets, rerank_source = rerank_candidates(config, dataset, instances, device)
         sr_seconds = time.perf_counter() - began
-    else:
+    elif mode == "grounding":
         _check_room(instances, dataset.num_items, config.topk, exclude, "--topk")
 
     module = backend_module(config.backend)
@@ -279,11 +323,14 @@ def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instance
         embeddings = None
         if backend.name == "hf":  # hidden states come from the transformers model
             embeddings = embed_texts(backend.model, backend.tokenizer, dataset.titles, backend.batch_size,
-                                     config.progress, "embed titles")
+                                     config.progress, "embed titles", config.embedding_layer,
+                                     config.embedding_pooling)
         if mode == "grounding":
-            items, scores, counts = _ground(config, dataset, instances, spec, template, backend, embeddings)
+            items, scores, counts = ground(config, dataset, instances, spec, template, backend, embeddings)
+        elif mode == "rerank":
+            items, scores, counts = rerank(config, dataset, instances, candidate_sets, spec, template, backend)
         else:
-            items, scores, counts = _rerank(config, dataset, instances, candidate_sets, spec, template, backend)
+            items, scores, counts = None, None, {}
         seconds = time.perf_counter() - began + sr_seconds  # the SR candidates are part of the teacher's cost
         settings = {"name": backend.name, **backend.settings()}
     source = {
@@ -295,11 +342,13 @@ def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instance
         "exclude_history": exclude,
         **rerank_source,
         **counts,
-        "embeddings": "last-layer last-token hidden state of each item title" if embeddings is not None else
+        "embeddings": {"text": "each item title", "layer": config.embedding_layer,
+                       "pooling": config.embedding_pooling} if embeddings is not None else
         f"none: the {config.backend} backend gives no hidden states (use --backend hf)",
         "load_seconds": round(began - started, 3),
     }
-    return _Ranked(items, scores, "distance" if mode == "grounding" else "score", embeddings, source, seconds)
+    kind = {"grounding": "distance", "rerank": "score"}.get(mode)
+    return _Ranked(items, scores, kind, embeddings, source, seconds)
 
 
 def _chunks(instances: Sequence[Instance], size: int, progress: bool, desc: str):
@@ -316,7 +365,7 @@ def _truncation_counts(requests) -> dict:
             "dropped_history_items": sum(r.dropped_history for r in requests)}
 
 
-def _ground(config, dataset, instances, spec, template, backend, title_embeddings):
+def ground(config, dataset, instances, spec, template, backend, title_embeddings):
     """BIGRec grounding: generate, embed the text, rank all items by L2 distance to the title embeddings."""
     from delrec.llm.scoring import normalize_title
     from delrec.llm.tokenization import encode_completion
@@ -340,7 +389,8 @@ def _ground(config, dataset, instances, spec, template, backend, title_embedding
         requests = requests_for(chunk, [[] for _ in chunk], titles, SPLIT, spec, template, backend.tokenizer,
                                 backend.max_length, lambda _: budget)
         texts = backend.generate([r.prompt for r in requests], budget)
-        generated = embed_texts(backend.model, backend.tokenizer, texts, backend.batch_size)
+        generated = embed_texts(backend.model, backend.tokenizer, texts, backend.batch_size,
+                                layer=config.embedding_layer, pooling=config.embedding_pooling)
         distance = torch.cdist(generated.double(), title_embeddings).float()
         if exclude:
             distance = distance.masked_fill(history_mask([inst.history for inst in chunk], len(titles)), float("inf"))
@@ -353,7 +403,7 @@ def _ground(config, dataset, instances, spec, template, backend, title_embedding
     return items, distances, counts
 
 
-def _rerank_candidates(config: TeacherExportConfig, dataset: PreparedDataset, instances, device):
+def rerank_candidates(config: TeacherExportConfig, dataset: PreparedDataset, instances, device):
     """Per instance the SR top-M + R random other items, shuffled; and what teacher.json records of them."""
     if not config.sr_model:
         raise DelrecError("--mode rerank needs --sr_model DIR: the SR model folder whose top-M items the LLM re-ranks")
@@ -386,7 +436,7 @@ def _rerank_candidates(config: TeacherExportConfig, dataset: PreparedDataset, in
     return candidate_sets, source
 
 
-def _rerank(config, dataset, instances, candidate_sets, spec, template, backend):
+def rerank(config, dataset, instances, candidate_sets, spec, template, backend):
     """The LLM's title log-likelihoods over each instance's candidates; the best K kept."""
     from delrec.llm.scoring import rank_candidates
     from delrec.llm.tokenization import encode_completion
@@ -420,8 +470,9 @@ def _rerank(config, dataset, instances, candidate_sets, spec, template, backend)
 
 @torch.inference_mode()
 def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int, progress: bool = False,
-                desc: str = "embed") -> torch.Tensor:
-    """[len(texts), d] float32 on CPU: the last layer's hidden state at each text's last token.
+                desc: str = "embed", layer: int = -1, pooling: str = "last") -> torch.Tensor:
+    """[len(texts), d] float32 on CPU: hidden layer `layer`'s state at each text's last token (`last`), or
+    its mean over the text's tokens, BOS excluded (`mean`).
 
     Each text is encoded alone as a prompt is (BOS when the tokenizer adds one, no EOS); an
     empty text is the EOS token. Texts of similar length share a right-padded batch."""
@@ -429,6 +480,7 @@ def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int, progres
 
     device = model.get_input_embeddings().weight.device
     ids = [encode_prompt(tokenizer, text) or [tokenizer.eos_token_id] for text in texts]
+    bos = tokenizer.bos_token_id
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     result = None
     with tqdm(total=len(ids), desc=desc, unit="text", disable=not progress) as bar:
@@ -440,11 +492,19 @@ def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int, progres
             for row, i in enumerate(group):
                 batch[row, : len(ids[i])] = torch.tensor(ids[i])
                 mask[row, : len(ids[i])] = 1
-            out = model(input_ids=batch.to(device), attention_mask=mask.to(device), output_hidden_states=True,
-                        use_cache=False, logits_to_keep=1)
-            last = out.hidden_states[-1][torch.arange(len(group)), mask.sum(1).to(device) - 1].float().cpu()
+            batch, mask = batch.to(device), mask.to(device)
+            out = model(input_ids=batch, attention_mask=mask, output_hidden_states=True, use_cache=False,
+                        logits_to_keep=1)
+            states = out.hidden_states[layer].float()
+            if pooling == "mean":
+                keep = mask.bool() & (batch != bos) if bos is not None else mask.bool()
+                keep[:, 0] |= keep.sum(1) == 0  # a text that is BOS alone keeps it
+                pooled = (states * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
+            else:
+                pooled = states[torch.arange(len(group), device=device), mask.sum(1) - 1]
+            pooled = pooled.cpu()
             if result is None:
-                result = torch.empty(len(ids), last.shape[1])
-            result[group] = last
+                result = torch.empty(len(ids), pooled.shape[1])
+            result[group] = pooled
             bar.update(len(group))
     return result

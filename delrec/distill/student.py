@@ -20,8 +20,14 @@ scores over all items, needed only by weights (the student's current top-K, its 
     rrd       rrd_weight * L_RRD   listwise relaxed ranking distillation (delrec.distill.rrd)
     none      nothing              the student alone (the baseline every gain is measured against)
 
+A teacher of a subset of the training instances (an LLM on a budget) adds its term on the instances
+it has a row for and nothing on the others, which train on the student's own loss alone: the term
+is the method's mean over those instances times their share of the batch, so each covered instance
+weighs what it would weigh with a teacher of every instance.
+
 `embedding_distillation` (any method, `none` included) adds DLLM2Rec's collaborative embedding
-distillation through the item-embedding seam (delrec.distill.embedding). Several teacher
+distillation through the item-embedding seam (delrec.distill.embedding); a teacher of item
+embeddings alone (`delrec teacher export --mode embeddings`) serves it with `--method none`. Several teacher
 folders are combined into one with `delrec.distill.ensemble.combine_teachers` (cut to the
 method's K) before training. The run's settings recorded in the checkpoint include the method,
 its configuration and a digest of each teacher's contents, so resuming an OUT with other
@@ -46,7 +52,7 @@ from delrec.distill.embedding import install_collaborative_embedding
 from delrec.distill.ensemble import combine_teachers
 from delrec.distill.rd import RDConfig, items_mask, rd_loss, rd_weights, sample_excluding
 from delrec.distill.rrd import RRDConfig, rrd_loss, sample_uninteresting
-from delrec.distill.teacher import Teacher, load_teacher
+from delrec.distill.teacher import RANKINGS_FILE, Teacher, load_teacher
 from delrec.errors import DelrecError
 from delrec.io import write_json
 from delrec.sr.base import SequentialRecommender, model_class_for_config
@@ -152,7 +158,7 @@ def method_config_class(method: str) -> type | None:
 
 
 class DistillationLoss:
-    """The trainer's `extra_loss`: the method's term on the batch's teacher rows."""
+    """The trainer's `extra_loss`: the method's term on the batch's instances that have a teacher row."""
 
     def __init__(self, teacher: Teacher, method: Method, config: Any):
         k = config.topk
@@ -166,10 +172,15 @@ class DistillationLoss:
         device = last_states.device
         if self.items.device != device:
             self.items, self.confidences = self.items.to(device), self.confidences.to(device)
-        rows = self.teacher.rows(batch.ids)
-        view = StudentBatch(last_states, model.item_embeddings(), self.items[rows], self.confidences[rows],
-                            batch.labels[:, -1], items_mask(batch.inputs, model.num_items))  # pad ids (= N) dropped
-        return self.method.term(self.config, view)
+        rows = self.teacher.rows(batch.ids, missing_ok=True)
+        covered = rows >= 0
+        if not bool(covered.any()):
+            return last_states.sum() * 0.0  # no teacher row in this batch: the student's own loss alone
+        rows = rows[covered]
+        view = StudentBatch(last_states[covered], model.item_embeddings(), self.items[rows], self.confidences[rows],
+                            batch.labels[covered, -1],
+                            items_mask(batch.inputs[covered], model.num_items))  # pad ids (= N) dropped
+        return self.method.term(self.config, view) * (len(rows) / len(covered))
 
 
 # --- teachers -----------------------------------------------------------------------------------
@@ -178,13 +189,13 @@ class DistillationLoss:
 def teacher_digest(teacher: Teacher, with_embeddings: bool) -> str:
     """A digest of what a student learns from a teacher (its lists, scores and, if used, embeddings)."""
     digest = hashlib.sha256()
-    tensors = [teacher.instance_ids, teacher.items, teacher.scores]
+    tensors = [t for t in (teacher.instance_ids, teacher.items, teacher.scores) if t is not None]
     if with_embeddings and teacher.embeddings is not None:
         tensors.append(teacher.embeddings)
     for tensor in tensors:
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(teacher.score_kind.encode())
+    digest.update(str(teacher.score_kind).encode())
     return digest.hexdigest()[:16]
 
 
@@ -193,7 +204,8 @@ def combined_teacher(teachers: list[Teacher], topk: int | None) -> Teacher:
     `topk` items (default: the shortest list), see `delrec.distill.ensemble`."""
     if len(teachers) == 1:
         return teachers[0]
-    return combine_teachers(teachers, topk or min(t.topk for t in teachers))
+    lengths = [t.topk for t in teachers if t.has_rankings]
+    return combine_teachers(teachers, topk or (min(lengths) if lengths else 1))
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -234,6 +246,11 @@ def train_student(
     min_topk = None if method_config is None else method_config.topk
     loaded = [load_teacher(folder, dataset, min_topk) for folder in teachers]
     teacher = combined_teacher(loaded, min_topk) if loaded else None
+    if config_class is not None and not teacher.has_rankings:
+        names = ", ".join(str(t.folder) for t in loaded)
+        raise DelrecError(f"--method {method} distils rankings, but {names} hold item embeddings only (no "
+                          f"{RANKINGS_FILE}); use --method none --embedding_distillation true, or add a teacher "
+                          "with rankings")
     samples_outside_list = method == "rrd" or (method == "rd" and method_config.rd_negatives > 0)
     if samples_outside_list and dataset.num_items <= min_topk:
         raise DelrecError(f"--method {method} samples items outside the teacher's top-{min_topk}, but {dataset.path} "
@@ -248,8 +265,8 @@ def train_student(
         "method_config": None if method_config is None else dataclasses.asdict(method_config),
         "embedding_distillation": embedding_distillation,
         "ed_weight": ed_weight if embedding_distillation else None,
-        "teachers": [{"digest": teacher_digest(t, embedding_distillation), "topk": t.topk, "score_kind": t.score_kind}
-                     for t in loaded],
+        "teachers": [{"digest": teacher_digest(t, embedding_distillation), "topk": t.topk, "score_kind": t.score_kind,
+                      "instances": 0 if t.instance_ids is None else len(t.instance_ids)} for t in loaded],
     }
     extra_loss = None if config_class is None else DistillationLoss(teacher, METHODS[method], method_config)
     model_hook = None

