@@ -140,6 +140,7 @@ def check_own_folder(out: str | os.PathLike, outputs: Sequence[str]) -> None:
     """Refuse an output folder holding anything but the command's `outputs` (hidden temp files aside): the
     folder of a model or a dataset, say, whose files (its metrics.json) the command would replace."""
     out = Path(out)
+    check_parents_are_folders(out)
     if out.exists() and not out.is_dir():
         raise DelrecError(f"--out {out} is a file; expected a folder for {', '.join(outputs)}")
     entries = out.iterdir() if out.is_dir() else ()

@@ -245,6 +245,9 @@ CASES = {
     "sr-predict/out-under-a-file": (
         lambda w, t: ["sr", "predict", "--model", w.sr, "--data", w.data, "--split", "test", "--out", w.foreign / "config.yaml" / "p"],
         "config.yaml is a file, not a folder"),
+    "sr-evaluate/out-under-a-file": (
+        lambda w, t: ["sr", "evaluate", "--model", w.sr, "--data", w.data, "--out", w.foreign / "config.yaml" / "e"],
+        "config.yaml is a file, not a folder"),
     "sr-evaluate/out-is-another-model": (
         lambda w, t: ["sr", "evaluate", "--model", w.sr, "--data", w.data, "--out", w.finished_stage2],
         "finished_stage2 already holds other files (README.md, adapter_config.json"),
