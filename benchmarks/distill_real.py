@@ -402,6 +402,8 @@ def parse_args(argv=None):
     p.add_argument("--latency-users", dest="latency_users", type=int, default=1000)
     p.add_argument("--llm-latency-users", dest="llm_latency_users", type=int, default=10)
     p.add_argument("--no-latency", dest="latency", action="store_false")
+    p.add_argument("--keep-other-datasets", dest="keep_other_datasets", action="store_true",
+                   help="keep the finished datasets of --json that this run does not redo")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "distill_real.json")
     p.add_argument("--markdown", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = p.parse_args(argv)
@@ -430,6 +432,11 @@ def main(argv=None) -> int:
                            "threads": args.threads, "seed": args.seed, "teacher_model": TEACHER,
                            "student_model": STUDENT, "variants": args.variants},
               "datasets": {}}
+    if args.keep_other_datasets and args.json.is_file():  # e.g. re-run games only, keep Last.fm's finished rows
+        previous = json.loads(args.json.read_text())
+        kept = {n: r for n, r in previous.get("datasets", {}).items() if n not in args.dataset_names}
+        report["datasets"].update(kept)
+        report["settings"]["kept_from_earlier_run"] = {n: previous.get("started") for n in kept}
     for name in args.dataset_names:
         report["datasets"][name] = run_dataset(name, args, llm)
         write_json(args.json, report)  # partial results survive an interruption

@@ -101,6 +101,22 @@ def test_zero_shot_ranking_on_the_real_model(gemma, gemma_data, tmp_path):
     assert 0 <= metrics["test"]["hr@1"] <= 1
 
 
+def test_prompts_longer_than_the_sliding_window_are_shortened_and_scored_exactly(base):
+    """Gemma's sliding layers cache the last 511 tokens: the HF backend's context is that, and a prompt that fits
+    scores as the reference read-out does (one full forward per candidate)."""
+    from delrec.llm.scoring import score_candidates, score_candidates_naive
+    from delrec.ranking.hf import HFBackend
+
+    model, tokenizer = base
+    backend = HFBackend(model, tokenizer)
+    assert backend.max_length == model.config.get_text_config().sliding_window - 1 == 511
+    prompt = " ".join([SENTENCE] * 31)  # about 500 tokens: just inside the window
+    assert 400 < len(encode_prompt(tokenizer, prompt)) < backend.max_length - 8
+    fast = score_candidates(model, tokenizer, [prompt], [["tomatoes", "a garden"]])[0].logprob
+    slow = score_candidates_naive(model, tokenizer, [prompt], [["tomatoes", "a garden"]])[0].logprob
+    assert fast == pytest.approx(slow, abs=1e-3)
+
+
 def test_stage1_on_tied_scaled_embeddings_moves_only_the_soft_rows(gemma_stage1, base):
     """Gemma ties the LM head to the embedding and multiplies looked-up rows by sqrt(hidden) = 25.3."""
     original, _ = base

@@ -84,11 +84,16 @@ class HFBackend(Backend):
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.chunk_size = batch_size * CHUNK_BATCHES
-        config = model.config
+        config = getattr(model.config, "text_config", model.config)
         self.max_length = (
             getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
             or tokenizer.model_max_length
         )
+        window = getattr(config, "sliding_window", None)
+        if window and "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+            # the KV cache of a sliding layer keeps the last window - 1 tokens, and shared-prompt scoring
+            # reads every prompt token from it: prompts lose their oldest history items to fit (counted)
+            self.max_length = min(self.max_length, window - 1)
 
     @property
     def device(self) -> torch.device:
