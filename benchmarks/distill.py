@@ -24,7 +24,7 @@ Per dataset (`--datasets`, default lastfm then games), in one process, one after
 Latency (`--latency-dataset`, games by default): the top-20 over all items (history excluded) for
 the first 1,000 test users, on this machine, with `--threads` torch threads:
 - student: the trained DLLM2Rec student folder reloaded (`load_model`), scored in batches of
-  1,000 (`sr_top_items`), best of 3 timed runs after a warm-up;
+  1,000 (`sr.evaluate.top_k`), best of 3 timed runs after a warm-up;
 - LLM teacher: the tiny local LLM (`delrec llm build-tiny`, random weights, hidden 128, 2 layers;
   built once into benchmarks/out/distill/<dataset>/tiny-llm) with the HF backend and BIGRec
   grounding as the teacher export runs it (`delrec.distill.export`): greedy generation from the
@@ -185,16 +185,16 @@ def run_dataset(name: str, args) -> dict:
 
 
 def student_latency(student_dir: Path, instances, repeats: int = 3) -> dict:
-    from delrec.distill.export import sr_top_items
+    from delrec.sr.evaluate import top_k
     from delrec.sr import load_model
 
     model = load_model(student_dir)
     histories = [inst.history for inst in instances]
-    sr_top_items(model, histories, LATENCY_K, True, len(histories), False)  # warm-up
+    top_k(model, histories, LATENCY_K, True, len(histories), False)  # warm-up
     times = []
     for _ in range(repeats):
         began = time.perf_counter()
-        sr_top_items(model, histories, LATENCY_K, True, len(histories), False)
+        top_k(model, histories, LATENCY_K, True, len(histories), False)
         times.append(time.perf_counter() - began)
     return {"model": rel(student_dir), "parameters": sum(p.numel() for p in model.parameters()),
             "seconds": round(min(times), 5), "seconds_all": [round(t, 5) for t in times], "batch_size": len(histories)}

@@ -195,15 +195,15 @@ def run_dataset(name: str, args, llm: Path) -> dict:
 
 
 def student_latency(student: Path, instances) -> dict:
-    from delrec.distill.export import sr_top_items
+    from delrec.sr.evaluate import top_k
     from delrec.sr import load_model
 
     model = load_model(student)
     histories = [inst.history for inst in instances]
-    sr_top_items(model, histories, LATENCY_K, True, len(histories), False)  # warm-up
-    batched = min(_timed(lambda: sr_top_items(model, histories, LATENCY_K, True, len(histories), False))
+    top_k(model, histories, LATENCY_K, True, len(histories), False)  # warm-up
+    batched = min(_timed(lambda: top_k(model, histories, LATENCY_K, True, len(histories), False))
                   for _ in range(3))
-    one_by_one = _timed(lambda: [sr_top_items(model, [h], LATENCY_K, True, 1, False) for h in histories])
+    one_by_one = _timed(lambda: [top_k(model, [h], LATENCY_K, True, 1, False) for h in histories])
     return {"parameters": sum(p.numel() for p in model.parameters()), "batched_seconds": round(batched, 5),
             "batch1_seconds": round(one_by_one, 5), "users": len(histories)}
 

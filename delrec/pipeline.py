@@ -628,7 +628,7 @@ def stage_sr(ctx: Context) -> dict:
 def stage_predictions(ctx: Context) -> dict:
     from delrec.data.dataset import PreparedDataset
     from delrec.sr import load_model, write_predictions
-    from delrec.sr.evaluate import resolve_device
+    from delrec.device import resolve_device
 
     options = ctx.config.sections["predictions"].get(PredictionsOptions)
     dataset = PreparedDataset.load(ctx.layout.dataset)
@@ -773,7 +773,7 @@ def stage_latency(ctx: Context) -> dict:
     import torch
 
     from delrec.data.dataset import PreparedDataset
-    from delrec.distill.export import sr_top_items
+    from delrec.sr.evaluate import top_k
     from delrec.distill.teacher import INFO_FILE
     from delrec.sr import load_model
 
@@ -783,11 +783,11 @@ def stage_latency(ctx: Context) -> dict:
     model = load_model(ctx.layout.student(student_name), "cpu")
     histories = [inst.history for inst in dataset.instances("test")][: options.users]
     k = min(options.topk, dataset.num_items - max(len(set(h)) for h in histories))
-    sr_top_items(model, histories, k, True, len(histories), False)  # warm-up
+    top_k(model, histories, k, True, len(histories), False)  # warm-up
     timings = []
     for _ in range(options.repeats):
         began = time.perf_counter()
-        sr_top_items(model, histories, k, True, len(histories), False)
+        top_k(model, histories, k, True, len(histories), False)
         timings.append(time.perf_counter() - began)
     seconds = sorted(timings)[len(timings) // 2]
     result = {

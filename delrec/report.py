@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from delrec.io import atomic_write, read_json, read_jsonl
+from delrec.predictions import display_name
 from delrec.pipeline import CONFIG_COPY, REPORT_FILE, RUN_FILE, STAGE_FILE, STAGES, TRAINER_LOG
 
 PLOTS_DIR = "report"
 TABLE_FILE = "table.md"
 CANDIDATE_KEYS = ("hr@1", "hr@5", "ndcg@5")
-SR_NAMES = {"pop": "popularity", "sasrec": "SASRec", "gru4rec": "GRU4Rec", "caser": "Caser"}
 METHOD_NAMES = {"dllm2rec": "DLLM2Rec", "rd": "RD", "rrd": "RRD"}
 VARIANT_NAMES = {"stage1": "LLM + distilled soft prompt (DELRec)", "none": "LLM, no soft prompt (plain prompt)",
                  "random": "LLM + random soft prompt"}
@@ -76,12 +76,12 @@ def _read_log(path: Path) -> list[dict]:
 
 
 def _sr_label(name: str, model_type: str) -> str:
-    display = SR_NAMES.get(model_type, model_type)
+    display = display_name(model_type)
     return display if name == model_type else f"{display} ({name})"
 
 
 def _student_label(run: dict, model_type: str) -> str:
-    student = f"student {SR_NAMES.get(model_type, model_type)}"
+    student = f"student {display_name(model_type)}"
     if run["method"] == "none" and not run["embedding_distillation"]:
         return f"{student} alone"
     parts = [METHOD_NAMES.get(run["method"], run["method"])] if run["method"] != "none" else []

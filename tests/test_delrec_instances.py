@@ -10,7 +10,8 @@ from delrec.llm.instances import InstanceOptions, build_instances
 from delrec.llm.loading import load_tokenizer
 from delrec.llm.tokenization import encode_prompt
 from delrec.prompts import get_template
-from delrec.sr import PopConfig, TrainConfig, load_model, read_predictions, train_sr, write_predictions
+from delrec.predictions import read_predictions
+from delrec.sr import PopConfig, TrainConfig, load_model, train_sr, write_predictions
 from delrec.sr.evaluate import predict
 from llm_fixtures import tiny_llama, tiny_llm_data  # noqa: F401 (fixtures)
 

@@ -108,7 +108,7 @@ def test_stage1_trains_only_the_soft_rows_and_writes_a_small_folder(stage1, tiny
     info = json.loads((out / "delrec.json").read_text())
     assert info["stage"] == "distill-pattern" and info["soft_prompt"] == {"name": "pop", "num_tokens": P,
                                                                         "init": "vocab"}
-    assert info["templates"]["ta"]["fingerprint"] and info["sr_model"]["display_name"] == "Pop"
+    assert info["templates"]["ta"]["fingerprint"] and info["sr_model"]["display_name"] == "Popularity"
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("rps_agreement", "rps_chance", "ta_accuracy", "ta_chance"):
         assert 0 <= metrics["valid"][key] <= 1 and key in metrics["valid_before_training"]

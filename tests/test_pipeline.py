@@ -97,7 +97,7 @@ def test_a_full_run_writes_every_stage_the_report_and_plots(finished_run):
     report = (run / "report.md").read_text()
     table = (run / "report" / "table.md").read_text()
     assert table in report
-    for label in ("popularity", "SASRec", "LLM + distilled soft prompt (DELRec)", "LLM, no soft prompt",
+    for label in ("Popularity", "SASRec", "LLM + distilled soft prompt (DELRec)", "LLM, no soft prompt",
                   "student SASRec alone", "student SASRec + DLLM2Rec (teacher: llm)", "random (chance level)"):
         assert f"| {label}" in table, label
     assert "HR@10" in table and "NDCG@5" in table and "top-10 ms/user" in table

@@ -12,7 +12,7 @@ from delrec.data.preprocess import PreprocessConfig
 from delrec.data.synthetic import make_synthetic
 from delrec.errors import DelrecError
 from delrec.metrics import metrics_from_ranked_lists
-from delrec.sr import read_predictions
+from delrec.predictions import read_predictions
 
 TINY_FLAGS = [
     "--hidden_size", "16", "--num_layers", "1", "--num_heads", "1", "--inner_size", "32",

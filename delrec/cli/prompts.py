@@ -81,7 +81,7 @@ def _load_predictions(path: str, dataset, split: str) -> dict[int, list[int]]:
     from pathlib import Path
 
     from delrec.io import read_jsonl
-    from delrec.sr.evaluate import meta_path, read_predictions
+    from delrec.predictions import meta_path, read_predictions
 
     if meta_path(path).is_file():
         return dict(enumerate(read_predictions(path, dataset, split).items))

@@ -54,7 +54,7 @@ def serve(argv, prog: str, description: str) -> int:
     from delrec.data.dataset import PreparedDataset
     from delrec.serving import Recommender, create_app, serve as run_server
     from delrec.sr import load_model
-    from delrec.sr.evaluate import resolve_device
+    from delrec.device import resolve_device
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)

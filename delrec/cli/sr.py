@@ -104,7 +104,8 @@ def evaluate(argv, prog: str, description: str) -> int:
     from delrec.data.dataset import PreparedDataset
     from delrec.io import check_own_folder, write_json
     from delrec.sr import load_model
-    from delrec.sr.evaluate import EVALUATION_FILE, evaluate_model, resolve_device
+    from delrec.device import resolve_device
+    from delrec.sr.evaluate import EVALUATION_FILE, evaluate_model
 
     (args,) = parse_command([EvaluateArguments], argv, prog, description)
     if args.out is not None and Path(args.out).resolve() != Path(args.model).resolve():
@@ -146,7 +147,9 @@ def predict(argv, prog: str, description: str) -> int:
     from delrec.errors import DelrecError
     from delrec.sr import load_model
     from delrec.io import check_output_file
-    from delrec.sr.evaluate import is_predictions_file, meta_path, resolve_device, write_predictions
+    from delrec.device import resolve_device
+    from delrec.predictions import is_predictions_file, meta_path
+    from delrec.sr.evaluate import write_predictions
 
     (args,) = parse_command([PredictArguments], argv, prog, description)
     for path in (args.out, meta_path(args.out)):  # the file and its sidecar: both are replaced

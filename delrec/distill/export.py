@@ -55,6 +55,7 @@ from delrec.data.dataset import Instance, PreparedDataset
 from delrec.distill.teacher import SPLIT, check_teacher_out, write_teacher
 from delrec.errors import DelrecError
 from delrec.io import check_apart_from_inputs, read_json
+from delrec.sr.evaluate import top_k
 
 MODES = ("auto", "sr", "grounding", "rerank", "embeddings")
 GROUNDING_TASK = "teacher"  # the template task without candidates (prompts/teacher.jinja)
@@ -234,7 +235,7 @@ def _load_sr(path: str, dataset: PreparedDataset, device: torch.device):
 
 
 def _sr_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instances, device: str) -> _Ranked:
-    from delrec.sr.evaluate import resolve_device
+    from delrec.device import resolve_device
 
     exclude = not config.keep_history
     _check_room(instances, dataset.num_items, config.topk, exclude, "--topk")
@@ -242,7 +243,7 @@ def _sr_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instances
     model = _load_sr(config.model, dataset, device)
     began = time.perf_counter()
     histories = [inst.history for inst in instances]
-    items, scores = sr_top_items(model, histories, config.topk, exclude, config.sr_batch_size, config.progress)
+    items, scores = top_k(model, histories, config.topk, exclude, config.sr_batch_size, config.progress)
     try:
         embeddings = model.item_embeddings().detach().float().cpu()
     except NotImplementedError:  # the popularity baseline has none
@@ -250,26 +251,6 @@ def _sr_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instances
     source = {"kind": "sr", "model": str(config.model), "model_type": model.model_type, "exclude_history": exclude,
               "device": str(device)}
     return _Ranked(items, scores, "score", embeddings, source, time.perf_counter() - began)
-
-
-def sr_top_items(
-    model, histories: Sequence[Sequence[int]], k: int, exclude_history: bool, batch_size: int, progress: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """([R, k] items, [R, k] scores) of an SR model over all items, best first, rows in input order.
-
-    Callers check first that every history leaves k items to rank (`_check_room`)."""
-    from delrec.sr.evaluate import iter_full_scores
-
-    items = torch.empty(len(histories), k, dtype=torch.long)
-    scores = torch.empty(len(histories), k)
-    with tqdm(total=len(histories), desc="SR top-k", unit="inst", disable=not progress) as bar:
-        for rows, batch, mask in iter_full_scores(model, histories, batch_size, exclude_history):
-            if mask is not None:
-                batch = batch.masked_fill(mask, float("-inf"))
-            values, top = batch.topk(k, dim=1)
-            items[rows], scores[rows] = top.cpu(), values.float().cpu()
-            bar.update(len(rows))
-    return items, scores
 
 
 def _check_room(instances: Sequence[Instance], num_items: int, needed: int, exclude: bool, option: str) -> None:
@@ -412,10 +393,10 @@ def rerank_candidates(config: TeacherExportConfig, dataset: PreparedDataset, ins
                           f"--num_random {config.num_random} items; raise them or lower --topk")
     exclude = not config.keep_history
     _check_room(instances, dataset.num_items, config.sr_topm + config.num_random, exclude, "--sr_topm + --num_random")
-    from delrec.sr.evaluate import resolve_device
+    from delrec.device import resolve_device
 
     model = _load_sr(config.sr_model, dataset, resolve_device(device))
-    top, _ = sr_top_items(model, [inst.history for inst in instances], config.sr_topm, exclude,
+    top, _ = top_k(model, [inst.history for inst in instances], config.sr_topm, exclude,
                           config.sr_batch_size, config.progress)
     rng = np.random.default_rng(config.seed)
     candidate_sets, hits = [], 0

@@ -63,7 +63,6 @@ STATS_FILE = "delrec_instances.json"
 TASK_OF_TEMPLATE = {"ta": "ta", "rps": "rps", "lsr": "lsr", "plain": "lsr"}
 _SALT = {"ta": 1, "rps": 2, "lsr": 3}
 _SPLIT_INDEX = {"train": 0, "valid": 1, "test": 2}
-SR_DISPLAY_NAMES = {"sasrec": "SASRec", "gru4rec": "GRU4Rec", "caser": "Caser", "pop": "Pop"}
 
 
 @dataclass(frozen=True)
@@ -130,7 +129,7 @@ def read_task_predictions(task: str, dataset: PreparedDataset, split: str, path)
     """The validated SR predictions a task needs (TA: with prefix predictions); None for LSR."""
     if task == "lsr":
         return None  # stage 2 reads only the soft prompt, not the SR model's predictions
-    from delrec.sr.evaluate import read_predictions
+    from delrec.predictions import read_predictions
 
     if path is None:
         raise DelrecError(f"{task.upper()} instances need the SR model's predictions for the {split} split; "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from delrec.device import resolve_device
 from delrec.errors import DelrecError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -137,20 +137,6 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
         )
     with _explained_load_errors(source):
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` -> CUDA when available; the CUDA index follows LOCAL_RANK so each DDP process takes its own GPU."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise DelrecError(f"device must be auto, cpu or cuda, got '{device}'")
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise DelrecError(
-            f"device cuda requested but CUDA is not available (torch {torch.__version__}, "
-            f"{'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); use --device cpu"
-        )
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def _quantization_config(config: ModelConfig, device: torch.device):

@@ -399,7 +399,7 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
 
 def _sr_model(train_meta: dict, valid_meta: dict, args: DistillArguments) -> dict:
     """Which SR model the predictions come from (both files must agree): names the soft prompt."""
-    from delrec.llm.instances import SR_DISPLAY_NAMES
+    from delrec.predictions import display_name
 
     model = train_meta.get("model") or {}
     if (valid_meta.get("model") or {}) != model:
@@ -408,7 +408,7 @@ def _sr_model(train_meta: dict, valid_meta: dict, args: DistillArguments) -> dic
     model_type = str(model.get("model_type") or "sr")
     return {
         "name": args.soft_prompt_name or model_type,
-        "display_name": args.sr_display_name or SR_DISPLAY_NAMES.get(model_type, model_type),
+        "display_name": args.sr_display_name or display_name(model_type),
         "model_type": model_type,
         "path": model.get("path"),
     }

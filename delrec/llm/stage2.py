@@ -135,7 +135,8 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
 
     from delrec.data.dataset import PreparedDataset
     from delrec.llm.folder import write_info
-    from delrec.llm.instances import SR_DISPLAY_NAMES, InstanceOptions, build_instances
+    from delrec.llm.instances import InstanceOptions, build_instances
+    from delrec.predictions import display_name
     from delrec.llm.loading import load_model
     from delrec.llm.soft_prompt import SOFT_PROMPT_FILE, SoftPrompt
     from delrec.prompts import get_template
@@ -150,7 +151,7 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
     domain = args.domain or (stage1 or {}).get("domain", "item")
     sr_name = stage1["soft_prompt"]["name"] if stage1 else args.soft_prompt_name
     sr_display = args.sr_display_name or ((stage1 or {}).get("sr_model") or {}).get("display_name") \
-        or SR_DISPLAY_NAMES.get(sr_name, sr_name)
+        or display_name(sr_name)
     resume_from = prepare_run(out, STAGE, run_config(args, model_config, lora, settings), settings.resume)
 
     model, tokenizer = load_model(model_config)

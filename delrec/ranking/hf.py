@@ -29,7 +29,8 @@ from typing import Literal, Sequence
 import torch
 
 from delrec.llm.folder import load_delrec_model
-from delrec.llm.loading import ModelConfig, load_model, resolve_device
+from delrec.device import resolve_device
+from delrec.llm.loading import ModelConfig, load_model
 from delrec.llm.scoring import CandidateScores, score_candidates
 from delrec.llm.tokenization import encode_completion, encode_prompt
 from delrec.ranking.base import Backend

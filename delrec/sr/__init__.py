@@ -24,21 +24,12 @@ from delrec.sr.sasrec import SASRec, SASRecConfig  # noqa: I001
 from delrec.sr.gru4rec import GRU4Rec, GRU4RecConfig
 from delrec.sr.caser import Caser, CaserConfig
 from delrec.sr.pop import Pop, PopConfig
-from delrec.sr.evaluate import (
-    Predictions,
-    evaluate_candidates,
-    evaluate_full,
-    evaluate_model,
-    predict,
-    read_predictions,
-    write_predictions,
-)
+from delrec.sr.evaluate import evaluate_candidates, evaluate_full, evaluate_model, predict, write_predictions
 from delrec.sr.trainer import TrainBatch, TrainConfig, TrainResult, train_sr
 
 __all__ = [
     "MODELS", "ItemEmbedding", "SequentialRecommender", "build_model", "load_model", "model_class", "pad_histories",
     "SASRec", "SASRecConfig", "GRU4Rec", "GRU4RecConfig", "Caser", "CaserConfig", "Pop", "PopConfig",
     "TrainConfig", "TrainBatch", "TrainResult", "train_sr",
-    "Predictions", "evaluate_full", "evaluate_candidates", "evaluate_model", "predict", "read_predictions",
-    "write_predictions",
+    "evaluate_full", "evaluate_candidates", "evaluate_model", "predict", "write_predictions",
 ]

@@ -26,41 +26,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from delrec.data.dataset import PreparedDataset
-from delrec.errors import DelrecError, where
-from delrec.io import atomic_write, read_json, read_jsonl, write_json
+from delrec.errors import DelrecError
+from delrec.io import atomic_write, write_json
 from delrec.metrics import DEFAULT_KS, RankingMetrics, history_mask
+from delrec.predictions import PREDICTIONS_KIND, PREDICTIONS_VERSION, meta_path, prefix_length
 from delrec.sr.base import SequentialRecommender, pad_histories
 
 CANDIDATE_KS = (1, 5)
 CANDIDATE_KEYS = ("hr@1", "hr@5", "ndcg@5")
-PREDICTIONS_KIND = "delrec-predictions"
-PREDICTIONS_VERSION = 1
 EVAL_BATCH_SIZE = 1024
 EVALUATION_FILE = "evaluation.json"  # what `sr evaluate` writes: a training run's metrics.json is never replaced
-
-
-def resolve_device(name: str | torch.device | None) -> torch.device:
-    """"auto" -> cuda when available else cpu; "cuda" without CUDA is a `DelrecError`."""
-    if isinstance(name, torch.device):
-        return name
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(name).startswith("cuda") and not torch.cuda.is_available():
-        raise DelrecError(
-            f"--device {name} was requested but CUDA is not available to this torch ({torch.__version__}); "
-            "use --device cpu or auto"
-        )
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise DelrecError(f"unknown device '{name}'; expected cpu, cuda or auto") from None
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -221,26 +203,29 @@ def predict(
         yield row
 
 
-def prefix_length(history: Sequence[int]) -> int:
-    """k of DELRec's Temporal Analysis example: the first half of the history (rounded down)."""
-    return len(history) // 2
+
+def top_k(model, histories: Sequence[Sequence[int]], k: int, exclude_history: bool, batch_size: int,
+          progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """([R, k] items, [R, k] scores) over the whole catalogue, best first, rows in input order.
+
+    Excluded (history) items score -inf; callers that need k real items per row check room first."""
+    items = torch.empty(len(histories), k, dtype=torch.long)
+    scores = torch.empty(len(histories), k)
+    with tqdm(total=len(histories), desc="SR top-k", unit="inst", disable=not progress) as bar:
+        for rows, batch, mask in iter_full_scores(model, histories, batch_size, exclude_history):
+            if mask is not None:
+                batch = batch.masked_fill(mask, float("-inf"))
+            values, top = batch.topk(k, dim=1)
+            items[rows], scores[rows] = top.cpu(), values.float().cpu()
+            bar.update(len(rows))
+    return items, scores
 
 
 def top_items(model, histories, topk: int, exclude_history: bool, batch_size: int) -> list[list[tuple[int, float]]]:
     """Per history, in input order: the top-K (item, score) pairs, excluded items dropped."""
-    ranked: list = [None] * len(histories)  # batches come length-sorted; rows are returned in order
-    for rows, scores, mask in iter_full_scores(model, histories, batch_size, exclude_history):
-        if mask is not None:
-            scores = scores.masked_fill(mask, float("-inf"))
-        values, items = scores.topk(topk, dim=1)
-        for row, row_values, row_items in zip(rows.tolist(), values.tolist(), items.tolist()):
-            ranked[row] = [(i, v) for i, v in zip(row_items, row_values) if v != float("-inf")]
-    return ranked
-
-
-def meta_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path.with_name(path.name + ".meta.json")
+    items, scores = top_k(model, histories, topk, exclude_history, batch_size)
+    return [[(i, v) for i, v in zip(row_items, row_values) if v != float("-inf")]
+            for row_items, row_values in zip(items.tolist(), scores.tolist())]
 
 
 def write_predictions(
@@ -278,93 +263,3 @@ def write_predictions(
     }
     write_json(meta_path(path), meta)
     return meta
-
-
-def is_predictions_file(path: str | Path) -> bool:
-    """Whether `path` is a predictions file delrec wrote (its sidecar names it by checksum): safe to replace."""
-    path, side = Path(path), meta_path(path)
-    try:
-        meta = read_json(side)
-        return meta.get("kind") == PREDICTIONS_KIND and hashlib.sha256(path.read_bytes()).hexdigest() == meta.get("sha256")
-    except (DelrecError, OSError, AttributeError):
-        return False
-
-
-@dataclass
-class Predictions:
-    """A validated predictions file: row i belongs to `dataset.instances(split)[i]`."""
-
-    meta: dict
-    items: list[list[int]]
-    scores: list[list[float]]
-    prefix_items: list[list[int]] | None = None  # with prefix predictions: the top-K after history[:k]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-
-def read_predictions(path: str | Path, dataset: PreparedDataset, split: str) -> Predictions:
-    """Read and validate a predictions file for `dataset`'s `split`; `DelrecError` on any mismatch."""
-    path = Path(path)
-    side = meta_path(path)
-    if not path.is_file():
-        raise DelrecError(f"{path}: predictions file not found; write one with `delrec sr predict`")
-    if not side.is_file():
-        raise DelrecError(f"{path}: no {side.name} beside it, so it is not a delrec predictions file; "
-                          "write one with `delrec sr predict`")
-    meta = read_json(side)
-    if not isinstance(meta, dict) or meta.get("kind") != PREDICTIONS_KIND:
-        raise DelrecError(f"{side}: not a delrec predictions sidecar (field 'kind' should be '{PREDICTIONS_KIND}')")
-    if meta.get("format_version") != PREDICTIONS_VERSION:
-        raise DelrecError(f"{side}: predictions format version {meta.get('format_version')!r}, this delrec reads "
-                          f"{PREDICTIONS_VERSION}; re-run `delrec sr predict`")
-    if meta.get("dataset_fingerprint") != dataset.fingerprint:
-        raise DelrecError(
-            f"{path}: predictions were made on dataset {meta.get('dataset_fingerprint')}, not on {dataset.path} "
-            f"(fingerprint {dataset.fingerprint}); re-run `delrec sr predict --data {dataset.path}`"
-        )
-    if meta.get("split") != split:
-        raise DelrecError(f"{path}: holds predictions for split '{meta.get('split')}', expected '{split}'")
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-        raise DelrecError(f"{path}: content does not match its {side.name} (edited, or from another run); "
-                          "re-run `delrec sr predict`")
-    expected = len(dataset.instances(split))
-    topk = meta.get("topk")
-    n = dataset.num_items
-    with_prefix = bool(meta.get("prefix_predictions"))
-    instances = dataset.instances(split)
-    items, scores, prefix_items = [], [], []
-    for line_no, row in read_jsonl(path):
-        if row.get("id") != len(items):
-            raise DelrecError(f"{where(path, line_no, 'id')}: expected id {len(items)} (rows follow the {split} instances)")
-        row_items, row_scores = row.get("items"), row.get("scores")
-        if not isinstance(row_items, list) or not isinstance(row_scores, list) or len(row_items) != len(row_scores):
-            raise DelrecError(f"{where(path, line_no, 'items')}: expected lists 'items' and 'scores' of equal length")
-        if len(row_items) > topk:
-            raise DelrecError(f"{where(path, line_no, 'items')}: {len(row_items)} items, more than topk {topk}")
-        for item in row_items:
-            if not isinstance(item, int) or isinstance(item, bool) or not 0 <= item < n:
-                raise DelrecError(f"{where(path, line_no, 'items')}: item id {item!r} is not in the catalogue (0..{n - 1})")
-        if with_prefix:
-            prefix_items.append(_checked_prefix(row, instances, len(items), topk, n, path, line_no))
-        items.append(row_items)
-        scores.append(row_scores)
-    if len(items) != expected or len(items) != meta.get("rows"):
-        raise DelrecError(f"{path}: {len(items)} rows for {expected} {split} instances (the sidecar says {meta.get('rows')})")
-    return Predictions(meta, items, scores, prefix_items if with_prefix else None)
-
-
-def _checked_prefix(row: dict, instances, index: int, topk: int, n: int, path: Path, line_no: int) -> list[int]:
-    if index >= len(instances):
-        return []  # the row count check reports the mismatch
-    expected = prefix_length(instances[index].history)
-    if row.get("prefix_length") != expected:
-        raise DelrecError(f"{where(path, line_no, 'prefix_length')}: expected {expected} (half the history), "
-                          f"got {row.get('prefix_length')!r}")
-    prefix = row.get("prefix_items")
-    if not isinstance(prefix, list) or len(prefix) > topk or not all(
-        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in prefix
-    ):
-        raise DelrecError(f"{where(path, line_no, 'prefix_items')}: expected at most {topk} item ids in 0..{n - 1}")
-    return prefix

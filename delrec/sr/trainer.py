@@ -71,7 +71,8 @@ from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
 from delrec.io import atomic_write, check_parents_are_folders, write_json, write_jsonl
 from delrec.sr.base import SequentialRecommender, build_model, model_class_for_config
-from delrec.sr.evaluate import EVAL_BATCH_SIZE, evaluate_full, evaluate_model, resolve_device
+from delrec.device import resolve_device
+from delrec.sr.evaluate import EVAL_BATCH_SIZE, evaluate_full, evaluate_model
 from delrec.sr.losses import LOSSES, next_item_loss
 
 CHECKPOINT_DIR = "checkpoint"

@@ -1,0 +1,124 @@
+"""The SR predictions file: JSON lines `{"id", "items", "scores"}` (+ `prefix_length`, `prefix_items`)
+and a sidecar `FILE.meta.json`. `delrec sr predict` writes it; the LLM stages and `delrec prompts`
+read it. It lives below both so that neither has to import the other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from delrec.data.dataset import PreparedDataset
+from delrec.errors import DelrecError, where
+from delrec.io import read_json, read_jsonl
+
+PREDICTIONS_KIND = "delrec-predictions"
+PREDICTIONS_VERSION = 1
+# How prompts and reports name the SR model that made the predictions (its `model_type`).
+DISPLAY_NAMES = {"pop": "Popularity", "sasrec": "SASRec", "gru4rec": "GRU4Rec", "caser": "Caser"}
+
+
+def display_name(model_type: str) -> str:
+    return DISPLAY_NAMES.get(model_type, model_type)
+
+
+def prefix_length(history: Sequence[int]) -> int:
+    """k of DELRec's Temporal Analysis example: the first half of the history (rounded down)."""
+    return len(history) // 2
+
+
+def meta_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".meta.json")
+
+
+def is_predictions_file(path: str | Path) -> bool:
+    """Whether `path` is a predictions file delrec wrote (its sidecar names it by checksum): safe to replace."""
+    path, side = Path(path), meta_path(path)
+    try:
+        meta = read_json(side)
+        return meta.get("kind") == PREDICTIONS_KIND and hashlib.sha256(path.read_bytes()).hexdigest() == meta.get("sha256")
+    except (DelrecError, OSError, AttributeError):
+        return False
+
+
+@dataclass
+class Predictions:
+    """A validated predictions file: row i belongs to `dataset.instances(split)[i]`."""
+
+    meta: dict
+    items: list[list[int]]
+    scores: list[list[float]]
+    prefix_items: list[list[int]] | None = None  # with prefix predictions: the top-K after history[:k]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def read_predictions(path: str | Path, dataset: PreparedDataset, split: str) -> Predictions:
+    """Read and validate a predictions file for `dataset`'s `split`; `DelrecError` on any mismatch."""
+    path = Path(path)
+    side = meta_path(path)
+    if not path.is_file():
+        raise DelrecError(f"{path}: predictions file not found; write one with `delrec sr predict`")
+    if not side.is_file():
+        raise DelrecError(f"{path}: no {side.name} beside it, so it is not a delrec predictions file; "
+                          "write one with `delrec sr predict`")
+    meta = read_json(side)
+    if not isinstance(meta, dict) or meta.get("kind") != PREDICTIONS_KIND:
+        raise DelrecError(f"{side}: not a delrec predictions sidecar (field 'kind' should be '{PREDICTIONS_KIND}')")
+    if meta.get("format_version") != PREDICTIONS_VERSION:
+        raise DelrecError(f"{side}: predictions format version {meta.get('format_version')!r}, this delrec reads "
+                          f"{PREDICTIONS_VERSION}; re-run `delrec sr predict`")
+    if meta.get("dataset_fingerprint") != dataset.fingerprint:
+        raise DelrecError(
+            f"{path}: predictions were made on dataset {meta.get('dataset_fingerprint')}, not on {dataset.path} "
+            f"(fingerprint {dataset.fingerprint}); re-run `delrec sr predict --data {dataset.path}`"
+        )
+    if meta.get("split") != split:
+        raise DelrecError(f"{path}: holds predictions for split '{meta.get('split')}', expected '{split}'")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+        raise DelrecError(f"{path}: content does not match its {side.name} (edited, or from another run); "
+                          "re-run `delrec sr predict`")
+    expected = len(dataset.instances(split))
+    topk = meta.get("topk")
+    n = dataset.num_items
+    with_prefix = bool(meta.get("prefix_predictions"))
+    instances = dataset.instances(split)
+    items, scores, prefix_items = [], [], []
+    for line_no, row in read_jsonl(path):
+        if row.get("id") != len(items):
+            raise DelrecError(f"{where(path, line_no, 'id')}: expected id {len(items)} (rows follow the {split} instances)")
+        row_items, row_scores = row.get("items"), row.get("scores")
+        if not isinstance(row_items, list) or not isinstance(row_scores, list) or len(row_items) != len(row_scores):
+            raise DelrecError(f"{where(path, line_no, 'items')}: expected lists 'items' and 'scores' of equal length")
+        if len(row_items) > topk:
+            raise DelrecError(f"{where(path, line_no, 'items')}: {len(row_items)} items, more than topk {topk}")
+        for item in row_items:
+            if not isinstance(item, int) or isinstance(item, bool) or not 0 <= item < n:
+                raise DelrecError(f"{where(path, line_no, 'items')}: item id {item!r} is not in the catalogue (0..{n - 1})")
+        if with_prefix:
+            prefix_items.append(_checked_prefix(row, instances, len(items), topk, n, path, line_no))
+        items.append(row_items)
+        scores.append(row_scores)
+    if len(items) != expected or len(items) != meta.get("rows"):
+        raise DelrecError(f"{path}: {len(items)} rows for {expected} {split} instances (the sidecar says {meta.get('rows')})")
+    return Predictions(meta, items, scores, prefix_items if with_prefix else None)
+
+
+def _checked_prefix(row: dict, instances, index: int, topk: int, n: int, path: Path, line_no: int) -> list[int]:
+    if index >= len(instances):
+        return []  # the row count check reports the mismatch
+    expected = prefix_length(instances[index].history)
+    if row.get("prefix_length") != expected:
+        raise DelrecError(f"{where(path, line_no, 'prefix_length')}: expected {expected} (half the history), "
+                          f"got {row.get('prefix_length')!r}")
+    prefix = row.get("prefix_items")
+    if not isinstance(prefix, list) or len(prefix) > topk or not all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in prefix
+    ):
+        raise DelrecError(f"{where(path, line_no, 'prefix_items')}: expected at most {topk} item ids in 0..{n - 1}")
+    return prefix
