@@ -202,7 +202,8 @@ def student_latency(student_dir: Path, instances, repeats: int = 3) -> dict:
 
 def llm_latency(dataset, instances, work: Path, args) -> dict:
     from delrec.cli import main as delrec
-    from delrec.distill.export import GROUNDING_TASK, TeacherExportConfig, embed_texts, ground
+    from delrec.distill.export import GROUNDING_TASK, TeacherExportConfig
+    from delrec.ranking.teacher import embed_texts, ground
     from delrec.ranking.base import backend_module
     from delrec.ranking.models import describe_model, ranking_template
 

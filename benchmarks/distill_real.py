@@ -217,8 +217,8 @@ def _timed(run) -> float:
 def llm_latency(args, llm: Path, dataset, instances, work: Path) -> dict:
     import torch
 
-    from delrec.distill.export import (GROUNDING_TASK, TeacherExportConfig, embed_texts, ground, rerank,
-                                       rerank_candidates)
+    from delrec.distill.export import GROUNDING_TASK, TeacherExportConfig, rerank_candidates
+    from delrec.ranking.teacher import embed_texts, ground, rerank
     from delrec.llm.tokenization import encode_completion, encode_prompt
     from delrec.ranking.base import backend_module
     from delrec.ranking.models import describe_model, ranking_template

@@ -1,8 +1,10 @@
 """One definition per option: config dataclasses drive YAML files, CLI flags and `--help`.
 
-Each command declares dataclasses whose fields carry `metadata={"help": ...}`. `parse_command`
-builds an `HfArgumentParser` from them, adds `--config FILE` (YAML with any of the same keys),
-and lets command-line flags override the file. Unknown keys, wrong types and bad choices are
+Each command declares dataclasses whose fields carry `metadata={"help": ...}` (the convention of
+HfArgumentParser and TRL's configs). `parse_command` builds an argparse parser from them, adds
+`--config FILE` (YAML with any of the same keys), and lets command-line flags override the file.
+The builder is delrec's own, a few dozen lines, so that `delrec data` and `delrec sr` never import
+transformers just to read their flags. Unknown keys, wrong types and bad choices are
 `DelrecError`s naming the file and the key, so a typo never silently falls back to a default.
 """
 
@@ -12,8 +14,10 @@ import argparse
 import dataclasses
 import difflib
 import sys
+import types
+import typing
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Literal, Sequence, TypeVar
 
 import yaml
 
@@ -108,26 +112,80 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _describe_negations(parser: argparse.ArgumentParser) -> None:
-    """HfArgumentParser gives `--no_X` the help of `--X`; say what it does instead."""
-    for action in parser._actions:
-        if action.option_strings[:1] == [f"--no_{action.dest}"]:
-            action.help = f"Turn --{action.dest} off (it is on by default)."
+def boolean(text: str | bool) -> bool:
+    """A flag or YAML value read as a truth value (yes/no, true/false, t/f, y/n, 1/0)."""
+    if isinstance(text, bool):
+        return text
+    lowered = str(text).lower()
+    if lowered in ("yes", "true", "t", "y", "1"):
+        return True
+    if lowered in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a truth value (true/false, yes/no, 1/0), got '{text}'")
 
 
-def build_parser(dataclass_types: Sequence[type], prog: str, description: str | None = None):
-    from transformers import HfArgumentParser
+def _choice(choices: tuple) -> Any:
+    """Map a flag's text onto the Literal's value of the same spelling (so `--k 5` can pick the int 5)."""
+    by_text = {str(choice): choice for choice in choices}
 
-    class _Parser(HfArgumentParser, CommandParser):
-        pass
+    def choice(text: Any) -> Any:
+        return by_text.get(str(text), text)
 
-    parser = _Parser(
-        list(dataclass_types),
-        prog=prog,
-        description=description,
-        formatter_class=HelpFormatter,
-    )
-    _describe_negations(parser)
+    return choice
+
+
+def _without_none(annotation: Any) -> Any:
+    """X for `X | None` / `Optional[X]`; other annotations unchanged."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"unsupported option type {annotation}: one type (or None) per option")
+        return args[0]
+    return annotation
+
+
+def _default(field: dataclasses.Field) -> dict[str, Any]:
+    if field.default is not dataclasses.MISSING:
+        return {"default": field.default}
+    if field.default_factory is not dataclasses.MISSING:
+        return {"default": field.default_factory()}
+    return {"required": True}
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--name` (and `--na-me`) flag per init field of `cls`: type, choices, default and help from the field.
+
+    Booleans take an optional value (`--x`, `--x false`); a boolean defaulting to true also gets `--no_x`.
+    Lists take one or more values. `Literal[...]` becomes choices.
+    """
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if not field.init:
+            continue
+        names = [f"--{field.name}"] + ([f"--{field.name.replace('_', '-')}"] if "_" in field.name else [])
+        kind = _without_none(hints[field.name])
+        kwargs: dict[str, Any] = {"help": field.metadata.get("help"), **_default(field)}
+        if typing.get_origin(kind) is Literal:
+            choices = typing.get_args(kind)
+            kwargs.update(choices=choices, type=_choice(choices))
+        elif kind is bool:
+            kwargs.update(type=boolean, nargs="?", const=True)
+            kwargs.setdefault("default", False)
+            kwargs.pop("required", None)
+        elif typing.get_origin(kind) is list:
+            kwargs.update(type=typing.get_args(kind)[0], nargs="+")
+        else:
+            kwargs["type"] = kind
+        parser.add_argument(*names, **kwargs)
+        if kind is bool and field.default is True:
+            parser.add_argument(f"--no_{field.name}", f"--no-{field.name.replace('_', '-')}", action="store_false",
+                                dest=field.name, help=f"Turn --{field.name} off (it is on by default).")
+
+
+def build_parser(dataclass_types: Sequence[type], prog: str, description: str | None = None) -> CommandParser:
+    parser = CommandParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    for cls in dataclass_types:
+        add_dataclass_arguments(parser, cls)
     parser.add_argument(
         "--config",
         default=None,

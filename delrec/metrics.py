@@ -1,4 +1,4 @@
-"""Ranking metrics for both evaluation protocols (METHODS.md, "Evaluation protocols").
+"""Ranking metrics for both evaluation protocols (docs/methods.md#evaluation-protocols; ties: #metrics-and-ties).
 
 Full ranking: scores [B, N] over the whole catalogue; the items already in each history are
 excluded (pass `exclude`, e.g. from `history_mask`; callers exclude by default). Candidate

@@ -12,10 +12,15 @@ from typing import Sequence
 
 from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError, where
+from delrec.headers import FieldRule, Header, check_dataset, check_split, positive_int
 from delrec.io import read_json, read_jsonl
 
 PREDICTIONS_KIND = "delrec-predictions"
 PREDICTIONS_VERSION = 1
+SIDECAR = Header("delrec predictions sidecar", "kind", PREDICTIONS_KIND, PREDICTIONS_VERSION,
+                 "re-run `delrec sr predict`", version_label="predictions format version",
+                 fields={"topk": FieldRule(positive_int, "a positive integer"),
+                         "rows": FieldRule(lambda v: isinstance(v, int) and v >= 0, "a row count")})
 # How prompts and reports name the SR model that made the predictions (its `model_type`).
 DISPLAY_NAMES = {"pop": "Popularity", "sasrec": "SASRec", "gru4rec": "GRU4Rec", "caser": "Caser"}
 
@@ -66,19 +71,10 @@ def read_predictions(path: str | Path, dataset: PreparedDataset, split: str) -> 
     if not side.is_file():
         raise DelrecError(f"{path}: no {side.name} beside it, so it is not a delrec predictions file; "
                           "write one with `delrec sr predict`")
-    meta = read_json(side)
-    if not isinstance(meta, dict) or meta.get("kind") != PREDICTIONS_KIND:
-        raise DelrecError(f"{side}: not a delrec predictions sidecar (field 'kind' should be '{PREDICTIONS_KIND}')")
-    if meta.get("format_version") != PREDICTIONS_VERSION:
-        raise DelrecError(f"{side}: predictions format version {meta.get('format_version')!r}, this delrec reads "
-                          f"{PREDICTIONS_VERSION}; re-run `delrec sr predict`")
-    if meta.get("dataset_fingerprint") != dataset.fingerprint:
-        raise DelrecError(
-            f"{path}: predictions were made on dataset {meta.get('dataset_fingerprint')}, not on {dataset.path} "
-            f"(fingerprint {dataset.fingerprint}); re-run `delrec sr predict --data {dataset.path}`"
-        )
-    if meta.get("split") != split:
-        raise DelrecError(f"{path}: holds predictions for split '{meta.get('split')}', expected '{split}'")
+    meta = SIDECAR.read(side)
+    check_dataset(meta, path, dataset, "predictions were made",
+                  f"re-run `delrec sr predict --data {dataset.path}`")
+    check_split(meta, path, split, "holds predictions")
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
         raise DelrecError(f"{path}: content does not match its {side.name} (edited, or from another run); "

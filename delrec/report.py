@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from delrec.io import atomic_write, read_json, read_jsonl
+from delrec.pipeline.layout import CONFIG_COPY, REPORT_FILE, RUN_FILE, STAGE_FILE, STAGES, TRAINER_LOG
 from delrec.predictions import display_name
-from delrec.pipeline import CONFIG_COPY, REPORT_FILE, RUN_FILE, STAGE_FILE, STAGES, TRAINER_LOG
 
 PLOTS_DIR = "report"
 TABLE_FILE = "table.md"

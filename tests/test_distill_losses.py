@@ -1,4 +1,4 @@
-"""Forward-distillation losses equal their METHODS.md formulas on hand-made batches; the embedding seam."""
+"""Forward-distillation losses equal their formulas (docs/methods.md#forward-distillation-llm-to-sr) on hand-made batches; the embedding seam."""
 
 import math
 

@@ -131,7 +131,7 @@ def test_distillation_pulls_the_student_towards_the_teachers_lists(setup, tmp_pa
 @pytest.mark.parametrize("extra,message", [
     (["--method", "dllm2rec"], "--teacher DIR"),
     (["--method", "rrd", "--topk", "20", "--teacher", "{teacher}"], "the loss needs K=20, the teacher has 10"),
-    (["--method", "rd", "--teacher", "{foreign}"], "teacher for another dataset"),
+    (["--method", "rd", "--teacher", "{foreign}"], "teacher was made on dataset"),
     (["--method", "rd", "--topk", "5", "--teacher", "{short}", "--embedding_distillation"], "no item embeddings"),
     (["--method", "none", "--teacher", "{teacher}"], "drop --teacher"),
     (["--method", "rd", "--teacher", "{root}/missing"], "teacher folder not found"),

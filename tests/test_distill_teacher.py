@@ -15,7 +15,7 @@ from delrec.data.prepare import prepare_dataset
 from delrec.data.preprocess import PreprocessConfig
 from delrec.data.synthetic import make_synthetic
 from delrec.distill import TeacherExportConfig, export_teacher, load_teacher, write_teacher
-from delrec.distill.export import embed_texts
+from delrec.ranking.teacher import embed_texts
 from delrec.errors import DelrecError
 from delrec.io import read_json, write_json
 from delrec.llm.scoring import score_candidates
@@ -127,7 +127,7 @@ def repeated(teacher):
     ("no embeddings", r"teacher folder is missing item_embeddings.safetensors \(teacher.json says embedding_dim 16\)"),
     ("version", r"teacher format version 2, this delrec reads 1"),
     ("split", r"teacher for split 'valid'"),
-    ("other dataset", r"teacher for another dataset"),
+    ("other dataset", r"teacher was made on dataset"),
     ("rows", r"80 rows for 60 instance ids"),
     ("ids", r"row 79 holds instance id 0 after 79; instance ids must be strictly increasing"),
     ("unknown id", r"row 79 holds instance id 1000, which is not a train instance"),

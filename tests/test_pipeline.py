@@ -5,14 +5,20 @@ One small end-to-end run on synthetic data (module fixture) is shared; tests tha
 """
 
 import json
+import os
 import shutil
+from importlib import resources
 from pathlib import Path
 
 import pytest
 import yaml
 
 from delrec.cli import main
-from delrec.pipeline import STAGE_FILE, STAGES, load_config
+from delrec.pipeline import STAGE_FILE, STAGES, builtin_demo_config, load_config, plan
+from delrec.pipeline.options import DataOptions, LatencyOptions, Stage2Options
+from delrec.pipeline.plan import _digest, fingerprint_path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG = {
     "threads": 1,
@@ -225,20 +231,72 @@ def test_bad_command_line_exits_2(tmp_path, capsys):
     assert "config file not found" in capsys.readouterr().err
 
 
-def test_the_builtin_demo_config_parses_and_plans_every_stage(tmp_path, capsys):
+def test_the_builtin_demo_config_plans_every_stage(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].endswith(f"-> {tmp_path / 'demo'}") and [line.split()[0] for line in out[1:]] == list(STAGES)
     assert out[1].split()[1:] == ["run", "not", "run", "yet"]
-    shipped = Path(__file__).resolve().parents[1] / "configs" / "pipeline" / "demo.yaml"
-    assert load_config(shipped).stage_config("stage2") == load_config(
-        Path(__file__).resolve().parents[1] / "delrec" / "configs" / "demo.yaml").stage_config("stage2")
+
+
+def test_the_builtin_demo_config_validates_into_the_options_its_yaml_sets():
+    from delrec.data.preprocess import PreprocessConfig
+    from delrec.distill.export import TeacherExportConfig
+    from delrec.distill.student import StudentConfig
+    from delrec.llm.loading import LoraSettings
+    from delrec.llm.training import TrainingSettings
+    from delrec.sr.trainer import TrainConfig
+
+    with resources.as_file(builtin_demo_config()) as path:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        config = load_config(path)
+    assert config.run.threads == raw["threads"] == 1
+    data = config.sections["data"]
+    assert data.get(DataOptions).synthetic_users == raw["data"]["synthetic_users"]
+    assert data.get(PreprocessConfig).num_candidates == raw["data"]["num_candidates"]
+    assert list(config.sr_models) == list(raw["sr"]) == ["pop", "sasrec"]
+    assert config.sr_models["sasrec"].get(TrainConfig).epochs == raw["sr"]["sasrec"]["epochs"]
+    stage2 = config.sections["stage2"]
+    assert stage2.get(Stage2Options).variants == raw["stage2"]["variants"]
+    assert stage2.get(LoraSettings).r == raw["stage2"]["r"]
+    assert stage2.get(TrainingSettings).progress is False  # the pipeline's default: no progress bars in stage.log
+    assert config.stage_config("stage2")["model"]["dtype"] == raw["llm"]["dtype"]  # loading options reach stage 2
+    assert list(config.rank_backends) == raw["rank"]["backends"]
+    assert {n: e.get(TeacherExportConfig).model for n, e in config.teachers.items()} == {
+        n: entry["model"] for n, entry in raw["teacher"].items()}
+    assert {n: e.get(StudentConfig).teacher for n, e in config.student_runs.items()} == {
+        n: run.get("teacher", []) for n, run in raw["students"]["runs"].items()}
+    assert config.sections["latency"].get(LatencyOptions).users == raw["latency"]["users"]
+
+
+def test_configs_pipeline_demo_yaml_is_the_packaged_demo_config():
+    shipped = ROOT / "configs" / "pipeline" / "demo.yaml"
+    assert shipped.is_symlink()
+    with resources.as_file(builtin_demo_config()) as packaged:
+        assert shipped.resolve() == packaged.resolve()
 
 
 @pytest.mark.parametrize("name", ["lastfm.yaml", "games.yaml"])
-def test_the_example_configs_parse(name):
-    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "pipeline" / name)
-    assert config.sections["data"].values[0].input.startswith("../shared/data/")
+def test_the_example_configs_parse_and_plan_every_stage(name, tmp_path):
+    config = load_config(ROOT / "configs" / "pipeline" / name)
+    assert config.sections["data"].get(DataOptions).input.startswith("../shared/data/")
+    steps = plan(config, tmp_path / "run")
+    assert [s.stage for s in steps] == list(STAGES) and all(s.action == "run" for s in steps)
+    assert steps[0].reason == "not run yet" and steps[0].hash
+
+
+def test_hashes_are_unchanged_so_existing_run_folders_are_reused(tmp_path):
+    """Golden values: a change here re-runs every stage of every existing run folder."""
+    assert _digest({"stage": "sr", "config": {"b": [1, "x", None], "a": Path("p/q"), "f": 0.5},
+                    "inputs": {"data": "abc@2024"}}) == "f1a399daad1f1df7"
+    raw = tmp_path / "raw"
+    (raw / "sub").mkdir(parents=True)
+    (raw / "a.txt").write_text("abc")
+    (raw / "sub" / "b.txt").write_text("hello")
+    for path in (raw / "a.txt", raw / "sub" / "b.txt"):
+        os.utime(path, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+    assert fingerprint_path(raw) == "4b0ca8105f6b7430"
+    assert fingerprint_path(raw / "a.txt") == "0d6e8e4b4e08cc75"
+    assert fingerprint_path(raw / "none") == f"missing:{raw / 'none'}"
 
 
 def test_a_failing_stage_exits_2_in_one_line_and_records_the_failure(tmp_path, capsys):

@@ -50,15 +50,25 @@ def build_tiny(argv, prog: str, description: str) -> int:
     return 0
 
 
-def distill_pattern(argv, prog: str, description: str) -> int:
-    """`delrec llm distill-pattern`: DELRec stage 1 (soft prompt from TA + RPS)."""
+def distill_classes() -> list[type]:
     from delrec.llm.loading import ModelConfig
     from delrec.llm.stage1 import DistillArguments
     from delrec.llm.training import TrainingSettings
 
-    args, model_config, settings = parse_command(
-        [DistillArguments, ModelConfig, TrainingSettings], argv, prog, description
-    )
+    return [DistillArguments, ModelConfig, TrainingSettings]
+
+
+def finetune_classes() -> list[type]:
+    from delrec.llm.loading import LoraSettings, ModelConfig
+    from delrec.llm.stage2 import FinetuneArguments
+    from delrec.llm.training import TrainingSettings
+
+    return [FinetuneArguments, ModelConfig, LoraSettings, TrainingSettings]
+
+
+def distill_pattern(argv, prog: str, description: str) -> int:
+    """`delrec llm distill-pattern`: DELRec stage 1 (soft prompt from TA + RPS)."""
+    args, model_config, settings = parse_command(distill_classes(), argv, prog, description)
     from delrec.llm.stage1 import distill_pattern as run
 
     _print(run(args, model_config, settings).summary)
@@ -67,13 +77,7 @@ def distill_pattern(argv, prog: str, description: str) -> int:
 
 def finetune(argv, prog: str, description: str) -> int:
     """`delrec llm finetune`: DELRec stage 2 (LoRA on LSR with the soft prompt frozen)."""
-    from delrec.llm.loading import LoraSettings, ModelConfig
-    from delrec.llm.stage2 import FinetuneArguments
-    from delrec.llm.training import TrainingSettings
-
-    args, model_config, lora, settings = parse_command(
-        [FinetuneArguments, ModelConfig, LoraSettings, TrainingSettings], argv, prog, description
-    )
+    args, model_config, lora, settings = parse_command(finetune_classes(), argv, prog, description)
     from delrec.llm.stage2 import finetune as run
 
     _print(run(args, model_config, lora, settings).summary)

@@ -50,15 +50,23 @@ def check_config_keys_fit_model(argv: list[str], cls) -> None:
             )
 
 
-def train(argv, prog: str, description: str) -> int:
+def train_classes(argv) -> list[type]:
+    """The config dataclasses of `delrec sr train ARGV`: the model's own depends on `--model`."""
     from delrec.sr import model_class
-    from delrec.sr.trainer import TrainConfig, train_sr
+    from delrec.sr.trainer import TrainConfig
 
-    argv = list(argv)
     name = preparsed_option(argv, "model")
     cls = model_class(name if name is not None else DEFAULT_MODEL_FOR_HELP)
     check_config_keys_fit_model(argv, cls)
-    args, config, model_config = parse_command([TrainArguments, TrainConfig, cls.config_class], argv, prog, description)
+    return [TrainArguments, TrainConfig, cls.config_class]
+
+
+def train(argv, prog: str, description: str) -> int:
+    from delrec.sr import model_class
+    from delrec.sr.trainer import train_sr
+
+    argv = list(argv)
+    args, config, model_config = parse_command(train_classes(argv), argv, prog, description)
     model_class(args.model)
     print(train_summary(train_sr(args.data, model_config, config, args.out), args.model))
     return 0

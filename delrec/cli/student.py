@@ -46,19 +46,25 @@ def _merge_repeated(argv: list[str], flag: str) -> list[str]:
     return rest if at is None else rest[:at] + [flag, *values] + rest[at:]
 
 
-def train(argv, prog: str, description: str) -> int:
-    from delrec.distill.student import StudentConfig, method_config_class, train_student
-    from delrec.errors import DelrecError
+def train_classes(argv) -> list[type]:
+    """The config dataclasses of `delrec student train ARGV`: the model's and the method's depend on the flags."""
+    from delrec.distill.student import StudentConfig, method_config_class
     from delrec.sr import model_class
     from delrec.sr.trainer import TrainConfig
 
-    argv = _merge_repeated(list(argv), "--teacher")
     name = preparsed_option(argv, "model")
     cls = model_class(name if name is not None else DEFAULT_MODEL_FOR_HELP)
     method_class = method_config_class(preparsed_option(argv, "method", DEFAULT_METHOD))
     check_config_keys_fit_model(argv, cls)
-    classes = [StudentArguments, StudentConfig, TrainConfig, cls.config_class] + ([method_class] if method_class else [])
-    args, student, config, model_config, *method_config = parse_command(classes, argv, prog, description)
+    return [StudentArguments, StudentConfig, TrainConfig, cls.config_class] + ([method_class] if method_class else [])
+
+
+def train(argv, prog: str, description: str) -> int:
+    from delrec.distill.student import train_student
+    from delrec.errors import DelrecError
+
+    argv = _merge_repeated(list(argv), "--teacher")
+    args, student, config, model_config, *method_config = parse_command(train_classes(argv), argv, prog, description)
     if args.model not in STUDENT_MODELS:
         raise DelrecError(f"--model {args.model}: a student is one of {', '.join(STUDENT_MODELS)}")
     result = train_student(

@@ -12,16 +12,22 @@ import json
 from delrec.config import parse_command, preparsed_option
 
 
-def export(argv, prog: str, description: str) -> int:
+def export_classes(argv) -> list[type]:
+    """The config dataclasses of `delrec teacher export ARGV`: the backend's options depend on `--backend`."""
     from delrec.cli.rank import DEFAULT_BACKEND
-    from delrec.distill.export import TeacherExportConfig, export_teacher
-    from delrec.distill.teacher import INFO_FILE
-    from delrec.io import read_json
+    from delrec.distill.export import TeacherExportConfig
     from delrec.ranking.base import backend_module
 
+    return [TeacherExportConfig, backend_module(preparsed_option(argv, "backend", DEFAULT_BACKEND)).Options]
+
+
+def export(argv, prog: str, description: str) -> int:
+    from delrec.distill.export import export_teacher
+    from delrec.distill.teacher import INFO_FILE
+    from delrec.io import read_json
+
     argv = list(argv)
-    module = backend_module(preparsed_option(argv, "backend", DEFAULT_BACKEND))
-    config, options = parse_command([TeacherExportConfig, module.Options], argv, prog, description)
+    config, options = parse_command(export_classes(argv), argv, prog, description)
     out = export_teacher(config, options)
     info = read_json(out / INFO_FILE)
     source = info["source"]

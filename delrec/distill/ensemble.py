@@ -1,6 +1,6 @@
 """Several teachers -> one teacher, weighted per instance by confidence and consistency.
 
-METHODS.md ("Several teachers") asks for a per-instance weighting of each teacher by how sure its
+docs/methods.md#several-teachers asks for a per-instance weighting of each teacher by how sure its
 ranking is and how much it agrees with the others; the papers' formulas are not available, so
 this is ours. For one training instance s, teachers t = 1..T, each cut to its first k = `topk`
 items L_t and p_t = softmax over those k of its scores (of its negated distances), i.e. the

@@ -49,7 +49,6 @@ from typing import Literal, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from delrec.data.dataset import Instance, PreparedDataset
 from delrec.distill.teacher import SPLIT, check_teacher_out, write_teacher
@@ -116,7 +115,7 @@ class TeacherExportConfig:
         default=None,
         metadata={"help": "Domain wording from domains.yaml (default: the model's delrec.json, else item)."},
     )
-    prompts: str | None = field(
+    prompts_dir: str | None = field(
         default=None,
         metadata={"help": "Template folder (default: $DELREC_PROMPTS_DIR, else the repository's prompts/)."},
     )
@@ -275,13 +274,14 @@ def _check_room(instances: Sequence[Instance], num_items: int, needed: int, excl
 def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instances, mode: str, options) -> _Ranked:
     from delrec.ranking.base import backend_module
     from delrec.ranking.models import check_soft_tokens, describe_model, ranking_template
+    from delrec.ranking.teacher import embed_texts, ground, rerank
 
     if mode in ("grounding", "embeddings") and config.backend != "hf":
         raise DelrecError(f"--mode {mode} needs the LLM's hidden states, which only the hf backend gives; use "
                           f"--backend hf, or --mode rerank with --backend {config.backend}")
     spec = describe_model(config.model, config.template or (GROUNDING_TASK if mode == "grounding" else None),
                           config.domain)
-    template = ranking_template(spec, config.prompts)
+    template = ranking_template(spec, config.prompts_dir)
     if mode == "grounding" and template.task != GROUNDING_TASK:
         raise DelrecError(f"--mode grounding renders a template without candidates (task '{GROUNDING_TASK}', e.g. "
                           f"--template {GROUNDING_TASK}); '{template.name}' is a '{template.task}' template")
@@ -332,58 +332,6 @@ def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instance
     return _Ranked(items, scores, kind, embeddings, source, seconds)
 
 
-def _chunks(instances: Sequence[Instance], size: int, progress: bool, desc: str):
-    """(start, chunk) pairs over the instances, with a progress bar in instances."""
-    with tqdm(total=len(instances), desc=desc, unit="inst", disable=not progress) as bar:
-        for start in range(0, len(instances), size):
-            chunk = instances[start : start + size]
-            yield start, chunk
-            bar.update(len(chunk))
-
-
-def _truncation_counts(requests) -> dict:
-    return {"truncated_prompts": sum(r.dropped_history > 0 for r in requests),
-            "dropped_history_items": sum(r.dropped_history for r in requests)}
-
-
-def ground(config, dataset, instances, spec, template, backend, title_embeddings):
-    """BIGRec grounding: generate, embed the text, rank all items by L2 distance to the title embeddings."""
-    from delrec.llm.scoring import normalize_title
-    from delrec.llm.tokenization import encode_completion
-    from delrec.metrics import history_mask
-    from delrec.ranking.requests import requests_for
-    from delrec.ranking.runner import GENERATION_MARGIN
-
-    titles = dataset.titles
-    budget = config.max_new_tokens
-    if budget is None:
-        budget = max(len(encode_completion(backend.tokenizer, t)) for t in titles) + GENERATION_MARGIN
-    catalogue = {normalize_title(t) for t in titles}
-    # float64: cdist's matrix-product form loses ~1e-2 of a float32 distance near 0 (an exact title match)
-    title_embeddings = title_embeddings.double()
-    k, exclude = config.topk, not config.keep_history
-    items = torch.empty(len(instances), k, dtype=torch.long)
-    distances = torch.empty(len(instances), k)
-    counts = {"max_new_tokens": budget, "empty_generations": 0, "generated_catalogue_titles": 0,
-              "truncated_prompts": 0, "dropped_history_items": 0}
-    for start, chunk in _chunks(instances, backend.chunk_size, config.progress, "grounding"):
-        requests = requests_for(chunk, [[] for _ in chunk], titles, SPLIT, spec, template, backend.tokenizer,
-                                backend.max_length, lambda _: budget)
-        texts = backend.generate([r.prompt for r in requests], budget)
-        generated = embed_texts(backend.model, backend.tokenizer, texts, backend.batch_size,
-                                layer=config.embedding_layer, pooling=config.embedding_pooling)
-        distance = torch.cdist(generated.double(), title_embeddings).float()
-        if exclude:
-            distance = distance.masked_fill(history_mask([inst.history for inst in chunk], len(titles)), float("inf"))
-        values, top = distance.topk(k, dim=1, largest=False)
-        items[start : start + len(chunk)], distances[start : start + len(chunk)] = top, values
-        for key, value in _truncation_counts(requests).items():
-            counts[key] += value
-        counts["empty_generations"] += sum(not t.strip() for t in texts)
-        counts["generated_catalogue_titles"] += sum(normalize_title(t) in catalogue for t in texts)
-    return items, distances, counts
-
-
 def rerank_candidates(config: TeacherExportConfig, dataset: PreparedDataset, instances, device):
     """Per instance the SR top-M + R random other items, shuffled; and what teacher.json records of them."""
     if not config.sr_model:
@@ -415,77 +363,3 @@ def rerank_candidates(config: TeacherExportConfig, dataset: PreparedDataset, ins
               "num_random": config.num_random, "seed": config.seed,
               "target_in_candidates": round(hits / len(instances), 6)}
     return candidate_sets, source
-
-
-def rerank(config, dataset, instances, candidate_sets, spec, template, backend):
-    """The LLM's title log-likelihoods over each instance's candidates; the best K kept."""
-    from delrec.llm.scoring import rank_candidates
-    from delrec.llm.tokenization import encode_completion
-    from delrec.ranking.requests import requests_for
-
-    titles = dataset.titles
-    lengths: dict[str, int] = {}
-
-    def answer_tokens(candidate_titles) -> int:
-        for title in candidate_titles:
-            if title not in lengths:
-                lengths[title] = len(encode_completion(backend.tokenizer, title))
-        return max(lengths[t] for t in candidate_titles)
-
-    k = config.topk
-    items = torch.empty(len(instances), k, dtype=torch.long)
-    scores = torch.empty(len(instances), k)
-    counts = {"truncated_prompts": 0, "dropped_history_items": 0}
-    for start, chunk in _chunks(instances, backend.chunk_size, config.progress, "rerank"):
-        requests = requests_for(chunk, candidate_sets[start : start + len(chunk)], titles, SPLIT, spec, template,
-                                backend.tokenizer, backend.max_length, answer_tokens)
-        results = backend.score([r.prompt for r in requests], [list(r.titles) for r in requests])
-        for row, (request, result, order) in enumerate(zip(requests, results, rank_candidates(results, False))):
-            best = order[:k]
-            items[start + row] = torch.tensor([request.candidates[j] for j in best])
-            scores[start + row] = torch.tensor([result.logprob[j] for j in best])
-        for key, value in _truncation_counts(requests).items():
-            counts[key] += value
-    return items, scores, counts
-
-
-@torch.inference_mode()
-def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int, progress: bool = False,
-                desc: str = "embed", layer: int = -1, pooling: str = "last") -> torch.Tensor:
-    """[len(texts), d] float32 on CPU: hidden layer `layer`'s state at each text's last token (`last`), or
-    its mean over the text's tokens, BOS excluded (`mean`).
-
-    Each text is encoded alone as a prompt is (BOS when the tokenizer adds one, no EOS); an
-    empty text is the EOS token. Texts of similar length share a right-padded batch."""
-    from delrec.llm.tokenization import encode_prompt
-
-    device = model.get_input_embeddings().weight.device
-    ids = [encode_prompt(tokenizer, text) or [tokenizer.eos_token_id] for text in texts]
-    bos = tokenizer.bos_token_id
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    result = None
-    with tqdm(total=len(ids), desc=desc, unit="text", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            group = order[start : start + batch_size]
-            width = max(len(ids[i]) for i in group)
-            batch = torch.zeros(len(group), width, dtype=torch.long)
-            mask = torch.zeros_like(batch)
-            for row, i in enumerate(group):
-                batch[row, : len(ids[i])] = torch.tensor(ids[i])
-                mask[row, : len(ids[i])] = 1
-            batch, mask = batch.to(device), mask.to(device)
-            out = model(input_ids=batch, attention_mask=mask, output_hidden_states=True, use_cache=False,
-                        logits_to_keep=1)
-            states = out.hidden_states[layer].float()
-            if pooling == "mean":
-                keep = mask.bool() & (batch != bos) if bos is not None else mask.bool()
-                keep[:, 0] |= keep.sum(1) == 0  # a text that is BOS alone keeps it
-                pooled = (states * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
-            else:
-                pooled = states[torch.arange(len(group), device=device), mask.sum(1) - 1]
-            pooled = pooled.cpu()
-            if result is None:
-                result = torch.empty(len(ids), pooled.shape[1])
-            result[group] = pooled
-            bar.update(len(group))
-    return result

@@ -42,7 +42,8 @@ from safetensors.torch import load_file
 
 from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
-from delrec.io import is_occupied, read_json, replace_directory, safetensors_bytes, staged_directory, write_json
+from delrec.headers import Header, check_dataset, check_split
+from delrec.io import is_occupied, replace_directory, safetensors_bytes, staged_directory, write_json
 
 FORMAT = "delrec-teacher"
 FORMAT_VERSION = 1
@@ -51,6 +52,8 @@ SCORE_KINDS = ("score", "distance")
 INFO_FILE = "teacher.json"
 RANKINGS_FILE = "rankings.safetensors"
 EMBEDDINGS_FILE = "item_embeddings.safetensors"
+HEADER = Header("teacher description", "format", FORMAT, FORMAT_VERSION, "re-export the teacher",
+                version_label="teacher format version")
 
 
 @dataclass
@@ -196,20 +199,9 @@ def load_teacher(folder: str | Path, dataset: PreparedDataset, min_topk: int | N
     info_path = folder / INFO_FILE
     if not info_path.is_file():
         raise DelrecError(f"{folder}: not a teacher folder (no {INFO_FILE}); {export}")
-    info = read_json(info_path)
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise DelrecError(f"{info_path}: not a teacher description (field 'format' should be '{FORMAT}')")
-    if info.get("format_version") != FORMAT_VERSION:
-        raise DelrecError(f"{info_path}: teacher format version {info.get('format_version')!r}, this delrec reads "
-                          f"{FORMAT_VERSION}; re-export the teacher")
-    if info.get("dataset_fingerprint") != dataset.fingerprint:
-        raise DelrecError(
-            f"{info_path}: teacher for another dataset (fingerprint {info.get('dataset_fingerprint')!r}, "
-            f"{dataset.path} has {dataset.fingerprint}); re-export it with --data {dataset.path}"
-        )
-    if info.get("split") != SPLIT:
-        raise DelrecError(f"{info_path}: teacher for split {info.get('split')!r}, students distil from the "
-                          f"'{SPLIT}' split; re-export it")
+    info = HEADER.read(info_path)
+    check_dataset(info, info_path, dataset, "teacher was made", f"re-export it with --data {dataset.path}")
+    check_split(info, info_path, SPLIT, "teacher", "students distil from the train split; re-export it")
     rankings_path, embeddings_path = folder / RANKINGS_FILE, folder / EMBEDDINGS_FILE
     instance_ids = items = scores = score_kind = embeddings = None
     if rankings_path.is_file():

@@ -5,8 +5,8 @@ folder written by the LLM trainers into the merged folder that serving reads), a
 export of `delrec.distill` serves the same merged folder; ranking only reads it.
 
 What the export holds: the base model with the LoRA update merged into its weights and the soft
-prompt kept as what it already is, P added vocabulary rows (DESIGN.md, "Soft prompts,
-concretely"); the tokenizer with those P special tokens; and a `delrec.json` of kind
+prompt kept as what it already is, P added vocabulary rows
+(docs/architecture.md#soft-prompts-as-added-tokens); the tokenizer with those P special tokens; and a `delrec.json` of kind
 `delrec-export` saying how to prompt it (template, domain, SR model name, the soft prompt's
 placeholder text). `AutoModelForCausalLM` and vLLM load it with no delrec code, and the rendered
 prompt text needs no custom embedding code. Tied input/output embeddings (Qwen2) stay tied: the

@@ -1,4 +1,4 @@
-"""The DELRec LLM folder (DESIGN.md, "Model folders are self-describing") and its loader.
+"""The DELRec LLM folder (docs/architecture.md#llm-stage-folders) and its loader.
 
     delrec.json                  what the folder is: stage, base model, SR model, templates and their
                                  fingerprints, soft-prompt name and size, dataset fingerprint
@@ -19,11 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from delrec.errors import DelrecError
-from delrec.io import read_json, write_json
+from delrec.headers import Header
+from delrec.io import write_json
 
 INFO_FILE = "delrec.json"
 KIND = "delrec-llm"
 FORMAT_VERSION = 1
+HEADER = Header("DELRec LLM description", "kind", KIND, FORMAT_VERSION,
+                "re-run the stage that wrote this folder with this delrec")
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -75,11 +78,7 @@ def read_info(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DelrecError(f"{folder}: not a DELRec LLM folder (no {INFO_FILE}); write one with `delrec llm "
                           "distill-pattern` (stage 1) or `delrec llm finetune` (stage 2)")
-    info = read_json(path)
-    if not isinstance(info, dict) or info.get("kind") != KIND:
-        raise DelrecError(f"{path}: not a DELRec LLM description (field 'kind' should be '{KIND}')")
-    if info.get("format_version") != FORMAT_VERSION:
-        raise DelrecError(f"{path}: format version {info.get('format_version')!r}, this delrec reads {FORMAT_VERSION}")
+    info = HEADER.read(path)
     return info
 
 

@@ -155,7 +155,7 @@ def _convert(gguf_path: Path, digest: str, out: Path, packaged: PackagedModel | 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from delrec.llm.loading import not_a_causal_lm
+    from delrec.llm.architecture import not_a_causal_lm
 
     started = time.perf_counter()
     folder, name = str(gguf_path.parent), gguf_path.name

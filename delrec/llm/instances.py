@@ -12,7 +12,7 @@ Every instance becomes one row of a `datasets.Dataset` with the same columns wha
     completion_mask 1 on the answer's ids (EOS included): the loss is on the answer only
     history_shown   how many history items the prompt shows (fewer than the instance has if truncated)
 
-What each task asks (METHODS.md, "DELRec"), built from a prepared dataset and an SR predictions file:
+What each task asks (docs/methods.md#delrec-stage-1-pattern-distillation), built from a prepared dataset and an SR predictions file:
 
 - TA (Temporal Analysis): the history is split at k = len // 2 (`task_variables`); the prompt shows
   the first k items as a one-shot example with the SR model's prediction after them (the

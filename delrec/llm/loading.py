@@ -19,15 +19,10 @@ from typing import Literal
 import torch
 
 from delrec.device import resolve_device
+from delrec.llm.architecture import not_a_causal_lm
 from delrec.errors import DelrecError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-# Bidirectional encoders; some have an (unused in practice) causal-LM class, so the mapping alone cannot tell.
-ENCODER_FAMILIES = {
-    "albert", "bert", "camembert", "deberta", "deberta-v2", "distilbert", "electra", "ernie", "mpnet",
-    "modernbert", "roberta", "xlm-roberta",
-}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -214,23 +209,6 @@ def _json_field(file: Path, key: str | None):
     if key is None:
         return data
     return data.get(key) if isinstance(data, dict) else None
-
-
-def not_a_causal_lm(hf_config) -> str | None:
-    """Describe a config that is not a decoder-only causal LM (e.g. 'an encoder model (BertModel)')."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    architectures = list(getattr(hf_config, "architectures", None) or [])
-    named = f" ({architectures[0]})" if architectures else f" ({hf_config.model_type})"
-    if getattr(hf_config, "is_encoder_decoder", False):
-        return f"an encoder-decoder model{named}"
-    if hf_config.model_type in ENCODER_FAMILIES and not any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures):
-        return f"an encoder model{named}"
-    if hf_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return f"a '{hf_config.model_type}' model{named} with no causal-LM class in transformers"
-    if architectures and not any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures):
-        return f"a checkpoint without a language-model head{named}"
-    return None
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """Log-likelihood read-out: score each candidate title by log P(title + EOS | prompt).
 
 DELRec ranks the C candidates of an instance by the likelihood the LLM gives each title after
-the prompt (METHODS.md, "Read-out for ranking"); stage 1 (RPS agreement), stage 2 (valid HR@1)
+the prompt (docs/methods.md#candidate-ranking-read-outs); stage 1 (RPS agreement), stage 2 (valid HR@1)
 and the HF ranking backend all use this module, with the ids from `delrec.llm.tokenization`.
 
 Why it is fast: the C candidates of an instance share one prompt, which is most of the tokens

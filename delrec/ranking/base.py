@@ -10,7 +10,7 @@ transformers backend never imports vLLM and a missing package is a one-line erro
 to install it. A backend module provides `Options` (its config dataclass: flags and YAML keys) and
 `open_backend(spec: ModelSpec, options) -> Backend`.
 
-The read-outs turn the answers into one rankings-file row per instance (JSON lines, DESIGN.md):
+The read-outs turn the answers into one rankings-file row per instance (JSON lines, docs/architecture.md#rankings):
 
     score        {"id", "target", "items": ranked ids, "scores": their ranking scores,
                   "logprob": summed log-probs, "num_tokens": title tokens + EOS, "dropped_history"}
@@ -21,7 +21,7 @@ The read-outs turn the answers into one rankings-file row per instance (JSON lin
 
 Ties and titles that collide after `normalize_title` are ordered lower candidate index first
 (the candidates' stored order), so rankings are deterministic; `RunSummary` counts collisions.
-Metrics follow METHODS.md's candidate protocol: HR@1, HR@5, NDCG@5 from the ranked lists; for
+Metrics follow the candidate protocol (docs/methods.md#candidate-ranking): HR@1, HR@5, NDCG@5 from the ranked lists; for
 free generation LLaRA's HR@1 = correct / total and ValidRatio = share of outputs naming exactly
 one candidate (empty, unmatched and ambiguous outputs are invalid, hence misses).
 """

@@ -54,7 +54,7 @@ class RankArguments:
         default=None,
         metadata={"help": "Domain wording from domains.yaml (default: the model's delrec.json, else item)."},
     )
-    prompts: str | None = field(
+    prompts_dir: str | None = field(
         default=None,
         metadata={"help": "Template folder (default: $DELREC_PROMPTS_DIR, else the repository's prompts/)."},
     )
@@ -89,7 +89,7 @@ def rank(args: RankArguments, readout: ReadoutConfig, options=None) -> dict:
     if trained_on not in (None, dataset.fingerprint) and not args.allow_other_dataset:
         raise DelrecError(f"{args.model} was fine-tuned on dataset {trained_on}, not on {args.data} (fingerprint "
                           f"{dataset.fingerprint}); rank the dataset it was trained on, or pass --allow_other_dataset")
-    template = ranking_template(spec, args.prompts)
+    template = ranking_template(spec, args.prompts_dir)
     module = backend_module(args.backend)
     options = options if options is not None else module.Options()
 

@@ -54,11 +54,16 @@ from torch import nn
 
 from delrec.config import dataclass_from_dict
 from delrec.errors import DelrecError
+from delrec.headers import FieldRule, Header, positive_int
 from delrec.io import atomic_write, read_json, safetensors_bytes
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# The kind is the registered model_type (checked against the registry first), so no kind field here.
+HEADER = Header("delrec SR model config", None, None, FORMAT_VERSION,
+                "retrain the model with this version of delrec", version_label="SR model format version",
+                fields={"num_items": FieldRule(positive_int, "a positive integer")})
 RESERVED_KEYS = ("model_type", "format_version", "num_items", "dataset_fingerprint")
 
 MODELS: dict[str, type["SequentialRecommender"]] = {}
@@ -275,14 +280,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Sequen
             f"{config_path}: {kind} (model_type {model_type!r}), not a delrec SR model "
             f"(model_type one of {', '.join(MODELS)}); {expected}"
         )
-    if data.get("format_version") != FORMAT_VERSION:
-        raise DelrecError(
-            f"{config_path}: SR model format version {data.get('format_version')!r}, this delrec reads "
-            f"{FORMAT_VERSION}; retrain the model with this version of delrec"
-        )
-    num_items = data.get("num_items")
-    if not isinstance(num_items, int) or num_items < 1:
-        raise DelrecError(f"{config_path}: field 'num_items' must be a positive integer, got {num_items!r}")
+    HEADER.validate(data, config_path)
+    num_items = data["num_items"]
     cls = MODELS[model_type]
     fields = {k: v for k, v in data.items() if k not in RESERVED_KEYS}
     config = dataclass_from_dict(cls.config_class, fields, str(config_path))
