@@ -277,7 +277,7 @@ CASES = {
     "distill-pattern/sr-folder-as-llm": (lambda w, t: distill(w, t, model=w.sr),
                                          "is a delrec SR model folder (sasrec), not an LLM"),
     "distill-pattern/cuda-on-cpu": (lambda w, t: distill(w, t, "--device", "cuda"),
-                                    "device cuda requested but CUDA is not available", NO_CUDA),
+                                    "--device cuda was requested but CUDA is not available", NO_CUDA),
     "finetune/stage2-folder-as-stage1": (
         lambda w, t: ["llm", "finetune", "--data", w.data, "--out", t / "o", "--model_name_or_path", w.llm,
                       "--stage1", w.stage2],
@@ -295,11 +295,11 @@ CASES = {
         "ft.yaml: key 'r' expects a single int, got [4, 8]"),
     # prompts: templates with a missing or unknown placeholder, predictions and tokenizers of the wrong kind
     "prompts-render/undeclared-placeholder": (
-        lambda w, t: ["prompts", "render", "plain", "--data", w.data, "--prompts",
+        lambda w, t: ["prompts", "render", "plain", "--data", w.data, "--prompts_dir",
                       prompts_folder(t, "plain.jinja", "Answer:", "{{ cnadidates }}\nAnswer:")],
         "template plain.jinja uses variable 'cnadidates' but does not declare it"),
     "prompts-render/unknown-placeholder": (
-        lambda w, t: ["prompts", "render", "plain", "--data", w.data, "--prompts",
+        lambda w, t: ["prompts", "render", "plain", "--data", w.data, "--prompts_dir",
                       prompts_folder(t, "plain.jinja", "variables: [history,", "variables: [user_age, history,")],
         "plain.jinja: declares unknown variable 'user_age'"),
     "prompts-render/index-out-of-range": (
@@ -311,17 +311,17 @@ CASES = {
         "other-train.jsonl: predictions were made on dataset"),
     "prompts-render/tokenizer-of-an-sr-model": (
         lambda w, t: ["prompts", "render", "plain", "--data", w.data, "--tokenizer", w.sr],
-        "sasrec: no tokenizer files"),
+        "sasrec: model folder without tokenizer files"),
     "prompts-lint/undeclared-placeholder": (
-        lambda w, t: ["prompts", "lint", "--prompts",
+        lambda w, t: ["prompts", "lint", "--prompts_dir",
                       prompts_folder(t, "lsr.jinja", "Answer:", "{{ cnadidates }}\nAnswer:")],
         "uses variable 'cnadidates' but does not declare it"),
     "prompts-lint/completion-with-more-than-the-target": (
-        lambda w, t: ["prompts", "lint", "--prompts",
+        lambda w, t: ["prompts", "lint", "--prompts_dir",
                       prompts_folder(t, "plain.jinja", "{{ target }}", "The answer is {{ target }}")],
         "the completion block must be '{{ target }}' alone"),
     "prompts-list/domains-yaml-syntax-error": (
-        lambda w, t: ["prompts", "list", "--prompts",
+        lambda w, t: ["prompts", "list", "--prompts_dir",
                       prompts_folder(t, "domains.yaml", None, "item: {item_noun: [x\n")],
         "domains.yaml:2: invalid YAML"),
     # rank / export
@@ -336,7 +336,7 @@ CASES = {
         lambda w, t: [*rank(w, t), "--out", w.finished_sr],
         "finished_sr already holds other files (checkpoint, config.json, log.jsonl, ...)"),
     "rank/template-without-its-target": (
-        lambda w, t: rank(w, t, "--prompts", prompts_folder(t, "plain.jinja", "{{ target }}"), model=w.llm),
+        lambda w, t: rank(w, t, "--prompts_dir", prompts_folder(t, "plain.jinja", "{{ target }}"), model=w.llm),
         "plain.jinja: template plain.jinja declares variable 'target' but never uses it"),
     "rank/stage2-of-another-dataset": (
         lambda w, t: rank(w, t, "--data", w.same_size), "was fine-tuned on dataset"),
@@ -344,7 +344,7 @@ CASES = {
     "rank/soft-prompt-template-on-a-plain-model": (
         lambda w, t: rank(w, t, "--template", "lsr", model=w.llm), "template 'lsr' needs a soft prompt"),
     "rank/cuda-on-cpu": (lambda w, t: [*rank(w, t), "--device", "cuda"],
-                         "device cuda requested but CUDA is not available", NO_CUDA),
+                         "--device cuda was requested but CUDA is not available", NO_CUDA),
     "export/sr-folder": (lambda w, t: ["export", "--model", w.sr, "--out", t / "e"],
                          "not a DELRec stage-2 folder (no delrec.json)"),
     "export/out-exists": (lambda w, t: ["export", "--model", w.stage2, "--out", w.finished_sr],
@@ -372,7 +372,7 @@ CASES = {
         lambda w, t: student(w, t, "--method", "dllm2rec"),
         "--method dllm2rec distils a teacher: give one with --teacher"),
     "student/teacher-of-another-dataset": (lambda w, t: student(w, t, "--teacher", w.other_teacher),
-                                           "other-teacher/teacher.json: teacher for another dataset"),
+                                           "other-teacher/teacher.json: teacher was made on dataset"),
     "student/sr-folder-as-teacher": (lambda w, t: student(w, t, "--teacher", w.sr),
                                      "sasrec: not a teacher folder (no teacher.json)"),
     "student/pop-model": (lambda w, t: [*student(w, t, "--teacher", w.teacher), "--model", "pop"],

@@ -11,8 +11,9 @@ from delrec.data.prepare import prepare_dataset
 from delrec.data.preprocess import PreprocessConfig
 from delrec.data.synthetic import make_synthetic
 from delrec.errors import DelrecError
+from delrec.llm.loading import load_tokenizer
 
-SHIPPED = Path(prompts.__file__).resolve().parents[1] / "prompts"
+SHIPPED = Path(__file__).resolve().parents[1] / "prompts"  # the repository's templates, not the package
 SOFT = prompts.soft_prompt_placeholder(4)
 
 GOOD_HEADER = """{# delrec
@@ -73,7 +74,7 @@ def test_shipped_prompts_lint_clean(dataset):
 
 def test_default_folder_and_env_override(tmp_path, monkeypatch):
     monkeypatch.delenv(prompts.ENV_VAR, raising=False)
-    assert prompts.prompts_dir() == SHIPPED
+    assert prompts.prompts_dir() == SHIPPED and (SHIPPED / prompts.DOMAINS_FILE).is_file()
     monkeypatch.setenv(prompts.ENV_VAR, str(tmp_path))
     assert prompts.prompts_dir() == tmp_path
     monkeypatch.setenv(prompts.ENV_VAR, str(tmp_path / "missing"))
@@ -173,7 +174,7 @@ def test_render_errors_name_template_and_variable(dataset):
     assert prompts.render("lsr", values, "game", folder=SHIPPED) == template.render(values, "game")
 
 
-def test_token_count_with_a_local_tokenizer(dataset, tmp_path):
+def test_token_count_with_a_local_tokenizer(dataset, tmp_path, capsys):
     tokenizers = pytest.importorskip("tokenizers")
     from transformers import PreTrainedTokenizerFast
 
@@ -183,7 +184,7 @@ def test_token_count_with_a_local_tokenizer(dataset, tmp_path):
     tok.train_from_iterator(dataset.titles + prompts.template_corpus(SHIPPED), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>")
     fast.save_pretrained(tmp_path / "tok")
-    loaded = prompts.load_tokenizer(tmp_path / "tok")
+    loaded = load_tokenizer(str(tmp_path / "tok"))
 
     template = prompts.get_template("lsr", SHIPPED)
     values, _ = prompts.preview_variables(template, dataset, "test", 0, soft_prompt=prompts.soft_prompt_placeholder(7))
@@ -194,16 +195,26 @@ def test_token_count_with_a_local_tokenizer(dataset, tmp_path):
     assert count.prompt == expected and "tokenizer" in count.method
     assert count.total == count.prompt + count.completion + 1
     # once the placeholders are added tokens (one id each), the whole prompt tokenizes to the same count
-    with_soft = prompts.load_tokenizer(tmp_path / "tok")
+    with_soft = load_tokenizer(str(tmp_path / "tok"))
     with_soft.add_tokens([prompts.SOFT_TOKEN_FORMAT.format(i) for i in range(7)], special_tokens=True)
     assert len(with_soft(out.prompt, add_special_tokens=False)["input_ids"]) == count.prompt
     reports = prompts.lint_report(SHIPPED, dataset, loaded, max_length=10_000, soft_tokens=7)
     assert all(r.tokens is not None for r in reports if r.name.endswith(".jinja"))
     problems = prompts.lint(SHIPPED, dataset, loaded, max_length=50)
     assert problems and all("exceed max length 50" in p for p in problems)
-    assert main(["prompts", "render", "plain", "--data", str(dataset.path), "--tokenizer", str(tmp_path / "tok")]) == 0
-    with pytest.raises(DelrecError, match="tokenizer folder not found"):
-        prompts.load_tokenizer(tmp_path / "nope")
+    render = ["prompts", "render", "plain", "--data", str(dataset.path), "--tokenizer"]
+    assert main([*render, str(tmp_path / "tok")]) == 0
+    assert f"tokenizer {tmp_path / 'tok'}" in capsys.readouterr().out
+    # a folder that is not there is refused before transformers could take it for a hub id; one without
+    # tokenizer files is refused by the LLM layer's loader
+    (tmp_path / "empty").mkdir()
+    refusals = {"nope": "nope: tokenizer folder not found", "empty": "empty: model folder without tokenizer files"}
+    for folder, message in refusals.items():
+        assert main([*render, str(tmp_path / folder)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+    assert main(["prompts", "lint", "--tokenizer", str(tmp_path / "nope")]) == 2
+    assert "nope: tokenizer folder not found" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- bad templates
@@ -292,7 +303,7 @@ def test_lint_collects_all_problems(tmp_path):
 
 
 def test_cli_list_render_lint(dataset, capsys, tmp_path):
-    assert main(["prompts", "list", "--prompts", str(SHIPPED)]) == 0
+    assert main(["prompts", "list", "--prompts_dir", str(SHIPPED)]) == 0
     out = capsys.readouterr().out
     assert all(f"{name}.jinja" in out for name in prompts.TASKS) and "variables: " in out
 
@@ -319,13 +330,13 @@ def test_cli_list_render_lint(dataset, capsys, tmp_path):
 def test_cli_bad_folder_exit_2_one_line(tmp_path, capsys):
     body = GOOD_BODY.replace("{{ soft_prompt }}", "{{ soft_prompt }} {{ soft_prompt }}")
     folder = folder_with(tmp_path, "bad.jinja", GOOD_HEADER + body)
-    assert main(["prompts", "list", "--prompts", str(folder)]) == 2
+    assert main(["prompts", "list", "--prompts_dir", str(folder)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "bad.jinja has 2 soft-prompt slots" in err
-    assert main(["prompts", "lint", "--prompts", str(folder)]) == 2
+    assert main(["prompts", "lint", "--prompts_dir", str(folder)]) == 2
     captured = capsys.readouterr()
     assert "bad.jinja has 2 soft-prompt slots" in captured.out and "problems" in captured.err
-    assert main(["prompts", "render", "nope", "--data", str(tmp_path), "--prompts", str(SHIPPED)]) == 2
+    assert main(["prompts", "render", "nope", "--data", str(tmp_path), "--prompts_dir", str(SHIPPED)]) == 2
     assert "no template 'nope'" in capsys.readouterr().err
-    assert main(["prompts", "list", "--prompts", str(tmp_path / "missing")]) == 2
-    assert "prompt template folder not found" in capsys.readouterr().err
+    assert main(["prompts", "list", "--prompts_dir", str(tmp_path / "missing")]) == 2
+    assert "prompt template folder not found; pass --prompts_dir DIR" in capsys.readouterr().err

@@ -8,7 +8,6 @@ from safetensors.torch import load_file
 from delrec.cli import main
 from delrec.errors import DelrecError
 from delrec.llm.tiny import (
-    DEFAULT_PROMPTS_DIR,
     FALLBACK_PROMPT_TEXT,
     TinyLLMConfig,
     build_tiny_llm,
@@ -66,7 +65,7 @@ def test_bad_options_are_one_line_errors(tiny_llm_data, tmp_path, capsys):
     assert "dataset folder not found" in capsys.readouterr().err
     assert main(["llm", "build-tiny", "--data", str(tiny_llm_data), "--out", str(tmp_path / "o"), "--block_size", "4096"]) == 2
     assert "block_size" in capsys.readouterr().err
-    with pytest.raises(DelrecError, match="prompts folder not found"):
+    with pytest.raises(DelrecError, match="prompt template folder not found"):
         build_tiny_llm(tiny_llm_data, tmp_path / "o", TinyLLMConfig(prompts_dir=str(tmp_path / "none")))
 
 
@@ -77,7 +76,8 @@ def test_tokenizer_corpus_reads_every_template_file(tmp_path):
     texts = tokenizer_corpus(["Title One"], str(tmp_path))
     assert texts[0] == "Title One" and texts[-1] == FALLBACK_PROMPT_TEXT
     assert "Zephyrine {{ history }}" in texts and "noun: quokka" in texts
-    assert DEFAULT_PROMPTS_DIR.name == "prompts"
+    shipped = tokenizer_corpus([], None)  # the repository's templates by default
+    assert any("{% block prompt %}" in text for text in shipped)
 
 
 def test_history_texts_read_each_rows_user_once():

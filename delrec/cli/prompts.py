@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from delrec.config import parse_command
 from delrec.errors import DelrecError, where
@@ -13,7 +14,7 @@ PREDICTION_KEYS = ("items", "ranked", "ranking", "topk", "predictions")
 
 @dataclass
 class FolderArguments:
-    prompts: str | None = field(
+    prompts_dir: str | None = field(
         default=None, metadata={"help": "Template folder (default: $DELREC_PROMPTS_DIR, else the repository's prompts/)."}
     )
 
@@ -56,9 +57,9 @@ def list_templates(argv, prog: str, description: str) -> int:
     (folder,) = parse_command([FolderArguments], argv, prog, description)
     from delrec import prompts
 
-    templates = prompts.list_templates(folder.prompts)
-    domains = prompts.load_domains(folder.prompts)
-    print(f"templates in {prompts.prompts_dir(folder.prompts)}:")
+    templates = prompts.list_templates(folder.prompts_dir)
+    domains = prompts.load_domains(folder.prompts_dir)
+    print(f"templates in {prompts.prompts_dir(folder.prompts_dir)}:")
     for template in templates:
         slot = "one soft-prompt slot" if template.requires_soft_prompt else "no soft prompt"
         print(f"{template.file}  (task {template.task}; {slot})")
@@ -78,8 +79,6 @@ def _positional_template(argv) -> list[str]:
 def _load_predictions(path: str, dataset, split: str) -> dict[int, list[int]]:
     """Ranked items per instance id: a `delrec sr predict` file (with its .meta.json) is checked against the
     dataset and split it was written for; a hand-written JSONL is taken as it is."""
-    from pathlib import Path
-
     from delrec.io import read_jsonl
     from delrec.predictions import meta_path, read_predictions
 
@@ -100,12 +99,24 @@ def _load_predictions(path: str, dataset, split: str) -> dict[int, list[int]]:
     return result
 
 
+def _load_tokenizer(folder: str | None):
+    """The tokenizer to count tokens with, or None. Token counts are a local check: a folder that is not
+    there is refused here rather than looked up on the Hugging Face Hub as a model id."""
+    if folder is None:
+        return None
+    if not Path(folder).is_dir():
+        raise DelrecError(f"{folder}: tokenizer folder not found; pass a local folder holding tokenizer files")
+    from delrec.llm.loading import load_tokenizer
+
+    return load_tokenizer(folder)
+
+
 def render(argv, prog: str, description: str) -> int:
     args, folder = parse_command([RenderArguments, FolderArguments], _positional_template(argv), prog, description)
     from delrec import prompts
     from delrec.data.dataset import PreparedDataset
 
-    template = prompts.get_template(args.template, folder.prompts)
+    template = prompts.get_template(args.template, folder.prompts_dir)
     dataset = PreparedDataset.load(args.data)
     soft = prompts.soft_prompt_placeholder(args.soft_tokens) if template.requires_soft_prompt else None
     if args.longest:
@@ -129,8 +140,7 @@ def render(argv, prog: str, description: str) -> int:
         )
         what = f"{args.split} instance {args.index}"
     rendered = template.render(values, args.domain)
-    tokenizer = prompts.load_tokenizer(args.tokenizer) if args.tokenizer else None
-    count = prompts.count_tokens(rendered, tokenizer, args.soft_tokens if soft else None)
+    count = prompts.count_tokens(rendered, _load_tokenizer(args.tokenizer), args.soft_tokens if soft else None)
 
     shown = rendered.prompt
     if rendered.soft_span and not args.show_soft_tokens and args.soft_tokens > 2:
@@ -158,7 +168,7 @@ def lint(argv, prog: str, description: str) -> int:
     from delrec import prompts
 
     reports = prompts.lint_report(
-        folder.prompts, args.data, args.tokenizer, args.max_length,
+        folder.prompts_dir, args.data, _load_tokenizer(args.tokenizer), args.max_length,
         soft_tokens=args.soft_tokens, domain=args.domain, sr_top=args.sr_top,
     )
     problems = []

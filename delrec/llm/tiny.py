@@ -22,9 +22,9 @@ from typing import Iterable, Literal
 
 import torch
 
-import delrec
 from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
+from delrec.prompts import prompts_dir as templates_folder
 from delrec.io import check_apart_from_inputs, is_occupied, replace_directory, staged_directory, write_json
 
 HEAD_DIM = 64
@@ -37,7 +37,6 @@ SIZES = {
 BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
 HISTORY_SEPARATOR = "; "
 BUILD_INFO_FILE = "build_info.json"
-DEFAULT_PROMPTS_DIR = Path(delrec.__file__).resolve().parents[1] / "prompts"
 # Wording of recommendation prompts, so the tokenizer has merges for it even without prompts/.
 FALLBACK_PROMPT_TEXT = """\
 You are a recommender system. The user has watched, played, listened to or bought these items, \
@@ -133,12 +132,9 @@ def build_tiny_llm(data: str | Path, out: str | Path, config: TinyLLMConfig, ove
 def tokenizer_corpus(titles: Iterable[str], prompts_dir: str | None) -> list[str]:
     """The tokenizer's training text: item titles, every file under the templates folder, and the fallback wording."""
     texts = list(titles)
-    folder = Path(prompts_dir) if prompts_dir is not None else DEFAULT_PROMPTS_DIR
-    if prompts_dir is not None and not folder.is_dir():
-        raise DelrecError(f"prompts folder not found: {folder}")
-    if folder.is_dir():
-        for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            texts.append(file.read_text(encoding="utf-8", errors="replace"))
+    folder = templates_folder(prompts_dir)
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        texts.append(file.read_text(encoding="utf-8", errors="replace"))
     texts.append(FALLBACK_PROMPT_TEXT)
     return texts
 
