@@ -78,15 +78,24 @@ def score_candidates(
     ) as bar:
         for start in range(0, len(order), batch_size):
             group = order[start : start + batch_size]
-            scores = _score_group(model, [prompt_ids[i] for i in group], [candidate_ids[i] for i in group], batch_size)
-            for i, score in zip(group, scores):
-                results[i] = score
+            logprobs = candidate_log_likelihoods(
+                model, [prompt_ids[i] for i in group], [candidate_ids[i] for i in group], batch_size
+            )
+            for i, values in zip(group, logprobs):
+                results[i] = CandidateScores(values.tolist(), [len(c) for c in candidate_ids[i]])
             bar.update(len(group))
     return results
 
 
-def _score_group(model, prompts: list[list[int]], candidates: list[list[list[int]]], batch_size: int):
-    """One prompt pass over `prompts`, then their candidates `batch_size` rows at a time over the cached prompts."""
+def candidate_log_likelihoods(
+    model, prompts: list[list[int]], candidates: list[list[list[int]]], batch_size: int
+) -> list[torch.Tensor]:
+    """log P(candidate | prompt) per candidate of each prompt (float32 [C_i] tensors), from token ids.
+
+    Differentiable when called with gradients on: the title-listwise training objective
+    (`delrec.llm.listwise`) ranks by exactly the quantity the read-out ranks by, through the same
+    shared-prompt KV cache. `score_candidates` is this under inference mode, from text.
+    """
     device = _device(model)
     head = LogProbHead.of(model)
     ids, prompt_mask = _pad(prompts, left=True, device=device)
@@ -105,7 +114,7 @@ def _score_group(model, prompts: list[list[int]], candidates: list[list[list[int
     rows = [(owner, cand) for owner, cands in enumerate(candidates) for cand in cands]
     # Rows of similar length share a pass: fewer padded positions to run through the model.
     by_length = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))
-    row_logprobs = [0.0] * len(rows)
+    row_logprobs = torch.zeros(len(rows), device=device)
     for start in range(0, len(rows), batch_size):
         taken = by_length[start : start + batch_size]
         chunk = [rows[r] for r in taken]
@@ -115,14 +124,8 @@ def _score_group(model, prompts: list[list[int]], candidates: list[list[list[int
         rest = _continuation_logprobs(
             head, [cand for _, cand in chunk], owners, cache_layers, prompt_mask, prompt_lengths
         )
-        for r, value in zip(taken, (first + rest).tolist()):
-            row_logprobs[r] = value
-
-    scores, taken = [], 0
-    for cands in candidates:
-        scores.append(CandidateScores(row_logprobs[taken : taken + len(cands)], [len(c) for c in cands]))
-        taken += len(cands)
-    return scores
+        row_logprobs = row_logprobs.index_put((torch.tensor(taken, device=device),), first + rest)
+    return list(row_logprobs.split([len(cands) for cands in candidates]))
 
 
 def _continuation_logprobs(head: "LogProbHead", cands, owners, cache_layers, prompt_mask, prompt_lengths):

@@ -1,0 +1,60 @@
+"""The title-listwise objective for stage 2: a softmax cross-entropy over the candidates' log-likelihoods.
+
+The answer-only LM loss teaches the model to write the target title; the read-out then ranks the
+C candidates by log P(title | prompt). The listwise loss trains that ranking directly:
+
+    s_j = log P(c_j + EOS | prompt)        (divided by the token count with `length_normalized`)
+    L   = -log softmax(s / tau)[target]
+
+so the negatives (the other candidates, titles of the same catalogue) are pushed down as the
+target is pushed up, which is close to DELRec's original verbalizer classification over titles.
+One prompt pass per instance serves all C candidates through the shared KV cache of the read-out
+(`delrec.llm.scoring.candidate_log_likelihoods`), so a step costs about one prompt plus C short
+titles, not C prompts (docs/methods.md#model-and-loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from delrec.llm.scoring import candidate_log_likelihoods
+from delrec.llm.tokenization import encode_completion, encode_prompt
+
+
+def listwise_loss(
+    model,
+    prompts: list[list[int]],
+    candidates: list[list[list[int]]],
+    targets: list[int],
+    *,
+    batch_size: int = 64,
+    length_normalized: bool = False,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Mean over instances of -log softmax(s / temperature)[target], s the candidates' log-likelihoods."""
+    scores = candidate_log_likelihoods(model, prompts, candidates, batch_size)
+    losses = []
+    for values, cands, target in zip(scores, candidates, targets):
+        if length_normalized:
+            values = values / torch.tensor([len(c) for c in cands], dtype=values.dtype, device=values.device)
+        losses.append(-torch.log_softmax(values / temperature, dim=0)[target])
+    return torch.stack(losses).mean()
+
+
+@dataclass
+class ListwiseCollator:
+    """Rows with `prompt` (text), `candidates` (titles) and `answer` (the target's index) -> token ids.
+
+    Encoded as the read-out encodes them (`delrec.llm.tokenization`), so the loss and the
+    evaluation score the same ids."""
+
+    tokenizer: object
+
+    def __call__(self, examples: list[dict]) -> dict:
+        return {
+            "prompts": [encode_prompt(self.tokenizer, e["prompt"]) for e in examples],
+            "candidates": [[encode_completion(self.tokenizer, c) for c in e["candidates"]] for e in examples],
+            "targets": [int(e["answer"]) for e in examples],
+        }
