@@ -1,10 +1,11 @@
 """DELRec stage 1 (soft prompt) and stage 2 (LoRA): what trains, what is saved, what reloads, what is refused.
 
 Tiny Llama (untied head) from tests/llm_fixtures.py, synthetic data, a popularity model's predictions;
-a handful of steps per run.
+a handful of steps per run, except the test that stage 2 beats chance (its own pre-trained tiny LLM, 200 steps).
 """
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,6 @@ import torch
 from safetensors import safe_open
 
 from delrec.cli import main
-from delrec.config import parse_command
 from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
 from delrec.llm.folder import load_delrec_model
@@ -143,11 +143,11 @@ def test_dynamic_reweighting_equals_separate_backward_passes(stage1):
     expected = expected_weights[0] * grads[0] + expected_weights[1] * grads[1]
 
     weight.grad = None
-    trainer._metrics["train"].clear()
+    trainer.task_metrics["train"].clear()
     loss = trainer.compute_loss(model, dict(batch))
     loss.backward()
     assert torch.allclose(weight.grad[ids], expected, rtol=1e-4, atol=1e-7)
-    logged = [trainer._metrics["train"]["weight_ta"][-1], trainer._metrics["train"]["weight_rps"][-1]]
+    logged = [trainer.task_metrics["train"]["weight_ta"][-1], trainer.task_metrics["train"]["weight_rps"][-1]]
     assert logged == pytest.approx(expected_weights.tolist(), rel=1e-4)
     others = torch.ones(weight.shape[0], dtype=torch.bool)
     others[ids] = False
@@ -262,11 +262,33 @@ def test_accelerate_launch_runs_stage2_on_cpu(tiny_llm_data, tiny_llama, tmp_pat
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs" / "delrec").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_parse(path, tmp_path):
-    classes = ([FinetuneArguments, ModelConfig, LoraSettings, TrainingSettings] if "finetune" in path.name
-               else [DistillArguments, ModelConfig, TrainingSettings])
-    parse_command(classes, ["--config", str(path)], "delrec llm")
+@pytest.mark.slow  # about 70 s on 2 cores
+def test_stage2_on_synthetic_data_beats_chance_on_valid(tmp_path):
+    """Valid HR@1 above chance (1/C) by more than two standard errors, and above the untuned model's.
+
+    The tiny LLM is pre-trained on the training histories (160 steps, as in the demo), so it has seen which
+    titles follow which; stage 2 teaches it to answer the prompt. Measured here: HR@1 0.1625 before stage 2,
+    0.2625 after 100 steps, 0.3525 after these 200, on n = 400 valid instances with chance 0.125 (two standard
+    errors: 0.033).
+    """
+    from delrec.data.prepare import prepare_dataset
+    from delrec.data.preprocess import PreprocessConfig
+    from delrec.data.synthetic import make_synthetic
+    from delrec.llm.tiny import TinyLLMConfig, build_tiny_llm
+
+    raw = make_synthetic(num_users=1000, num_items=40, min_length=5, max_length=12, seed=0)
+    data = prepare_dataset(raw, PreprocessConfig(num_candidates=8), tmp_path / "data").path
+    build_tiny_llm(data, tmp_path / "llm", TinyLLMConfig(pretrain_steps=160, block_size=128,
+                                                         max_position_embeddings=512), progress=False)
+    args = FinetuneArguments(data=str(data), out=str(tmp_path / "run"), soft_prompt="none", eval_max_instances=400,
+                             test_max_instances=50, max_length=512)
+    settings = TrainingSettings(per_device_train_batch_size=8, max_steps=200, eval_steps=200, logging_steps=50,
+                                learning_rate=5e-3, warmup_steps=0.1, eval_batch_size=64, progress=False)
+    summary = finetune(args, model_config(tmp_path / "llm"), LoraSettings(r=8, alpha=16), settings).summary
+    n, chance = summary["instances"]["valid"]["instances"], summary["valid"]["chance@1"]
+    assert n == 400 and chance == pytest.approx(1 / 8)
+    assert summary["valid"]["hr@1"] > chance + 2 * math.sqrt(chance * (1 - chance) / n)
+    assert summary["valid"]["hr@1"] > summary["valid_before_training"]["hr@1"]
 
 
 def test_the_training_loss_is_the_read_out_log_likelihood_whatever_the_padding(tiny_llama, tiny_llm_data):

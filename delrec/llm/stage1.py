@@ -25,9 +25,11 @@ Only the soft rows train: a gradient mask on the embedding matrix (`SoftPrompt.t
 and `SoftRowsAdamW`, which keeps Adam state for those P rows only, so a checkpoint is the soft
 rows + a few KB of optimizer state, not a model copy (weight decay 0, as the mask requires).
 
-Distributed: DDP (accelerate_configs/multi_gpu.yaml). Not FSDP: sharding flattens the embedding
-matrix, so the row mask and the row optimizer have no rows to hold on to; the soft prompt is
-small, so DDP is the right tool.
+Distributed: DDP (accelerate_configs/multi_gpu.yaml). The batch of a step is that of all processes:
+the task losses are token means over it, the dynamic weights come from its task gradients, so a
+step equals one process holding the whole batch (`SoftPromptTrainer.compute_loss`;
+tests/test_distributed.py). Not FSDP: sharding flattens the embedding matrix, so the row mask and
+the row optimizer have no rows to hold on to; the soft prompt is small, so DDP is the right tool.
 
 Output folder: soft_prompt.safetensors, the tokenizer (with the soft tokens), delrec.json,
 metrics.json (valid RPS agreement and TA accuracy with their chance levels, before and after),
@@ -37,6 +39,7 @@ checkpoints/ (for resuming) and cache/ (built instances).
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -63,6 +66,7 @@ from delrec.llm.training import (
     prepare_run,
     run_config,
     sft_config,
+    start_processes,
     write_metrics,
 )
 
@@ -182,7 +186,11 @@ class SoftRowsAdamW(torch.optim.Optimizer):
 
 
 class SoftPromptTrainer(DelrecTrainer):
-    """Trains only the soft-prompt rows on TA + RPS with fixed or dynamic task weights."""
+    """Trains only the soft-prompt rows on TA + RPS with fixed or dynamic task weights.
+
+    Logs each task's loss (`loss_ta`, `loss_rps`: token means over the examples of all processes) and weight
+    (`weight_ta`, `weight_rps`), averaged over the steps since the previous log line.
+    """
 
     def __init__(self, *args, soft_prompt, tasks: list[str], weighting: str, task_weights: list[float],
                  weight_power: float, **kwargs):
@@ -195,6 +203,7 @@ class SoftPromptTrainer(DelrecTrainer):
         self.weighting = weighting
         self.fixed_weights = torch.tensor(task_weights, dtype=torch.float32)
         self.weight_power = weight_power
+        self.task_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._backward_context: dict | None = None
         if weighting == "dynamic":
             self.model.get_input_embeddings().register_forward_hook(self._attach_reweighting)
@@ -210,30 +219,38 @@ class SoftPromptTrainer(DelrecTrainer):
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """sum_t c_t L_t over the tasks present, L_t the token mean over the task's examples of the whole batch.
+
+        With several processes, each holds its part of every L_t (its examples' log-likelihood over the answer
+        tokens of all processes) and multiplies the loss by the process count, which DDP's gradient average
+        undoes: a step equals one process holding the whole batch.
+        """
         task = inputs.pop("task")
-        present = torch.stack([(task == t).any() for t in range(len(self.tasks))])
-        context = {"task": task, "input_ids": inputs["input_ids"], "present": present}
+        context = {"task": task, "input_ids": inputs["input_ids"]}
         if self.weighting == "dynamic" and model.training:
             self._backward_context = context  # the embedding hook picks it up during this forward pass
         log_probs, keep = answer_log_probs(model, inputs)
         nll = -log_probs.sum(1)
-        tokens = keep.sum(1)
-        losses = torch.stack([
-            nll[task == t].sum() / tokens[task == t].sum().clamp(min=1) for t in range(len(self.tasks))
-        ])
+        masks = [task == t for t in range(len(self.tasks))]
+        nll_sums = torch.stack([nll[m].sum() for m in masks])
+        counts = torch.stack([torch.stack([keep[m].sum(), m.sum()]) for m in masks])  # answer tokens, examples
+        tokens, examples = self.accelerator.reduce(counts, "sum").unbind(1)
+        present = examples > 0
+        losses = nll_sums / tokens.clamp(min=1)
         if self.weighting == "fixed":
             coefficients = self.fixed_weights.to(losses.device) * present
         else:  # equal weights forward; the embedding hook applies the dynamic ones in the backward pass
             coefficients = present.float()
         coefficients = coefficients / coefficients.sum()
-        context["coefficients"] = coefficients.detach()  # read by the gradient hook in the backward pass
+        context.update(present=present, coefficients=coefficients.detach())  # read by the gradient hook in backward
         mode = "train" if model.training else "eval"
+        task_losses = self.accelerator.reduce(losses.detach(), "sum")  # the whole batch's L_t, for the log
         for t, name in enumerate(self.tasks):
             if present[t]:
-                self._metrics[mode][f"loss_{name}"].append(losses[t].item())
+                self.task_metrics[mode][f"loss_{name}"].append(task_losses[t].item())
                 if self.weighting == "fixed":
-                    self._metrics[mode][f"weight_{name}"].append(coefficients[t].item())
-        loss = (coefficients * losses).sum()
+                    self.task_metrics[mode][f"weight_{name}"].append(coefficients[t].item())
+        loss = (coefficients * losses).sum() * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
 
     def _attach_reweighting(self, module, args, output):
@@ -251,17 +268,14 @@ class SoftPromptTrainer(DelrecTrainer):
         num_tasks, size = len(self.tasks), len(soft_ids)
         per_task = torch.zeros(num_tasks * size, grad.shape[-1], device=grad.device, dtype=torch.float32)
         per_task.index_add_(0, owner * size + slot, grad[at_soft].float())
-        # the gradient of L_t itself: undo the coefficient it had in the summed loss
+        # the gradient of L_t itself: undo the coefficient it had in the summed loss, add up the processes' parts
+        # and undo the process count the loss was multiplied by
         per_task = per_task.view(num_tasks, -1) / coefficients.clamp_min(1e-12)[:, None]
-        present = present.float()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(per_task)
-            torch.distributed.all_reduce(present)
-            per_task = per_task / present.clamp_min(1)[:, None]
-        weights = dynamic_task_weights(per_task.norm(dim=1), present > 0, self.weight_power)
+        per_task = self.accelerator.reduce(per_task, "sum") / self.accelerator.num_processes
+        weights = dynamic_task_weights(per_task.norm(dim=1), present, self.weight_power)
         for t, name in enumerate(self.tasks):
             if present[t]:
-                self._metrics["train"][f"weight_{name}"].append(weights[t].item())
+                self.task_metrics["train"][f"weight_{name}"].append(weights[t].item())
         scale = torch.where(coefficients > 0, weights / coefficients.clamp_min(1e-12), torch.zeros_like(weights))
         return grad * scale[task].to(grad.dtype)[:, None, None]
 
@@ -271,11 +285,30 @@ class SoftPromptTrainer(DelrecTrainer):
     def save_soft_prompt(self, output_dir: Path) -> None:
         self.soft_prompt.save(output_dir, self.model)
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the task losses and weights gathered since the last log (under eval_ when evaluating)."""
+        mode = "train" if self.model.training else "eval"
+        prefix = "" if mode == "train" else "eval_"
+        logs.update({f"{prefix}{key}": sum(values) / len(values) for key, values in self.task_metrics[mode].items()})
+        self.task_metrics[mode].clear()
+        super().log(logs, start_time)
+
+    def train(self, *args, **kwargs):
+        """Train, then set the rows of the best checkpoint (by `metric_for_best_model`).
+
+        The Trainer's own `load_best_model_at_end` (off in stage 1) looks for model weights, which stage-1
+        checkpoints do not hold; it still tracks and keeps the best checkpoint without it.
+        """
+        output = super().train(*args, **kwargs)
+        if self.state.best_model_checkpoint is not None:
+            self._load_soft_rows(self.state.best_model_checkpoint)
+        return output
+
+    # Private Trainer hook, kept: `train(resume_from_checkpoint=...)` calls it before any callback runs and, for a
+    # checkpoint without model weights (stage 1 writes the soft rows only), raises "Can't find a valid checkpoint".
+    # Loading the rows here is what lets resume restore the optimizer, scheduler, RNG and step as usual.
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self._load_soft_rows(resume_from_checkpoint)
-
-    def _load_best_model(self) -> None:
-        self._load_soft_rows(self.state.best_model_checkpoint)
 
     def _load_soft_rows(self, folder: str) -> None:
         from delrec.llm.soft_prompt import SoftPrompt
@@ -325,6 +358,7 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
         read_task_predictions(first, dataset, "train", args.train_predictions).meta,
         read_task_predictions(first, dataset, "valid", args.valid_predictions).meta, args,
     )
+    start_processes(model_config.device)
     resume_from = prepare_run(out, STAGE, run_config(args, model_config, settings), settings.resume)
 
     model, tokenizer = load_model(model_config)
@@ -351,7 +385,7 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
         model=model,
         args=sft_config(settings, out / CHECKPOINTS_DIR, on_cpu(model), learning_rate=DEFAULT_LEARNING_RATE,
                         metric_for_best_model="rps_agreement" if "rps" in args.tasks else "ta_accuracy",
-                        resuming=resume_from is not None),
+                        resuming=resume_from is not None, load_best_model_at_end=False),
         train_dataset=train,
         eval_dataset=valid.select_columns(["input_ids", "completion_mask", "task"]),
         processing_class=tokenizer,

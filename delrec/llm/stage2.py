@@ -44,6 +44,7 @@ from delrec.llm.training import (
     prepare_run,
     run_config,
     sft_config,
+    start_processes,
     write_metrics,
 )
 
@@ -113,9 +114,8 @@ class LoraTrainer(DelrecTrainer):
         self.soft_prompt_file = soft_prompt_file
 
     def save_weights(self, output_dir: Path, state_dict) -> None:
-        self.accelerator.unwrap_model(self.model).save_pretrained(
-            str(output_dir), state_dict=state_dict, save_embedding_layers=False, is_main_process=self.args.should_save
-        )
+        self.accelerator.unwrap_model(self.model).save_pretrained(str(output_dir), state_dict=state_dict,
+                                                                  save_embedding_layers=False)
 
     def save_soft_prompt(self, output_dir: Path) -> None:
         if self.soft_prompt_file is not None and self.soft_prompt_file.parent.resolve() != output_dir.resolve():
@@ -152,6 +152,7 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
     sr_name = stage1["soft_prompt"]["name"] if stage1 else args.soft_prompt_name
     sr_display = args.sr_display_name or ((stage1 or {}).get("sr_model") or {}).get("display_name") \
         or display_name(sr_name)
+    start_processes(model_config.device)
     resume_from = prepare_run(out, STAGE, run_config(args, model_config, lora, settings), settings.resume)
 
     model, tokenizer = load_model(model_config)

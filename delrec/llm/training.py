@@ -23,6 +23,7 @@ checkpoints, resume, accelerate/DDP, mixed precision). They share:
   the soft prompt and the tokenizer with the weights (each stage decides which weights).
 - `prepare_run`: an output folder remembers the configuration it was started with; re-running
   the same command resumes from its last checkpoint, a different configuration is refused.
+  `start_processes` comes first, so that every process of a CPU launch knows its rank from the start.
 """
 
 from __future__ import annotations
@@ -349,11 +350,19 @@ class DelrecTrainer(SFTTrainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Write the stage's weights (`save_weights`), the soft prompt and the tokenizer from the main process.
+
+        Replaces the Trainer's save, which would write the whole model in stage 1 and the resized embedding
+        matrices into the stage-2 adapter. A checkpoint's files are written here, before the Trainer writes its
+        trainer_state.json, which marks the checkpoint complete (`last_complete_checkpoint`). Under FSDP every
+        process takes part in gathering the full state dict.
+        """
         output_dir = Path(output_dir or self.args.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        self.save_weights(output_dir, state_dict)
+        state_dict = self.accelerator.get_state_dict(self.model) if self.is_fsdp_enabled else None
         if self.args.should_save:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            self.save_weights(output_dir, state_dict)
             self.save_soft_prompt(output_dir)
             self.processing_class.save_pretrained(output_dir)
 
@@ -379,7 +388,20 @@ class StageResult:
     trainer: DelrecTrainer
 
 
-# --- output folder, resume -------------------------------------------------------------------------
+# --- processes, output folder, resume --------------------------------------------------------------
+
+
+def start_processes(device: str) -> None:
+    """Set up accelerate's process state for a run on `device`, before anything asks who the main process is.
+
+    `accelerate launch` starts several CPU processes through torchrun (accelerate_configs/cpu-2proc.yaml; its
+    own CPU launcher needs MPI). Asked without `cpu=True`, accelerate finds no GPU and each of them believes it
+    is the only, main process until the Trainer sets the state up again: they wrote run.json, the cache and
+    the soft prompt at the same time. With `cpu=True` they join one gloo group from the start.
+    """
+    from accelerate import PartialState
+
+    PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
 def prepare_run(out: Path, stage: str, config: dict[str, Any], resume: bool) -> str | None:
