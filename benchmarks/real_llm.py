@@ -15,7 +15,9 @@ Steps, one after the other in one process (so the ratios are measured side by si
    KV cache), after one untimed warm-up instance; then `--train-steps` LoRA steps (r 8, all linear
    layers, `--train-batch` examples each; the first step is a warm-up and is not counted) with the
    stage-2 loss (`delrec.llm.training.answer_log_probs`: answer tokens only, logits only at the
-   answer positions) and AdamW on the LoRA parameters.
+   answer positions) and AdamW on the LoRA parameters; and the same with the title-listwise loss
+   (`delrec.llm.listwise`: one prompt pass, the 20 candidate titles from its KV cache, a softmax
+   cross-entropy over their log-likelihoods), whose floor is 2 x the scoring floor of its examples.
 4. With vllm: the same requests scored by the vLLM backend (float32, compiled), engine start-up
    timed apart; where its time goes is estimated from the requests it sends (tokens computed
    versus the transformers backend's).
@@ -138,11 +140,14 @@ def time_scoring(model, tokenizer, reqs, batch_size: int) -> tuple[float, list]:
     return time.perf_counter() - started, scores
 
 
-def time_training(model, tokenizer, dataset, args, flops: FlopModel) -> dict:
-    """Seconds per LoRA step (warm-up step excluded) on Last.fm plain-template stage-2 examples, and its floor FLOPs."""
+def time_training(model, tokenizer, dataset, args, flops: FlopModel, objective: str = "answer") -> dict:
+    """Seconds per LoRA step (warm-up step excluded) on Last.fm plain-template stage-2 examples, and its floor FLOPs.
+
+    `answer`: the answer-only LM loss; `listwise`: the title-listwise loss over the 20 candidates."""
     import torch
 
     from delrec.llm.instances import InstanceOptions, build_instances
+    from delrec.llm.listwise import ListwiseCollator, listwise_loss
     from delrec.llm.loading import LoraSettings, apply_lora
     from delrec.llm.training import AnswerCollator, answer_log_probs
     from delrec.prompts import get_template
@@ -160,9 +165,13 @@ def time_training(model, tokenizer, dataset, args, flops: FlopModel) -> dict:
     for step in range(steps + 1):
         chunk = examples[step * batch:(step + 1) * batch]
         inputs = collate(chunk)
+        listwise = ListwiseCollator(tokenizer)([rows[i] for i in range(step * batch, (step + 1) * batch)])
         started = time.perf_counter()
-        log_probs, keep = answer_log_probs(peft_model, inputs)
-        loss = -log_probs.sum() / keep.sum()
+        if objective == "listwise":
+            loss = listwise_loss(peft_model, **listwise, batch_size=args.batch_size * 4)
+        else:
+            log_probs, keep = answer_log_probs(peft_model, inputs)
+            loss = -log_probs.sum() / keep.sum()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -171,9 +180,12 @@ def time_training(model, tokenizer, dataset, args, flops: FlopModel) -> dict:
             continue  # warm-up
         seconds.append(elapsed)
         losses.append(round(loss.item(), 4))
-        answer = int((inputs["labels"][:, 1:] != -100).sum(1).max()) + 1
-        for example in chunk:
-            floor_flops += 2 * (flops.tokens(len(example["input_ids"])) + flops.logits(answer))
+        if objective == "listwise":
+            floor_flops += 2 * scoring_flops(flops, listwise["prompts"], listwise["candidates"])
+        else:
+            answer = int((inputs["labels"][:, 1:] != -100).sum(1).max()) + 1
+            for example in chunk:
+                floor_flops += 2 * (flops.tokens(len(example["input_ids"])) + flops.logits(answer))
         real_tokens += sum(len(e["input_ids"]) for e in chunk)
         padded_tokens += inputs["input_ids"].numel()
     peft_model.unload()
@@ -289,6 +301,7 @@ def main() -> None:
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=16, help="scoring: sequences per forward pass")
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--objectives", default="answer,listwise", help="stage-2 losses to time: answer, listwise")
     p.add_argument("--backends", default="hf,vllm", help="comma-separated: hf, vllm")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "real_llm")
@@ -336,12 +349,13 @@ def main() -> None:
         seconds, scores[f"hf/{dtype}"] = time_scoring(model, tokenizer, reqs, args.batch_size)
         runs.append(run_row("scoring, hf (instances/s)", dtype, len(reqs), seconds, score_floor, rate, peak))
         print(runs[-1], flush=True)
-        train = time_training(model, tokenizer, dataset, args, flops)
-        examples = train["steps"] * train["batch"]
-        runs.append({**run_row(f"LoRA training, batch {train['batch']} (examples/s)", dtype, examples,
-                               examples / train["examples_per_second"], train["floor_flops"], rate, peak),
-                     "details": train})
-        print(runs[-1], flush=True)
+        for objective in args.objectives.split(","):
+            train = time_training(model, tokenizer, dataset, args, flops, objective)
+            examples = train["steps"] * train["batch"]
+            name = f"LoRA training, {objective} loss, batch {train['batch']} (examples/s)"
+            runs.append({**run_row(name, dtype, examples, examples / train["examples_per_second"],
+                                   train["floor_flops"], rate, peak), "details": train})
+            print(runs[-1], flush=True)
         del model
     if "bfloat16" in dtypes and "float32" in dtypes:
         report["agreement"]["hf bfloat16 vs float32"] = agreement(scores["hf/bfloat16"], scores["hf/float32"], targets)
@@ -362,9 +376,9 @@ def main() -> None:
         "settings": {k: str(v) for k, v in vars(args).items() if k not in ("json", "markdown")},
         "runs": runs,
     })
-    print(f"{'run':<40} {'dtype':<9} {'measured':>9} {'floor':>9} {'ratio':>7}")
+    print(f"{'run':<62} {'dtype':<9} {'measured':>9} {'floor':>9} {'ratio':>7}")
     for row in runs:
-        print(f"{row['run']:<40} {row['dtype']:<9} {row['measured']:>9} {row['floor']:>9} {row['ratio']:>6.1f}x")
+        print(f"{row['run']:<62} {row['dtype']:<9} {row['measured']:>9} {row['floor']:>9} {row['ratio']:>6.1f}x")
     print(json.dumps(report["agreement"], indent=1))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")

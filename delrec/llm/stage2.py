@@ -27,6 +27,7 @@ from typing import Literal
 import delrec
 from delrec.errors import DelrecError
 from delrec.llm.folder import local_or_hub, same_base_model
+from delrec.llm.listwise import ListwiseCollator, listwise_loss
 from delrec.llm.training import (
     CACHE_DIR,
     AnswerCollator,
@@ -100,6 +101,12 @@ class FinetuneArguments:
         default="adamw_torch",
         metadata={"help": "Optimizer name of transformers' TrainingArguments (e.g. paged_adamw_8bit for QLoRA)."},
     )
+    objective: Literal["answer", "listwise"] = field(
+        default="answer",
+        metadata={"help": "answer: LM loss on the answer title (DELRec/LLaRA); listwise: softmax cross-entropy over "
+                  "the candidates' title log-likelihoods, the quantity the read-out ranks by (one prompt pass "
+                  "per instance scores all candidates)."},
+    )
 
     def __post_init__(self):
         if self.soft_prompt_tokens < 1:
@@ -107,11 +114,19 @@ class FinetuneArguments:
 
 
 class LoraTrainer(DelrecTrainer):
-    """Saves the LoRA matrices only (no embedding layers) and a copy of the frozen soft-prompt file."""
+    """Saves the LoRA matrices only (no embedding layers) and a copy of the frozen soft-prompt file; with the
+    listwise objective, batches come from `ListwiseCollator` and the loss is `listwise_loss`."""
 
     def __init__(self, *args, soft_prompt_file: Path | None, **kwargs):
         super().__init__(*args, **kwargs)
         self.soft_prompt_file = soft_prompt_file
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "candidates" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = listwise_loss(model, **inputs, batch_size=self.evaluator.batch_size,
+                             length_normalized=self.evaluator.length_normalized)
+        return (loss, None) if return_outputs else loss
 
     def save_weights(self, output_dir: Path, state_dict) -> None:
         self.accelerator.unwrap_model(self.model).save_pretrained(str(output_dir), state_dict=state_dict,
@@ -179,6 +194,8 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
                 for split, limit in (("train", args.max_train_instances), ("valid", args.eval_max_instances),
                                      ("test", args.test_max_instances))}
     tokens_only = ["input_ids", "completion_mask"]
+    # input_ids stays in the listwise columns: TRL takes a dataset with it as already tokenized
+    train_columns = tokens_only if args.objective == "answer" else ["input_ids", "prompt", "candidates", "answer"]
 
     def evaluator(split: str) -> CandidateEvaluator:
         return CandidateEvaluator(sets[split].rows, tokenizer, stage2_metrics, settings.eval_batch_size,
@@ -188,10 +205,11 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
         model=model,
         args=sft_config(settings, out / CHECKPOINTS_DIR, on_cpu(model), learning_rate=DEFAULT_LEARNING_RATE,
                         metric_for_best_model="ndcg@5", resuming=resume_from is not None, optim=args.optim),
-        train_dataset=sets["train"].rows.select_columns(tokens_only),
+        train_dataset=sets["train"].rows.select_columns(train_columns),
         eval_dataset=sets["valid"].rows.select_columns(tokens_only),
         processing_class=tokenizer,
-        data_collator=AnswerCollator(tokenizer.pad_token_id),
+        data_collator=(AnswerCollator(tokenizer.pad_token_id) if args.objective == "answer"
+                       else ListwiseCollator(tokenizer)),
         peft_config=LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
             target_modules="all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules),

@@ -29,39 +29,17 @@ The modules, bottom up: `contract` (names and variables shared with the files), 
 belongs to the LLM layer, which sits above this package.
 """
 
-from delrec.prompts.contract import (
-    BLOCKS,
-    DEFAULT_DOMAIN,
-    DEFAULT_SOFT_TOKENS,
-    DEFAULT_SR_TOP,
-    DOMAINS_FILE,
-    ENV_VAR,
-    HEADER_KEYS,
-    LIST_VARIABLES,
-    SOFT_SLOT,
-    SOFT_TOKEN_FORMAT,
-    TARGET,
-    TASKS,
-    TEMPLATE_SUFFIX,
-    VARIABLES,
-    Task,
+from delrec.prompts.contract import (  # noqa: I001 - grouped by module, as listed in __all__
+    BLOCKS, DEFAULT_DOMAIN, DEFAULT_SOFT_TOKENS, DEFAULT_SR_TOP, DOMAINS_FILE, ENV_VAR, HEADER_KEYS, LIST_VARIABLES,
+    SOFT_SLOT, SOFT_TOKEN_FORMAT, TARGET, TASKS, TEMPLATE_SUFFIX, VARIABLES, Task,
 )
 from delrec.prompts.linting import TemplateReport, lint, lint_report
 from delrec.prompts.rendering import (
-    PromptTemplate,
-    RenderedPrompt,
-    TokenCount,
-    count_tokens,
-    numbered,
-    soft_prompt_placeholder,
+    PromptTemplate, RenderedPrompt, TokenCount, count_tokens, numbered, soft_prompt_placeholder,
 )
 from delrec.prompts.template import get_template, list_templates, load_domains, prompts_dir, render, template_names
 from delrec.prompts.variables import (
-    popularity_order,
-    preview_variables,
-    task_variables,
-    template_corpus,
-    worst_case_variables,
+    popularity_order, preview_variables, task_variables, template_corpus, worst_case_variables,
 )
 
 __all__ = [
