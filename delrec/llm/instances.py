@@ -57,7 +57,7 @@ from delrec.io import read_json, replace_directory, staged_directory, write_json
 from delrec.llm.tokenization import encode_completion, encode_pair, encode_prompt
 from delrec.prompts import DEFAULT_SR_TOP, PromptTemplate, task_variables
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: RPS names the SR model's ranks 2..h (all candidates), not 2..h+1
 STATS_FILE = "delrec_instances.json"
 # Which builder serves a template's task; `plain` is LSR without the soft prompt.
 TASK_OF_TEMPLATE = {"ta": "ta", "rps": "rps", "lsr": "lsr", "plain": "lsr"}

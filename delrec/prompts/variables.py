@@ -58,8 +58,8 @@ def task_variables(
     ta: the history is split in half: example_history = first k-1 items, example_recent = item k,
         history = items k+1 .. n-1, target = item n (the hidden most recent), sr_prediction =
         sr_ranked[0] (the SR model's top-1 after all n items), example_prediction as given.
-    rps: target = sr_ranked[0], sr_predictions = sr_ranked[1 : 1 + sr_top]; candidates as given
-        (they should hold the SR top-h, filled at random up to C).
+    rps: target = sr_ranked[0], sr_predictions = sr_ranked[1 : sr_top] (ranks 2..h); candidates as given
+        (they hold the SR top-h, filled at random up to C, so every item the prompt names is a candidate).
     lsr / plain / teacher: history, candidates, target as given.
     """
     history = list(history)
@@ -81,7 +81,7 @@ def task_variables(
     elif task == "rps":
         if not sr_ranked:
             raise DelrecError("Recommendation Pattern Simulating needs the SR model's ranked predictions")
-        values.update(target=sr_ranked[0], sr_predictions=list(sr_ranked[1 : 1 + sr_top]))
+        values.update(target=sr_ranked[0], sr_predictions=list(sr_ranked[1:sr_top]))
     provided = TASKS[task].provides if task in TASKS else frozenset(VARIABLES)
     return {k: v for k, v in values.items() if k in provided}
 
@@ -112,10 +112,10 @@ def preview_variables(
     pop = None
     if predictions is None:
         pop = popularity_order(dataset)
-        ranked = _first_not_in(pop, seen, sr_top + 1)
+        ranked = _first_not_in(pop, seen, sr_top)
         notes.append("SR predictions: popularity order of the training split (pass --predictions FILE for an SR model's)")
     else:
-        ranked = [p for p in predictions if p not in seen][: sr_top + 1] or list(predictions[: sr_top + 1])
+        ranked = [p for p in predictions if p not in seen][:sr_top] or list(predictions[:sr_top])
         notes.append("SR predictions: from the predictions file")
     if split in ("valid", "test"):
         cands = list(dataset.candidates(split)[index])
@@ -167,7 +167,7 @@ def worst_case_variables(
             if size > best_len:
                 best, best_len, best_where = inst, size, f"{split} #{inst.id}"
     longest = sorted(range(len(titles)), key=lambda i: (-len(titles[i]), i))
-    count = max(dataset.num_candidates, sr_top + 1)
+    count = max(dataset.num_candidates, sr_top)
     long_titles = [titles[i] for i in longest[:count]]
     history = [titles[i] for i in best.history]
     if template.task == "ta":
