@@ -72,6 +72,7 @@ def distill_pattern(argv, prog: str, description: str) -> int:
     from delrec.llm.stage1 import distill_pattern as run
 
     _print(run(args, model_config, settings).summary)
+    end_processes()
     return 0
 
 
@@ -81,7 +82,14 @@ def finetune(argv, prog: str, description: str) -> int:
     from delrec.llm.stage2 import finetune as run
 
     _print(run(args, model_config, lora, settings).summary)
+    end_processes()
     return 0
+
+
+def end_processes() -> None:
+    from delrec.llm.training import end_processes as leave
+
+    leave()
 
 
 def _print(summary: dict) -> None:

@@ -404,6 +404,13 @@ def start_processes(device: str) -> None:
     PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
+def end_processes() -> None:
+    """Leave the process group before the interpreter exits: a gloo group torn down at exit can abort a
+    process ("terminate called without an active exception") after its work is done."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def prepare_run(out: Path, stage: str, config: dict[str, Any], resume: bool) -> str | None:
     """Record the run's configuration in OUT/run.json; return the checkpoint to resume from, if any.
 
