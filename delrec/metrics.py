@@ -230,8 +230,10 @@ def metrics_from_ranked_lists(
 
 
 def generation_metrics(matched: Sequence[int | None], targets: Sequence[int]) -> dict[str, float]:
-    """Free generation matched to candidates: HR@1 = correct / total (LLaRA; invalid outputs are
-    misses) and valid_ratio = share of outputs that matched exactly one candidate.
+    """Free generation matched to candidates: HR@1 = correct / total (invalid outputs are misses),
+    valid_ratio = share of outputs that matched exactly one candidate (LLaRA), and LLaRA's own
+    "HR@1", correct / valid, named `hr@1_given_valid` (None when no output was valid) so that it
+    is never mistaken for ours.
 
     `matched[i]` is the candidate the i-th output matched, or None when it matched none or several.
     """
@@ -241,4 +243,5 @@ def generation_metrics(matched: Sequence[int | None], targets: Sequence[int]) ->
         raise ValueError("no outputs were scored, so there are no metrics to compute (empty split?)")
     valid = sum(m is not None for m in matched)
     correct = sum(m is not None and m == t for m, t in zip(matched, targets))
-    return {"hr@1": correct / len(targets), "valid_ratio": valid / len(targets)}
+    return {"hr@1": correct / len(targets), "valid_ratio": valid / len(targets),
+            "hr@1_given_valid": correct / valid if valid else None}

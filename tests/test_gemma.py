@@ -86,6 +86,27 @@ def test_a_gguf_file_as_model_name_is_converted_once_then_read_from_the_cache(ge
         assert a.read(1 << 20) == b.read(1 << 20)
 
 
+def test_the_pipeline_llm_stage_imports_a_packaged_model_by_name(gemma, tmp_path, monkeypatch):
+    import delrec.llm.gguf_import as gguf_import
+    from delrec.pipeline import load_config
+    from delrec.pipeline.layout import Layout
+    from delrec.pipeline.stages import Context, stage_llm
+
+    def convert_again(*args):
+        raise AssertionError("the llm stage converted a GGUF file the cache already holds")
+
+    monkeypatch.setattr(gguf_import, "_convert", convert_again)
+    (tmp_path / "run.yaml").write_text("data: {format: synthetic}\nllm: {model: gemma-3-270m}\n")
+    context = Context(load_config(tmp_path / "run.yaml"), Layout(tmp_path / "run"))
+    outputs = stage_llm(context)
+    folder = tmp_path / "run" / "llm" / "model"
+    assert context.model_path() == str(folder) and context.model_config().model_name_or_path == str(folder)
+    assert outputs["imported"] == "gemma-3-270m" and outputs["model"] == "llm/model" and not outputs["built"]
+    assert outputs["sha256"] == read_json(gemma / IMPORT_FILE)["sha256"] == read_json(folder / IMPORT_FILE)["sha256"]
+    with open(folder / "model.safetensors", "rb") as a, open(gemma / "model.safetensors", "rb") as b:
+        assert a.read(1 << 20) == b.read(1 << 20)
+
+
 def test_zero_shot_ranking_on_the_real_model(gemma, gemma_data, tmp_path):
     out = tmp_path / "rank"
     argv = ["rank", "--model", str(gemma), "--data", str(gemma_data), "--split", "test", "--readout", "score",

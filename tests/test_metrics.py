@@ -231,7 +231,7 @@ def test_candidate_metrics():
 
 def test_generation_metrics():
     got = generation_metrics([3, None, 5, 7], [3, 4, 6, 7])
-    assert got == {"hr@1": 0.5, "valid_ratio": 0.75}
-    assert generation_metrics([None], [1]) == {"hr@1": 0.0, "valid_ratio": 0.0}
+    assert got == {"hr@1": 0.5, "valid_ratio": 0.75, "hr@1_given_valid": 2 / 3}
+    assert generation_metrics([None], [1]) == {"hr@1": 0.0, "valid_ratio": 0.0, "hr@1_given_valid": None}
     with pytest.raises(ValueError):
         generation_metrics([1], [1, 2])

@@ -15,7 +15,8 @@ import yaml
 
 from delrec.cli import main
 from delrec.pipeline import STAGE_FILE, STAGES, builtin_demo_config, load_config, plan
-from delrec.pipeline.options import DataOptions, LatencyOptions, Stage2Options
+from delrec.errors import DelrecError
+from delrec.pipeline.options import DataOptions, LatencyOptions, LLMOptions, Stage2Options
 from delrec.pipeline.plan import _digest, fingerprint_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -268,14 +269,33 @@ def test_the_builtin_demo_config_validates_into_the_options_its_yaml_sets():
     assert config.sections["latency"].get(LatencyOptions).users == raw["latency"]["users"]
 
 
-def test_configs_pipeline_demo_yaml_is_the_packaged_demo_config():
-    shipped = ROOT / "configs" / "pipeline" / "demo.yaml"
+@pytest.mark.parametrize("llm, shipped", [("tiny", "demo.yaml"), ("gemma-3-270m", "demo-gemma.yaml")])
+def test_configs_pipeline_demo_yamls_are_the_packaged_demo_configs(llm, shipped):
+    shipped = ROOT / "configs" / "pipeline" / shipped
     assert shipped.is_symlink()
-    with resources.as_file(builtin_demo_config()) as packaged:
+    with resources.as_file(builtin_demo_config(llm)) as packaged:
         assert shipped.resolve() == packaged.resolve()
 
 
-@pytest.mark.parametrize("name", ["lastfm.yaml", "games.yaml"])
+def test_the_real_llm_demo_imports_gemma_and_plans_every_stage(tmp_path, capsys):
+    with resources.as_file(builtin_demo_config("gemma-3-270m")) as path:
+        config = load_config(path)
+    assert config.sections["llm"].get(LLMOptions).model == "gemma-3-270m"
+    assert config.stage_config("stage2")["FinetuneArguments"]["objective"] == "listwise"
+    assert main(["demo", "--llm", "gemma-3-270m", "--out", str(tmp_path / "demo"), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith(f"-> {tmp_path / 'demo'}") and [line.split()[0] for line in out[1:]] == list(STAGES)
+
+
+def test_a_demo_for_an_unknown_llm_is_refused_with_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--llm", "llama-70b", "--dry-run"])
+    assert "choose from 'tiny', 'gemma-3-270m'" in capsys.readouterr().err
+    with pytest.raises(DelrecError, match="expected one of: tiny, gemma-3-270m"):
+        builtin_demo_config("llama-70b")
+
+
+@pytest.mark.parametrize("name", ["lastfm.yaml", "games.yaml", "lastfm-gemma.yaml"])
 def test_the_example_configs_parse_and_plan_every_stage(name, tmp_path):
     config = load_config(ROOT / "configs" / "pipeline" / name)
     assert config.sections["data"].get(DataOptions).input.startswith("../shared/data/")

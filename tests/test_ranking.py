@@ -80,7 +80,8 @@ def test_readouts_write_valid_rankings_and_their_metrics(readout, tiny_llama, ti
     if readout == "generate":
         matched = [row["matched"] for row in rows]
         correct = [row["matched"] and row["items"][0] == row["target"] for row in rows]
-        assert metrics["test"] == {"hr@1": sum(correct) / 6, "valid_ratio": sum(matched) / 6}
+        assert metrics["test"] == {"hr@1": sum(correct) / 6, "valid_ratio": sum(matched) / 6,
+                                   "hr@1_given_valid": sum(correct) / sum(matched) if sum(matched) else None}
     else:
         assert metrics["test"] == pytest.approx(hand_metrics(rows), abs=1e-12)
     assert read_json(tmp_path / "metrics.json") == metrics
@@ -193,7 +194,7 @@ def test_generate_readout_matching_valid_ratio_and_hr1():
     for request, result in zip(requests, ranked):
         summary.add(request, result)
     metrics = summary.metrics()
-    assert metrics["metrics"] == {"hr@1": 1 / 6, "valid_ratio": 2 / 6}
+    assert metrics["metrics"] == {"hr@1": 1 / 6, "valid_ratio": 2 / 6, "hr@1_given_valid": 1 / 2}
     assert (metrics["empty_generations"], metrics["ambiguous_generations"]) == (2, 1)
     assert (metrics["title_collisions"], metrics["instances_with_collisions"]) == (1, 1)
 

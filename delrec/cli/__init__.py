@@ -40,7 +40,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
                            "train a lightweight SR student, distilled from teacher folders (DLLM2Rec, RD, RRD)"),
     ("serve",): ("delrec.cli.serve", "serve", "serve an SR model or student over HTTP: POST /recommend in milliseconds"),
     ("run",): ("delrec.cli.run", "run", "run the whole loop from one YAML config, skipping unchanged stages"),
-    ("demo",): ("delrec.cli.run", "demo", "run the whole loop on built-in synthetic data with a tiny model (~5 min)"),
+    ("demo",): ("delrec.cli.run", "demo",
+                "run the whole loop on built-in synthetic data: a tiny LLM (~5 min) or Gemma 3 270M (--llm, ~30 min)"),
 }
 
 
@@ -48,6 +49,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
 ORDER_OF_WORK = """\
 start here:
   delrec demo                      the whole loop on built-in synthetic data with a tiny model (~5 min)
+  delrec demo --llm gemma-3-270m   the same with the real pretrained Gemma 3 270M (~30 min on 2 CPU cores)
 
 the order of work (each step reads the folder the step before wrote):
   1. delrec data prepare           raw files -> a prepared dataset folder

@@ -17,6 +17,7 @@ DEMO_OUT = "runs/demo"
 
 def _parser(prog: str, description: str, config: bool) -> argparse.ArgumentParser:
     from delrec.pipeline import STAGES, help_text
+    from delrec.pipeline.schema import DEMO_CONFIGS
 
     parser = CommandParser(prog=prog, description=description, epilog=help_text() if config else None,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,6 +27,10 @@ def _parser(prog: str, description: str, config: bool) -> argparse.ArgumentParse
     parser.add_argument("--out", metavar="RUN", default=None,
                         help="Run folder (default: the config's `out`, else runs/<config name>)." if config
                         else f"Run folder (default: {DEMO_OUT}).")
+    if not config:
+        parser.add_argument("--llm", default="tiny", choices=tuple(DEMO_CONFIGS),
+                            help="tiny: build a tiny LLM on the data (a few minutes); gemma-3-270m: the real pretrained "
+                            "Gemma 3 270M from the [gemma] extra (about 30 minutes on 2 CPU cores).")
     parser.add_argument("--only", metavar="STAGE", default=None,
                         help=f"Run this stage alone, even if unchanged (one of: {', '.join(STAGES)}).")
     parser.add_argument("--from", dest="start", metavar="STAGE", default=None,
@@ -50,7 +55,7 @@ def demo(argv, prog: str, description: str) -> int:
     from delrec.pipeline import builtin_demo_config, load_config
 
     args = _parser(prog, description, config=False).parse_args(list(argv))
-    with resources.as_file(builtin_demo_config()) as path:
+    with resources.as_file(builtin_demo_config(args.llm)) as path:
         config = load_config(path)
     return _run(config, args.out or config.run.out or DEMO_OUT, args, print_table=True)
 

@@ -40,7 +40,8 @@ class Layout:
         return self.run / "predictions" / f"{split}.jsonl"
 
     @property
-    def tiny_llm(self) -> Path:
+    def llm_model(self) -> Path:
+        """The llm stage's model folder: the tiny LLM it built, or the packaged model it imported."""
         return self.run / "llm" / "model"
 
     @property

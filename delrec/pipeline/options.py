@@ -84,7 +84,8 @@ class LLMOptions:
 
     model: str | None = field(
         default=None,
-        metadata={"help": "A hub id or local model folder used as it is (no building); default: build the tiny LLM."},
+        metadata={"help": "A hub id or local model folder used as it is; a packaged model's name (gemma-3-270m: "
+                  "`delrec llm import`) is imported into the run folder; default: build the tiny LLM."},
     )
 
 

@@ -360,8 +360,13 @@ def _latency_section(source: _Source, student_runs: dict[str, Section], teachers
     return section
 
 
-def builtin_demo_config():
-    """The packaged demo config (`delrec/configs/demo.yaml`; `configs/pipeline/demo.yaml` links to it)."""
+DEMO_CONFIGS = {"tiny": "demo.yaml", "gemma-3-270m": "demo-gemma-3-270m.yaml"}
+
+
+def builtin_demo_config(llm: str = "tiny"):
+    """The packaged demo config for `llm` (`delrec/configs/`; `configs/pipeline/demo*.yaml` link to them)."""
     from importlib import resources
 
-    return resources.files("delrec") / "configs" / "demo.yaml"
+    if llm not in DEMO_CONFIGS:
+        raise DelrecError(f"no built-in demo for LLM '{llm}'; expected one of: {', '.join(DEMO_CONFIGS)}")
+    return resources.files("delrec") / "configs" / DEMO_CONFIGS[llm]

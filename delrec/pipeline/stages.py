@@ -4,8 +4,9 @@
     sr           train the SR models (popularity, SASRec, ...)          delrec sr train
     predictions  one SR model's top-K for train/valid/test, with the    delrec sr predict --prefix_predictions
                  prefix predictions Temporal Analysis needs
-    llm          build and pre-train the tiny LLM, or take a hub id /   delrec llm build-tiny
-                 local model as it is
+    llm          build and pre-train the tiny LLM, import a packaged     delrec llm build-tiny /
+                 model (gemma-3-270m), or take a hub id / local model    delrec llm import
+                 as it is
     stage1       DELRec stage 1: the soft prompt (TA + RPS)             delrec llm distill-pattern
     stage2       DELRec stage 2: LoRA, one run per variant (stage1:     delrec llm finetune
                  the distilled soft prompt; none: the plain-template
@@ -45,9 +46,9 @@ class Context:
     layout: Layout
 
     def model_path(self) -> str:
-        """The LLM every LLM stage starts from: the configured one, or the tiny one built here."""
+        """The LLM every LLM stage starts from: the configured one, or the one built or imported here."""
         model = self.config.sections["llm"].get(LLMOptions).model
-        return model if model is not None else str(self.layout.tiny_llm)
+        return str(self.layout.llm_model) if model is None or _packaged(model) else model
 
     def model_config(self):
         from delrec.llm.loading import ModelConfig
@@ -132,14 +133,28 @@ def stage_llm(ctx: Context) -> dict:
     from delrec.llm.tiny import BUILD_INFO_FILE, TinyLLMConfig, build_tiny_llm
 
     model = ctx.config.sections["llm"].get(LLMOptions).model
+    folder = ctx.layout.llm_model
+    if model is not None and _packaged(model):
+        from delrec.llm.gguf_import import IMPORT_FILE, import_model
+
+        info = import_model(model, folder, overwrite=True)
+        return {"model": ctx.layout.relative(folder), "built": False, "imported": model, "import_info": IMPORT_FILE,
+                "sha256": info["sha256"], "parameters": info["parameters"]}
     if model is not None:
         return {"model": model, "built": False}
-    info = build_tiny_llm(ctx.layout.dataset, ctx.layout.tiny_llm, ctx.config.sections["llm"].get(TinyLLMConfig),
+    info = build_tiny_llm(ctx.layout.dataset, folder, ctx.config.sections["llm"].get(TinyLLMConfig),
                           overwrite=True, progress=False)
     keys = ("arch", "size", "parameters", "vocab_size", "hidden_size", "num_hidden_layers", "pretrain_steps",
             "first_loss", "final_loss", "seconds")
-    return {"model": ctx.layout.relative(ctx.layout.tiny_llm), "built": True, "build_info": BUILD_INFO_FILE,
+    return {"model": ctx.layout.relative(folder), "built": True, "build_info": BUILD_INFO_FILE,
             **{k: info[k] for k in keys if k in info}}
+
+
+def _packaged(model: str) -> bool:
+    """Whether `model` names a model shipped as registry packages, which the llm stage imports (not a path)."""
+    from delrec.llm.gguf_import import PACKAGED_MODELS
+
+    return model in PACKAGED_MODELS and not Path(model).exists()
 
 
 def _train_llm(train: Callable[[], Any], out: Path) -> None:

@@ -1,0 +1,500 @@
+"""DELRec with the real LLM on Last.fm (issue #13): does stage 2 learn, and does the distilled soft prompt help?
+
+    .venv/bin/python benchmarks/delrec_real.py                  # every variant, ~2 hours on 2 cores
+    .venv/bin/python benchmarks/delrec_real.py --variants popularity,sasrec,zero_shot
+    .venv/bin/python benchmarks/delrec_real.py --rows 480       # a bigger stage-2 budget (those variants re-run)
+
+Every step runs the shipped `delrec` commands and configs in a subprocess (log in the work folder),
+on LLaRA's Last.fm (../shared/data/lastfm: 122 test users, each with 20 fixed candidates) and the
+imported Gemma 3 270M (`--llm`; imported once into the work folder when absent). Variants, all
+ranked on the same 122 test candidate sets, nothing chosen on test:
+
+- `popularity`, `sasrec`: the SR baselines (configs/sr/sasrec.yaml), scored on the candidates;
+- `zero_shot`: the pretrained LLM with the plain template, no training;
+- `lora_plain`: stage 2 (configs/delrec/gemma-lastfm-finetune.yaml), no soft prompt, plain template;
+- `lora_random`: stage 2 with an untrained random soft prompt of the stage-1 length (lsr template);
+- `delrec`: stage 1 (configs/delrec/gemma-lastfm-distill.yaml, `--stage1-rows` per task) then stage 2
+  with its soft prompt (lsr template).
+
+The three LoRA variants share the data subsample (`--rows`, seeded), steps, seed, learning rate
+and objective (`--objective`; listwise by default: benchmarks/RESULTS.md, "Stage-2 objectives");
+each keeps the checkpoint with the best valid NDCG@5 (`--valid-users` valid users). Test is
+ranked once per variant by `delrec rank` with the score read-out (title log-likelihood, summed),
+and for the LLM variants also with the generate read-out (free generation matched to a
+candidate: HR@1, ValidRatio and LLaRA's conditional HR@1).
+
+Each variant writes benchmarks/results/delrec_real/<variant>/rankings.jsonl and metrics.json (the
+`delrec rank` formats; the SR baselines' rows carry their scores), plus generate/ for the LLM
+variants, and the summary benchmarks/results/delrec_real.json with two-standard-error verdicts
+(against chance, binomial; between variants, paired over the same users), a learning-curve
+plot (delrec_real/curves.png) and the `<!-- delrec_real -->` block of RESULTS.md. A variant whose
+finished folder has the same settings is reused, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from distill import log, machine, rel  # benchmarks/ is on sys.path when a benchmark runs as a script
+from results_section import write_section
+
+ROOT = Path(__file__).resolve().parents[1]
+LASTFM = ROOT.parent / "shared" / "data" / "lastfm"
+CONFIGS = ROOT / "configs"
+WORK = ROOT / "benchmarks" / "out" / "delrec_real"
+RESULTS = ROOT / "benchmarks" / "results" / "delrec_real"
+MARK_BEGIN, MARK_END = "<!-- delrec_real -->", "<!-- /delrec_real -->"
+SR_VARIANTS = ("popularity", "sasrec")
+LORA_VARIANTS = ("lora_plain", "delrec", "lora_random")
+VARIANTS = (*SR_VARIANTS, "zero_shot", *LORA_VARIANTS)
+LABELS = {"popularity": "Popularity", "sasrec": "SASRec", "zero_shot": "Gemma 3 270M zero-shot",
+          "lora_plain": "LoRA, no soft prompt", "lora_random": "LoRA + random soft prompt",
+          "delrec": "DELRec (stage-1 soft prompt + LoRA)"}
+# (variant, reference): the paired comparisons the issue asks about
+COMPARISONS = (("lora_plain", "zero_shot"), ("delrec", "lora_plain"), ("delrec", "lora_random"),
+               ("lora_random", "lora_plain"), ("delrec", "sasrec"), ("lora_plain", "sasrec"))
+NOISE_SE = 2.0
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, run in this order: {', '.join(VARIANTS)}")
+    p.add_argument("--llm", type=Path, default=None,
+                   help="the imported model folder (default: WORK/gemma, imported with `delrec llm import gemma-3-270m`)")
+    p.add_argument("--work", type=Path, default=WORK, help="work folder (kept: finished variants are reused)")
+    p.add_argument("--rows", type=int, default=240, help="stage-2 training instances (seeded subsample), every LoRA variant")
+    p.add_argument("--stage1-rows", dest="stage1_rows", type=int, default=128, help="stage-1 training instances per task")
+    p.add_argument("--objective", choices=("answer", "listwise"), default="listwise", help="stage-2 loss")
+    p.add_argument("--learning-rate", dest="learning_rate", type=float, default=None,
+                   help="stage-2 learning rate (default: the config's)")
+    p.add_argument("--batch", type=int, default=8, help="stage-2 training batch")
+    p.add_argument("--eval-steps", dest="eval_steps", type=int, default=15, help="steps between valid evaluations")
+    p.add_argument("--valid-users", dest="valid_users", type=int, default=60, help="valid users scored per evaluation")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-generate", dest="generate", action="store_false",
+                   help="skip the generate read-out of the LLM variants")
+    p.add_argument("--json", type=Path, default=RESULTS.parent / "delrec_real.json")
+    p.add_argument("--markdown", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    args = p.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown:
+        p.error(f"unknown variants {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    return args
+
+
+# ----------------------------------------------------------------------------- running commands
+
+
+def delrec(argv: list[str], logfile: Path, threads: int) -> float:
+    """Run `python -m delrec ARGV` in a subprocess (output appended to `logfile`); its wall time."""
+    import os
+
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    log("$ delrec " + " ".join(argv))
+    started = time.perf_counter()
+    with logfile.open("a", encoding="utf-8") as out:
+        out.write("$ delrec " + " ".join(argv) + "\n")
+        out.flush()
+        code = subprocess.run([sys.executable, "-m", "delrec", *argv], stdout=out, stderr=subprocess.STDOUT,
+                              cwd=ROOT, env=env).returncode
+    if code:
+        raise SystemExit(f"delrec {' '.join(argv[:2])} failed with exit code {code}; see {rel(logfile)}")
+    return time.perf_counter() - started
+
+
+class Step:
+    """A work folder reused when its settings.json equals this run's settings and `done_file` exists."""
+
+    def __init__(self, folder: Path, settings: dict, done_file: str = "metrics.json"):
+        self.folder, self.settings, self.done_file = folder, settings, done_file
+
+    def done(self) -> bool:
+        saved = self.folder / "settings.json"
+        return ((self.folder / self.done_file).is_file() and saved.is_file()
+                and json.loads(saved.read_text()) == self.settings)
+
+    def start(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def finish(self) -> None:
+        (self.folder / "settings.json").write_text(json.dumps(self.settings, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- the steps
+
+
+def ensure_llm(args) -> Path:
+    folder = args.llm or args.work / "gemma"
+    if not (folder / "config.json").is_file():
+        delrec(["llm", "import", "gemma-3-270m", "--out", str(folder)], args.work / "log.txt", args.threads)
+    return folder
+
+
+def ensure_data(args) -> Path:
+    folder = args.work / "data"
+    if not (folder / "meta.json").is_file():
+        if not LASTFM.is_dir():
+            raise SystemExit(f"Last.fm data not found at {LASTFM}")
+        delrec(["data", "prepare", "--format", "rows", "--input", str(LASTFM), "--out", str(folder)],
+               args.work / "log.txt", args.threads)
+    return folder
+
+
+def sr_model(args, data: Path, name: str) -> Path:
+    step = Step(args.work / f"{name}-model", {"seed": args.seed})
+    if not step.done():
+        step.start()
+        extra = (["--config", str(CONFIGS / "sr" / "sasrec.yaml"), "--num_threads", str(args.threads)]
+                 if name == "sasrec" else ["--model", "pop"])
+        delrec(["sr", "train", *extra, "--data", str(data), "--out", str(step.folder), "--seed", str(args.seed),
+                "--no_progress"], args.work / "log.txt", args.threads)
+        step.finish()
+    return step.folder
+
+
+def sr_variant(args, data: Path, name: str) -> dict:
+    """Rank each test candidate set by the SR model's scores (ties: lower candidate index first, as `delrec rank`)."""
+    import torch
+
+    from delrec.data.dataset import PreparedDataset
+    from delrec.io import atomic_write, write_json
+    from delrec.sr import load_model
+
+    folder = sr_model(args, data, name)
+    dataset = PreparedDataset.load(data)
+    model = load_model(folder)
+    model.eval()
+    instances, candidates = dataset.instances("test"), dataset.candidates("test")
+    rows = []
+    with torch.inference_mode():
+        for inst, cands in zip(instances, candidates):
+            history = torch.tensor([list(inst.history)[-model.context_length:]], dtype=torch.long)
+            scores = model.score_items(history, torch.tensor([cands], dtype=torch.long))[0].tolist()
+            order = sorted(range(len(cands)), key=lambda j: (-scores[j], j))
+            rows.append({"id": inst.id, "target": inst.target, "items": [cands[j] for j in order],
+                         "scores": [scores[j] for j in order]})
+    out = RESULTS / name
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "rankings.jsonl") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    metrics = {"protocol": "candidates", "test": candidate_metrics(rows), "instances": len(rows),
+               "tied_first_place": sum(len(r["scores"]) > 1 and r["scores"][0] == r["scores"][1] for r in rows),
+               "model": rel(folder), "sr_train_metrics": json.loads((folder / "metrics.json").read_text())
+               .get("candidates", {}).get("test")}
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def rank_variant(args, model: Path, data: Path, name: str, extra: list[str]) -> dict:
+    """`delrec rank` on test (score, and generate unless --no-generate) into RESULTS/<name>."""
+    out = RESULTS / name
+    readouts = ["score", "generate"] if args.generate else ["score"]
+    for readout in readouts:
+        target = out if readout == "score" else out / "generate"
+        work = args.work / name / f"rank-{readout}"
+        shutil.rmtree(work, ignore_errors=True)
+        delrec(["rank", "--model", str(model), "--data", str(data), "--split", "test", "--readout", readout,
+                "--dtype", "float32", "--device", "cpu", "--out", str(work), "--no_progress", *extra],
+               args.work / name / "log.txt", args.threads)
+        target.mkdir(parents=True, exist_ok=True)
+        for file in ("rankings.jsonl", "metrics.json"):
+            shutil.copyfile(work / file, target / file)
+    if not args.generate:
+        shutil.rmtree(out / "generate", ignore_errors=True)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def stage1(args, data: Path, llm: Path, sasrec: Path) -> Path:
+    for split in ("train", "valid"):
+        predictions = sasrec / f"{split}.jsonl"
+        if not predictions.is_file():
+            delrec(["sr", "predict", "--model", str(sasrec), "--data", str(data), "--split", split,
+                    "--prefix_predictions", "--out", str(predictions)], args.work / "log.txt", args.threads)
+    step = Step(args.work / "stage1", {"rows": args.stage1_rows, "seed": args.seed, "valid_users": args.valid_users})
+    if not step.done():
+        step.start()
+        delrec(["llm", "distill-pattern", "--config", str(CONFIGS / "delrec" / "gemma-lastfm-distill.yaml"),
+                "--data", str(data), "--train_predictions", str(sasrec / "train.jsonl"),
+                "--valid_predictions", str(sasrec / "valid.jsonl"), "--out", str(step.folder),
+                "--model_name_or_path", str(llm), "--max_train_instances", str(args.stage1_rows),
+                "--eval_max_instances", str(args.valid_users), "--seed", str(args.seed),
+                "--num_threads", str(args.threads), "--progress", "false"],
+               args.work / "stage1.log", args.threads)
+        step.finish()
+    return step.folder
+
+
+def stage2(args, data: Path, llm: Path, name: str, soft: list[str]) -> Path:
+    settings = {"rows": args.rows, "objective": args.objective, "learning_rate": args.learning_rate,
+                "batch": args.batch, "eval_steps": args.eval_steps, "valid_users": args.valid_users,
+                "seed": args.seed, "soft": soft, **({"stage1_rows": args.stage1_rows} if name == "delrec" else {})}
+    step = Step(args.work / name / "stage2", settings)
+    if not step.done():
+        step.start()
+        lr = ["--learning_rate", str(args.learning_rate)] if args.learning_rate else []
+        # test is ranked afterwards by `delrec rank` (it writes the rankings), so the stage scores one test user
+        delrec(["llm", "finetune", "--config", str(CONFIGS / "delrec" / "gemma-lastfm-finetune.yaml"),
+                "--data", str(data), "--model_name_or_path", str(llm), "--out", str(step.folder), *soft,
+                "--objective", args.objective, "--max_train_instances", str(args.rows),
+                "--per_device_train_batch_size", str(args.batch), "--eval_steps", str(args.eval_steps),
+                "--eval_max_instances", str(args.valid_users), "--test_max_instances", "1",
+                "--logging_steps", "5", "--seed", str(args.seed), "--num_threads", str(args.threads),
+                "--progress", "false", *lr], args.work / name / "log.txt", args.threads)
+        step.finish()
+    return step.folder
+
+
+def run_variant(args, name: str, data: Path) -> dict:
+    """Run (or reuse) one variant; its summary: test metrics, and what training logged."""
+    if name in SR_VARIANTS:
+        return {"metrics": sr_variant(args, data, name)}
+    llm = ensure_llm(args)
+    result_settings = {"rows": args.rows, "objective": args.objective, "learning_rate": args.learning_rate,
+                       "stage1_rows": args.stage1_rows, "seed": args.seed, "generate": args.generate,
+                       "valid_users": args.valid_users, "batch": args.batch, "eval_steps": args.eval_steps}
+    ranked = Step(RESULTS / name, result_settings if name != "zero_shot" else {"generate": args.generate})
+    summary: dict = {}
+    if name == "zero_shot":
+        model = llm
+        extra = ["--template", "plain", "--domain", "artist"]
+    else:
+        soft = {"lora_plain": ["--soft_prompt", "none", "--template", "plain"],
+                "lora_random": ["--soft_prompt", "random", "--soft_prompt_tokens", "20", "--template", "lsr"],
+                "delrec": ["--soft_prompt", "stage1", "--template", "lsr"]}[name]
+        if name == "delrec":
+            first = stage1(args, data, llm, sr_model(args, data, "sasrec"))
+            soft = [*soft, "--stage1", str(first)]
+            summary["stage1"] = stage1_summary(first)
+        model = stage2(args, data, llm, name, soft)
+        summary["stage2"] = stage2_summary(model)
+        extra = []
+    if not ranked.done():
+        rank_variant(args, model, data, name, extra)
+        ranked.finish()
+    summary["metrics"] = json.loads((RESULTS / name / "metrics.json").read_text())
+    generated = RESULTS / name / "generate" / "metrics.json"
+    if generated.is_file():
+        summary["generate"] = json.loads(generated.read_text())
+    return summary
+
+
+def stage1_summary(folder: Path) -> dict:
+    m = json.loads((folder / "metrics.json").read_text())
+    return {key: m.get(key) for key in ("valid", "valid_before_training", "global_step", "train_seconds")}
+
+
+def stage2_summary(folder: Path) -> dict:
+    m = json.loads((folder / "metrics.json").read_text())
+    return {"valid": m["valid"], "valid_before_training": m["valid_before_training"],
+            "global_step": m["global_step"], "train_seconds": m["train_seconds"], "curve": learning_curve(folder)}
+
+
+def learning_curve(folder: Path) -> dict:
+    """Training loss and valid NDCG@5 by step, from the last checkpoint's trainer_state.json."""
+    states = sorted((folder / "checkpoints").glob("checkpoint-*/trainer_state.json"),
+                    key=lambda p: int(p.parent.name.split("-")[1]))
+    if not states:
+        return {}
+    history = json.loads(states[-1].read_text())["log_history"]
+    return {"loss": [[h["step"], h["loss"]] for h in history if "loss" in h],
+            "valid_ndcg@5": [[h["step"], h["eval_ndcg@5"]] for h in history if "eval_ndcg@5" in h]}
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def positions(path: Path) -> dict[int, int]:
+    """Per instance id: the target's 0-based position in the ranked list (a miss = the list's length)."""
+    out = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        items = row.get("items") or []
+        out[row["id"]] = items.index(row["target"]) if row["target"] in items else max(len(items), 20)
+    return out
+
+
+def per_instance(position: int) -> dict[str, float]:
+    return {"hr@1": float(position == 0), "hr@5": float(position < 5),
+            "ndcg@5": 1 / math.log2(position + 2) if position < 5 else 0.0}
+
+
+def candidate_metrics(rows: list[dict]) -> dict[str, float]:
+    values = [per_instance(r["items"].index(r["target"])) for r in rows]
+    return {k: sum(v[k] for v in values) / len(values) for k in ("hr@1", "hr@5", "ndcg@5")}
+
+
+def chance(num_candidates: int) -> dict[str, float]:
+    return {"hr@1": 1 / num_candidates, "hr@5": min(5, num_candidates) / num_candidates,
+            "ndcg@5": sum(1 / math.log2(r + 2) for r in range(min(5, num_candidates))) / num_candidates}
+
+
+def against_chance(metrics: dict, base: dict, n: int) -> dict:
+    """HR@1 against chance: the binomial margin of NOISE_SE standard errors at the chance rate."""
+    margin = NOISE_SE * math.sqrt(base["hr@1"] * (1 - base["hr@1"]) / n)
+    return {"hr@1": metrics["hr@1"], "chance": base["hr@1"], "margin": margin,
+            "above": metrics["hr@1"] - base["hr@1"] > margin}
+
+
+def paired(a: dict[int, int], b: dict[int, int], key: str) -> dict:
+    """Mean per-instance difference a - b over the shared instances, and NOISE_SE standard errors of it."""
+    ids = sorted(set(a) & set(b))
+    diffs = [per_instance(a[i])[key] - per_instance(b[i])[key] for i in ids]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else float("inf")
+    margin = NOISE_SE * sd / math.sqrt(n)
+    verdict = "better" if mean > margin else "worse" if mean < -margin else "within noise"
+    return {"difference": mean, "margin": margin, "n": n, "verdict": verdict}
+
+
+def verdicts(report: dict, num_candidates: int) -> dict:
+    base = chance(num_candidates)
+    done = report["variants"]
+    pos = {name: positions(RESULTS / name / "rankings.jsonl") for name in done}
+    return {
+        "chance": base,
+        "against_chance": {name: against_chance(v["metrics"]["test"], base, v["metrics"]["instances"])
+                           for name, v in done.items()},
+        "paired": {f"{a} vs {b}": {key: paired(pos[a], pos[b], key) for key in ("hr@1", "ndcg@5")}
+                   for a, b in COMPARISONS if a in pos and b in pos},
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def plot_curves(report: dict, path: Path) -> Path | None:
+    curves = {name: v["stage2"]["curve"] for name, v in report["variants"].items() if v.get("stage2", {}).get("curve")}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, valid_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, curve in curves.items():
+        if curve["loss"]:
+            loss_ax.plot(*zip(*curve["loss"]), label=LABELS[name])
+        if curve["valid_ndcg@5"]:
+            valid_ax.plot(*zip(*curve["valid_ndcg@5"]), marker="o", label=LABELS[name])
+    if report["objective"] == "listwise":
+        loss_ax.axhline(math.log(report["num_candidates"]), color="grey", ls="--", label="ln C (uniform)")
+    valid_ax.axhline(report["verdicts"]["chance"]["ndcg@5"], color="grey", ls="--", label="chance")
+    loss_ax.set(title=f"stage-2 training loss ({report['objective']})", xlabel="step", ylabel="loss")
+    valid_ax.set(title=f"valid NDCG@5 ({report['settings']['valid_users']} users)", xlabel="step", ylabel="NDCG@5")
+    for ax in (loss_ax, valid_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def section(report: dict) -> str:
+    v, s = report["verdicts"], report["settings"]
+    lines = [
+        MARK_BEGIN,
+        "## DELRec with the real LLM on Last.fm (issue #13)",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Date: {report['finished']} (UTC). Machine: {report['machine']['nproc']} CPUs ({report['machine']['cpu_model']}), "
+        f"{s['threads']} torch threads, torch {report['machine']['torch']}.  ",
+        f"LLM: Gemma 3 270M (imported GGUF, float32). Stage 2: LoRA r 8 all-linear "
+        f"(configs/delrec/gemma-lastfm-finetune.yaml), {s['rows']} training rows (seeded), batch {s['batch']}, "
+        f"{s['objective']} objective, checkpoint chosen on valid NDCG@5 ({s['valid_users']} valid users, every "
+        f"{s['eval_steps']} steps); stage 1 (delrec only): {s['stage1_rows']} TA + {s['stage1_rows']} RPS rows "
+        "(configs/delrec/gemma-lastfm-distill.yaml). Test: 122 users, 20 fixed candidates, score read-out.",
+        "",
+        "| variant | HR@1 | HR@5 | NDCG@5 | HR@1 vs chance (2 SE) | generate HR@1 | ValidRatio | HR@1 given valid (LLaRA) |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for name, result in report["variants"].items():
+        t, c = result["metrics"]["test"], v["against_chance"][name]
+        g = (result.get("generate") or {}).get("test")
+        gen = (f"{g['hr@1']:.3f} | {g['valid_ratio']:.3f} | "
+               + ("–" if g.get("hr@1_given_valid") is None else f"{g['hr@1_given_valid']:.3f}")) if g else "– | – | –"
+        lines.append(f"| {LABELS[name]} | {t['hr@1']:.3f} | {t['hr@5']:.3f} | {t['ndcg@5']:.3f} | "
+                     f"{'above' if c['above'] else 'not above'} (margin {c['margin']:.3f}) | {gen} |")
+    base = v["chance"]
+    lines += ["", f"Chance: HR@1 {base['hr@1']:.3f}, HR@5 {base['hr@5']:.3f}, NDCG@5 {base['ndcg@5']:.3f}.", ""]
+    if v["paired"]:
+        lines += ["Paired differences over the same test users (difference ± two standard errors):", "",
+                  "| comparison | HR@1 | NDCG@5 |", "|---|---|---|"]
+        for pair, d in v["paired"].items():
+            a, b = pair.split(" vs ")
+            lines.append(f"| {LABELS[a]} vs {LABELS[b]} | " + " | ".join(
+                f"{d[k]['difference']:+.3f} ± {d[k]['margin']:.3f} ({d[k]['verdict']})" for k in ("hr@1", "ndcg@5"))
+                + " |")
+        lines.append("")
+    for name, result in report["variants"].items():
+        if "stage1" in result:
+            s1 = result["stage1"]
+            after, before = s1["valid"] or {}, s1["valid_before_training"] or {}
+            lines.append(f"Stage 1 ({LABELS[name]}), valid: RPS agreement {after.get('rps_agreement', float('nan')):.3f} "
+                         f"(before {before.get('rps_agreement', float('nan')):.3f}, chance "
+                         f"{after.get('rps_chance', float('nan')):.3f}), TA accuracy {after.get('ta_accuracy', float('nan')):.3f} "
+                         f"(before {before.get('ta_accuracy', float('nan')):.3f}, chance {after.get('ta_chance', float('nan')):.3f}); "
+                         f"{s1['global_step']} steps, {s1['train_seconds']:.0f} s.")
+        if "stage2" in result:
+            s2 = result["stage2"]
+            lines.append(f"Stage 2 ({LABELS[name]}), valid NDCG@5 {s2['valid_before_training']['ndcg@5']:.3f} before -> "
+                         f"{s2['valid']['ndcg@5']:.3f} at the chosen checkpoint; {s2['global_step']} steps, "
+                         f"{s2['train_seconds']:.0f} s.")
+    lines += ["", "Learning curves: `benchmarks/results/delrec_real/curves.png`. Wall time (s): "
+              + ", ".join(f"{k} {t:.0f}" for k, t in report["seconds"].items()) + ".", MARK_END]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    data = ensure_data(args)
+    from delrec.data.dataset import PreparedDataset
+
+    num_candidates = PreparedDataset.load(data).num_candidates
+    report = {"benchmark": "delrec_real", "command": "python benchmarks/delrec_real.py " + " ".join(argv or sys.argv[1:]),
+              "machine": machine(), "objective": args.objective, "num_candidates": num_candidates,
+              "settings": {k: getattr(args, k) for k in ("rows", "stage1_rows", "objective", "learning_rate", "batch",
+                                                          "eval_steps", "valid_users", "threads", "seed", "generate")},
+              "variants": {}, "seconds": {}}
+    previous = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    for name in VARIANTS:  # variants not run now keep their earlier summary, if their results are still there
+        if name not in args.variants and name in previous.get("variants", {}) and (RESULTS / name / "metrics.json").is_file():
+            report["variants"][name] = previous["variants"][name]
+            report["seconds"][name] = previous.get("seconds", {}).get(name, 0.0)
+    for name in args.variants:
+        started = time.perf_counter()
+        log(f"variant {name}")
+        report["variants"][name] = run_variant(args, name, data)
+        report["seconds"][name] = round(time.perf_counter() - started, 1)
+        report["variants"] = {k: report["variants"][k] for k in VARIANTS if k in report["variants"]}
+        report["verdicts"] = verdicts(report, num_candidates)
+        report["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
+        from delrec.io import write_json
+
+        write_json(args.json, report)
+        plot_curves(report, RESULTS / "curves.png")
+        write_section(args.markdown, section(report), MARK_BEGIN, MARK_END)
+        log(f"{name}: test {json.dumps(report['variants'][name]['metrics']['test'])}")
+    print(section(report))
+
+
+if __name__ == "__main__":
+    main()
