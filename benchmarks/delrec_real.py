@@ -14,9 +14,11 @@ ranked on the same 122 test candidate sets, nothing chosen on test:
 - `lora_plain`: stage 2 (configs/delrec/gemma-lastfm-finetune.yaml), no soft prompt, plain template;
 - `lora_random`: stage 2 with an untrained random soft prompt of the stage-1 length (lsr template);
 - `delrec`: stage 1 (configs/delrec/gemma-lastfm-distill.yaml, `--stage1-rows` per task) then stage 2
-  with its soft prompt (lsr template).
+  with its soft prompt (lsr template);
+- `lora_hybrid`: stage 2 with LLaRA's hybrid prompt, no soft prompt: each history item and candidate
+  shown as its title + one token, SASRec's item embedding through a trained projector (`--item_tokens`).
 
-The three LoRA variants share the data subsample (`--rows`, seeded), steps, seed, learning rate
+The LoRA variants share the data subsample (`--rows`, seeded), steps, seed, learning rate
 and objective (`--objective`; listwise by default: benchmarks/RESULTS.md, "Stage-2 objectives");
 each keeps the checkpoint with the best valid NDCG@5 (`--valid-users` valid users). Test is
 ranked once per variant by `delrec rank` with the score read-out (title log-likelihood, summed),
@@ -53,14 +55,15 @@ WORK = ROOT / "benchmarks" / "out" / "delrec_real"
 RESULTS = ROOT / "benchmarks" / "results" / "delrec_real"
 MARK_BEGIN, MARK_END = "<!-- delrec_real -->", "<!-- /delrec_real -->"
 SR_VARIANTS = ("popularity", "sasrec")
-LORA_VARIANTS = ("lora_plain", "delrec", "lora_random")
+LORA_VARIANTS = ("lora_plain", "delrec", "lora_random", "lora_hybrid")
 VARIANTS = (*SR_VARIANTS, "zero_shot", *LORA_VARIANTS)
 LABELS = {"popularity": "Popularity", "sasrec": "SASRec", "zero_shot": "Gemma 3 270M zero-shot",
           "lora_plain": "LoRA, no soft prompt", "lora_random": "LoRA + random soft prompt",
-          "delrec": "DELRec (stage-1 soft prompt + LoRA)"}
+          "delrec": "DELRec (stage-1 soft prompt + LoRA)", "lora_hybrid": "LoRA + hybrid item tokens (LLaRA)"}
 # (variant, reference): the paired comparisons the issue asks about
 COMPARISONS = (("lora_plain", "zero_shot"), ("delrec", "lora_plain"), ("delrec", "lora_random"),
-               ("lora_random", "lora_plain"), ("delrec", "sasrec"), ("lora_plain", "sasrec"))
+               ("lora_random", "lora_plain"), ("lora_hybrid", "lora_plain"), ("delrec", "sasrec"),
+               ("lora_hybrid", "sasrec"))
 NOISE_SE = 2.0
 
 
@@ -272,7 +275,10 @@ def run_variant(args, name: str, data: Path) -> dict:
     else:
         soft = {"lora_plain": ["--soft_prompt", "none", "--template", "plain"],
                 "lora_random": ["--soft_prompt", "random", "--soft_prompt_tokens", "20", "--template", "lsr"],
-                "delrec": ["--soft_prompt", "stage1", "--template", "lsr"]}[name]
+                "delrec": ["--soft_prompt", "stage1", "--template", "lsr"],
+                "lora_hybrid": ["--soft_prompt", "none", "--template", "plain"]}[name]
+        if name == "lora_hybrid":
+            soft = [*soft, "--item_tokens", str(sr_model(args, data, "sasrec"))]
         if name == "delrec":
             first = stage1(args, data, llm, sr_model(args, data, "sasrec"))
             soft = [*soft, "--stage1", str(first)]

@@ -12,6 +12,9 @@ placeholder text). `AutoModelForCausalLM` and vLLM load it with no delrec code, 
 prompt text needs no custom embedding code. Tied input/output embeddings (Qwen2) stay tied: the
 tie is never changed, so the soft rows are the LM head's rows for those tokens, as in training.
 
+A folder trained with hybrid item tokens (`delrec.llm.hybrid`) is refused: their embeddings come
+from the item projector, not from vocabulary rows, so no plain folder can hold them.
+
 The export checks itself: probe logits on a prompt holding the soft tokens are computed with the
 unmerged model before merging and with the saved folder reloaded by plain transformers after;
 a float32 export whose logits differ by more than `LOGIT_TOLERANCE` is refused.
@@ -131,6 +134,10 @@ def export_model(
 
     source, out = Path(source), Path(out)
     info = read_stage2(source)
+    if info.get("item_tokens"):
+        raise DelrecError(f"{source}: hybrid item tokens need the hf backend; their embeddings come from the item "
+                          "projector, not from vocabulary rows, so there is no plain folder to export: rank the "
+                          "stage-2 folder itself with `delrec rank --backend hf`")
     check_apart_from_inputs(out, {"stage-2": source}, "the export")
     if is_occupied(out) and not overwrite:
         raise DelrecError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")

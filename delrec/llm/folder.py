@@ -3,9 +3,10 @@
     delrec.json                  what the folder is: stage, base model, SR model, templates and their
                                  fingerprints, soft-prompt name and size, dataset fingerprint
     soft_prompt.safetensors      the soft-prompt rows (absent when trained without a soft prompt)
-    tokenizer files              the base tokenizer with the soft-prompt tokens added
+    tokenizer files              the base tokenizer with the soft-prompt tokens (and item tokens) added
     adapter_config.json,         stage 2 only: the LoRA adapter (no embedding rows: the soft rows
-    adapter_model.safetensors    are in soft_prompt.safetensors, everything else is the base's)
+    adapter_model.safetensors    are in soft_prompt.safetensors, everything else is the base's) and,
+                                 with item tokens, the item projector with its SR table
     metrics.json                 valid (and stage 2: test) metrics
 
 No full model copy: `load_delrec_model` rebuilds the model from the base it names, the soft rows
@@ -83,10 +84,12 @@ def read_info(folder: str | Path) -> dict[str, Any]:
 
 
 def load_delrec_model(folder: str | Path, device: str = "auto", dtype: str = "auto", base: str | None = None):
-    """Return `(model, tokenizer, info)`: the base model + soft-prompt rows (+ the stage-2 LoRA adapter), in eval mode.
+    """Return `(model, tokenizer, info)`: the base model + soft-prompt rows (+ the stage-2 LoRA adapter and item
+    projector), in eval mode.
 
     `base` overrides the base model recorded in delrec.json (e.g. the same model at another path).
     """
+    from delrec.llm import hybrid
     from delrec.llm.loading import ModelConfig, ensure_pad_token, load_model, load_tokenizer
     from delrec.llm.soft_prompt import SOFT_PROMPT_FILE, SoftPrompt
 
@@ -107,9 +110,14 @@ def load_delrec_model(folder: str | Path, device: str = "auto", dtype: str = "au
             raise DelrecError(f"{folder}: {INFO_FILE} names soft prompt '{soft['name']}' but {SOFT_PROMPT_FILE} "
                               "is missing")
         SoftPrompt.load(folder, model, tokenizer, num_tokens=soft["num_tokens"])
+    item_tokens = info.get("item_tokens")
+    if item_tokens:  # a placeholder projector of the recorded shape; the adapter holds the trained one
+        hybrid.load(model, tokenizer, item_tokens, folder)
     if (folder / ADAPTER_CONFIG).is_file():
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(folder))
+    if item_tokens:
+        hybrid.check_loaded(model, folder)
     model.eval()
     return model, tokenizer, info

@@ -26,6 +26,8 @@ What each task asks (docs/methods.md#delrec-stage-1-pattern-distillation), built
 - LSR (stage 2; template `lsr`, or `plain` for the no-soft-prompt ablation): the history and the
   candidates; the answer is the true next item. Valid/test use the dataset's FIXED candidate sets;
   train instances have none, so C candidates are drawn (the target + C-1 random non-history items).
+  With `item_tokens`, the prompt shows each history item and candidate as "title <|item_k|>"
+  (`delrec.llm.hybrid`); the completion and the `candidates` column stay plain titles.
 
 Randomness (candidate fill, order, subsampling) comes from generators seeded with (seed, task,
 split, instance id), so a build is the same on every machine and every process.
@@ -54,6 +56,7 @@ import numpy as np
 from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
 from delrec.io import read_json, replace_directory, staged_directory, write_json
+from delrec.llm.hybrid import item_text
 from delrec.llm.tokenization import encode_completion, encode_pair, encode_prompt
 from delrec.prompts import DEFAULT_SR_TOP, PromptTemplate, task_variables
 
@@ -79,6 +82,7 @@ class InstanceOptions:
     seed: int = 0
     max_length: int = 1024
     allow_truncation: bool = False
+    item_tokens: bool = False  # LSR: each history and candidate title followed by its item token (delrec.llm.hybrid)
 
 
 @dataclass
@@ -283,10 +287,15 @@ class _Builder:
                 rng, set(inst.history) | {inst.target}, self.num_candidates - 1)
             rng.shuffle(candidates)
         variables = task_variables(
-            self.template.task, [self.titles[i] for i in inst.history], self.titles[inst.target],
-            candidates=[self.titles[i] for i in candidates], **self._common(),
+            self.template.task, [self._shown(i) for i in inst.history], self.titles[inst.target],
+            candidates=[self._shown(i) for i in candidates], **self._common(),
         )
         return variables, candidates, inst.target
+
+    def _shown(self, item: int) -> str:
+        """How the prompt names an item: its title, with its item token when the option is on (the answer and
+        the scored candidates stay plain titles)."""
+        return item_text(self.titles[item], item) if self.options.item_tokens else self.titles[item]
 
     def _sample(self, rng, exclude: set[int], count: int) -> list[int]:
         """`count` distinct items outside `exclude`, drawn uniformly (fewer when the catalogue runs out)."""

@@ -7,6 +7,10 @@ config; a 4-bit base gives QLoRA) and trains on pre-tokenized LSR instances with
 the answer only. Evaluation ranks the FIXED valid candidates by log-likelihood (HR@1, HR@5,
 NDCG@5); the checkpoint with the best valid metric is loaded at the end and scored on test.
 
+With `item_tokens` (LLaRA's hybrid prompt, `delrec.llm.hybrid`), each history and candidate title is
+followed by an item token embedded by a projector of the SR model's item embeddings; the projector
+trains with LoRA and is saved in the adapter (PEFT `modules_to_save`).
+
 Saving: PEFT would write the whole resized embedding matrix (and LM head) into the adapter
 (`save_embedding_layers="auto"` sees the grown vocabulary); the adapter here holds the LoRA
 matrices only and the soft rows are written once, in `soft_prompt.safetensors`, beside it.
@@ -101,6 +105,14 @@ class FinetuneArguments:
         default="adamw_torch",
         metadata={"help": "Optimizer name of transformers' TrainingArguments (e.g. paged_adamw_8bit for QLoRA)."},
     )
+    item_tokens: str | None = field(
+        default=None,
+        metadata={"help": "An SR model folder whose item embeddings are projected into the LLM's input space as one "
+                  "token after each history and candidate title (LLaRA's hybrid prompt); default: titles only."},
+    )
+    item_projector_hidden: int = field(
+        default=256, metadata={"help": "item_tokens: hidden size of the projector MLP (SR dim -> this -> LLM dim)."}
+    )
     objective: Literal["answer", "listwise"] = field(
         default="answer",
         metadata={"help": "answer: LM loss on the answer title (DELRec/LLaRA); listwise: softmax cross-entropy over "
@@ -111,6 +123,8 @@ class FinetuneArguments:
     def __post_init__(self):
         if self.soft_prompt_tokens < 1:
             raise ValueError(f"soft_prompt_tokens must be at least 1, got {self.soft_prompt_tokens}")
+        if self.item_projector_hidden < 1:
+            raise ValueError(f"item_projector_hidden must be at least 1, got {self.item_projector_hidden}")
 
 
 class LoraTrainer(DelrecTrainer):
@@ -149,6 +163,7 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
     from peft import LoraConfig
 
     from delrec.data.dataset import PreparedDataset
+    from delrec.llm import hybrid
     from delrec.llm.folder import write_info
     from delrec.llm.instances import InstanceOptions, build_instances
     from delrec.predictions import display_name
@@ -161,6 +176,7 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
     out = Path(args.out)
     dataset = PreparedDataset.load(args.data)
     stage1 = _stage1_info(args, dataset, model_config)
+    item_table = hybrid.read_item_table(args.item_tokens, dataset) if args.item_tokens else None
     template = get_template(args.template or ("plain" if args.soft_prompt == "none" else "lsr"), args.prompts_dir)
     _check_template(template, args.soft_prompt)
     domain = args.domain or (stage1 or {}).get("domain", "item")
@@ -181,12 +197,17 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
         soft_file = out / SOFT_PROMPT_FILE
         if main_process():
             soft.save(out, model)  # the frozen rows, written once (the adapter does not hold them)
+    item_tokens = None
+    if item_table is not None:  # after the soft prompt: item tokens come after all of the tokenizer's tokens
+        first = hybrid.attach(model, tokenizer, item_table, args.item_projector_hidden, seed=settings.seed)
+        item_tokens = {"sr_model": local_or_hub(args.item_tokens), "num_items": item_table.shape[0],
+                       "sr_dim": item_table.shape[1], "hidden": args.item_projector_hidden, "first_token_id": first}
 
     def options(split: str, limit: int | None) -> InstanceOptions:
         return InstanceOptions(
             split=split, soft_prompt=soft.placeholder_text() if soft else None, sr_model=sr_display, domain=domain,
             num_candidates=args.num_candidates, max_instances=limit, seed=settings.seed,
-            max_length=args.max_length, allow_truncation=args.allow_truncation,
+            max_length=args.max_length, allow_truncation=args.allow_truncation, item_tokens=item_tokens is not None,
         )
 
     with PartialState().main_process_first():
@@ -213,6 +234,9 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
         peft_config=LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
             target_modules="all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules),
+            # PEFT trains the projector, saves it (SR table included) in every adapter file and reloads it with the
+            # best checkpoint and on resume
+            modules_to_save=[hybrid.PROJECTOR] if item_tokens else None,
         ),
         evaluator=evaluator("valid"),
         soft_prompt_file=soft_file,
@@ -256,6 +280,7 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
             "domain": domain,
             "dataset": {"path": local_or_hub(str(dataset.path)), "fingerprint": dataset.fingerprint},
             "lora": {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": lora.target_modules},
+            "item_tokens": item_tokens,
         })
     return StageResult({"out": str(out), **summary}, trainer)
 

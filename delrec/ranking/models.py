@@ -9,6 +9,7 @@ folder before it loads anything):
   needs no soft prompt (default `plain`).
 Template, domain and SR model name come from the folder's delrec.json, so ranking renders the
 prompt the model was trained on; `--template` / `--domain` override them (ablations, plain models).
+A stage-2 folder trained with item tokens (`item_tokens` in delrec.json) is prompted with them.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class ModelSpec:
     soft_prompt: str | None  # the placeholder text of the template's soft-prompt slot; None: no soft prompt
     trained_template_fingerprint: str | None = None  # as recorded at training time, when known
     trained_dataset_fingerprint: str | None = None  # the dataset stage 2 was trained on, when known
+    item_tokens: bool = False  # history and candidates shown as "title <|item_k|>" (delrec.llm.hybrid; hf only)
 
 
 def describe_model(path: str, template: str | None = None, domain: str | None = None) -> ModelSpec:
@@ -56,7 +58,7 @@ def describe_model(path: str, template: str | None = None, domain: str | None = 
     if folder.is_dir() and (folder / INFO_FILE).is_file():
         info = read_stage2(folder)
         return _spec(path, "stage2", prompt_settings(info), soft_prompt_text(info), template, domain,
-                     _dataset_fingerprint(info))
+                     _dataset_fingerprint(info), item_tokens=bool(info.get("item_tokens")))
     if folder.is_dir():
         problem = describe_non_model_folder(folder)
         if problem:
@@ -70,7 +72,7 @@ def _dataset_fingerprint(info: dict | None) -> str | None:
 
 def _spec(
     path: str, kind: str, settings: dict, soft: str | None, template: str | None, domain: str | None,
-    dataset_fingerprint: str | None,
+    dataset_fingerprint: str | None, item_tokens: bool = False,
 ) -> ModelSpec:
     trained_template = template in (None, settings["template"])
     return ModelSpec(
@@ -83,6 +85,7 @@ def _spec(
         # the recorded fingerprint says nothing about a template chosen instead of the trained one
         trained_template_fingerprint=settings["template_fingerprint"] if trained_template else None,
         trained_dataset_fingerprint=dataset_fingerprint,
+        item_tokens=item_tokens,
     )
 
 

@@ -5,7 +5,8 @@ same `task_variables`, the split's fixed candidate set in its stored order). Whe
 would exceed the model's context, history items are dropped from the OLDEST side until it fits
 (the most recent items carry the most signal for the next one), the rule of stage 2's
 `allow_truncation`, so a prompt stage 2 evaluated on is the prompt ranked here (a test checks
-it); the fewest items to drop are found by bisection, as serving renders many prompts. Each
+it); the fewest items to drop are found by bisection, as serving renders many prompts. A model
+trained with item tokens sees "title <|item_k|>" for history items and candidates, as in training. Each
 request records how many items it lost, and the run reports the count. Token counts use
 `delrec.llm.tokenization`, the one tokenization.
 """
@@ -17,6 +18,7 @@ from typing import Callable, Sequence
 
 from delrec.data.dataset import Instance, PreparedDataset
 from delrec.errors import DelrecError
+from delrec.llm.hybrid import item_text
 from delrec.llm.tokenization import encode_prompt
 from delrec.prompts import PromptTemplate, task_variables
 from delrec.ranking.models import ModelSpec
@@ -69,14 +71,18 @@ def requests_for(
     `answer_tokens(titles)` is how many tokens must fit after the prompt (the longest candidate for
     scoring, the generation budget for free generation); `split` only names the split in errors.
     """
+    def shown(item: int) -> str:
+        """How the prompt names an item (as stage 2 did); the scored `titles` stay plain."""
+        return item_text(titles[item], item) if spec.item_tokens else titles[item]
+
     requests = []
     for inst, candidates in zip(instances, candidate_sets):
         cand_titles = tuple(titles[i] for i in candidates)
 
         def render(dropped: int) -> str:
             values = task_variables(
-                template.task, [titles[i] for i in inst.history[dropped:]], titles[inst.target],
-                candidates=cand_titles, sr_model=spec.sr_model, soft_prompt=spec.soft_prompt,
+                template.task, [shown(i) for i in inst.history[dropped:]], titles[inst.target],
+                candidates=[shown(i) for i in candidates], sr_model=spec.sr_model, soft_prompt=spec.soft_prompt,
             )
             return template.render(values, spec.domain, with_completion=False).prompt
 

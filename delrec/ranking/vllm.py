@@ -3,7 +3,8 @@
 Prompts and titles are encoded with `delrec.llm.tokenization` (the tokenizer of the model
 folder) and handed to the engine as token ids, so vLLM sees exactly the ids the transformers
 backend and training see. A stage-2 folder (LoRA adapter + soft prompt) is refused: vLLM loads
-plain folders only, so it is merged first with `delrec export`.
+plain folders only, so it is merged first with `delrec export`; one trained with hybrid item tokens
+(`delrec.llm.hybrid`) cannot be merged and ranks with the hf backend only.
 
 Scoring and constrained decoding rest on one primitive, the log-probabilities of chosen next
 tokens: one engine request per (prompt + partial title), `max_tokens=1`, `logprob_token_ids` =
@@ -109,6 +110,9 @@ class Options:
 
 def open_backend(spec: ModelSpec, options: Options) -> "VLLMBackend":
     """Start a vLLM engine on the plain or exported folder of `spec`; stage-2 folders must be exported first."""
+    if spec.item_tokens:
+        raise DelrecError(f"{spec.path}: hybrid item tokens need the hf backend; their embeddings come from the item "
+                          "projector, which neither vLLM nor a merged export holds: use --backend hf")
     if spec.kind == "stage2":
         raise DelrecError(
             f"{spec.path} is a DELRec stage-2 folder (LoRA adapter + soft prompt), which vLLM cannot load; merge it "
