@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -47,6 +48,8 @@ from pathlib import Path
 
 from distill import log, machine, rel  # benchmarks/ is on sys.path when a benchmark runs as a script
 from results_section import write_section
+from delrec.metrics import instance_metrics, metrics_from_ranked_lists
+from delrec.report import NOISE_SE, above_chance
 
 ROOT = Path(__file__).resolve().parents[1]
 LASTFM = ROOT.parent / "shared" / "data" / "lastfm"
@@ -64,7 +67,6 @@ LABELS = {"popularity": "Popularity", "sasrec": "SASRec", "zero_shot": "Gemma 3 
 COMPARISONS = (("lora_plain", "zero_shot"), ("delrec", "lora_plain"), ("delrec", "lora_random"),
                ("lora_random", "lora_plain"), ("lora_hybrid", "lora_plain"), ("delrec", "sasrec"),
                ("lora_hybrid", "sasrec"))
-NOISE_SE = 2.0
 
 
 def parse_args(argv=None):
@@ -101,8 +103,6 @@ def parse_args(argv=None):
 
 def delrec(argv: list[str], logfile: Path, threads: int) -> float:
     """Run `python -m delrec ARGV` in a subprocess (output appended to `logfile`); its wall time."""
-    import os
-
     logfile.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     log("$ delrec " + " ".join(argv))
@@ -332,13 +332,14 @@ def positions(path: Path) -> dict[int, int]:
 
 
 def per_instance(position: int) -> dict[str, float]:
-    return {"hr@1": float(position == 0), "hr@5": float(position < 5),
-            "ndcg@5": 1 / math.log2(position + 2) if position < 5 else 0.0}
+    """HR@1, HR@5 and NDCG@5 of one instance whose target sits at 0-based `position` (delrec.metrics, no ties)."""
+    values = instance_metrics([position], [0], ks=(1, 5), metrics=("hr", "ndcg"))
+    return {key: float(values[key][0]) for key in ("hr@1", "hr@5", "ndcg@5")}
 
 
 def candidate_metrics(rows: list[dict]) -> dict[str, float]:
-    values = [per_instance(r["items"].index(r["target"])) for r in rows]
-    return {k: sum(v[k] for v in values) / len(values) for k in ("hr@1", "hr@5", "ndcg@5")}
+    values = metrics_from_ranked_lists([r["items"] for r in rows], [r["target"] for r in rows], ks=(1, 5))
+    return {key: values[key] for key in ("hr@1", "hr@5", "ndcg@5")}
 
 
 def chance(num_candidates: int) -> dict[str, float]:
@@ -347,10 +348,9 @@ def chance(num_candidates: int) -> dict[str, float]:
 
 
 def against_chance(metrics: dict, base: dict, n: int) -> dict:
-    """HR@1 against chance: the binomial margin of NOISE_SE standard errors at the chance rate."""
-    margin = NOISE_SE * math.sqrt(base["hr@1"] * (1 - base["hr@1"]) / n)
-    return {"hr@1": metrics["hr@1"], "chance": base["hr@1"], "margin": margin,
-            "above": metrics["hr@1"] - base["hr@1"] > margin}
+    """HR@1 against chance: the binomial margin of NOISE_SE standard errors at the chance rate (delrec.report)."""
+    above, margin = above_chance(metrics["hr@1"], base["hr@1"], n)
+    return {"hr@1": metrics["hr@1"], "chance": base["hr@1"], "margin": margin, "above": above}
 
 
 def paired(a: dict[int, int], b: dict[int, int], key: str) -> dict:

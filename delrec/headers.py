@@ -75,3 +75,14 @@ def check_split(data: dict[str, Any], path: str | Path, expected: str, what: str
     if data.get("split") != expected:
         tail = f"; {remedy}" if remedy else ""
         raise DelrecError(f"{path}: {what} for split {data.get('split')!r}, expected {expected!r}{tail}")
+
+
+# The SR model folder's config.json (delrec.sr.base writes it; delrec.llm.hybrid reads the item table beside it,
+# which the layering keeps from importing delrec.sr). The kind is the registered model_type, checked against the
+# model registry, so no kind field here.
+SR_MODEL_FORMAT_VERSION = 1
+SR_MODEL_CONFIG_FILE = "config.json"
+SR_MODEL_WEIGHTS_FILE = "model.safetensors"
+SR_MODEL_HEADER = Header("delrec SR model config", None, None, SR_MODEL_FORMAT_VERSION,
+                         "retrain the model with this version of delrec", version_label="SR model format version",
+                         fields={"num_items": FieldRule(positive_int, "a positive integer")})

@@ -20,8 +20,8 @@ Why this layout:
   adapter (best-checkpoint reload, resume). The input-embedding module itself keeps no trainable
   parameter, so the soft prompt's check that the embeddings stay frozen still holds.
 - Plain `nn.Parameter`s, not `nn.Linear`: LoRA's `all-linear` must not adapt the projector.
-- The SR table is read from the SR folder's files (`config.json`, `model.safetensors`), not
-  through `delrec.sr`: the LLM layer never imports the SR layer (docs/architecture.md).
+- The SR table is read from the SR folder's files (`config.json`, `model.safetensors`, header in
+  `delrec.headers`), not through `delrec.sr`: the LLM layer never imports the SR layer (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -34,16 +34,12 @@ import torch
 from torch import nn
 
 from delrec.errors import DelrecError
-from delrec.headers import FieldRule, Header, positive_int
+from delrec.headers import SR_MODEL_CONFIG_FILE as SR_CONFIG
+from delrec.headers import SR_MODEL_HEADER as SR_HEADER
+from delrec.headers import SR_MODEL_WEIGHTS_FILE as SR_WEIGHTS
 
 PROJECTOR = "item_projector"  # the causal LM's attribute, and PEFT's modules_to_save entry
-SR_CONFIG = "config.json"
-SR_WEIGHTS = "model.safetensors"
 SR_TABLE_KEY = "item_embedding.weight"  # [N + 1, d]: the SR model's one item-embedding module, pad row N last
-# The SR folder header as delrec.sr.base writes it (not imported: see the module docstring).
-SR_HEADER = Header("delrec SR model config", None, None, 1, "retrain the SR model with this version of delrec",
-                   version_label="SR model format version",
-                   fields={"num_items": FieldRule(positive_int, "a positive integer")})
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what PEFT's save_pretrained writes
 RMS_SAMPLE = 4096  # vocabulary rows whose embedding scale the projector's outputs start at
 

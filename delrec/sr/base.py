@@ -54,16 +54,12 @@ from torch import nn
 
 from delrec.config import dataclass_from_dict
 from delrec.errors import DelrecError
-from delrec.headers import FieldRule, Header, positive_int
+from delrec.headers import SR_MODEL_CONFIG_FILE as CONFIG_FILE
+from delrec.headers import SR_MODEL_FORMAT_VERSION as FORMAT_VERSION
+from delrec.headers import SR_MODEL_HEADER as HEADER
+from delrec.headers import SR_MODEL_WEIGHTS_FILE as WEIGHTS_FILE
 from delrec.io import atomic_write, read_json, safetensors_bytes
 
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-# The kind is the registered model_type (checked against the registry first), so no kind field here.
-HEADER = Header("delrec SR model config", None, None, FORMAT_VERSION,
-                "retrain the model with this version of delrec", version_label="SR model format version",
-                fields={"num_items": FieldRule(positive_int, "a positive integer")})
 RESERVED_KEYS = ("model_type", "format_version", "num_items", "dataset_fingerprint")
 
 MODELS: dict[str, type["SequentialRecommender"]] = {}
