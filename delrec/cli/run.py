@@ -30,7 +30,7 @@ def _parser(prog: str, description: str, config: bool) -> argparse.ArgumentParse
     if not config:
         parser.add_argument("--llm", default="tiny", choices=tuple(DEMO_CONFIGS),
                             help="tiny: build a tiny LLM on the data (a few minutes); gemma-3-270m: the real pretrained "
-                            "Gemma 3 270M from the [gemma] extra (about 30 minutes on 2 CPU cores).")
+                            "Gemma 3 270M from the [gemma] extra (sized for about 30 minutes on 2 CPU cores).")
     parser.add_argument("--only", metavar="STAGE", default=None,
                         help=f"Run this stage alone, even if unchanged (one of: {', '.join(STAGES)}).")
     parser.add_argument("--from", dest="start", metavar="STAGE", default=None,
