@@ -56,7 +56,6 @@ LASTFM = ROOT.parent / "shared" / "data" / "lastfm"
 CONFIGS = ROOT / "configs"
 WORK = ROOT / "benchmarks" / "out" / "delrec_real"
 RESULTS = ROOT / "benchmarks" / "results" / "delrec_real"
-MARK_BEGIN, MARK_END = "<!-- delrec_real -->", "<!-- /delrec_real -->"
 SR_VARIANTS = ("popularity", "sasrec")
 LORA_VARIANTS = ("lora_plain", "delrec", "lora_random", "lora_hybrid")
 VARIANTS = (*SR_VARIANTS, "zero_shot", *LORA_VARIANTS)
@@ -88,9 +87,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-generate", dest="generate", action="store_false",
                    help="skip the generate read-out of the LLM variants")
-    p.add_argument("--json", type=Path, default=RESULTS.parent / "delrec_real.json")
+    p.add_argument("--results", type=Path, default=RESULTS,
+                   help="results folder (one subfolder per variant); its name also names the JSON summary and the "
+                        "RESULTS.md block, so a run at another budget keeps the default run's results")
+    p.add_argument("--json", type=Path, default=None, help="summary (default: RESULTS_FOLDER.json beside it)")
     p.add_argument("--markdown", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = p.parse_args(argv)
+    args.json = args.json or args.results.parent / f"{args.results.name}.json"
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
@@ -167,6 +170,11 @@ def sr_model(args, data: Path, name: str) -> Path:
     return step.folder
 
 
+def marks(results: Path) -> tuple[str, str]:
+    """The RESULTS.md block a results folder owns: `<!-- delrec_real -->` for the default one."""
+    return f"<!-- {results.name} -->", f"<!-- /{results.name} -->"
+
+
 def sr_variant(args, data: Path, name: str) -> dict:
     """Rank each test candidate set by the SR model's scores (ties: lower candidate index first, as `delrec rank`)."""
     import torch
@@ -188,7 +196,7 @@ def sr_variant(args, data: Path, name: str) -> dict:
             order = sorted(range(len(cands)), key=lambda j: (-scores[j], j))
             rows.append({"id": inst.id, "target": inst.target, "items": [cands[j] for j in order],
                          "scores": [scores[j] for j in order]})
-    out = RESULTS / name
+    out = args.results / name
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / "rankings.jsonl") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in rows)
@@ -202,7 +210,7 @@ def sr_variant(args, data: Path, name: str) -> dict:
 
 def rank_variant(args, model: Path, data: Path, name: str, extra: list[str]) -> dict:
     """`delrec rank` on test (score, and generate unless --no-generate) into RESULTS/<name>."""
-    out = RESULTS / name
+    out = args.results / name
     readouts = ["score", "generate"] if args.generate else ["score"]
     for readout in readouts:
         target = out if readout == "score" else out / "generate"
@@ -267,7 +275,7 @@ def run_variant(args, name: str, data: Path) -> dict:
     result_settings = {"rows": args.rows, "objective": args.objective, "learning_rate": args.learning_rate,
                        "stage1_rows": args.stage1_rows, "seed": args.seed, "generate": args.generate,
                        "valid_users": args.valid_users, "batch": args.batch, "eval_steps": args.eval_steps}
-    ranked = Step(RESULTS / name, result_settings if name != "zero_shot" else {"generate": args.generate})
+    ranked = Step(args.results / name, result_settings if name != "zero_shot" else {"generate": args.generate})
     summary: dict = {}
     if name == "zero_shot":
         model = llm
@@ -289,8 +297,8 @@ def run_variant(args, name: str, data: Path) -> dict:
     if not ranked.done():
         rank_variant(args, model, data, name, extra)
         ranked.finish()
-    summary["metrics"] = json.loads((RESULTS / name / "metrics.json").read_text())
-    generated = RESULTS / name / "generate" / "metrics.json"
+    summary["metrics"] = json.loads((args.results / name / "metrics.json").read_text())
+    generated = args.results / name / "generate" / "metrics.json"
     if generated.is_file():
         summary["generate"] = json.loads(generated.read_text())
     return summary
@@ -365,10 +373,10 @@ def paired(a: dict[int, int], b: dict[int, int], key: str) -> dict:
     return {"difference": mean, "margin": margin, "n": n, "verdict": verdict}
 
 
-def verdicts(report: dict, num_candidates: int) -> dict:
+def verdicts(report: dict, num_candidates: int, results: Path) -> dict:
     base = chance(num_candidates)
     done = report["variants"]
-    pos = {name: positions(RESULTS / name / "rankings.jsonl") for name in done}
+    pos = {name: positions(results / name / "rankings.jsonl") for name in done}
     return {
         "chance": base,
         "against_chance": {name: against_chance(v["metrics"]["test"], base, v["metrics"]["instances"])
@@ -413,11 +421,12 @@ def plot_curves(report: dict, path: Path) -> Path | None:
     return path
 
 
-def section(report: dict) -> str:
+def section(report: dict, results: Path) -> str:
     v, s = report["verdicts"], report["settings"]
+    begin, end = marks(results)
     lines = [
-        MARK_BEGIN,
-        "## DELRec with the real LLM on Last.fm (issue #13)",
+        begin,
+        "## DELRec with the real LLM on Last.fm (issue #13)" + ("" if results == RESULTS else f": {s['rows']} stage-2 rows"),
         "",
         f"Command: `{report['command']}`  ",
         f"Date: {report['finished']} (UTC). Machine: {report['machine']['nproc']} CPUs ({report['machine']['cpu_model']}), "
@@ -463,8 +472,8 @@ def section(report: dict) -> str:
             lines.append(f"Stage 2 ({LABELS[name]}), valid NDCG@5 {s2['valid_before_training']['ndcg@5']:.3f} before -> "
                          f"{s2['valid']['ndcg@5']:.3f} at the chosen checkpoint; {s2['global_step']} steps, "
                          f"{s2['train_seconds']:.0f} s.")
-    lines += ["", "Learning curves: `benchmarks/results/delrec_real/curves.png`. Wall time (s): "
-              + ", ".join(f"{k} {t:.0f}" for k, t in report["seconds"].items()) + ".", MARK_END]
+    lines += ["", f"Learning curves: `{rel(results / 'curves.png')}`. Wall time (s): "
+              + ", ".join(f"{k} {t:.0f}" for k, t in report["seconds"].items()) + ".", end]
     return "\n".join(lines)
 
 
@@ -482,7 +491,7 @@ def main(argv=None) -> None:
               "variants": {}, "seconds": {}}
     previous = json.loads(args.json.read_text()) if args.json.is_file() else {}
     for name in VARIANTS:  # variants not run now keep their earlier summary, if their results are still there
-        if name not in args.variants and name in previous.get("variants", {}) and (RESULTS / name / "metrics.json").is_file():
+        if name not in args.variants and name in previous.get("variants", {}) and (args.results / name / "metrics.json").is_file():
             report["variants"][name] = previous["variants"][name]
             report["seconds"][name] = previous.get("seconds", {}).get(name, 0.0)
     for name in args.variants:
@@ -491,15 +500,15 @@ def main(argv=None) -> None:
         report["variants"][name] = run_variant(args, name, data)
         report["seconds"][name] = round(time.perf_counter() - started, 1)
         report["variants"] = {k: report["variants"][k] for k in VARIANTS if k in report["variants"]}
-        report["verdicts"] = verdicts(report, num_candidates)
+        report["verdicts"] = verdicts(report, num_candidates, args.results)
         report["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
         from delrec.io import write_json
 
         write_json(args.json, report)
-        plot_curves(report, RESULTS / "curves.png")
-        write_section(args.markdown, section(report), MARK_BEGIN, MARK_END)
+        plot_curves(report, args.results / "curves.png")
+        write_section(args.markdown, section(report, args.results), *marks(args.results))
         log(f"{name}: test {json.dumps(report['variants'][name]['metrics']['test'])}")
-    print(section(report))
+    print(section(report, args.results))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
 The LLM is `--llm` (default: Gemma 3 270M, imported once with `delrec llm import gemma-3-270m` into
 the work folder), run by the HF backend in `--dtype` (bfloat16: 2.6x float32's scoring speed on
 this CPU, benchmarks/RESULTS.md "real_llm"). It is the zero-shot pretrained model: a stage-2 or
-exported folder given as `--llm` is used the same way.
+exported folder given as `--llm` is used the same way. `--rank-llm DATASET=FOLDER` makes a fine-tuned
+folder the ranking teacher of one dataset (e.g. the stage-2 model of benchmarks/delrec_real.py on
+lastfm): it re-ranks with the template it was trained on, and the title embeddings stay `--llm`'s.
 
 Per dataset (`--datasets`), the data and the SR teacher and student settings of
 benchmarks/distill.py (teacher SASRec 64x2 CE; student SASRec 32x1, BCE with one negative, the
@@ -161,10 +163,13 @@ def run_dataset(name: str, args, llm: Path) -> dict:
             args, llm, dataset, work / "teacher-llm-emb-mean", mode="embeddings", embedding_layer=middle,
             embedding_pooling="mean")
         record["teachers"]["llm-emb-mean"]["layer"] = middle
-    log(f"{name}: LLM rerank of {args.rerank_instances} training instances")
+    ranker = args.rank_llm.get(name)
+    log(f"{name}: LLM rerank of {args.rerank_instances} training instances by {rel(ranker or llm)}")
     folders["llm-rank"], record["teachers"]["llm-rank"] = export(
-        args, llm, dataset, work / "teacher-llm-rank", mode="rerank", sr_model=str(work / "sasrec-model"),
-        sr_topm=SR_TOPM, num_random=NUM_RANDOM, template="teacher", max_instances=args.rerank_instances)
+        args, ranker or llm, dataset, work / "teacher-llm-rank", mode="rerank", sr_model=str(work / "sasrec-model"),
+        sr_topm=SR_TOPM, num_random=NUM_RANDOM, template=None if ranker else "teacher",
+        max_instances=args.rerank_instances)
+    record["teachers"]["llm-rank"]["model"] = rel(ranker) if ranker else "zero-shot (--llm), template teacher"
     log(f"  {record['teachers']['llm-rank']}")
 
     per_user = {}
@@ -320,7 +325,8 @@ def markdown_section(report: dict) -> str:
                   f"test users; students {record['budget']['student_epochs']} epochs). LLM embeddings of every title: "
                   f"{emb['seconds']} s; LLM rerank of {rank['rows']} instances: {rank['seconds']} s "
                   f"({rank['instances_per_second']} instances/s; target in the LLM's top-{TOPK}: "
-                  f"{rank['target_in_topk']:.1%}, among the re-ranked candidates {rank['target_in_candidates']:.1%}).",
+                  f"{rank['target_in_topk']:.1%}, among the re-ranked candidates {rank['target_in_candidates']:.1%}). "
+                  f"Ranking teacher: {rank.get('model', 'zero-shot (--llm), template teacher')}.",
                   "",
                   "| student | test HR@20 | test NDCG@20 | NDCG@20 gain | paired diff ± 2 SE | verdict | best epoch |",
                   "|---|---:|---:|---:|---:|---|---:|"]
@@ -388,20 +394,28 @@ def verdict(report: dict) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--datasets", default="lastfm,games")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--datasets", default="lastfm,games", help="comma-separated, from benchmarks/distill.py's datasets")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"students, comma-separated: {', '.join(VARIANTS)}")
     p.add_argument("--llm", type=Path, default=None, help="an LLM folder (default: Gemma 3 270M, imported once)")
-    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-    p.add_argument("--rerank-instances", dest="rerank_instances", type=int, default=600)
-    p.add_argument("--llm-batch", dest="llm_batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--rank-llm", dest="rank_llm", action="append", default=[], metavar="DATASET=FOLDER",
+                   help="a fine-tuned LLM folder (e.g. a stage-2 model) as DATASET's ranking teacher, with its own "
+                        "template; repeatable (default: --llm, zero-shot, template teacher)")
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"), help="the LLM's dtype")
+    p.add_argument("--rerank-instances", dest="rerank_instances", type=int, default=600,
+                   help="training instances (seeded subset) the LLM re-ranks as ranking teacher")
+    p.add_argument("--llm-batch", dest="llm_batch", type=int, default=16, help="titles / prompts per LLM forward")
+    p.add_argument("--lr", type=float, default=2e-3, help="learning rate of the SR teacher and the students")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--latency-dataset", dest="latency_dataset", default="games")
-    p.add_argument("--latency-users", dest="latency_users", type=int, default=1000)
-    p.add_argument("--llm-latency-users", dest="llm_latency_users", type=int, default=10)
-    p.add_argument("--no-latency", dest="latency", action="store_false")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--latency-dataset", dest="latency_dataset", default="games",
+                   help="the dataset whose test users are timed")
+    p.add_argument("--latency-users", dest="latency_users", type=int, default=1000, help="users the student ranks")
+    p.add_argument("--llm-latency-users", dest="llm_latency_users", type=int, default=10,
+                   help="the first of those users the LLM ranks (seconds each)")
+    p.add_argument("--no-latency", dest="latency", action="store_false",
+                   help="skip the latency comparison (with --keep-other-datasets the earlier one is kept)")
     p.add_argument("--keep-other-datasets", dest="keep_other_datasets", action="store_true",
                    help="keep the finished datasets of --json that this run does not redo")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "distill_real.json")
@@ -409,6 +423,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.dataset_names = [n for n in args.datasets.split(",") if n]
     args.variants = [v for v in args.variants.split(",") if v]
+    pairs = [entry.partition("=") for entry in args.rank_llm]
+    if any(not sep or not folder for _, sep, folder in pairs):
+        p.error("--rank-llm takes DATASET=FOLDER, e.g. --rank-llm lastfm=benchmarks/out/delrec_real/lora_hybrid/stage2")
+    args.rank_llm = {name: Path(folder) for name, _, folder in pairs}
+    bad_rankers = sorted(set(args.rank_llm) - set(args.dataset_names))
+    if bad_rankers:
+        p.error(f"--rank-llm names {', '.join(bad_rankers)}, which is not among --datasets")
     bad = [n for n in args.dataset_names if n not in distill.DATASETS] + [v for v in args.variants if v not in VARIANTS]
     if bad:
         p.error(f"unknown dataset or variant: {', '.join(bad)}")
@@ -429,6 +450,7 @@ def main(argv=None) -> int:
               "command": "python benchmarks/distill_real.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"), "machine": machine(),
               "settings": {"llm": rel(llm), "dtype": args.dtype, "rerank_instances": args.rerank_instances,
+                           "rank_llm": {n: rel(f) for n, f in args.rank_llm.items()},
                            "threads": args.threads, "seed": args.seed, "teacher_model": TEACHER,
                            "student_model": STUDENT, "variants": args.variants},
               "datasets": {}}
@@ -437,6 +459,8 @@ def main(argv=None) -> int:
         kept = {n: r for n, r in previous.get("datasets", {}).items() if n not in args.dataset_names}
         report["datasets"].update(kept)
         report["settings"]["kept_from_earlier_run"] = {n: previous.get("started") for n in kept}
+        if not args.latency and previous.get("latency"):
+            report["latency"] = previous["latency"]
     for name in args.dataset_names:
         report["datasets"][name] = run_dataset(name, args, llm)
         write_json(args.json, report)  # partial results survive an interruption

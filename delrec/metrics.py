@@ -46,6 +46,7 @@ import torch
 METRIC_NAMES = ("hr", "ndcg", "mrr")
 DEFAULT_KS = (1, 5, 10, 20)
 CANDIDATE_KS = (1, 5)
+CANDIDATE_KEYS = ("hr@1", "hr@5", "ndcg@5")  # the headline of candidate ranking, in every table
 
 
 def _check_ks(ks: Iterable[int]) -> tuple[int, ...]:

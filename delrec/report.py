@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from delrec.io import atomic_write, read_json, read_jsonl
+from delrec.metrics import CANDIDATE_KEYS
 from delrec.pipeline.layout import CONFIG_COPY, REPORT_FILE, RUN_FILE, STAGE_FILE, STAGES, TRAINER_LOG
 from delrec.predictions import display_name
 
 PLOTS_DIR = "report"
 TABLE_FILE = "table.md"
-CANDIDATE_KEYS = ("hr@1", "hr@5", "ndcg@5")
 METHOD_NAMES = {"dllm2rec": "DLLM2Rec", "rd": "RD", "rrd": "RRD"}
 VARIANT_NAMES = {"stage1": "LLM + distilled soft prompt (DELRec)", "none": "LLM, no soft prompt (plain prompt)",
                  "random": "LLM + random soft prompt"}

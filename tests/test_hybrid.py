@@ -334,6 +334,44 @@ def test_export_and_vllm_refuse_item_tokens_and_a_missing_projector_is_caught(tr
             load_delrec_model(damaged, device="cpu", dtype="float32")
 
 
+def test_a_hybrid_stage2_folder_reranks_as_a_teacher_with_its_item_tokens(trained, tiny_llm_data, tmp_path):
+    """A stage-2 model as DLLM2Rec's ranking teacher scores the prompts it trained on: titles and item tokens."""
+    import dataclasses
+
+    from delrec.distill import load_teacher
+    from delrec.distill.export import TeacherExportConfig, export_teacher, rerank_candidates, sampled_instances
+    from delrec.ranking.requests import requests_for
+
+    out, sr_folder, result = trained
+    dataset = PreparedDataset.load(tiny_llm_data)
+    config = TeacherExportConfig(model=str(out), data=str(tiny_llm_data), out=str(tmp_path / "teacher"), topk=3,
+                                 mode="rerank", sr_model=str(sr_folder), sr_topm=4, num_random=2, max_instances=3,
+                                 progress=False)
+    info = json.loads((export_teacher(config) / "teacher.json").read_text())
+    assert info["source"]["model"]["kind"] == "stage2" and info["source"]["model"]["template"] == "plain"
+    exported = load_teacher(config.out, dataset, min_topk=3)
+
+    instances = sampled_instances(dataset.instances("train"), 3, config.seed)
+    candidate_sets, _ = rerank_candidates(config, dataset, instances, "cpu")
+    spec = describe_model(str(out))
+    model, tokenizer = result.trainer.model, result.trainer.processing_class
+    scores = {}
+    for shown in (spec, dataclasses.replace(spec, item_tokens=False)):
+        requests = requests_for(instances, candidate_sets, dataset.titles, "train", shown, get_template("plain"),
+                                tokenizer, 512, lambda titles: 8)
+        with torch.no_grad():
+            scores[shown.item_tokens] = [s.logprob for s in score_candidates(
+                model, tokenizer, [r.prompt for r in requests], [list(r.titles) for r in requests])]
+    assert all("<|item_" in r.prompt for r in requests_for(instances, candidate_sets, dataset.titles, "train", spec,
+                                                           get_template("plain"), tokenizer, 512, lambda t: 8))
+    rows = exported.rows(torch.tensor([inst.id for inst in instances]))
+    for inst_scores, plain_scores, candidates, row in zip(scores[True], scores[False], candidate_sets, rows.tolist()):
+        best = sorted(range(len(candidates)), key=lambda j: -inst_scores[j])[:3]
+        assert exported.items[row].tolist() == [candidates[j] for j in best]
+        assert exported.scores[row].tolist() == pytest.approx([inst_scores[j] for j in best], abs=1e-4)
+        assert plain_scores != pytest.approx(inst_scores, abs=1e-4)  # the item tokens changed what it read
+
+
 @pytest.mark.slow  # about 40 s on 2 cores
 def test_stage2_with_item_tokens_under_ddp_matches_one_process(tiny_llm_data, tiny_llama, sasrec, tmp_path):
     """Two CPU processes (DDP over gloo) train the projector like one process accumulating two batches."""

@@ -35,7 +35,6 @@ from delrec.llm.listwise import ListwiseCollator, listwise_loss
 from delrec.llm.training import (
     CACHE_DIR,
     AnswerCollator,
-    CANDIDATE_KEYS,
     CHECKPOINTS_DIR,
     CandidateEvaluator,
     DelrecTrainer,
@@ -52,6 +51,7 @@ from delrec.llm.training import (
     start_processes,
     write_metrics,
 )
+from delrec.metrics import CANDIDATE_KEYS
 
 STAGE = "finetune"
 DEFAULT_LEARNING_RATE = 2e-4

@@ -41,13 +41,12 @@ from trl import SFTTrainer
 from delrec.errors import DelrecError
 from delrec.io import check_parents_are_folders, is_occupied, read_json, write_json
 from delrec.llm.folder import local_or_hub, model_fingerprint
-from delrec.metrics import RankingMetrics
+from delrec.metrics import CANDIDATE_KEYS, RankingMetrics
 
 CHECKPOINTS_DIR = "checkpoints"
 CACHE_DIR = "cache"
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
-CANDIDATE_KEYS = ("hr@1", "hr@5", "ndcg@5")
 # Options that may change when a run is resumed: they do not change what is learned per step.
 RUNTIME_OPTIONS = frozenset({
     "num_train_epochs", "max_steps", "logging_steps", "eval_steps", "save_total_limit", "eval_batch_size",

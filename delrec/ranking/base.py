@@ -39,11 +39,10 @@ from typing import Literal, Sequence
 from delrec.errors import DelrecError
 from delrec.io import atomic_write
 from delrec.llm.scoring import CandidateScores, count_duplicate_titles, normalize_title, rank_candidates
-from delrec.metrics import generation_metrics, metrics_from_ranked_lists
+from delrec.metrics import CANDIDATE_KEYS, generation_metrics, metrics_from_ranked_lists
 from delrec.ranking.requests import RankingRequest
 
 READOUTS = ("score", "constrained", "generate")
-CANDIDATE_KEYS = ("hr@1", "hr@5", "ndcg@5")
 TOP_K = 5  # the deepest cut-off reported: the summary keeps only this much of each ranking
 VLLM_INSTALL = (
     'install it with `pip install -e ".[vllm]"` on a GPU machine, '

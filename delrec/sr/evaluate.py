@@ -35,12 +35,11 @@ from tqdm.auto import tqdm
 from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
 from delrec.io import atomic_write, write_json
-from delrec.metrics import DEFAULT_KS, RankingMetrics, history_mask
+from delrec.metrics import CANDIDATE_KEYS, DEFAULT_KS, RankingMetrics, history_mask
 from delrec.predictions import PREDICTIONS_KIND, PREDICTIONS_VERSION, meta_path, prefix_length
 from delrec.sr.base import SequentialRecommender, pad_histories
 
 CANDIDATE_KS = (1, 5)
-CANDIDATE_KEYS = ("hr@1", "hr@5", "ndcg@5")
 EVAL_BATCH_SIZE = 1024
 EVALUATION_FILE = "evaluation.json"  # what `sr evaluate` writes: a training run's metrics.json is never replaced
 
