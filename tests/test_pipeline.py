@@ -17,7 +17,7 @@ from delrec.cli import main
 from delrec.pipeline import STAGE_FILE, STAGES, builtin_demo_config, load_config, plan
 from delrec.errors import DelrecError
 from delrec.pipeline.options import DataOptions, LatencyOptions, LLMOptions, Stage2Options
-from delrec.pipeline.plan import _digest, fingerprint_path
+from delrec.pipeline.plan import _digest, _outside_inputs, fingerprint_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,6 +197,25 @@ def test_an_interrupted_stage_resumes_and_keeps_its_finished_parts(run_copy, cap
     assert resumed["test"] == expected["test"] and resumed["epochs_run"] == expected["epochs_run"]
 
 
+def test_stage2_item_tokens_name_the_runs_sr_model_or_fingerprint_an_outside_folder(run_copy, tmp_path, capsys):
+    config, run = run_copy
+    hybrid = json.loads(json.dumps(CONFIG))
+    hybrid["stage2"]["item_tokens"] = "sr/sasrec"
+    path = write_config(tmp_path, hybrid, "hybrid.yaml")
+    assert _outside_inputs(load_config(path), "stage2") == {}  # stage sr's own: stage 2 reads it through stage 1
+    assert main(["run", str(path), "--out", str(run), "--only", "stage2"]) == 0
+    for variant in ("soft-prompt", "no-soft-prompt"):
+        recorded = json.loads((run / "stage2" / variant / "delrec.json").read_text())["item_tokens"]
+        assert Path(recorded["sr_model"]).resolve() == (run / "sr" / "sasrec").resolve()
+
+    outside = shutil.copytree(run / "sr" / "sasrec", tmp_path / "outside-sasrec")
+    hybrid["stage2"]["item_tokens"] = str(outside)
+    config = load_config(write_config(tmp_path, hybrid, "outside.yaml"))
+    before = _outside_inputs(config, "stage2")
+    (outside / "metrics.json").write_text("{}")  # a retrained outside SR model changes stage 2's hash
+    assert before["item_tokens"] != _outside_inputs(config, "stage2")["item_tokens"]
+
+
 @pytest.mark.parametrize("change, message", [
     ({"stage1": {"lerning_rate": 0.1}}, "section 'stage1': unknown key 'lerning_rate'; did you mean 'learning_rate'?"),
     ({"stag1": {}}, "unknown key 'stag1'; did you mean 'stage1'?"),
@@ -209,6 +228,8 @@ def test_an_interrupted_stage_resumes_and_keeps_its_finished_parts(run_copy, cap
      "section 'students.runs.x': teacher 'ghost' is not an entry of section 'teacher'"),
     ({"predictions": {"model": "pop"}}, "section 'predictions': model 'pop' is not a trainable model"),
     ({"stage2": {"variants": ["stage1", "bogus"]}}, "variants must list distinct values among stage1, none, random"),
+    ({"stage2": {"item_tokens": "sr/pop"}}, "section 'stage2': key 'item_tokens' is 'sr/pop', but item tokens need a "
+                                            "trained SR model's item embeddings; expected one of: sr/sasrec"),
 ])
 def test_bad_config_exits_2_with_one_line_naming_file_and_key(tmp_path, capsys, change, message):
     config = write_config(tmp_path, {"data": {"format": "synthetic"}, **change})

@@ -27,7 +27,7 @@ from delrec.errors import DelrecError
 from delrec.io import read_json
 from delrec.pipeline.layout import STAGE_FILE, STAGES, Layout
 from delrec.pipeline.options import DataOptions, LLMOptions
-from delrec.pipeline.schema import PipelineConfig
+from delrec.pipeline.schema import PipelineConfig, item_tokens_reference
 
 # the stages whose outputs each stage reads: it re-runs when one of them finished anew
 INPUTS: dict[str, tuple[str, ...]] = {
@@ -66,6 +66,11 @@ def _outside_inputs(config: PipelineConfig, stage: str) -> dict:
     if stage == "llm":
         model = config.sections["llm"].get(LLMOptions).model
         return {"model": fingerprint_path(model) if model and Path(model).exists() else model}
+    if stage == "stage2" and item_tokens_reference(config) is None:  # `sr/NAME` is stage sr's, which stage 2 reads
+        from delrec.llm.stage2 import FinetuneArguments
+
+        folder = config.sections["stage2"].get(FinetuneArguments).item_tokens
+        return {"item_tokens": fingerprint_path(folder)} if folder else {}
     return {}
 
 

@@ -176,6 +176,7 @@ def load_config(path: str | Path) -> PipelineConfig:
     sr_models = _sr_models(source)
     sections["predictions"] = _predictions_section(source, sr_models)
     sections.update(_llm_sections(source))
+    _check_item_tokens(sections["stage2"], source.where("stage2"), sr_models)
     sections["rank"], rank_backends = _rank_sections(source)
     teachers = _teachers(source, sr_models, sections["stage2"].get(Stage2Options).variants)
     sections["students"], student_runs = _students(source, teachers)
@@ -247,6 +248,29 @@ def _llm_sections(source: _Source) -> dict[str, Section]:
             source.where("stage2"), defaults=NO_PROGRESS,
             wired={"data": WIRED, "out": WIRED, "stage1": None, "soft_prompt": "stage1"}),
     }
+
+
+def item_tokens_reference(config: PipelineConfig) -> str | None:
+    """NAME when stage 2 shows items as the item tokens of the pipeline's SR model `sr/NAME` (resolved in the run
+    folder); None without item tokens or with an SR model folder outside the run (an outside input)."""
+    from delrec.llm.stage2 import FinetuneArguments
+
+    stage, _, name = str(config.sections["stage2"].get(FinetuneArguments).item_tokens).partition("/")
+    return name if stage == "sr" and name in config.sr_models else None
+
+
+def _check_item_tokens(section: Section, where: str, sr_models: dict[str, Section]) -> None:
+    from delrec.llm.stage2 import FinetuneArguments
+
+    value = section.get(FinetuneArguments).item_tokens
+    stage, _, name = str(value).partition("/")
+    if value is None or stage != "sr":
+        return
+    trainable = [n for n, e in sr_models.items() if sr_classes(e.get(SRModelOptions).model, "")[1].trainable]
+    if name not in trainable:
+        raise DelrecError(f"{where}: key 'item_tokens' is '{value}', but item tokens need a trained SR model's item "
+                          f"embeddings; expected one of: {', '.join(f'sr/{n}' for n in trainable) or 'none'}, "
+                          "or an SR model folder")
 
 
 def _rank_sections(source: _Source) -> tuple[Section, dict[str, Section]]:

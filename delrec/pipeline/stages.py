@@ -35,7 +35,7 @@ from delrec.pipeline.latency import add_teacher_latency, student_latency
 from delrec.pipeline.layout import REPORT_FILE, SPLITS, TRAINER_LOG, Layout
 from delrec.pipeline.options import (DataOptions, LatencyOptions, LLMOptions, PredictionsOptions, RankOptions,
                                      ReportOptions, SRModelOptions, Stage2Options, StudentsOptions)
-from delrec.pipeline.schema import PipelineConfig, sr_classes
+from delrec.pipeline.schema import PipelineConfig, item_tokens_reference, sr_classes
 
 
 @dataclass
@@ -192,6 +192,8 @@ def stage_stage2(ctx: Context) -> dict:
         args = dataclasses.replace(section.get(FinetuneArguments), data=str(ctx.layout.dataset), out=str(out),
                                    soft_prompt=variant,
                                    stage1=str(ctx.layout.stage1) if variant == "stage1" else None)
+        if item_tokens_reference(ctx.config):
+            args = dataclasses.replace(args, item_tokens=ctx.resolve(args.item_tokens))
         if not _done(out):
             _train_llm(lambda: finetune(args, ctx.model_config(), section.get(LoraSettings),
                                         section.get(TrainingSettings)), out)
