@@ -304,6 +304,24 @@ def run_variant(args, name: str, data: Path) -> dict:
     return summary
 
 
+def contains_metrics(rankings: Path, data: Path) -> dict:
+    """The generate read-out's saved texts matched by LLaRA's rule (`delrec rank --match contains`): a candidate
+    counts when its title appears anywhere in the text, so a numbered list item "1. X" names X."""
+    from delrec.data.dataset import PreparedDataset
+    from delrec.metrics import generation_metrics
+    from delrec.ranking import match_title
+
+    dataset = PreparedDataset.load(data)
+    candidates = {inst.id: cands for inst, cands in zip(dataset.instances("test"), dataset.candidates("test"))}
+    matched, targets = [], []
+    for line in rankings.read_text().splitlines():
+        row = json.loads(line)
+        hits = match_title(row["text"], [dataset.titles[i] for i in candidates[row["id"]]], "contains")
+        matched.append(candidates[row["id"]][hits[0]] if len(hits) == 1 else None)
+        targets.append(row["target"])
+    return generation_metrics(matched, targets)
+
+
 def stage1_summary(folder: Path) -> dict:
     m = json.loads((folder / "metrics.json").read_text())
     return {key: m.get(key) for key in ("valid", "valid_before_training", "global_step", "train_seconds")}
@@ -428,7 +446,7 @@ def section(report: dict, results: Path) -> str:
         begin,
         "## DELRec with the real LLM on Last.fm (issue #13)" + ("" if results == RESULTS else f": {s['rows']} stage-2 rows"),
         "",
-        f"Command: `{report['command']}`  ",
+        "Command: " + "; then ".join(f"`{c}`" for c in report.get("commands", [report["command"]])) + "  ",
         f"Date: {report['finished']} (UTC). Machine: {report['machine']['nproc']} CPUs ({report['machine']['cpu_model']}), "
         f"{s['threads']} torch threads, torch {report['machine']['torch']}.  ",
         f"LLM: Gemma 3 270M (imported GGUF, float32). Stage 2: LoRA r 8 all-linear "
@@ -437,18 +455,30 @@ def section(report: dict, results: Path) -> str:
         f"{s['eval_steps']} steps); stage 1 (delrec only): {s['stage1_rows']} TA + {s['stage1_rows']} RPS rows "
         "(configs/delrec/gemma-lastfm-distill.yaml). Test: 122 users, 20 fixed candidates, score read-out.",
         "",
-        "| variant | HR@1 | HR@5 | NDCG@5 | HR@1 vs chance (2 SE) | generate HR@1 | ValidRatio | HR@1 given valid (LLaRA) |",
-        "|---|---:|---:|---:|---|---:|---:|---:|",
+        "| variant | HR@1 | HR@5 | NDCG@5 | HR@1 vs chance (2 SE) |",
+        "|---|---:|---:|---:|---|",
     ]
     for name, result in report["variants"].items():
         t, c = result["metrics"]["test"], v["against_chance"][name]
-        g = (result.get("generate") or {}).get("test")
-        gen = (f"{g['hr@1']:.3f} | {g['valid_ratio']:.3f} | "
-               + ("–" if g.get("hr@1_given_valid") is None else f"{g['hr@1_given_valid']:.3f}")) if g else "– | – | –"
         lines.append(f"| {LABELS[name]} | {t['hr@1']:.3f} | {t['hr@5']:.3f} | {t['ndcg@5']:.3f} | "
-                     f"{'above' if c['above'] else 'not above'} (margin {c['margin']:.3f}) | {gen} |")
+                     f"{'above' if c['above'] else 'not above'} (margin {c['margin']:.3f}) |")
     base = v["chance"]
     lines += ["", f"Chance: HR@1 {base['hr@1']:.3f}, HR@5 {base['hr@5']:.3f}, NDCG@5 {base['ndcg@5']:.3f}.", ""]
+    generated = {name: r for name, r in report["variants"].items() if (r.get("generate") or {}).get("test")}
+    if generated:
+        lines += ["Generate read-out (greedy), the same test users: HR@1 (correct / all), ValidRatio (exactly one "
+                  "candidate named) and LLaRA's conditional HR@1 (correct / valid), with the first line matched to a "
+                  "title (`delrec rank --readout generate`) and with LLaRA's rule, a title anywhere in the text "
+                  "(`--match contains`, re-matched from the saved texts).", "",
+                  "| variant | HR@1, line | ValidRatio, line | HR@1 given valid, line | HR@1, contains | "
+                  "ValidRatio, contains | HR@1 given valid, contains |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, result in generated.items():
+            cells = []
+            for g in (result["generate"]["test"], result.get("generate_contains")):
+                cells += ["–"] * 3 if g is None else [f"{g['hr@1']:.3f}", f"{g['valid_ratio']:.3f}",
+                                                     "–" if g["hr@1_given_valid"] is None else f"{g['hr@1_given_valid']:.3f}"]
+            lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + " |")
+        lines.append("")
     if v["paired"]:
         lines += ["Paired differences over the same test users (difference ± two standard errors):", "",
                   "| comparison | HR@1 | NDCG@5 |", "|---|---|---|"]
@@ -494,10 +524,16 @@ def main(argv=None) -> None:
         if name not in args.variants and name in previous.get("variants", {}) and (args.results / name / "metrics.json").is_file():
             report["variants"][name] = previous["variants"][name]
             report["seconds"][name] = previous.get("seconds", {}).get(name, 0.0)
+    if report["variants"]:  # the commands that made the table, oldest first
+        report["commands"] = [*previous.get("commands", [previous.get("command")]), report["command"]]
     for name in args.variants:
         started = time.perf_counter()
         log(f"variant {name}")
         report["variants"][name] = run_variant(args, name, data)
+        for result_name, result in report["variants"].items():
+            generated = args.results / result_name / "generate" / "rankings.jsonl"
+            if generated.is_file():
+                result["generate_contains"] = contains_metrics(generated, data)
         report["seconds"][name] = round(time.perf_counter() - started, 1)
         report["variants"] = {k: report["variants"][k] for k in VARIANTS if k in report["variants"]}
         report["verdicts"] = verdicts(report, num_candidates, args.results)

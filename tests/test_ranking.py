@@ -18,7 +18,7 @@ from delrec.llm.scoring import count_duplicate_titles, rank_candidates, score_ca
 from delrec.llm.tokenization import encode_completion, encode_prompt
 from delrec.prompts import get_template, numbered
 from delrec.ranking import RankArguments, ReadoutConfig, rank
-from delrec.ranking.base import Backend, RunSummary, read_out
+from delrec.ranking.base import Backend, Ranked, RunSummary, read_out
 from delrec.ranking.hf import HFBackend
 from delrec.ranking.models import describe_model
 from delrec.ranking.requests import RankingRequest, build_requests
@@ -197,6 +197,30 @@ def test_generate_readout_matching_valid_ratio_and_hr1():
     assert metrics["metrics"] == {"hr@1": 1 / 6, "valid_ratio": 2 / 6, "hr@1_given_valid": 1 / 2}
     assert (metrics["empty_generations"], metrics["ambiguous_generations"]) == (2, 1)
     assert (metrics["title_collisions"], metrics["instances_with_collisions"]) == (1, 1)
+
+
+def test_generate_contains_match_is_llaras_rule_a_title_anywhere_in_the_text():
+    titles = ("Crimson Voyage", "Hollow Kingdom", "Silent Harbor")
+    cases = [  # (generated text, target index)
+        ("1. crimson   VOYAGE\n2.", 0),  # a numbered list item: named once, valid and correct
+        ("I would pick Silent Harbor next.", 0),  # a sentence: valid, wrong
+        ("Crimson Voyage\nHollow Kingdom", 0),  # two candidates named: invalid
+        ("Crimson", 0),  # a part of a title names nothing
+        ("", 1),
+    ]
+    requests = [RankingRequest(n, "prompt", tuple(range(10 * n, 10 * n + 3)), titles, 10 * n + target, 0)
+                for n, (_, target) in enumerate(cases)]
+    texts = [text for text, _ in cases]
+    contains = [r.row for r in read_out(CannedBackend(texts), requests,
+                                         ReadoutConfig(readout="generate", match="contains"), 8)]
+    assert [row["items"] for row in contains] == [[0], [12], [20, 21], [], []]
+    assert [row["matched"] for row in contains] == [True, True, False, False, False]
+    line = [r.row for r in read_out(CannedBackend(texts), requests, ReadoutConfig(readout="generate"), 8)]
+    assert [row["matched"] for row in line] == [False, False, True, False, False]  # "Crimson Voyage" line 1
+    summary = RunSummary(ReadoutConfig(readout="generate", match="contains"))
+    for request, row in zip(requests, contains):
+        summary.add(request, Ranked(row))
+    assert summary.metrics()["metrics"] == {"hr@1": 1 / 5, "valid_ratio": 2 / 5, "hr@1_given_valid": 1 / 2}
 
 
 def test_history_is_truncated_from_the_oldest_side_exactly_as_training_does(tiny_llama, tiny_llm_data, tmp_path):

@@ -71,6 +71,13 @@ class ReadoutConfig:
     max_new_tokens: int | None = field(
         default=None, metadata={"help": "generate: token budget (default: the longest candidate title + 8)."}
     )
+    match: Literal["line", "contains"] = field(
+        default="line",
+        metadata={"help": "generate: which candidate the text names. line: the title equals its first line; "
+                  "contains: the title appears anywhere in it (LLaRA's rule, which also counts a numbered list "
+                  "item or a sentence). Either way the output is valid only when exactly one candidate is named; "
+                  "case and spacing are ignored."},
+    )
 
     def __post_init__(self):
         if self.num_beams < 1:
@@ -173,7 +180,7 @@ def read_out(
     if config.readout == "generate":
         if max_new_tokens is None:
             raise ValueError("the generate read-out needs max_new_tokens")
-        return [_generate_row(r, t) for r, t in zip(requests, backend.generate(prompts, max_new_tokens))]
+        return [_generate_row(r, t, config.match) for r, t in zip(requests, backend.generate(prompts, max_new_tokens))]
     raise DelrecError(f"unknown read-out '{config.readout}'; expected one of {', '.join(READOUTS)}")
 
 
@@ -204,13 +211,19 @@ def _constrained_row(request: RankingRequest, found: list[tuple[int, float]]) ->
     ))
 
 
-def _generate_row(request: RankingRequest, text: str) -> Ranked:
-    hits = match_title(text, request.titles)
+def _generate_row(request: RankingRequest, text: str, match: str) -> Ranked:
+    hits = match_title(text, request.titles, match)
     return Ranked(_row(request, text=text, matched=len(hits) == 1, items=[request.candidates[j] for j in hits]))
 
 
-def match_title(text: str, titles: Sequence[str]) -> list[int]:
-    """Indices of the titles equal to the generation's first line after `normalize_title` (empty: none)."""
+def match_title(text: str, titles: Sequence[str], match: str = "line") -> list[int]:
+    """Indices of the titles a generation names after `normalize_title` (empty: none): those equal to its first
+    line (`line`), or those appearing anywhere in it (`contains`, LLaRA's rule)."""
+    if match == "contains":
+        generated = normalize_title(text)
+        return [j for j, title in enumerate(titles) if normalize_title(title) and normalize_title(title) in generated]
+    if match != "line":
+        raise DelrecError(f"unknown title match '{match}'; expected line or contains")
     lines = text.strip().splitlines()
     answer = normalize_title(lines[0]) if lines else ""
     return [j for j, title in enumerate(titles) if answer and normalize_title(title) == answer]

@@ -134,7 +134,7 @@ def rank(args: RankArguments, readout: ReadoutConfig, options=None) -> dict:
 
 def _readout_settings(readout: ReadoutConfig, max_new_tokens: int | None) -> dict:
     """The read-out options that shaped the result (the others do not apply to it)."""
-    relevant = {"score": ("length_normalized",), "constrained": ("num_beams",), "generate": ()}[readout.readout]
+    relevant = {"score": ("length_normalized",), "constrained": ("num_beams",), "generate": ("match",)}[readout.readout]
     settings = {"name": readout.readout, **{k: v for k, v in asdict(readout).items() if k in relevant}}
     if readout.readout == "generate":
         settings["max_new_tokens"] = max_new_tokens
