@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "out" / "distill_real"
 MARK_BEGIN, MARK_END = "<!-- distill_real -->", "<!-- /distill_real -->"
 TOPK, SR_TOPM, NUM_RANDOM, LATENCY_K = 10, 20, 10, 20
+ZERO_SHOT_RANKER = "zero-shot (--llm), template teacher"  # records without a `model` predate --rank-llm
 # variant -> (label, teachers, method, embedding distillation)
 VARIANTS = {
     "alone": ("student alone", [], "none", False),
@@ -169,7 +170,7 @@ def run_dataset(name: str, args, llm: Path) -> dict:
         args, ranker or llm, dataset, work / "teacher-llm-rank", mode="rerank", sr_model=str(work / "sasrec-model"),
         sr_topm=SR_TOPM, num_random=NUM_RANDOM, template=None if ranker else "teacher",
         max_instances=args.rerank_instances)
-    record["teachers"]["llm-rank"]["model"] = rel(ranker) if ranker else "zero-shot (--llm), template teacher"
+    record["teachers"]["llm-rank"]["model"] = rel(ranker) if ranker else ZERO_SHOT_RANKER
     log(f"  {record['teachers']['llm-rank']}")
 
     per_user = {}
@@ -326,7 +327,7 @@ def markdown_section(report: dict) -> str:
                   f"{emb['seconds']} s; LLM rerank of {rank['rows']} instances: {rank['seconds']} s "
                   f"({rank['instances_per_second']} instances/s; target in the LLM's top-{TOPK}: "
                   f"{rank['target_in_topk']:.1%}, among the re-ranked candidates {rank['target_in_candidates']:.1%}). "
-                  f"Ranking teacher: {rank.get('model', 'zero-shot (--llm), template teacher')}.",
+                  f"Ranking teacher: {rank.get('model', ZERO_SHOT_RANKER)}.",
                   "",
                   "| student | test HR@20 | test NDCG@20 | NDCG@20 gain | paired diff ± 2 SE | verdict | best epoch |",
                   "|---|---:|---:|---:|---:|---|---:|"]

@@ -220,8 +220,8 @@ def match_title(text: str, titles: Sequence[str], match: str = "line") -> list[i
     """Indices of the titles a generation names after `normalize_title` (empty: none): those equal to its first
     line (`line`), or those appearing anywhere in it (`contains`, LLaRA's rule)."""
     if match == "contains":
-        generated = normalize_title(text)
-        return [j for j, title in enumerate(titles) if normalize_title(title) and normalize_title(title) in generated]
+        generated, names = normalize_title(text), [normalize_title(title) for title in titles]
+        return [j for j, name in enumerate(names) if name and name in generated]
     if match != "line":
         raise DelrecError(f"unknown title match '{match}'; expected line or contains")
     lines = text.strip().splitlines()
