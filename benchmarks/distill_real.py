@@ -33,7 +33,8 @@ student (torch alone: one user per call, and all of them in one batch) and by th
 SR top-20 + 10 random items scored; grounding: BIGRec generate + L2 to every title embedding,
 the title embeddings computed beforehand) on the first `--llm-latency-users` of those users,
 per user. The LLM's cost is set against its FLOP floor (useful FLOPs / this machine's best GEMM
-rate, benchmarks/real_llm.py's model). Writes benchmarks/results/distill_real.json and the
+rate, benchmarks/real_llm.py's model). `--latency-only` re-times it alone, keeping every dataset's
+rows (it trains the SASRec teacher and a student alone first when the work folder lacks them). Writes benchmarks/results/distill_real.json and the
 `<!-- distill_real -->` block of benchmarks/RESULTS.md.
 """
 
@@ -126,10 +127,40 @@ def paired_gain(values: list[float], base: list[float]) -> dict:
     return {"mean_diff": round(mean, 6), "two_se": round(2 * se, 6), "verdict": verdict}
 
 
+def train_sr_teacher(name: str, dataset, args) -> dict:
+    """Train the SASRec teacher into WORK/NAME/sasrec-model; its run summary."""
+    from delrec.sr import SASRecConfig, train_sr
+
+    budget = distill.BUDGET[name]
+    started = time.perf_counter()
+    log(f"{name}: SASRec teacher, {budget['teacher_epochs']} epochs")
+    shutil.rmtree(WORK / name / "sasrec-model", ignore_errors=True)
+    teacher = train_sr(dataset, SASRecConfig(**TEACHER), train_config(args, budget["teacher_epochs"], budget["batch"],
+                                                                        "ce"), WORK / name / "sasrec-model")
+    return {"label": "teacher: SASRec 64x2, CE", **run_summary(teacher, started)}
+
+
+def train_variant(name: str, dataset, args, variant: str, teacher_folders: list[Path]) -> dict:
+    """Train one student variant into WORK/NAME/student-VARIANT; its run record."""
+    from delrec.distill.student import train_student
+    from delrec.sr import SASRecConfig
+
+    label, teachers, method, embedding = VARIANTS[variant]
+    budget = distill.BUDGET[name]
+    out = WORK / name / f"student-{variant}"
+    shutil.rmtree(out, ignore_errors=True)
+    log(f"{name}: student {label}")
+    started = time.perf_counter()
+    result = train_student(dataset, SASRecConfig(**STUDENT),
+                           train_config(args, budget["student_epochs"], budget["batch"], "bce"),
+                           teacher_folders, method, None, out, embedding_distillation=embedding)
+    log(f"  test NDCG@20 {result.metrics['test']['ndcg@20']:.4f} (best epoch {result.best_epoch})")
+    return {"label": label, "teachers": teachers, "method": method, "embedding_distillation": embedding,
+            **run_summary(result, started)}
+
+
 def run_dataset(name: str, args, llm: Path) -> dict:
     from delrec.distill.export import TeacherExportConfig, export_teacher
-    from delrec.distill.student import train_student
-    from delrec.sr import SASRecConfig, train_sr
 
     dataset, how = ensure_data(name)
     work = WORK / name
@@ -140,12 +171,7 @@ def run_dataset(name: str, args, llm: Path) -> dict:
               "budget": {**budget, "rerank_instances": args.rerank_instances}, "teachers": {}, "runs": {}}
     folders = {}
 
-    started = time.perf_counter()
-    log(f"{name}: SASRec teacher, {budget['teacher_epochs']} epochs")
-    shutil.rmtree(work / "sasrec-model", ignore_errors=True)
-    teacher = train_sr(dataset, SASRecConfig(**TEACHER), train_config(args, budget["teacher_epochs"], budget["batch"],
-                                                                        "ce"), work / "sasrec-model")
-    record["runs"]["sasrec-model"] = {"label": "teacher: SASRec 64x2, CE", **run_summary(teacher, started)}
+    record["runs"]["sasrec-model"] = train_sr_teacher(name, dataset, args)
     shutil.rmtree(work / "teacher-sasrec", ignore_errors=True)
     folders["sasrec"] = export_teacher(TeacherExportConfig(model=str(work / "sasrec-model"), data=str(dataset.path),
                                                            out=str(work / "teacher-sasrec"), topk=TOPK, mode="sr",
@@ -176,17 +202,8 @@ def run_dataset(name: str, args, llm: Path) -> dict:
     per_user = {}
     for variant in args.variants:
         label, teachers, method, embedding = VARIANTS[variant]
-        out = work / f"student-{variant}"
-        shutil.rmtree(out, ignore_errors=True)
-        log(f"{name}: student {label}")
-        started = time.perf_counter()
-        result = train_student(dataset, SASRecConfig(**STUDENT),
-                               train_config(args, budget["student_epochs"], budget["batch"], "bce"),
-                               [folders[t] for t in teachers], method, None, out, embedding_distillation=embedding)
-        record["runs"][variant] = {"label": label, "teachers": teachers, "method": method,
-                                   "embedding_distillation": embedding, **run_summary(result, started)}
-        per_user[variant] = per_user_ndcg(out, dataset)
-        log(f"  test NDCG@20 {result.metrics['test']['ndcg@20']:.4f} (best epoch {result.best_epoch})")
+        record["runs"][variant] = train_variant(name, dataset, args, variant, [folders[t] for t in teachers])
+        per_user[variant] = per_user_ndcg(work / f"student-{variant}", dataset)
     if "alone" in per_user:
         base = record["runs"]["alone"]["test"]["ndcg@20"]
         for variant in per_user:
@@ -283,8 +300,12 @@ def llm_latency(args, llm: Path, dataset, instances, work: Path) -> dict:
 def run_latency(name: str, args, llm: Path) -> dict:
     dataset, _ = ensure_data(name)
     work = WORK / name
-    student = next(work / f"student-{v}" for v in ("llm-both", "llm-emb", "alone")
-                   if (work / f"student-{v}" / "config.json").is_file())
+    if not (work / "sasrec-model" / "config.json").is_file():  # the rerank candidates come from it
+        train_sr_teacher(name, dataset, args)
+    students = [work / f"student-{v}" for v in ("llm-both", "llm-emb", "alone")]
+    if not any((s / "config.json").is_file() for s in students):  # every variant has the same architecture
+        train_variant(name, dataset, args, "alone", [])
+    student = next(s for s in students if (s / "config.json").is_file())
     instances = dataset.instances("test")[: args.latency_users]
     log(f"latency on {name}: student on {len(instances)} users, LLM on {args.llm_latency_users}")
     small = student_latency(student, instances)
@@ -305,15 +326,16 @@ def markdown_section(report: dict) -> str:
         MARK_BEGIN,
         "## The real LLM as teacher: Gemma 3 270M -> SASRec students (issue #14)",
         "",
-        f"Command: `{report['command']}`  ",
+        "Commands (in order; later runs redo their datasets and keep the others): "
+        + "; ".join(f"`{c}`" for c in report.get("commands", [report["command"]])) + "  ",
         f"Date: {report['finished']} (UTC); {report['wall_minutes']:.1f} min in all. Machine: {m['nproc']} CPUs, "
         f"{m['cpu_model']}; torch {m['torch']}; {report['settings']['threads']} torch thread(s); LLM in "
         f"{report['settings']['dtype']} (HF backend), zero-shot (`{report['settings']['llm']}`).",
         "",
         f"Teachers: LLM item embeddings = last-layer last-token state of every title; LLM ranking = rerank of the "
         f"SASRec teacher's top-{SR_TOPM} + {NUM_RANDOM} random items (template `teacher`), top-{TOPK}, on a seeded "
-        f"subset of {report['settings']['rerank_instances']} training instances (the others train on the student's "
-        f"own loss); SASRec teacher = SASRec 64x2 CE, top-{TOPK} over all items + item table, every instance. "
+        "subset of the training instances (how many: per dataset below; the others train on the student's "
+        "own loss); SASRec teacher = SASRec 64x2 CE, top-{TOPK} over all items + item table, every instance. "
         "Students: SASRec 32x1, BCE with one negative, same seed and epochs in every variant; best epoch on VALID "
         "NDCG@10; full ranking, history excluded. Verdict: paired per-user test NDCG@20 difference against the "
         "student alone, outside two standard errors or not.",
@@ -417,6 +439,9 @@ def parse_args(argv=None):
                    help="the first of those users the LLM ranks (seconds each)")
     p.add_argument("--no-latency", dest="latency", action="store_false",
                    help="skip the latency comparison (with --keep-other-datasets the earlier one is kept)")
+    p.add_argument("--latency-only", dest="latency_only", action="store_true",
+                   help="time the latency comparison alone and keep every dataset's rows of --json (it trains the "
+                        "SASRec teacher and a student first when the work folder lacks them)")
     p.add_argument("--keep-other-datasets", dest="keep_other_datasets", action="store_true",
                    help="keep the finished datasets of --json that this run does not redo")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "distill_real.json")
@@ -434,7 +459,11 @@ def parse_args(argv=None):
     bad = [n for n in args.dataset_names if n not in distill.DATASETS] + [v for v in args.variants if v not in VARIANTS]
     if bad:
         p.error(f"unknown dataset or variant: {', '.join(bad)}")
-    if args.latency and args.latency_dataset not in args.dataset_names:
+    if args.latency_only:
+        if not args.latency:
+            p.error("--latency-only and --no-latency contradict each other")
+        args.dataset_names, args.keep_other_datasets = [], True
+    elif args.latency and args.latency_dataset not in args.dataset_names:
         p.error(f"--latency-dataset {args.latency_dataset} is not among --datasets (or pass --no-latency)")
     return args
 
@@ -460,6 +489,7 @@ def main(argv=None) -> int:
         kept = {n: r for n, r in previous.get("datasets", {}).items() if n not in args.dataset_names}
         report["datasets"].update(kept)
         report["settings"]["kept_from_earlier_run"] = {n: previous.get("started") for n in kept}
+        report["commands"] = previous.get("commands", [previous["command"]]) + [report["command"]]
         if not args.latency and previous.get("latency"):
             report["latency"] = previous["latency"]
     for name in args.dataset_names:

@@ -139,18 +139,32 @@ def instance_metrics(
     return out
 
 
-def history_mask(
-    histories: Sequence[Sequence[int]], num_items: int, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """Bool [B, num_items] marking each row's history items, for `exclude` in full ranking."""
+def _history_index(histories: Sequence[Sequence[int]], num_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, item) LongTensors of every history item, ids checked against the catalogue."""
     lengths = [len(h) for h in histories]
     flat = np.fromiter(itertools.chain.from_iterable(histories), dtype=np.int64, count=sum(lengths))
     if flat.size and (flat.min() < 0 or flat.max() >= num_items):
         raise ValueError(f"history item ids must be in 0..{num_items - 1}, found {flat.min()}..{flat.max()}")
-    mask = torch.zeros(len(lengths), num_items, dtype=torch.bool, device=device)
     rows = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths, dtype=torch.long))
-    mask[rows.to(mask.device), torch.from_numpy(flat).to(mask.device)] = True
+    return rows, torch.from_numpy(flat)
+
+
+def history_mask(
+    histories: Sequence[Sequence[int]], num_items: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Bool [B, num_items] marking each row's history items, for `exclude` in full ranking."""
+    rows, items = _history_index(histories, num_items)
+    mask = torch.zeros(len(histories), num_items, dtype=torch.bool, device=device)
+    mask[rows.to(mask.device), items.to(mask.device)] = True
     return mask
+
+
+def exclude_history_(scores: torch.Tensor, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Set each row's history items to -inf in place (and return `scores`): the exclusion that a
+    top-K list needs, without building and applying a [B, N] mask."""
+    rows, items = _history_index(histories, scores.shape[-1])
+    scores[rows.to(scores.device), items.to(scores.device)] = float("-inf")
+    return scores
 
 
 class RankingMetrics:

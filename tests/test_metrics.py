@@ -7,6 +7,7 @@ import torch
 from delrec.metrics import (
     RankingMetrics,
     candidate_metrics,
+    exclude_history_,
     full_ranking_metrics,
     generation_metrics,
     history_mask,
@@ -172,6 +173,15 @@ def test_history_mask():
     mask = history_mask([[0, 2], [], [3, 3]], 4)
     assert mask.tolist() == [[True, False, True, False], [False] * 4, [False, False, False, True]]
     assert history_mask([], 3).shape == (0, 3)
+
+
+def test_exclude_history_in_place_equals_the_mask():
+    scores = torch.arange(12, dtype=torch.float).view(3, 4)
+    expected = scores.masked_fill(history_mask([[0, 2], [], [3, 3]], 4), float("-inf"))
+    assert exclude_history_(scores, [[0, 2], [], [3, 3]]) is scores
+    assert torch.equal(scores, expected) and scores[0].tolist() == [float("-inf"), 1.0, float("-inf"), 3.0]
+    with pytest.raises(ValueError, match=r"0\.\.3"):
+        exclude_history_(scores, [[4]])
 
 
 def test_accumulating_batches_equals_one_pass():

@@ -58,14 +58,18 @@ class Block(nn.Module):
         )
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """[B, T, d] -> [B, T, d]; with `last_only`, [B, 1, d]: the last position's output alone
+        (its query attends to every key; the other queries and their FFN rows are never computed)."""
         batch, length, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).split(d, dim=-1)
-        q, k, v = (t.view(batch, length, self.num_heads, d // self.num_heads).transpose(1, 2) for t in (q, k, v))
+        if last_only:
+            x, q = x[:, -1:], q[:, -1:]
+        q, k, v = (t.view(batch, -1, self.num_heads, d // self.num_heads).transpose(1, 2) for t in (q, k, v))
         attended = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )
-        x = x + self.drop(self.proj(attended.transpose(1, 2).reshape(batch, length, d)))
+        x = x + self.drop(self.proj(attended.transpose(1, 2).reshape(batch, -1, d)))
         return x + self.drop(self.ffn(self.norm2(x)))
 
 
@@ -85,19 +89,40 @@ class SASRec(SequentialRecommender):
         self.scale = math.sqrt(d)
         self._init_weights()
 
-    def sequence_states(self, seqs: torch.Tensor) -> torch.Tensor:
-        batch, length = seqs.shape
-        if length > self.config.max_length:
-            raise ValueError(f"SASRec reads at most {self.config.max_length} items, got sequences of {length}")
+    def _embed(self, seqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block input [B, T, d], real-item mask [B, T])."""
+        if seqs.shape[1] > self.config.max_length:
+            raise ValueError(f"SASRec reads at most {self.config.max_length} items, got sequences of {seqs.shape[1]}")
         real = seqs != self.pad_id
         positions = (real.cumsum(1) - 1).clamp(min=0)
         x = self.embed_items(seqs) * self.scale + self.position_embedding(positions)
-        x = self.embedding_dropout(x)
-        # Query t attends to real keys <= t, and always to itself (so pad rows never see an
-        # all-masked row, which would give NaN); pads never influence real positions.
-        causal = torch.ones(length, length, dtype=torch.bool, device=seqs.device).tril()
-        eye = torch.eye(length, dtype=torch.bool, device=seqs.device)
-        attn_mask = ((causal & real[:, None, :]) | eye)[:, None]  # [B, 1, T, T]
+        return self.embedding_dropout(x), real
+
+    @staticmethod
+    def _causal_mask(real: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T, T]: query t attends to real keys <= t, and always to itself (so pad rows never
+        see an all-masked row, which would give NaN); pads never influence real positions."""
+        length = real.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=real.device).tril()
+        eye = torch.eye(length, dtype=torch.bool, device=real.device)
+        return ((causal & real[:, None, :]) | eye)[:, None]
+
+    def sequence_states(self, seqs: torch.Tensor) -> torch.Tensor:
+        x, real = self._embed(seqs)
+        attn_mask = self._causal_mask(real)
         for block in self.blocks:
             x = block(x, attn_mask)
         return self.final_norm(x)
+
+    def encode(self, histories: torch.Tensor) -> torch.Tensor:
+        """The last state alone: the last block computes one query row per history (its FFN and
+        projection run on 1 row instead of T), which is most of the cost of serving one user."""
+        x, real = self._embed(histories[:, -self.context_length:])
+        *earlier, last = self.blocks
+        if earlier:
+            attn_mask = self._causal_mask(real)
+            for block in earlier:
+                x = block(x, attn_mask)
+        last_query = real.clone()
+        last_query[:, -1] = True  # an all-pad (empty) history attends to its own position, as above
+        return self.final_norm(last(x, last_query[:, None, None, :], last_only=True))[:, -1]
