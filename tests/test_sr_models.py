@@ -34,6 +34,8 @@ TINY = {
     "caser": CaserConfig(hidden_size=16, window=3, num_horizontal=4, num_vertical=2, dropout=0.1, max_length=12),
 }
 CASER_2_TO_L = CaserConfig(hidden_size=16, window=4, min_height=2, num_horizontal=4, num_vertical=2, max_length=12)
+SASREC_1_BLOCK = SASRecConfig(hidden_size=16, num_layers=1, num_heads=2, inner_size=32, dropout=0.1, max_length=12)
+OTHER_SHAPES = {"caser 2..L": CASER_2_TO_L, "sasrec 1 block": SASREC_1_BLOCK}  # encode's other code paths
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +70,11 @@ def test_interface_shapes_and_consistency(name):
     torch.testing.assert_close(encoded, states[:, -1])
 
 
-@pytest.mark.parametrize("name", [*TINY, "caser 2..L"])
+@pytest.mark.parametrize("name", [*TINY, *OTHER_SHAPES])
 def test_states_are_causal_and_independent_of_padding(name):
     """State at position t of a padded batch = encode of the prefix ending at t, alone."""
     torch.manual_seed(0)
-    model = build_model(TINY.get(name, CASER_2_TO_L), NUM_ITEMS).eval()
+    model = build_model(TINY.get(name) or OTHER_SHAPES[name], NUM_ITEMS).eval()
     histories = random_histories(torch.Generator().manual_seed(2))
     seqs = pad_histories(histories, model.pad_id, min_length=11)  # extra left padding
     with torch.no_grad():
@@ -82,6 +84,19 @@ def test_states_are_causal_and_independent_of_padding(name):
                 alone = model.encode(pad_histories([history[:t]], model.pad_id))
                 column = seqs.shape[1] - len(history) + t - 1
                 torch.testing.assert_close(states[row, column], alone[0], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("config", [TINY["sasrec"], SASREC_1_BLOCK], ids=["2 blocks", "1 block"])
+def test_sasrec_encode_computes_the_last_row_of_the_full_states(config):
+    """`encode` runs the last block on the last query only; it must equal the full pass, pads and
+    an empty (all-pad) history included."""
+    torch.manual_seed(0)
+    model = build_model(config, NUM_ITEMS).eval()
+    seqs = pad_histories([[3, 7, 1], [], [5]], model.pad_id, min_length=4)
+    with torch.no_grad():
+        encoded, states = model.encode(seqs), model.sequence_states(seqs)
+    assert torch.isfinite(encoded).all()
+    torch.testing.assert_close(encoded, states[:, -1])
 
 
 @pytest.mark.parametrize("name", list(TINY))
