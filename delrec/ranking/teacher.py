@@ -103,6 +103,17 @@ def rerank(config, dataset, instances, candidate_sets, spec, template, backend, 
 
 
 @torch.inference_mode()
+def _decoder(model):
+    """The model without its LM head where it has one to give (states need no logits), else the model.
+
+    Not just saving the head's FLOPs: with transformers' `logits_to_keep=1` the head reads a strided slice
+    of the states, and for one bfloat16 model (a Gemma 3 stage-2 folder, torch 2.13 CPU) that linear took
+    16 s per batch of 16 titles instead of 0.04 s."""
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    return decoder if isinstance(decoder, torch.nn.Module) else model
+
+
 def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int, progress: bool = False,
                 desc: str = "embed", layer: int = -1, pooling: str = "last") -> torch.Tensor:
     """[len(texts), d] float32 on CPU: hidden layer `layer`'s state at each text's last token (`last`), or
@@ -112,6 +123,7 @@ def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int, progres
     empty text is the EOS token. Texts of similar length share a right-padded batch."""
 
     device = model.get_input_embeddings().weight.device
+    body = _decoder(model)
     ids = [encode_prompt(tokenizer, text) or [tokenizer.eos_token_id] for text in texts]
     bos = tokenizer.bos_token_id
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -126,8 +138,7 @@ def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int, progres
                 batch[row, : len(ids[i])] = torch.tensor(ids[i])
                 mask[row, : len(ids[i])] = 1
             batch, mask = batch.to(device), mask.to(device)
-            out = model(input_ids=batch, attention_mask=mask, output_hidden_states=True, use_cache=False,
-                        logits_to_keep=1)
+            out = body(input_ids=batch, attention_mask=mask, output_hidden_states=True, use_cache=False)
             states = out.hidden_states[layer].float()
             if pooling == "mean":
                 keep = mask.bool() & (batch != bos) if bos is not None else mask.bool()
