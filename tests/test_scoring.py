@@ -88,6 +88,15 @@ def test_chunked_head_is_used_when_exact_and_transformed_logits_fall_back(tiny_l
     assert any(abs(a - b) > 1e-2 for x, y in zip(capped, reference) for a, b in zip(x.logprob, y.logprob))
 
 
+def test_chunked_head_is_used_in_bfloat16_too(tiny_llm):
+    """16-bit rounding differs between the two paths; it must not send the model to the slow fallback."""
+    model, tokenizer = load_tiny(tiny_llm)
+    model = model.to(torch.bfloat16)
+    assert LogProbHead.of(model).plain
+    fast = score_candidates(model, tokenizer, PROMPTS, CANDIDATES, batch_size=2)
+    assert_same(fast, score_candidates_naive(model, tokenizer, PROMPTS, CANDIDATES), tol=0.1)
+
+
 def test_batch_size_does_not_change_the_numbers(tiny_llm):
     model, tokenizer = load_tiny(tiny_llm)
     one = score_candidates(model, tokenizer, PROMPTS, CANDIDATES, batch_size=1)
