@@ -333,9 +333,10 @@ def markdown_section(report: dict) -> str:
         f"{report['settings']['dtype']} (HF backend), zero-shot (`{report['settings']['llm']}`).",
         "",
         f"Teachers: LLM item embeddings = last-layer last-token state of every title; LLM ranking = rerank of the "
-        f"SASRec teacher's top-{SR_TOPM} + {NUM_RANDOM} random items (template `teacher`), top-{TOPK}, on a seeded "
-        "subset of the training instances (how many: per dataset below; the others train on the student's "
-        "own loss); SASRec teacher = SASRec 64x2 CE, top-{TOPK} over all items + item table, every instance. "
+        f"SASRec teacher's top-{SR_TOPM} + {NUM_RANDOM} random items (by the model and template each dataset's "
+        f"'Ranking teacher' names), top-{TOPK}, on a seeded subset of the training instances (how many: per "
+        f"dataset below; the others train on the student's own loss); SASRec teacher = SASRec 64x2 CE, top-{TOPK} "
+        "over all items + item table, every instance. "
         "Students: SASRec 32x1, BCE with one negative, same seed and epochs in every variant; best epoch on VALID "
         "NDCG@10; full ranking, history excluded. Verdict: paired per-user test NDCG@20 difference against the "
         "student alone, outside two standard errors or not.",
