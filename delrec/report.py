@@ -516,7 +516,7 @@ def write_report(run: str | Path, full_k: int = 20) -> list[Path]:
         f"({platform.machine()}, {torch.get_num_threads()} torch thread(s), "
         f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU only'}).",
         "",
-        "The loop: prepare data -> train SR models -> their predictions -> (tiny) LLM -> DELRec stage 1 (a soft prompt "
+        "The loop: prepare data -> train SR models -> their predictions -> the LLM -> DELRec stage 1 (a soft prompt "
         "distilled from the SR model) -> stage 2 (LoRA, with and without that soft prompt) -> ranking -> teacher "
         "export -> students trained alone and distilled from the teachers -> latency.",
         "",
@@ -526,8 +526,8 @@ def write_report(run: str | Path, full_k: int = 20) -> list[Path]:
         "",
         *[f"- {v}" for v in results.verdicts],
         "",
-        "A tiny LLM trained for a few minutes on a CPU can sit at chance level; the lines above say so when it does. "
-        "The SR models see every item id; the LLM sees only titles.",
+        "An LLM fine-tuned for minutes on a CPU (the tiny one, or a small pretrained one) can sit at chance level; "
+        "the lines above say so when it does. The SR models see every item id; the LLM sees only titles.",
         "",
         "## What each stage did",
         "",

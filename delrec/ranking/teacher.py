@@ -13,6 +13,8 @@ LLM only through here.
 
 from __future__ import annotations
 
+import functools
+
 from typing import Sequence
 
 import torch
@@ -111,7 +113,7 @@ def _decoder(model):
     16 s per batch of 16 titles instead of 0.04 s."""
     get_decoder = getattr(model, "get_decoder", None)
     decoder = get_decoder() if callable(get_decoder) else None
-    return decoder if isinstance(decoder, torch.nn.Module) else model
+    return decoder if isinstance(decoder, torch.nn.Module) else functools.partial(model, logits_to_keep=1)
 
 
 def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int, progress: bool = False,
