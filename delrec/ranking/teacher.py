@@ -14,7 +14,6 @@ LLM only through here.
 from __future__ import annotations
 
 import functools
-
 from typing import Sequence
 
 import torch
@@ -104,7 +103,6 @@ def rerank(config, dataset, instances, candidate_sets, spec, template, backend, 
     return items, scores, counts
 
 
-@torch.inference_mode()
 def _decoder(model):
     """The model without its LM head where it has one to give (states need no logits), else the model.
 
@@ -116,6 +114,7 @@ def _decoder(model):
     return decoder if isinstance(decoder, torch.nn.Module) else functools.partial(model, logits_to_keep=1)
 
 
+@torch.inference_mode()
 def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int, progress: bool = False,
                 desc: str = "embed", layer: int = -1, pooling: str = "last") -> torch.Tensor:
     """[len(texts), d] float32 on CPU: hidden layer `layer`'s state at each text's last token (`last`), or

@@ -61,7 +61,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """[B, T, d] -> [B, T, d]; with `last_only`, [B, 1, d]: the last position's output alone
         (its query attends to every key; the other queries and their FFN rows are never computed)."""
-        batch, length, d = x.shape
+        batch, _, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).split(d, dim=-1)
         if last_only:
             x, q = x[:, -1:], q[:, -1:]
