@@ -78,6 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--rows", type=int, default=240, help="stage-2 training instances (seeded subsample), every LoRA variant")
     p.add_argument("--stage1-rows", dest="stage1_rows", type=int, default=128, help="stage-1 training instances per task")
     p.add_argument("--objective", choices=("answer", "listwise"), default="listwise", help="stage-2 loss")
+    p.add_argument("--stage1-objective", dest="stage1_objective", choices=("answer", "listwise"), default="listwise",
+                   help="stage-1 loss (delrec only; the answer LM loss left RPS and TA at chance: RESULTS.md)")
     p.add_argument("--learning-rate", dest="learning_rate", type=float, default=None,
                    help="stage-2 learning rate (default: the config's)")
     p.add_argument("--batch", type=int, default=8, help="stage-2 training batch")
@@ -233,13 +235,15 @@ def stage1(args, data: Path, llm: Path, sasrec: Path) -> Path:
         if not predictions.is_file():
             delrec(["sr", "predict", "--model", str(sasrec), "--data", str(data), "--split", split,
                     "--prefix_predictions", "--out", str(predictions)], args.work / "log.txt", args.threads)
-    step = Step(args.work / "stage1", {"rows": args.stage1_rows, "seed": args.seed, "valid_users": args.valid_users})
+    step = Step(args.work / "stage1", {"rows": args.stage1_rows, "objective": args.stage1_objective, "seed": args.seed,
+                                       "valid_users": args.valid_users})
     if not step.done():
         step.start()
         delrec(["llm", "distill-pattern", "--config", str(CONFIGS / "delrec" / "gemma-lastfm-distill.yaml"),
                 "--data", str(data), "--train_predictions", str(sasrec / "train.jsonl"),
                 "--valid_predictions", str(sasrec / "valid.jsonl"), "--out", str(step.folder),
                 "--model_name_or_path", str(llm), "--max_train_instances", str(args.stage1_rows),
+                "--objective", args.stage1_objective,
                 "--eval_max_instances", str(args.valid_users), "--seed", str(args.seed),
                 "--num_threads", str(args.threads), "--progress", "false"],
                args.work / "stage1.log", args.threads)
@@ -250,7 +254,8 @@ def stage1(args, data: Path, llm: Path, sasrec: Path) -> Path:
 def stage2(args, data: Path, llm: Path, name: str, soft: list[str]) -> Path:
     settings = {"rows": args.rows, "objective": args.objective, "learning_rate": args.learning_rate,
                 "batch": args.batch, "eval_steps": args.eval_steps, "valid_users": args.valid_users,
-                "seed": args.seed, "soft": soft, **({"stage1_rows": args.stage1_rows} if name == "delrec" else {})}
+                "seed": args.seed, "soft": soft,
+                **({"stage1_rows": args.stage1_rows, "stage1_objective": args.stage1_objective} if name == "delrec" else {})}
     step = Step(args.work / name / "stage2", settings)
     if not step.done():
         step.start()
@@ -273,7 +278,8 @@ def run_variant(args, name: str, data: Path) -> dict:
         return {"metrics": sr_variant(args, data, name)}
     llm = ensure_llm(args)
     result_settings = {"rows": args.rows, "objective": args.objective, "learning_rate": args.learning_rate,
-                       "stage1_rows": args.stage1_rows, "seed": args.seed, "generate": args.generate,
+                       "stage1_rows": args.stage1_rows, "stage1_objective": args.stage1_objective, "seed": args.seed,
+                       "generate": args.generate,
                        "valid_users": args.valid_users, "batch": args.batch, "eval_steps": args.eval_steps}
     ranked = Step(args.results / name, result_settings if name != "zero_shot" else {"generate": args.generate})
     summary: dict = {}
@@ -452,8 +458,8 @@ def section(report: dict, results: Path) -> str:
         f"LLM: Gemma 3 270M (imported GGUF, float32). Stage 2: LoRA r 8 all-linear "
         f"(configs/delrec/gemma-lastfm-finetune.yaml), {s['rows']} training rows (seeded), batch {s['batch']}, "
         f"{s['objective']} objective, checkpoint chosen on valid NDCG@5 ({s['valid_users']} valid users, every "
-        f"{s['eval_steps']} steps); stage 1 (delrec only): {s['stage1_rows']} TA + {s['stage1_rows']} RPS rows "
-        "(configs/delrec/gemma-lastfm-distill.yaml). Test: 122 users, 20 fixed candidates, score read-out.",
+        f"{s['eval_steps']} steps); stage 1 (delrec only): {s['stage1_rows']} TA + {s['stage1_rows']} RPS rows, "
+        f"{s.get('stage1_objective', 'answer')} objective (configs/delrec/gemma-lastfm-distill.yaml). Test: 122 users, 20 fixed candidates, score read-out.",
         "",
         "| variant | HR@1 | HR@5 | NDCG@5 | HR@1 vs chance (2 SE) |",
         "|---|---:|---:|---:|---|",
@@ -516,7 +522,7 @@ def main(argv=None) -> None:
     num_candidates = PreparedDataset.load(data).num_candidates
     report = {"benchmark": "delrec_real", "command": "python benchmarks/delrec_real.py " + " ".join(argv or sys.argv[1:]),
               "machine": machine(), "objective": args.objective, "num_candidates": num_candidates,
-              "settings": {k: getattr(args, k) for k in ("rows", "stage1_rows", "objective", "learning_rate", "batch",
+              "settings": {k: getattr(args, k) for k in ("rows", "stage1_rows", "stage1_objective", "objective", "learning_rate", "batch",
                                                           "eval_steps", "valid_users", "threads", "seed", "generate")},
               "variants": {}, "seconds": {}}
     previous = json.loads(args.json.read_text()) if args.json.is_file() else {}

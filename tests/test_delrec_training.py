@@ -18,6 +18,7 @@ from delrec.cli import main
 from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
 from delrec.llm.folder import load_delrec_model
+from delrec.llm.listwise import listwise_loss
 from delrec.llm.loading import LoraSettings, ModelConfig
 from delrec.llm.scoring import score_candidates
 from delrec.llm.soft_prompt import SOFT_PROMPT_FILE
@@ -122,22 +123,40 @@ def test_stage1_trains_only_the_soft_rows_and_writes_a_small_folder(stage1, tiny
     assert not any((vocabulary == row).all(1).any() for row in rows)
 
 
-def test_dynamic_reweighting_equals_separate_backward_passes(stage1):
+@pytest.fixture(scope="module")
+def stage1_listwise(tiny_llm_data, tiny_llama, predictions, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage1-listwise") / "run"
+    return distill_pattern(stage1_args(tiny_llm_data, predictions, out, objective="listwise"),
+                           model_config(tiny_llama), TrainingSettings(**FAST))
+
+
+def task_loss(trainer, model, batch: dict, task: int) -> torch.Tensor:
+    """Reference L_t: the task's examples alone, through the public loss functions."""
+    chosen = (batch["task"] == task).nonzero().flatten().tolist()
+    if "candidates" in batch:  # listwise: the mean over the task's instances
+        return listwise_loss(model, [batch["prompts"][i] for i in chosen], [batch["candidates"][i] for i in chosen],
+                             [batch["targets"][i] for i in chosen], length_normalized=trainer.evaluator.length_normalized)
+    inputs = {k: v[chosen] for k, v in batch.items() if k != "task"}
+    log_probs, keep = answer_log_probs(model, inputs)
+    return -log_probs.sum() / keep.sum()  # answer: the mean over the task's answer tokens
+
+
+@pytest.mark.parametrize("objective", ["answer", "listwise"])
+def test_dynamic_reweighting_equals_separate_backward_passes(objective, stage1, stage1_listwise):
     """The hook's one backward pass gives the soft rows sum_t w_t grad L_t with the formula's weights."""
-    trainer = stage1[1].trainer
+    trainer = (stage1[1] if objective == "answer" else stage1_listwise).trainer
     model = trainer.model
     weight = model.get_input_embeddings().weight
     ids = soft_ids(trainer.processing_class)
     batch = next(b for b in trainer.get_train_dataloader() if (b["task"] == 0).any() and (b["task"] == 1).any())
     batch = trainer._prepare_inputs(batch)
+    assert ("candidates" in batch) == (objective == "listwise")
     model.train()
 
-    grads, tasks = [], batch["task"]
+    grads, losses = [], []
     for t in range(2):  # reference: each task's loss on its own
-        inputs = {k: v[tasks == t] for k, v in batch.items() if k != "task"}
-        log_probs, keep = answer_log_probs(model, inputs)
-        loss = -log_probs.sum() / keep.sum()
-        grads.append(torch.autograd.grad(loss, weight)[0][ids])
+        losses.append(task_loss(trainer, model, batch, t))
+        grads.append(torch.autograd.grad(losses[-1], weight)[0][ids])
     norms = torch.stack([g.norm() for g in grads])
     expected_weights = norms.pow(-0.5) / norms.pow(-0.5).sum()
     expected = expected_weights[0] * grads[0] + expected_weights[1] * grads[1]
@@ -145,6 +164,7 @@ def test_dynamic_reweighting_equals_separate_backward_passes(stage1):
     weight.grad = None
     trainer.task_metrics["train"].clear()
     loss = trainer.compute_loss(model, dict(batch))
+    assert loss.item() == pytest.approx((losses[0] + losses[1]).item() / 2, rel=1e-5)  # equal weights forward
     loss.backward()
     assert torch.allclose(weight.grad[ids], expected, rtol=1e-4, atol=1e-7)
     logged = [trainer.task_metrics["train"]["weight_ta"][-1], trainer.task_metrics["train"]["weight_rps"][-1]]
@@ -153,6 +173,20 @@ def test_dynamic_reweighting_equals_separate_backward_passes(stage1):
     others[ids] = False
     assert not weight.grad[others].any()  # the row mask still holds
     weight.grad = None
+
+
+def test_listwise_stage1_moves_the_soft_rows_and_records_its_objective(stage1_listwise, tiny_llama):
+    out = Path(stage1_listwise.summary["out"])
+    info = json.loads((out / "delrec.json").read_text())
+    assert info["objective"] == "listwise"
+    model = stage1_listwise.trainer.model
+    rows = model.get_input_embeddings().weight[soft_ids(stage1_listwise.trainer.processing_class)].detach()
+    with safe_open(str(out / SOFT_PROMPT_FILE), "pt") as handle:
+        assert torch.equal(handle.get_tensor("embeddings"), rows)
+    vocabulary = load_tiny(tiny_llama)[0].get_input_embeddings().weight
+    assert not any((vocabulary == row).all(1).any() for row in rows)  # initialised from vocabulary rows, moved
+    logged = stage1_listwise.trainer.state.log_history
+    assert any("loss_rps" in entry and math.isfinite(entry["loss_rps"]) for entry in logged)
 
 
 def test_stage2_trains_lora_only_and_the_folder_reloads_to_identical_scores(stage1, stage2, tiny_llm_data):

@@ -1,4 +1,4 @@
-"""The title-listwise objective for stage 2: a softmax cross-entropy over the candidates' log-likelihoods.
+"""The title-listwise objective (stage 2, and stage 1 as an option): a softmax cross-entropy over the candidates' log-likelihoods.
 
 The answer-only LM loss teaches the model to write the target title; the read-out then ranks the
 C candidates by log P(title | prompt). The listwise loss trains that ranking directly:
@@ -16,6 +16,7 @@ titles, not C prompts (docs/methods.md#model-and-loss).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -32,15 +33,18 @@ def listwise_loss(
     batch_size: int = 64,
     length_normalized: bool = False,
     temperature: float = 1.0,
+    reduction: Literal["mean", "none"] = "mean",
 ) -> torch.Tensor:
-    """Mean over instances of -log softmax(s / temperature)[target], s the candidates' log-likelihoods."""
+    """-log softmax(s / temperature)[target] per instance (`reduction="none"`) or its mean, s the candidates'
+    log-likelihoods."""
     scores = candidate_log_likelihoods(model, prompts, candidates, batch_size)
     losses = []
     for values, cands, target in zip(scores, candidates, targets):
         if length_normalized:
             values = values / torch.tensor([len(c) for c in cands], dtype=values.dtype, device=values.device)
         losses.append(-torch.log_softmax(values / temperature, dim=0)[target])
-    return torch.stack(losses).mean()
+    losses = torch.stack(losses)
+    return losses.mean() if reduction == "mean" else losses
 
 
 @dataclass
@@ -48,13 +52,17 @@ class ListwiseCollator:
     """Rows with `prompt` (text), `candidates` (titles) and `answer` (the target's index) -> token ids.
 
     Encoded as the read-out encodes them (`delrec.llm.tokenization`), so the loss and the
-    evaluation score the same ids."""
+    evaluation score the same ids. With `tasks` (stage 1), also the index of each example's `task`."""
 
     tokenizer: object
+    tasks: list[str] | None = None
 
     def __call__(self, examples: list[dict]) -> dict:
-        return {
+        batch = {
             "prompts": [encode_prompt(self.tokenizer, e["prompt"]) for e in examples],
             "candidates": [[encode_completion(self.tokenizer, c) for c in e["candidates"]] for e in examples],
             "targets": [int(e["answer"]) for e in examples],
         }
+        if self.tasks is not None:
+            batch["task"] = torch.tensor([self.tasks.index(e["task"]) for e in examples], dtype=torch.long)
+        return batch

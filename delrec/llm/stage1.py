@@ -2,9 +2,11 @@
 
 The LLM is frozen; only one soft prompt (P added tokens named after the SR model, shared by both
 tasks) trains, on Temporal Analysis (TA) and Recommendation Pattern Simulating (RPS) instances
-built from the SR model's predictions (`delrec.llm.instances`), with the loss on the answer
-tokens only. The two task losses (each a token mean over its own instances in the batch) are
-combined with
+built from the SR model's predictions (`delrec.llm.instances`). The loss is either DELRec's, the LM
+loss on the answer tokens only (`objective: answer`, a token mean), or the title-listwise one
+(`objective: listwise`, `delrec.llm.listwise`: a softmax cross-entropy over the candidates'
+log-likelihoods, a mean over instances), which trains what the valid metrics (RPS agreement, TA
+accuracy) read. The two task losses (each over its own instances in the batch) are combined with
 
 - fixed weights (`task_weights`, normalised over the tasks present in the batch), or
 - DELRec's dynamic weights, recomputed every step: w_t ∝ (1 / ||∇_softprompt L_t||)^power
@@ -12,8 +14,9 @@ combined with
 
 How the dynamic weights cost no extra backward pass: examples of different tasks never interact
 in a forward pass, so the gradient reaching the input embeddings of a TA example is the gradient
-of L_ta alone (times the coefficient it had in the summed loss). A tensor hook on the embedding
-output therefore reads, in the ONE backward pass of the equally weighted loss, each task's
+of L_ta alone (times the coefficient it had in the summed loss). A tensor hook on the output of the
+step's first embedding call (the whole batch for the answer loss, the prompt pass for the listwise
+one, whose candidate passes read the prompts through the KV cache) therefore reads, in the ONE backward pass of the equally weighted loss, each task's
 gradient w.r.t. the soft-prompt vectors (summed over the positions holding them), computes the
 weights, and rescales each example's gradient to its task's weight before it reaches the
 embedding matrix. The result equals backpropagating sum_t w_t L_t (the tests check it against
@@ -49,6 +52,7 @@ import torch
 import delrec
 from delrec.errors import DelrecError
 from delrec.llm.folder import local_or_hub
+from delrec.llm.listwise import ListwiseCollator, listwise_loss
 from delrec.llm.training import (
     CACHE_DIR,
     AnswerCollator,
@@ -127,6 +131,12 @@ class DistillArguments:
     max_length: int = field(default=1024, metadata={"help": "Longest instance in tokens (prompt + longest candidate)."})
     allow_truncation: bool = field(
         default=False, metadata={"help": "Drop the oldest history items of longer instances instead of refusing."}
+    )
+    objective: Literal["answer", "listwise"] = field(
+        default="answer",
+        metadata={"help": "answer: LM loss on the answer title (DELRec); listwise: softmax cross-entropy over the "
+                  "candidates' title log-likelihoods, the quantity RPS agreement and TA accuracy rank by (one "
+                  "prompt pass per instance scores all candidates)."},
     )
 
     def __post_init__(self):
@@ -219,24 +229,30 @@ class SoftPromptTrainer(DelrecTrainer):
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """sum_t c_t L_t over the tasks present, L_t the token mean over the task's examples of the whole batch.
+        """sum_t c_t L_t over the tasks present, L_t the task's mean over the whole batch: over answer tokens
+        (answer objective) or over instances (listwise objective).
 
-        With several processes, each holds its part of every L_t (its examples' log-likelihood over the answer
-        tokens of all processes) and multiplies the loss by the process count, which DDP's gradient average
-        undoes: a step equals one process holding the whole batch.
+        With several processes, each holds its part of every L_t (its examples' loss over the units of all
+        processes) and multiplies the loss by the process count, which DDP's gradient average undoes: a step
+        equals one process holding the whole batch.
         """
         task = inputs.pop("task")
-        context = {"task": task, "input_ids": inputs["input_ids"]}
+        context = {"task": task}
         if self.weighting == "dynamic" and model.training:
             self._backward_context = context  # the embedding hook picks it up during this forward pass
-        log_probs, keep = answer_log_probs(model, inputs)
-        nll = -log_probs.sum(1)
+        if "candidates" in inputs:
+            example_losses = listwise_loss(model, **inputs, batch_size=self.evaluator.batch_size,
+                                           length_normalized=self.evaluator.length_normalized, reduction="none")
+            units = torch.ones_like(example_losses)
+        else:
+            log_probs, keep = answer_log_probs(model, inputs)
+            example_losses, units = -log_probs.sum(1), keep.sum(1)
         masks = [task == t for t in range(len(self.tasks))]
-        nll_sums = torch.stack([nll[m].sum() for m in masks])
-        counts = torch.stack([torch.stack([keep[m].sum(), m.sum()]) for m in masks])  # answer tokens, examples
-        tokens, examples = self.accelerator.reduce(counts, "sum").unbind(1)
+        loss_sums = torch.stack([example_losses[m].sum() for m in masks])
+        counts = torch.stack([torch.stack([units[m].sum(), m.sum()]) for m in masks]).float()  # units, examples
+        units, examples = self.accelerator.reduce(counts, "sum").unbind(1)
         present = examples > 0
-        losses = nll_sums / tokens.clamp(min=1)
+        losses = loss_sums / units.clamp(min=1)
         if self.weighting == "fixed":
             coefficients = self.fixed_weights.to(losses.device) * present
         else:  # equal weights forward; the embedding hook applies the dynamic ones in the backward pass
@@ -256,6 +272,7 @@ class SoftPromptTrainer(DelrecTrainer):
     def _attach_reweighting(self, module, args, output):
         context, self._backward_context = self._backward_context, None
         if context is not None and output.requires_grad:
+            context["input_ids"] = args[0]  # the ids this call embeds: row i is the batch's example i
             output.register_hook(lambda grad: self._reweight(grad, context))
 
     def _reweight(self, grad: torch.Tensor, context: dict) -> torch.Tensor:
@@ -378,7 +395,10 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
                                       args.train_predictions, out / CACHE_DIR) for t in args.tasks]
         valid_sets = [build_instances(dataset, templates[t], options("valid", args.eval_max_instances), tokenizer,
                                       args.valid_predictions, out / CACHE_DIR) for t in args.tasks]
-    train = concatenate_datasets([s.rows for s in train_sets]).select_columns(["input_ids", "completion_mask", "task"])
+    tokens_only = ["input_ids", "completion_mask", "task"]
+    # input_ids stays in the listwise columns: TRL takes a dataset with it as already tokenized
+    train_columns = tokens_only if args.objective == "answer" else ["input_ids", "prompt", "candidates", "answer", "task"]
+    train = concatenate_datasets([s.rows for s in train_sets]).select_columns(train_columns)
     valid = concatenate_datasets([s.rows for s in valid_sets])
 
     trainer = SoftPromptTrainer(
@@ -387,9 +407,10 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
                         metric_for_best_model="rps_agreement" if "rps" in args.tasks else "ta_accuracy",
                         resuming=resume_from is not None, load_best_model_at_end=False),
         train_dataset=train,
-        eval_dataset=valid.select_columns(["input_ids", "completion_mask", "task"]),
+        eval_dataset=valid.select_columns(tokens_only),
         processing_class=tokenizer,
-        data_collator=AnswerCollator(tokenizer.pad_token_id, list(args.tasks)),
+        data_collator=(AnswerCollator(tokenizer.pad_token_id, list(args.tasks)) if args.objective == "answer"
+                       else ListwiseCollator(tokenizer, list(args.tasks))),
         evaluator=CandidateEvaluator(valid, tokenizer, stage1_metrics, settings.eval_batch_size,
                                      settings.length_normalized),
         soft_prompt=soft,
@@ -427,6 +448,7 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
             "dataset": {"path": local_or_hub(str(dataset.path)), "fingerprint": dataset.fingerprint},
             "tasks": list(args.tasks),
             "task_weighting": args.task_weighting,
+            "objective": args.objective,
         })
     return StageResult({"out": str(out), **summary}, trainer)
 
