@@ -97,6 +97,25 @@ def test_chunked_head_is_used_in_bfloat16_too(tiny_llm):
     assert_same(fast, score_candidates_naive(model, tokenizer, PROMPTS, CANDIDATES), tol=0.1)
 
 
+def test_chunked_normaliser_and_its_gradients_equal_the_full_logsumexp(tiny_llm, monkeypatch):
+    """Several vocabulary chunks (and a last, shorter one); gradients reach the head weight (stage 1 trains
+    tied head rows) and the hidden states exactly as through one full logsumexp."""
+    import delrec.llm.scoring as scoring
+
+    model, _ = load_tiny(tiny_llm)
+    head = model.get_output_embeddings()
+    monkeypatch.setattr(scoring, "LOGIT_CHUNK", head.weight.shape[0] // 3 + 1)
+    hidden = torch.randn(5, head.weight.shape[1], requires_grad=True)
+    head.weight.requires_grad_(True)
+    chunked = LogProbHead(model, plain=True).normaliser(hidden)
+    weight_grad, hidden_grad = torch.autograd.grad(chunked.square().sum(), [head.weight, hidden])
+    full = head(hidden).float().logsumexp(-1)
+    expected_weight, expected_hidden = torch.autograd.grad(full.square().sum(), [head.weight, hidden])
+    assert torch.allclose(chunked, full, atol=1e-5)
+    assert torch.allclose(weight_grad, expected_weight, atol=1e-6) and weight_grad.abs().sum() > 0
+    assert torch.allclose(hidden_grad, expected_hidden, atol=1e-5)
+
+
 def test_batch_size_does_not_change_the_numbers(tiny_llm):
     model, tokenizer = load_tiny(tiny_llm)
     one = score_candidates(model, tokenizer, PROMPTS, CANDIDATES, batch_size=1)
