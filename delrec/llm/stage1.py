@@ -16,8 +16,9 @@ How the dynamic weights cost no extra backward pass: examples of different tasks
 in a forward pass, so the gradient reaching the input embeddings of a TA example is the gradient
 of L_ta alone (times the coefficient it had in the summed loss). A tensor hook on the output of the
 step's first embedding call (the whole batch for the answer loss, the prompt pass for the listwise
-one, whose candidate passes read the prompts through the KV cache) therefore reads, in the ONE backward pass of the equally weighted loss, each task's
-gradient w.r.t. the soft-prompt vectors (summed over the positions holding them), computes the
+one, whose candidate passes read the prompts through the KV cache) therefore reads, in the ONE
+backward pass of the equally weighted loss, each task's gradient w.r.t. the soft-prompt vectors
+(summed over the positions holding them), computes the
 weights, and rescales each example's gradient to its task's weight before it reaches the
 embedding matrix. The result equals backpropagating sum_t w_t L_t (the tests check it against
 separate backward passes). With tied input/output embeddings (Qwen2) the soft rows are also LM-head
