@@ -1,4 +1,5 @@
-"""The title-listwise objective (stage 2, and stage 1 as an option): a softmax cross-entropy over the candidates' log-likelihoods.
+"""The title-listwise objective (stage 2; stage 1 as an option): a softmax cross-entropy over the
+candidates' log-likelihoods.
 
 The answer-only LM loss teaches the model to write the target title; the read-out then ranks the
 C candidates by log P(title | prompt). The listwise loss trains that ranking directly:
@@ -45,6 +46,10 @@ def listwise_loss(
         losses.append(-torch.log_softmax(values / temperature, dim=0)[target])
     losses = torch.stack(losses)
     return losses.mean() if reduction == "mean" else losses
+
+
+# The dataset columns `ListwiseCollator` reads; input_ids stays too: TRL takes a dataset with it as already tokenized.
+LISTWISE_COLUMNS = ["input_ids", "prompt", "candidates", "answer"]
 
 
 @dataclass

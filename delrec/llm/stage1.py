@@ -18,9 +18,8 @@ of L_ta alone (times the coefficient it had in the summed loss). A tensor hook o
 step's first embedding call (the whole batch for the answer loss, the prompt pass for the listwise
 one, whose candidate passes read the prompts through the KV cache) therefore reads, in the ONE
 backward pass of the equally weighted loss, each task's gradient w.r.t. the soft-prompt vectors
-(summed over the positions holding them), computes the
-weights, and rescales each example's gradient to its task's weight before it reaches the
-embedding matrix. The result equals backpropagating sum_t w_t L_t (the tests check it against
+(summed over the positions holding them), computes the weights, and rescales each example's
+gradient to its task's weight before it reaches the embedding matrix. The result equals backpropagating sum_t w_t L_t (the tests check it against
 separate backward passes). With tied input/output embeddings (Qwen2) the soft rows are also LM-head
 rows; that output-side gradient (pushing down the probability of emitting a soft token) is not
 part of "the gradient w.r.t. the soft prompt" and is left with the equal weights.
@@ -53,7 +52,7 @@ import torch
 import delrec
 from delrec.errors import DelrecError
 from delrec.llm.folder import local_or_hub
-from delrec.llm.listwise import ListwiseCollator, listwise_loss
+from delrec.llm.listwise import LISTWISE_COLUMNS, ListwiseCollator, listwise_loss
 from delrec.llm.training import (
     CACHE_DIR,
     AnswerCollator,
@@ -397,8 +396,7 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
         valid_sets = [build_instances(dataset, templates[t], options("valid", args.eval_max_instances), tokenizer,
                                       args.valid_predictions, out / CACHE_DIR) for t in args.tasks]
     tokens_only = ["input_ids", "completion_mask", "task"]
-    # input_ids stays in the listwise columns: TRL takes a dataset with it as already tokenized
-    train_columns = tokens_only if args.objective == "answer" else ["input_ids", "prompt", "candidates", "answer", "task"]
+    train_columns = tokens_only if args.objective == "answer" else [*LISTWISE_COLUMNS, "task"]
     train = concatenate_datasets([s.rows for s in train_sets]).select_columns(train_columns)
     valid = concatenate_datasets([s.rows for s in valid_sets])
 

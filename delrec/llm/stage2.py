@@ -31,7 +31,7 @@ from typing import Literal
 import delrec
 from delrec.errors import DelrecError
 from delrec.llm.folder import local_or_hub, same_base_model
-from delrec.llm.listwise import ListwiseCollator, listwise_loss
+from delrec.llm.listwise import LISTWISE_COLUMNS, ListwiseCollator, listwise_loss
 from delrec.llm.training import (
     CACHE_DIR,
     AnswerCollator,
@@ -215,8 +215,7 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
                 for split, limit in (("train", args.max_train_instances), ("valid", args.eval_max_instances),
                                      ("test", args.test_max_instances))}
     tokens_only = ["input_ids", "completion_mask"]
-    # input_ids stays in the listwise columns: TRL takes a dataset with it as already tokenized
-    train_columns = tokens_only if args.objective == "answer" else ["input_ids", "prompt", "candidates", "answer"]
+    train_columns = tokens_only if args.objective == "answer" else LISTWISE_COLUMNS
 
     def evaluator(split: str) -> CandidateEvaluator:
         return CandidateEvaluator(sets[split].rows, tokenizer, stage2_metrics, settings.eval_batch_size,
