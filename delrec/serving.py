@@ -13,7 +13,8 @@ Batching: requests go to one scoring thread through a queue. The thread takes wh
 (up to `max_batch_size`) and scores it as one batch: one encoder pass and one matrix product over
 the item table for all of them. There is no timer, so a lone client waits for nothing, and under
 concurrent load batches form by themselves while the previous one is scored (torch releases the
-GIL, the event loop keeps accepting). FastAPI and uvicorn are the `[serve]` extra, imported by
+GIL, the event loop keeps accepting). With a compiled graph (`delrec sr compile`, `--compiled`),
+queries it can answer (history excluded, k up to its top-K) skip eager torch. FastAPI and uvicorn are the `[serve]` extra, imported by
 `create_app` and `serve` only.
 """
 
@@ -28,6 +29,7 @@ import torch
 from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
 from delrec.sr.base import SequentialRecommender
+from delrec.sr.compiled import CompiledTopK
 from delrec.sr.evaluate import check_compatible, top_items
 
 SERVE_INSTALL = 'install the server with `pip install -e ".[serve]"` (FastAPI + uvicorn)'
@@ -48,9 +50,10 @@ class Recommender:
     """A loaded model and its catalogue: turns request bodies into queries and queries into answers."""
 
     def __init__(self, model: SequentialRecommender, dataset: PreparedDataset, max_history: int = 1000,
-                 default_k: int = 20, source: str | None = None):
+                 default_k: int = 20, source: str | None = None, compiled: CompiledTopK | None = None):
         check_compatible(model, dataset, source)
         self.model = model.eval()
+        self.compiled = compiled
         self.items = dataset.items
         self.index = {str(row["raw_id"]): row["id"] for row in self.items}
         self.max_history = max_history
@@ -88,17 +91,25 @@ class Recommender:
         return Query(tuple(ids), k, keep)
 
     def answer(self, queries: list[Query]) -> list[dict]:
-        """One answer per query, scored together (one batch per `keep_history` value)."""
+        """One answer per query, scored together: one batch per (keep_history, compiled or eager) group."""
+        groups: dict[tuple[bool, bool], list[int]] = {}
+        for index, query in enumerate(queries):
+            groups.setdefault((query.keep_history, self._compiled_answers(query)), []).append(index)
         answers: list[dict | None] = [None] * len(queries)
-        for keep in (False, True):
-            rows = [i for i, q in enumerate(queries) if q.keep_history == keep]
-            if not rows:
-                continue
-            deepest = max(queries[i].k for i in rows)
-            ranked = top_items(self.model, [queries[i].history for i in rows], deepest, not keep, len(rows))
+        for (keep, compiled), rows in groups.items():
+            histories = [queries[i].history for i in rows]
+            if compiled:
+                ranked = self.compiled.top_items(histories)
+            else:
+                deepest = max(queries[i].k for i in rows)
+                ranked = top_items(self.model, histories, deepest, not keep, len(rows))
             for row, kept in zip(rows, ranked):
                 answers[row] = {"items": [self._item(i, v) for i, v in kept[: queries[row].k]]}
         return answers
+
+    def _compiled_answers(self, query: Query) -> bool:
+        fast = self.compiled
+        return fast is not None and fast.exclude_history != query.keep_history and query.k <= fast.topk
 
     def _item(self, index: int, score: float) -> dict:
         row = self.items[index]
@@ -183,7 +194,8 @@ def create_app(recommender: Recommender, max_batch_size: int = 64, info: dict | 
         batcher = state.get("batcher")
         return {"status": "ok", **(info or {}), "model_type": recommender.model.model_type,
                 "items": recommender.model.num_items, "torch_threads": torch.get_num_threads(),
-                "max_batch_size": max_batch_size, "batches": batcher.batches if batcher else 0,
+                "max_batch_size": max_batch_size,
+                "compiled": str(recommender.compiled.path) if recommender.compiled else None, "batches": batcher.batches if batcher else 0,
                 "queries": batcher.queries if batcher else 0}
 
     @app.post("/recommend")

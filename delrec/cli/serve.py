@@ -27,6 +27,11 @@ class ServeArguments:
         default=1000, metadata={"help": "Longest request history accepted (the model reads its last max_length)."}
     )
     default_k: int = field(default=20, metadata={"help": "Items returned when a request gives no k (sr predict's topk)."})
+    compiled: bool = field(
+        default=False,
+        metadata={"help": "Answer with the model's compiled top-default_k graph (`delrec sr compile`, ~0.1 ms a user "
+                  "on CPU); requests with keep_history or a larger k use the eager model."},
+    )
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
@@ -54,12 +59,18 @@ def serve(argv, prog: str, description: str) -> int:
     from delrec.data.dataset import PreparedDataset
     from delrec.serving import Recommender, create_app, serve as run_server
     from delrec.sr import load_model
+    from delrec.sr.compiled import CompiledTopK
     from delrec.device import resolve_device
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    model = load_model(args.model, resolve_device(args.device))
-    recommender = Recommender(model, PreparedDataset.load(args.data), args.max_history, args.default_k, args.model)
+    device = resolve_device(args.device)
+    if args.compiled and torch.device(device).type != "cpu":
+        raise DelrecError("--compiled serves on CPU (`delrec sr compile` builds for it); pass --device cpu")
+    model = load_model(args.model, device)
+    compiled = CompiledTopK.load(args.model, args.default_k) if args.compiled else None
+    recommender = Recommender(model, PreparedDataset.load(args.data), args.max_history, args.default_k, args.model,
+                              compiled)
     info = {"model": str(args.model), "data": str(args.data)}
     announce = (f"serving {args.model} ({model.model_type}, {model.num_items} items, {torch.get_num_threads()} torch "
                 f"thread(s)) on http://{args.host}:{args.port}  (POST /recommend, GET /health; Ctrl-C to stop)")

@@ -1,4 +1,4 @@
-"""`delrec sr train`, `delrec sr evaluate` and `delrec sr predict`.
+"""`delrec sr train`, `delrec sr evaluate`, `delrec sr predict` and `delrec sr compile`.
 
 Options come from config dataclasses: `TrainArguments` + `delrec.sr.TrainConfig` + the chosen
 model's config (`SASRecConfig`, ...), so every model hyper-parameter is a flag and a YAML key
@@ -174,4 +174,25 @@ def predict(argv, prog: str, description: str) -> int:
     )
     keys = ("split", "topk", "rows", "exclude_history", "prefix_predictions")
     print(json.dumps({"out": args.out, **{k: meta[k] for k in keys}}, indent=2))
+    return 0
+
+
+@dataclass
+class CompileArguments:
+    model: str = field(metadata={"help": "A trained SR model or student folder; the package goes into its compiled/ "
+                                 "subfolder (topK.pt2 + topK.json)."})
+    topk: int = field(default=20, metadata={"help": "How many items each answer holds."})
+    keep_history: bool = field(
+        default=False, metadata={"help": "Allow items of the history in the answer (default: excluded, as in "
+                                 "`sr predict`)."}
+    )
+
+
+def compile_model(argv, prog: str, description: str) -> int:
+    from delrec.sr.compiled import compile_top_k
+
+    (args,) = parse_command([CompileArguments], argv, prog, description)
+    out = compile_top_k(args.model, args.topk, not args.keep_history, announce=True)
+    print(json.dumps({"package": str(out), "description": str(out.with_suffix(".json")), "topk": args.topk,
+                      "exclude_history": not args.keep_history}, indent=2))
     return 0

@@ -226,7 +226,11 @@ def top_k(model, histories: Sequence[Sequence[int]], k: int, exclude_history: bo
 
 def top_items(model, histories, topk: int, exclude_history: bool, batch_size: int) -> list[list[tuple[int, float]]]:
     """Per history, in input order: the top-K (item, score) pairs, excluded items dropped."""
-    items, scores = top_k(model, histories, topk, exclude_history, batch_size)
+    return ranked_pairs(*top_k(model, histories, topk, exclude_history, batch_size))
+
+
+def ranked_pairs(items: torch.Tensor, scores: torch.Tensor) -> list[list[tuple[int, float]]]:
+    """Per row of a `top_k` answer: its (item, score) pairs, excluded (-inf) items dropped."""
     return [[(i, v) for i, v in zip(row_items, row_values) if v != float("-inf")]
             for row_items, row_values in zip(items.tolist(), scores.tolist())]
 
