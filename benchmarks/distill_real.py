@@ -386,7 +386,8 @@ def markdown_section(report: dict) -> str:
             f"**Latency** ({lat['dataset']}, top-{LATENCY_K}): the student ({s['parameters']:,} parameters, torch "
             f"alone) on {s['users']} test users, per user: "
             + ", ".join(f"{per[kind] * 1e6:,.1f} µs {label}" for kind, label in STUDENT_PATHS.items() if kind in per)
-            + f" (compiled: `delrec sr compile`, AOTInductor, {s.get('compile_seconds', '?')} s once). The LLM ({llm['parameters']:,} parameters, {llm['dtype']}, "
+            + f" (compiled: `delrec sr compile`, AOTInductor, {s.get('compile_seconds', '?')} s once). "
+            f"The LLM ({llm['parameters']:,} parameters, {llm['dtype']}, "
             f"{llm['threads']} threads) on the first {llm['users']} of them; title embeddings computed beforehand "
             f"({llm['title_embedding_seconds']} s). Floor = useful FLOPs / {llm['gemm_gflops']} GFLOP/s (this "
             "machine's best GEMM rate in that dtype).",

@@ -14,8 +14,8 @@ Batching: requests go to one scoring thread through a queue. The thread takes wh
 the item table for all of them. There is no timer, so a lone client waits for nothing, and under
 concurrent load batches form by themselves while the previous one is scored (torch releases the
 GIL, the event loop keeps accepting). With a compiled graph (`delrec sr compile`, `--compiled`),
-queries it can answer (history excluded, k up to its top-K) skip eager torch. FastAPI and uvicorn are the `[serve]` extra, imported by
-`create_app` and `serve` only.
+the queries it can answer (history excluded, k up to its top-K) skip eager torch. FastAPI and
+uvicorn are the `[serve]` extra, imported by `create_app` and `serve` only.
 """
 
 import queue
@@ -195,7 +195,8 @@ def create_app(recommender: Recommender, max_batch_size: int = 64, info: dict | 
         return {"status": "ok", **(info or {}), "model_type": recommender.model.model_type,
                 "items": recommender.model.num_items, "torch_threads": torch.get_num_threads(),
                 "max_batch_size": max_batch_size,
-                "compiled": str(recommender.compiled.path) if recommender.compiled else None, "batches": batcher.batches if batcher else 0,
+                "compiled": str(recommender.compiled.path) if recommender.compiled else None,
+                "batches": batcher.batches if batcher else 0,
                 "queries": batcher.queries if batcher else 0}
 
     @app.post("/recommend")

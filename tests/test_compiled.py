@@ -7,6 +7,7 @@ fixture compiles the trained tiny SASRec once, through the command line, for the
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -26,6 +27,8 @@ from llm_fixtures import tiny_llm_data  # noqa: F401 (fixtures)
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(sys.platform == "win32", reason="AOTInductor packages are built and tested on Linux/macOS"),
+    pytest.mark.skipif(not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c),
+                       reason="compiling needs a C++ compiler (g++, c++ or clang++ on PATH, or CXX)"),
 ]
 
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import sys
-import warnings
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -89,23 +89,18 @@ def weights_digest(folder: str | Path) -> str:
     return hashlib.sha256((Path(folder) / SR_MODEL_WEIGHTS_FILE).read_bytes()).hexdigest()
 
 
-def graph_inputs(model_or_header, histories: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def graph_inputs(histories: Sequence[Sequence[int]], num_items: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(recent, seen) for the graph; item ids are checked here, since the compiled graph cannot."""
-    num_items, context = _shape(model_or_header)
     if not histories:
         raise DelrecError("no histories to rank")
     flat = [i for h in histories for i in h]
     if flat and (min(flat) < 0 or max(flat) >= num_items):
         raise DelrecError(f"history item ids must be in 0..{num_items - 1}, found {min(flat)}..{max(flat)}")
     recent = pad_histories(histories, num_items, context, min_length=context)
+    if context >= 2 and max(len(h) for h in histories) <= context:
+        return recent, recent  # every item is in the context: nothing older to exclude
     seen = pad_histories(histories, num_items, min_length=2)  # 2: export would fix a width-1 dimension
     return recent, seen
-
-
-def _shape(model_or_header) -> tuple[int, int]:
-    if isinstance(model_or_header, SequentialRecommender):
-        return model_or_header.num_items, model_or_header.context_length
-    return model_or_header["num_items"], model_or_header["context_length"]
 
 
 def compile_top_k(folder: str | Path, topk: int = 20, exclude_history: bool = True, announce: bool = False) -> Path:
@@ -123,7 +118,7 @@ def compile_top_k(folder: str | Path, topk: int = 20, exclude_history: bool = Tr
     longest = model.context_length + 3  # older items too: the exclusion must reach past the context
     histories = [torch.randint(0, model.num_items, (int(n),), generator=generator).tolist()
                  for n in torch.randint(1, longest + 1, (CHECK_HISTORIES,), generator=generator)]
-    example = graph_inputs(model, histories)
+    example = graph_inputs(histories, model.num_items, model.context_length)
     batch, seen = torch.export.Dim("batch", min=1, max=MAX_BATCH), torch.export.Dim("seen", min=2, max=1 << 20)
     out = package_path(folder, topk, exclude_history)
     make_parents(out)
@@ -184,6 +179,8 @@ class CompiledTopK:
         self.path = path
         self.topk = description["topk"]
         self.exclude_history = description["exclude_history"]
+        self.num_items = description["num_items"]
+        self.context_length = description["context_length"]
 
     @classmethod
     def load(cls, folder: str | Path, topk: int = 20, exclude_history: bool = True) -> "CompiledTopK":
@@ -207,7 +204,7 @@ class CompiledTopK:
     def top_k(self, histories: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """([R, k] items, [R, k] scores), best first; excluded items score -inf."""
         with torch.inference_mode():
-            scores, items = self.runner(*graph_inputs(self.description, histories))
+            scores, items = self.runner(*graph_inputs(histories, self.num_items, self.context_length))
         return items, scores
 
     def top_items(self, histories: Sequence[Sequence[int]]) -> list[list[tuple[int, float]]]:
