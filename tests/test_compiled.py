@@ -55,20 +55,31 @@ def compiled_model(sr_model, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("config, exclude_history", [(GRU4RecConfig(hidden_size=16), True),
-                                                     (CaserConfig(hidden_size=16, window=4), True),
-                                                     (SASRecConfig(hidden_size=16, max_length=12), False)],
-                         ids=["gru4rec", "caser", "sasrec-keep-history"])
-def test_the_compiled_top_k_ranks_as_the_eager_model(config, exclude_history, tmp_path):
+@pytest.mark.parametrize("config, num_items, exclude_history", [(GRU4RecConfig(hidden_size=16), 3000, True),
+                                                                (CaserConfig(hidden_size=16, window=4), 97, True),
+                                                                (SASRecConfig(hidden_size=16, max_length=12), 97, False)],
+                         ids=["gru4rec-two-level-top-k", "caser", "sasrec-keep-history"])
+def test_the_compiled_top_k_ranks_as_the_eager_model(config, num_items, exclude_history, tmp_path):
     torch.manual_seed(0)
-    model = build_model(config, num_items=97)
+    model = build_model(config, num_items=num_items)
     model.save_pretrained(tmp_path / "model")
     compile_top_k(tmp_path / "model", topk=7, exclude_history=exclude_history)
     fast = CompiledTopK.load(tmp_path / "model", topk=7, exclude_history=exclude_history)
-    histories = mixed_histories(97, model.context_length)
+    histories = mixed_histories(num_items, model.context_length)
     assert_same_rankings(fast.top_items(histories), top_items(model, histories, 7, exclude_history, len(histories)))
     for history in histories[:4]:  # one user per call, as served
         assert_same_rankings(fast.top_items([history]), top_items(model, [history], 7, exclude_history, 1))
+
+
+def test_a_history_that_leaves_fewer_than_k_items_gets_the_rest_only(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(SASRecConfig(hidden_size=16, max_length=12), num_items=9)
+    model.save_pretrained(tmp_path / "model")
+    compile_top_k(tmp_path / "model", topk=5)
+    history = [0, 1, 2, 3, 4, 5, 6]  # 2 of the 9 items left
+    (answer,) = CompiledTopK.load(tmp_path / "model", topk=5).top_items([history])
+    assert_same_rankings([answer], top_items(model, [history], 5, True, 1))
+    assert sorted(item for item, _ in answer) == [7, 8]
 
 
 def test_the_compiled_trained_model_ranks_as_it_and_excludes_the_whole_history(compiled_model, tiny_llm_data):
