@@ -57,12 +57,13 @@ class TopKGraph(nn.Module):
     """What gets compiled: (recent [B, context_length], seen [B, S]) -> (scores [B, k], items [B, k]).
 
     Excluded items score -inf, as in `delrec.sr.evaluate.top_k` (an excluded or padding slot can
-    only be returned, with -inf, when fewer than k items remain). Two things make one call cheap:
-    models that score with the base `encode . item table` get the table stored transposed (a
-    contiguous product), and the top-K is exact but two-level on large catalogues: the k blocks of
-    `BLOCK` scores with the highest maxima hold every top-k item (each holds one at least as high as
-    the k-th score, and at most k blocks can), so topk runs over N/BLOCK maxima and k*BLOCK scores
-    instead of over N (measured in benchmarks/RESULTS.md)."""
+    only be returned, with -inf, when fewer than k items remain). Scores are laid out in blocks of
+    `BLOCK`, padded with -inf (the pad id of `seen` falls in the padding), for two savings measured
+    in benchmarks/RESULTS.md: models that score with the base `encode . item table` get one product
+    with the transposed, padded table plus a -inf bias on the padding, so nothing is copied; and
+    the top-K is exact but two-level on large catalogues: the k blocks with the highest maxima hold
+    every top-k item (each holds one at least as high as the k-th score, and at most k blocks can),
+    so topk runs over N/BLOCK maxima and k*BLOCK scores instead of over N."""
 
     BLOCK = 64
 
@@ -71,28 +72,39 @@ class TopKGraph(nn.Module):
         self.model = model
         self.topk = topk
         self.exclude_history = exclude_history
-        plain_product = type(model).score_all is SequentialRecommender.score_all
-        self.register_buffer("item_table_t", model.item_embeddings().detach().T.contiguous() if plain_product else None)
+        self.num_items = model.num_items
+        self.blocks = -(-(model.num_items + 1) // self.BLOCK)  # + 1: a column for the pad id
+        width = self.blocks * self.BLOCK
+        if type(model).score_all is SequentialRecommender.score_all:
+            table = model.item_embeddings().detach()
+            self.register_buffer("item_table_t", F.pad(table.T, (0, width - self.num_items)).contiguous())
+            padding = torch.zeros(width, dtype=table.dtype, device=table.device)
+            padding[self.num_items:] = float("-inf")
+            self.register_buffer("padding_bias", padding)
+        else:
+            self.item_table_t = self.padding_bias = None
 
-    def forward(self, recent: torch.Tensor, seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def padded_scores(self, recent: torch.Tensor) -> torch.Tensor:
+        """[B, blocks * BLOCK]: the catalogue's scores, then -inf."""
         if self.item_table_t is None:
             scores = self.model.score_all(recent)
-        else:
-            scores = self.model.encode(recent) @ self.item_table_t
-        num_items, k, block = scores.shape[1], self.topk, self.BLOCK
-        blocks = -(-(num_items + 1) // block)  # + 1: a column for the pad id of `seen`
-        scores = F.pad(scores, (0, blocks * block - num_items), value=float("-inf"))
+            return F.pad(scores, (0, self.blocks * self.BLOCK - self.num_items), value=float("-inf"))
+        return torch.addmm(self.padding_bias, self.model.encode(recent), self.item_table_t)
+
+    def forward(self, recent: torch.Tensor, seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.padded_scores(recent)
         if self.exclude_history:
             scores = scores.scatter(1, seen, float("-inf"))
-        if blocks <= 4 * k:
+        k, block = self.topk, self.BLOCK
+        if self.blocks <= 4 * k:
             values, items = scores.topk(k, dim=1)
         else:
-            tiles = scores.view(scores.shape[0], blocks, block)
+            tiles = scores.view(scores.shape[0], self.blocks, block)
             best = tiles.amax(2).topk(k, dim=1).indices  # [B, k] block numbers
             candidates = tiles.gather(1, best[..., None].expand(-1, -1, block)).flatten(1)
             values, position = candidates.topk(k, dim=1)
             items = best.gather(1, position // block) * block + position % block
-        return values, items.clamp(max=num_items - 1)
+        return values, items.clamp(max=self.num_items - 1)
 
 
 def _inductor():
