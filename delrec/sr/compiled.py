@@ -210,8 +210,10 @@ def _description(model: SequentialRecommender, folder: Path, topk: int, exclude_
 class CompiledTopK:
     """A loaded package: `top_k` and `top_items` as in `delrec.sr.evaluate`, for any batch size."""
 
-    def __init__(self, runner, description: dict, path: Path):
-        self.runner = runner
+    def __init__(self, package, description: dict, path: Path):
+        # the package's loader, called with the flat inputs: `AOTICompiledModel.__call__` re-parses its
+        # input/output specs (JSON) on every call, ~20 of ~100 us for one user
+        self.run = package.loader.run
         self.description = description
         self.path = path
         self.topk = description["topk"]
@@ -241,7 +243,7 @@ class CompiledTopK:
     def top_k(self, histories: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """([R, k] items, [R, k] scores), best first; excluded items score -inf."""
         with torch.inference_mode():
-            scores, items = self.runner(*graph_inputs(histories, self.num_items, self.context_length))
+            scores, items = self.run(list(graph_inputs(histories, self.num_items, self.context_length)))
         return items, scores
 
     def top_items(self, histories: Sequence[Sequence[int]]) -> list[list[tuple[int, float]]]:
