@@ -149,9 +149,9 @@ def compile_top_k(folder: str | Path, topk: int = 20, exclude_history: bool = Tr
         parameter.requires_grad_(False)
     graph = TopKGraph(model, topk, exclude_history).eval()
     generator = torch.Generator().manual_seed(0)
-    longest = model.context_length + 3  # older items too: the exclusion must reach past the context
-    histories = [torch.randint(0, model.num_items, (int(n),), generator=generator).tolist()
-                 for n in torch.randint(1, longest + 1, (CHECK_HISTORIES,), generator=generator)]
+    longest = model.context_length + 3  # one at least: the exclusion must reach past the context
+    lengths = [*torch.randint(1, longest + 1, (CHECK_HISTORIES - 1,), generator=generator).tolist(), longest]
+    histories = [torch.randint(0, model.num_items, (n,), generator=generator).tolist() for n in lengths]
     example = graph_inputs(histories, model.num_items, model.context_length)
     batch, seen = torch.export.Dim("batch", min=1, max=MAX_BATCH), torch.export.Dim("seen", min=2, max=1 << 20)
     out = package_path(folder, topk, exclude_history)
