@@ -114,6 +114,10 @@ def test_teachers_of_subsets_combine_over_the_union_where_they_have_rows():
                               None, None, torch.randn(N, 4))
     with_embeddings = combine_teachers([a, embeddings_only], topk=3)
     assert torch.equal(with_embeddings.items, a.items) and with_embeddings.embeddings.shape == (N, 4)
+    other_embeddings = Teacher(None, teacher_info("abc", N, 0, None, None, 6, {"kind": "emb"}, None), None, None,
+                               None, None, torch.randn(N, 6))
+    side_by_side = combine_teachers([embeddings_only, a, other_embeddings], topk=3)
+    assert side_by_side.embeddings.shape == (N, 10) and side_by_side.embedding_blocks == (4, 6)
     alone = combine_teachers([embeddings_only], topk=3)
     assert not alone.has_rankings and alone.embeddings.shape == (N, 4)
 

@@ -12,7 +12,7 @@ from delrec.distill.dllm2rec import (
     dllm2rec_weights,
     paper_confidence,
 )
-from delrec.distill.embedding import CollaborativeEmbedding, install_collaborative_embedding
+from delrec.distill.embedding import CollaborativeEmbedding, install_collaborative_embedding, standardized
 from delrec.distill.rd import RDConfig, items_mask, position_weights, rd_loss, rd_weights, student_ranks
 from delrec.distill.rrd import rrd_loss, sample_uninteresting
 from delrec.sr import SASRecConfig, build_model, load_model, pad_histories
@@ -197,6 +197,22 @@ def test_collaborative_embedding_equals_its_formula_and_its_table_with_a_zero_pa
     assert not module.teacher.requires_grad and "teacher" not in module.state_dict()
     trainable = {name for name, p in module.named_parameters()}
     assert trainable == {"base.weight", "projector.weight", "projector.bias"}
+
+
+def test_several_teachers_blocks_carry_equal_variance_whatever_their_width():
+    torch.manual_seed(0)
+    narrow, wide = torch.randn(50, 2) * 0.01, torch.randn(50, 8) * 300.0  # an SR table beside an LLM state
+    z = standardized(torch.cat([narrow, wide], dim=1), blocks=(2, 8))
+    per_item = z.pow(2).mean(0)  # each column's variance over the items
+    torch.testing.assert_close(per_item[:2].sum(), torch.tensor(5.0))  # D / T = 10 / 2 for each teacher
+    torch.testing.assert_close(per_item[2:].sum(), torch.tensor(5.0))
+    torch.testing.assert_close(z[:, :2] / math.sqrt(2.5), standardized(narrow))  # sqrt(10 / (2 * 2))
+    torch.testing.assert_close(standardized(wide, blocks=(8,)), standardized(wide))  # one teacher: unchanged
+    with pytest.raises(ValueError, match=r"blocks \[2, 7\] do not split 10 columns"):
+        standardized(torch.cat([narrow, wide], dim=1), blocks=(2, 7))
+    model = build_model(SMALL, 50)
+    install_collaborative_embedding(model, torch.cat([narrow, wide], dim=1), 0.2, blocks=(2, 8))
+    torch.testing.assert_close(model.item_embedding.teacher, z)
 
 
 def test_bake_then_save_and_load_give_identical_scores(tmp_path):

@@ -27,7 +27,9 @@ gets weight 0 and is left out of the others' consistency. Teachers of item embed
 their matrix and nothing else.
 
 Item embeddings: the teachers' matrices (those that have one) are concatenated feature-wise, so a
-linear projector of the combined z_i equals the sum of one projector per teacher. teacher.json's
+linear projector of the combined z_i equals the sum of one projector per teacher; their widths travel
+as `embedding_blocks`, so that the student weighs each teacher's block equally
+(`delrec.distill.embedding`). teacher.json's
 `source` records, per teacher, its mean weight, confidence and consistency over the instances it
 has a row for.
 """
@@ -102,7 +104,8 @@ def combine_teachers(teachers: list[Teacher], topk: int) -> Teacher:
         None if combined_embeddings is None else int(combined_embeddings.shape[1]), source,
         time.perf_counter() - started, first.info.get("num_train_instances"),
     )
-    return Teacher(None, info, ids, items, scores, "score" if ranked else None, combined_embeddings)
+    return Teacher(None, info, ids, items, scores, "score" if ranked else None, combined_embeddings,
+                   tuple(int(e.shape[1]) for e in embeddings))
 
 
 def _check_same_dataset(teachers: list[Teacher]) -> None:

@@ -271,7 +271,8 @@ def train_student(
     extra_loss = None if config_class is None else DistillationLoss(teacher, METHODS[method], method_config)
     model_hook = None
     if embedding_distillation:
-        model_hook = functools.partial(install_collaborative_embedding, teacher_embeddings=teacher.embeddings, alpha=ed_weight)
+        model_hook = functools.partial(install_collaborative_embedding, teacher_embeddings=teacher.embeddings,
+                                       alpha=ed_weight, blocks=teacher.embedding_blocks)
     result = train_sr(dataset, model_config, train_config, out, extra_loss=extra_loss, model_hook=model_hook,
                       extra_settings=settings)
     result.metrics["distillation"] = {**settings, "teachers": [

@@ -68,6 +68,7 @@ class Teacher:
     scores: torch.FloatTensor | None  # [R, K]
     score_kind: str | None  # "score": higher is better; "distance": lower is better
     embeddings: torch.FloatTensor | None = None  # [N, D]
+    embedding_blocks: tuple[int, ...] = ()  # several teachers' matrices side by side: their widths
     _row_index: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
