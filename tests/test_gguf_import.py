@@ -97,3 +97,28 @@ def test_bos_is_chosen_by_the_lower_loss(tiny_llama):
     losses = evidence["loss_nats_per_token"]
     assert evidence["add_bos"] == (losses["with_bos"] < losses["without_bos"])
     assert evidence["probes"] == len(gguf_import.BOS_PROBES)
+
+
+def test_a_second_import_links_the_cached_weights_and_copies_the_text_files(tmp_path, monkeypatch):
+    from delrec.io import write_json
+
+    source = tiny_gguf(tmp_path / "model.gguf", "gemma3")
+    conversions = []
+
+    def convert(gguf_path, digest, out, packaged):  # stands in for transformers' 90 s conversion
+        conversions.append(digest)
+        (out / "model.safetensors").write_bytes(b"weights")
+        (out / "tokenizer_config.json").write_text("{}")
+        write_json(out / gguf_import.IMPORT_FILE, {"sha256": digest})
+
+    monkeypatch.setattr(gguf_import, "_convert", convert)
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert gguf_import.import_model(str(source), first)["sha256"] == conversions[0]
+    gguf_import.import_model(str(source), second)
+    cached = gguf_import.converted_folder(source)
+    assert len(conversions) == 1
+    for out in (first, second):
+        assert (out / "model.safetensors").samefile(cached / "model.safetensors")
+        assert not (out / "tokenizer_config.json").samefile(cached / "tokenizer_config.json")
+    (first / "tokenizer_config.json").write_text('{"edited": true}')  # an edit in place stays in its folder
+    assert (cached / "tokenizer_config.json").read_text() == "{}"

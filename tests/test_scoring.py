@@ -17,7 +17,7 @@ from delrec.llm.scoring import (
     score_candidates_naive,
 )
 from delrec.llm.soft_prompt import SoftPrompt
-from delrec.llm.tokenization import adds_bos, encode_completion, encode_pair, encode_prompt
+from delrec.llm.tokenization import adds_bos, decode_completion, encode_completion, encode_pair, encode_prompt
 from delrec.prompts import get_template
 from llm_fixtures import load_tiny, tiny_llm, tiny_llm_data  # noqa: F401 (fixtures)
 
@@ -56,6 +56,14 @@ def test_encode_pair_marks_exactly_the_completion(tiny_llm):
     assert adds_bos(tokenizer) == (model.config.model_type == "llama")
     assert prompt_ids == tokenizer(prompt).input_ids
     assert (prompt_ids[0] == tokenizer.bos_token_id) == adds_bos(tokenizer)
+
+
+def test_a_generated_answer_is_decoded_up_to_its_first_eos_whole(tiny_llm):
+    _, tokenizer = load_tiny(tiny_llm)
+    title = "Café Ünïcode ☕"
+    ids = encode_completion(tokenizer, title)  # ends with EOS
+    assert decode_completion(tokenizer, ids + encode_completion(tokenizer, "padding after EOS")) == title
+    assert decode_completion(tokenizer, ids[:-1]) == title  # cut at max_new_tokens: no EOS at all
 
 
 def test_fast_path_equals_one_forward_per_candidate(tiny_llm):

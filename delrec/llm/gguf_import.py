@@ -67,8 +67,10 @@ PACKAGED_MODELS = {
 def import_model(source: str, out: str | Path, overwrite: bool = False) -> dict:
     """Write the plain Hugging Face folder for `source` (a `.gguf` path or a name in `PACKAGED_MODELS`) to `out`.
 
-    The conversion itself is cached (`converted_folder`), so importing the same file twice costs a copy.
-    Returns the folder's `delrec_import.json`.
+    The conversion itself is cached (`converted_folder`), so importing the same file twice costs a
+    hard link to the cached weights (a copy where the cache lies on another file system) and a copy
+    of the small text files people edit: a 1 GB weight file is not written twice, and an edit in
+    place can only reach the cache through the weights, which delrec never rewrites in place. Returns the folder's `delrec_import.json`.
     """
     out = Path(out)
     blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
@@ -81,9 +83,19 @@ def import_model(source: str, out: str | Path, overwrite: bool = False) -> dict:
     with _gguf_file(source, scratch=out.parent) as gguf_path:
         cached = converted_folder(gguf_path, packaged=PACKAGED_MODELS.get(source))
     with staged_directory(out) as tmp:
-        shutil.copytree(cached, tmp, dirs_exist_ok=True)
+        shutil.copytree(cached, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
         replace_directory(tmp, out)
     return read_json(out / IMPORT_FILE)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    if source.endswith(".safetensors"):
+        try:
+            os.link(source, target)
+            return
+        except OSError:  # another file system, or one without hard links
+            pass
+    shutil.copy2(source, target)
 
 
 def converted_folder(gguf_path: str | Path, packaged: PackagedModel | None = None) -> Path:

@@ -54,6 +54,16 @@ def encode_completion(tokenizer, completion: str) -> list[int]:
     return [*_text_ids(tokenizer, completion), tokenizer.eos_token_id]
 
 
+def decode_completion(tokenizer, ids: list[int]) -> str:
+    """A generated answer's text: the ids up to the first EOS, decoded at once.
+
+    Every backend decodes whole id lists here rather than trusting a server's incremental
+    detokenizer, which holds back a trailing partial UTF-8 character and so may end earlier.
+    """
+    eos = tokenizer.eos_token_id
+    return tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids, skip_special_tokens=True)
+
+
 def encode_pair(tokenizer, prompt: str, completion: str) -> dict[str, list[int]]:
     """`input_ids` = prompt ids + completion ids; `completion_mask` is 1 on exactly the completion ids (EOS too)."""
     prompt_ids = encode_prompt(tokenizer, prompt)

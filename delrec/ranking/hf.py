@@ -32,7 +32,7 @@ from delrec.llm.folder import load_delrec_model
 from delrec.device import resolve_device
 from delrec.llm.loading import ModelConfig, load_model
 from delrec.llm.scoring import CandidateScores, score_candidates
-from delrec.llm.tokenization import encode_completion, encode_prompt
+from delrec.llm.tokenization import decode_completion, encode_completion, encode_prompt
 from delrec.ranking.base import Backend
 from delrec.ranking.models import ModelSpec
 from delrec.ranking.trie import Beam, Finished, TrieNode, build_trie, prune, ranked
@@ -124,14 +124,9 @@ class HFBackend(Backend):
                 input_ids=inputs, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                 repetition_penalty=1.0, eos_token_id=eos, pad_token_id=pad,
             )
-            return [self._text(row) for row in out[:, inputs.shape[1]:].tolist()]
+            return [decode_completion(self.tokenizer, row) for row in out[:, inputs.shape[1]:].tolist()]
 
         return self._batched(prompts, self.batch_size, run)
-
-    def _text(self, ids: list[int]) -> str:
-        """Decoded text up to the first EOS (what follows it is padding)."""
-        eos = self.tokenizer.eos_token_id
-        return self.tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids, skip_special_tokens=True)
 
     def _batched(self, prompts: Sequence[str], size: int, run) -> list:
         """`run(indices, prompt ids)` over batches of `size` similar-length prompts; results in input order."""

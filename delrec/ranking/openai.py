@@ -32,7 +32,7 @@ from typing import Sequence
 from delrec.errors import DelrecError
 from delrec.llm.loading import load_tokenizer
 from delrec.llm.scoring import CandidateScores
-from delrec.llm.tokenization import encode_completion, encode_prompt
+from delrec.llm.tokenization import decode_completion, encode_completion, encode_prompt
 from delrec.ranking.base import Backend
 from delrec.ranking.models import ModelSpec
 from delrec.ranking.trie import beam_search, build_trie
@@ -166,9 +166,10 @@ class OpenAIBackend(Backend):
             batch = [encode_prompt(self.tokenizer, p) for p in prompts[start : start + self.request_batch]]
             answer = self.client.post("/completions", {
                 "model": self.served_model, "prompt": batch, "max_tokens": max_new_tokens, "temperature": 0.0,
-                "ignore_eos": True, "stop_token_ids": [eos], "skip_special_tokens": True,
+                "ignore_eos": True, "stop_token_ids": [eos], "skip_special_tokens": True, "return_token_ids": True,
             })
-            texts += [choice["text"] for choice in _in_order(answer, len(batch))]
+            texts += [decode_completion(self.tokenizer, choice["token_ids"]) if choice.get("token_ids") is not None
+                      else choice["text"] for choice in _in_order(answer, len(batch))]
         return texts
 
     def _candidate_steps(self, prompts, candidates):

@@ -47,7 +47,7 @@ import torch
 from delrec.errors import DelrecError
 from delrec.llm.loading import DTYPES, load_tokenizer
 from delrec.llm.scoring import CandidateScores
-from delrec.llm.tokenization import encode_completion, encode_prompt
+from delrec.llm.tokenization import decode_completion, encode_completion, encode_prompt
 from delrec.ranking.base import Backend
 from delrec.ranking.models import ModelSpec
 from delrec.ranking.trie import beam_search, build_trie
@@ -236,11 +236,7 @@ class VLLMBackend(Backend):
                                 detokenize=False)
         outputs = self.llm.generate(self._prompts([encode_prompt(self.tokenizer, p) for p in prompts]), params,
                                     use_tqdm=False)
-        texts = []
-        for output in outputs:
-            ids = list(output.outputs[0].token_ids)
-            texts.append(self.tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids, skip_special_tokens=True))
-        return texts
+        return [decode_completion(self.tokenizer, list(output.outputs[0].token_ids)) for output in outputs]
 
     def _next_token_logprobs(self, requests: list[tuple[list[int], list[int]]]) -> list[dict[int, float]]:
         """For each (ids, tokens): log P(token | ids) of each token, in one engine call."""
