@@ -84,13 +84,14 @@ def _coerce(value: Any, action: argparse.Action, source: str) -> Any:
 
 def _coerce_scalar(value: Any, action: argparse.Action, source: str) -> Any:
     kind = action.type
+    base = getattr(kind, "base", kind)  # int for an optional int
     expected = getattr(kind, "__name__", "value")
     if isinstance(value, (dict, list)):
         raise DelrecError(f"{source}: key '{action.dest}' expects a single {expected}, got {value!r}")
     if isinstance(value, bool):
-        if kind in (int, float, str):
+        if base in (int, float, str):
             raise DelrecError(f"{source}: key '{action.dest}' expects {expected}, got {value!r}")
-    elif kind is int and isinstance(value, float) and not value.is_integer():
+    elif base is int and isinstance(value, float) and not value.is_integer():
         raise DelrecError(f"{source}: key '{action.dest}' expects an integer, got {value!r}")
     elif kind is not None:
         try:
@@ -134,6 +135,23 @@ def _choice(choices: tuple) -> Any:
     return choice
 
 
+def _or_none(kind: Any) -> Any:
+    """`kind`, or None for the text `none` / `null`: how an optional option is turned off on the command line."""
+
+    def parse(text: Any) -> Any:
+        if isinstance(text, str) and text.lower() in ("none", "null"):
+            return None
+        return kind(text)
+
+    parse.__name__ = f"{getattr(kind, '__name__', 'value')} or none"
+    parse.base = kind
+    return parse
+
+
+def _is_optional(annotation: Any) -> bool:
+    return type(None) in typing.get_args(annotation)
+
+
 def _without_none(annotation: Any) -> Any:
     """X for `X | None` / `Optional[X]`; other annotations unchanged."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -156,7 +174,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One `--name` (and `--na-me`) flag per init field of `cls`: type, choices, default and help from the field.
 
     Booleans take an optional value (`--x`, `--x false`); a boolean defaulting to true also gets `--no_x`.
-    Lists take one or more values. `Literal[...]` becomes choices.
+    Lists take one or more values. `Literal[...]` becomes choices. An optional (`X | None`) option also
+    takes `none`.
     """
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
@@ -175,7 +194,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         elif typing.get_origin(kind) is list:
             kwargs.update(type=typing.get_args(kind)[0], nargs="+")
         else:
-            kwargs["type"] = kind
+            kwargs["type"] = _or_none(kind) if _is_optional(hints[field.name]) else kind
         parser.add_argument(*names, **kwargs)
         if kind is bool and field.default is True:
             parser.add_argument(f"--no_{field.name}", f"--no-{field.name.replace('_', '-')}", action="store_false",

@@ -18,6 +18,7 @@ class TrainArgs:
     loss: Literal["ce", "bce"] = field(default="ce", metadata={"help": "loss"})
     ks: list[int] = field(default_factory=lambda: [1, 5], metadata={"help": "cut-offs"})
     shuffle: bool = field(default=True, metadata={"help": "shuffle"})
+    limit: int | None = field(default=200, metadata={"help": "at most this many (none: all)"})
 
 
 def parse(argv):
@@ -27,6 +28,14 @@ def parse(argv):
 def test_flags_and_defaults():
     args = parse(["--out", "x", "--epochs", "5", "--no-shuffle"])
     assert (args.out, args.epochs, args.lr, args.shuffle, args.ks) == ("x", 5, 1e-3, False, [1, 5])
+
+
+@pytest.mark.parametrize("text, expected", [("7", 7), ("none", None), ("None", None), ("null", None)])
+def test_an_optional_option_takes_none_as_a_flag_and_in_yaml(tmp_path, text, expected):
+    assert parse(["--out", "x", "--limit", text]).limit == expected
+    config = tmp_path / "c.yaml"
+    config.write_text(f"out: x\nlimit: {text}\n")
+    assert parse(["--config", str(config)]).limit == expected
 
 
 def test_yaml_sets_values_and_flags_override(tmp_path):
@@ -41,6 +50,9 @@ def test_yaml_sets_values_and_flags_override(tmp_path):
     [
         ("out: x\nepoch: 3\n", r"c.yaml: unknown key 'epoch'; did you mean 'epochs'\?"),
         ("out: x\nepochs: 2.5\n", r"key 'epochs' expects an integer, got 2.5"),
+        ("out: x\nlimit: 2.5\n", r"key 'limit' expects an integer, got 2.5"),
+        ("out: x\nlimit: true\n", r"key 'limit' expects int or none, got True"),
+        ("out: x\nlimit: all\n", r"key 'limit' expects int or none, got 'all'"),
         ("out: x\nlr: fast\n", r"key 'lr' expects float, got 'fast'"),
         ("out: x\nloss: mse\n", r"key 'loss' must be one of ce, bce, got 'mse'"),
         ("- a\n- b\n", r"expected a mapping"),
