@@ -220,7 +220,7 @@ def test_stage2_item_tokens_name_the_runs_sr_model_or_fingerprint_an_outside_fol
     ({"stage1": {"lerning_rate": 0.1}}, "section 'stage1': unknown key 'lerning_rate'; did you mean 'learning_rate'?"),
     ({"stag1": {}}, "unknown key 'stag1'; did you mean 'stage1'?"),
     ({"sr": {"sasrec": {"model": "sasrec", "num_kernels": 4}}}, "section 'sr.sasrec': unknown key 'num_kernels'"),
-    ({"stage2": {"learning_rate": "fast"}}, "section 'stage2': key 'learning_rate' expects float, got 'fast'"),
+    ({"stage2": {"learning_rate": "fast"}}, "section 'stage2': key 'learning_rate' expects float or none, got 'fast'"),
     ({"stage1": {"out": "elsewhere"}}, "section 'stage1': key 'out' is set by the pipeline"),
     ({"teacher": {"llm": {"model": "sr/nope"}}}, "section 'teacher.llm': key 'model' is 'sr/nope'; expected one of: "
                                                  "sr/pop, sr/sasrec, stage2/stage1"),
