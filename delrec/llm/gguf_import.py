@@ -70,7 +70,8 @@ def import_model(source: str, out: str | Path, overwrite: bool = False) -> dict:
     The conversion itself is cached (`converted_folder`), so importing the same file twice costs a
     hard link to the cached weights (a copy where the cache lies on another file system) and a copy
     of the small text files people edit: a 1 GB weight file is not written twice, and an edit in
-    place can only reach the cache through the weights, which delrec never rewrites in place. Returns the folder's `delrec_import.json`.
+    place can only reach the cache through the weights, which delrec never rewrites in place.
+    Returns the folder's `delrec_import.json`.
     """
     out = Path(out)
     blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
