@@ -104,7 +104,16 @@ def export(args, llm: Path, dataset, out: Path, **settings) -> tuple[Path, dict]
     return folder, {"seconds": round(time.perf_counter() - began, 1), "rows": info["num_instances"],
                     "embedding_dim": info["embedding_dim"], "target_in_topk": info["source"].get("target_in_topk"),
                     "target_in_candidates": info["source"].get("target_in_candidates"),
-                    "instances_per_second": info.get("instances_per_second")}
+                    "instances_per_second": info.get("instances_per_second"),
+                    "embedding_knn": info["source"].get("embedding_knn")}
+
+
+def knn_clause(knn: dict | None) -> str:
+    """The teacher folder's item-kNN check of its embeddings (`delrec.distill.embedding.item_knn_hit_rate`)."""
+    if not knn:
+        return ""
+    return (f" (item-kNN HR@{knn['k']} on {knn['users']} valid users: {knn['hit_rate']:.4f}, chance "
+            f"{knn['chance']:.4f})")
 
 
 def per_user_ndcg(model_dir: Path, dataset, k: int = 20) -> list[float]:
@@ -364,7 +373,7 @@ def markdown_section(report: dict) -> str:
         emb, rank = record["teachers"]["llm-emb"], record["teachers"]["llm-rank"]
         lines += [f"**{name}** ({d['items']} items, {d['train_instances']} training instances, {d['test_instances']} "
                   f"test users; students {record['budget']['student_epochs']} epochs). LLM embeddings of every title: "
-                  f"{emb['seconds']} s; LLM rerank of {rank['rows']} instances: {rank['seconds']} s "
+                  f"{emb['seconds']} s{knn_clause(emb.get('embedding_knn'))}; LLM rerank of {rank['rows']} instances: {rank['seconds']} s "
                   f"({rank['instances_per_second']} instances/s; target in the LLM's top-{TOPK}: "
                   f"{rank['target_in_topk']:.1%}, among the re-ranked candidates {rank['target_in_candidates']:.1%}). "
                   f"Ranking teacher: {rank.get('model', ZERO_SHOT_RANKER)}.",

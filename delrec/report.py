@@ -90,6 +90,13 @@ def _student_label(run: dict, model_type: str) -> str:
     return f"{student} + {' + '.join(parts)} (teacher: {', '.join(run['teachers'])})"
 
 
+def _knn_clause(knn: dict | None) -> str:
+    if not knn:
+        return ""
+    return (f"; its item embeddings put the {knn['split']} target among the {knn['k']} items nearest to the last "
+            f"history item for {knn['hit_rate']:.1%} of {knn['users']} users (chance {knn['chance']:.1%})")
+
+
 def _pick(values: dict | None, keys) -> dict | None:
     return None if values is None else {k: values[k] for k in keys}
 
@@ -462,7 +469,8 @@ def _stage_details(results: Results) -> list[str]:
         source = info.get("source") or {}
         lines.append(f"- **teacher / {name}** (`{entry['model']}`, {source.get('kind')}): top-{info['topk']} of all "
                      f"items for {info['num_instances']} training instances in {info.get('seconds')} s; the target is "
-                     f"in the top-{info['topk']} for {source.get('target_in_topk', float('nan')):.1%} of them.")
+                     f"in the top-{info['topk']} for {source.get('target_in_topk', float('nan')):.1%} of them"
+                     + _knn_clause(source.get("embedding_knn")) + ".")
     for name, entry in _outputs(results, "students").get("runs", {}).items():
         m = read_json(_file(run, entry["folder"], "metrics.json"))
         lines.append(f"- **students / {name}** ({_student_label(entry, entry['model_type'])}): {m['epochs_run']} "

@@ -14,7 +14,9 @@ from delrec.data.dataset import PreparedDataset
 from delrec.data.prepare import prepare_dataset
 from delrec.data.preprocess import PreprocessConfig
 from delrec.data.synthetic import make_synthetic
+from delrec.data.dataset import Instance
 from delrec.distill import TeacherExportConfig, export_teacher, load_teacher, write_teacher
+from delrec.distill.embedding import item_knn_hit_rate, standardized
 from delrec.ranking.teacher import embed_texts
 from delrec.errors import DelrecError
 from delrec.io import read_json, write_json
@@ -66,6 +68,34 @@ def test_sr_teacher_is_the_models_top_k_with_history_excluded(sr_model, sr_teach
     targets = torch.tensor([i.target for i in train])
     assert info["source"]["kind"] == "sr"
     assert info["source"]["target_in_topk"] == pytest.approx((items == targets[:, None]).any(1).float().mean().item())
+
+
+def test_item_knn_hit_rate_on_a_hand_computed_case():
+    # standardised, items 0 and 1 are the vector (1, -1) and items 2 and 3 are (-1, 1)
+    z = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    users = [Instance(0, (0,), 1),  # nearest to 0 outside the history: 1 -> hit
+             Instance(1, (2,), 1),  # nearest to 2: 3 -> miss
+             Instance(2, (3, 0), 1),  # last item 0 -> 1 -> hit
+             Instance(3, (1, 2), 1),  # the target is in the history: never a hit, no chance either
+             Instance(4, (), 0)]  # no history: skipped
+    assert item_knn_hit_rate(z, users, k=1) == {"k": 1, "users": 4, "hit_rate": 0.5,
+                                                "chance": round((1 / 3 + 1 / 3 + 1 / 2) / 4, 6)}
+    assert item_knn_hit_rate(z, users, k=3)["hit_rate"] == 0.75  # k past the items left: still only real hits
+    assert item_knn_hit_rate(z, [Instance(0, (), 1)]) is None
+    assert item_knn_hit_rate(z, users, k=1, max_users=2)["users"] == 2
+
+
+def test_every_teacher_with_embeddings_reports_their_item_knn_hit_rate(sr_model, sr_teacher, dataset):
+    unit = torch.nn.functional.normalize(standardized(load_model(sr_model).item_embeddings().detach()), dim=1)
+    valid = [inst for inst in dataset.instances("valid") if inst.history]
+    hits = 0
+    for inst in valid:  # one user at a time, by the definition
+        cosine = {item: float(unit[inst.history[-1]] @ unit[item]) for item in range(dataset.num_items)
+                  if item not in inst.history}
+        hits += inst.target in sorted(cosine, key=cosine.get, reverse=True)[:20]
+    knn = read_json(sr_teacher / "teacher.json")["source"]["embedding_knn"]
+    assert knn["split"] == "valid" and knn["k"] == 20 and knn["users"] == len(valid)
+    assert knn["hit_rate"] == pytest.approx(hits / len(valid), abs=1e-6)
 
 
 def test_write_then_load_gives_the_same_teacher_and_its_confidences_and_rows(sr_teacher, dataset, tmp_path):

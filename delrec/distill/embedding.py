@@ -88,3 +88,42 @@ def install_collaborative_embedding(model: SequentialRecommender, teacher_embedd
                                     blocks: tuple[int, ...] = ()) -> None:
     """Replace `model.item_embedding` by a `CollaborativeEmbedding` around it (a `model_hook`)."""
     model.item_embedding = CollaborativeEmbedding(model.item_embedding, teacher_embeddings, alpha, blocks)
+
+
+@torch.inference_mode()
+def item_knn_hit_rate(embeddings: torch.Tensor, instances, k: int = 20, max_users: int = 2000, seed: int = 0,
+                      batch_size: int = 1024) -> dict | None:
+    """How much item knowledge a teacher's embeddings carry before a student trains on them.
+
+    For each user (a seeded sample of at most `max_users` of `instances`, empty histories skipped),
+    the k items nearest to the last history item (cosine between `standardized` rows, the space
+    embedding distillation reads; history items excluded) are taken as a recommendation: the result
+    is the share of users whose target is among them, beside `chance`, the same share for k items
+    drawn at random from those not in the history. Cheap next to a student run, and it told Gemma's
+    title states on games (40x chance) from those on Last.fm artist names (8x; benchmarks/RESULTS.md).
+    None when no user has a history.
+    """
+    users = [inst for inst in instances if inst.history]
+    if not users:
+        return None
+    if len(users) > max_users:
+        rng = torch.Generator().manual_seed(seed)
+        users = [users[i] for i in sorted(torch.randperm(len(users), generator=rng)[:max_users].tolist())]
+    unit = nn.functional.normalize(standardized(embeddings.float()), dim=1)
+    num_items = unit.shape[0]
+    hits, chance = 0, 0.0
+    for start in range(0, len(users), batch_size):
+        batch = users[start:start + batch_size]
+        scores = unit[[inst.history[-1] for inst in batch]] @ unit.T
+        reachable = torch.zeros(len(batch), dtype=torch.bool)  # a target in the history is never recommended
+        for row, inst in enumerate(batch):
+            seen = set(inst.history)
+            scores[row, list(seen)] = -math.inf
+            if inst.target not in seen:
+                reachable[row] = True
+                chance += min(k, num_items - len(seen)) / (num_items - len(seen))
+        top = scores.topk(min(k, num_items), dim=1).indices
+        targets = torch.tensor([inst.target for inst in batch])
+        hits += int(((top == targets[:, None]).any(1) & reachable).sum())
+    return {"k": k, "users": len(users), "hit_rate": round(hits / len(users), 6),
+            "chance": round(chance / len(users), 6)}

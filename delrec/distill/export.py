@@ -37,7 +37,10 @@ oldest history items dropped when a prompt would not fit the context. teacher.js
 speed (`seconds`, `instances_per_second`: from the loaded model on, rerank's SR candidates
 included) and in `source` the share of instances whose target is in the top-K, and per mode the
 truncated prompts, empty generations, generations that are exactly a catalogue title, and the
-targets among the rerank candidates.
+targets among the rerank candidates. Every teacher with item embeddings (SR tables included) also
+gets `embedding_knn`: valid users' targets among the 20 items nearest to their last item, against
+chance (`delrec.distill.embedding.item_knn_hit_rate`), so a weak embedding teacher shows before a
+student is trained on it.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import numpy as np
 import torch
 
 from delrec.data.dataset import Instance, PreparedDataset
+from delrec.distill.embedding import item_knn_hit_rate
 from delrec.distill.teacher import SPLIT, check_teacher_out, write_teacher
 from delrec.errors import DelrecError
 from delrec.io import check_apart_from_inputs, read_json
@@ -58,6 +62,7 @@ from delrec.sr.evaluate import top_k
 
 MODES = ("auto", "sr", "grounding", "rerank", "embeddings")
 GROUNDING_TASK = "teacher"  # the template task without candidates (prompts/teacher.jinja)
+KNN_K = 20  # the item-kNN check of a teacher's embeddings: top-20, as the students' test metrics
 
 
 @dataclass
@@ -181,6 +186,10 @@ def export_teacher(config: TeacherExportConfig, options=None) -> Path:
         targets = torch.tensor([inst.target for inst in instances], dtype=torch.long)
         ranked.source["target_in_topk"] = round(float((ranked.items == targets[:, None]).any(1).float().mean()), 6)
         ids = torch.tensor([inst.id for inst in instances], dtype=torch.long)
+    if ranked.embeddings is not None:
+        knn = item_knn_hit_rate(ranked.embeddings, dataset.instances("valid"), k=KNN_K, seed=config.seed)
+        if knn is not None:
+            ranked.source["embedding_knn"] = {"split": "valid", **knn}
     if config.max_instances is not None and ranked.items is not None:
         ranked.source["subset"] = {"max_instances": config.max_instances, "seed": config.seed,
                                    "instances": len(instances)}
