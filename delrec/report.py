@@ -451,15 +451,17 @@ def _stage_details(results: Results) -> list[str]:
         lines.append(f"- **stage1**: {m.get('global_step')} steps; on valid, before -> after training: "
                      + "; ".join(parts) + ". RPS agreement clearly above chance would be the evidence that the SR "
                      "model's pattern reached the soft prompt.")
+    ranked = bool(_outputs(results, "rank").get("runs"))
     for variant, entry in _outputs(results, "stage2").get("variants", {}).items():
         m = read_json(_file(run, entry["folder"], "metrics.json"))
         before, after = m.get("valid_before_training") or {}, m.get("valid") or {}
+        test = ("the rank stage scores its test users" if ranked else  # stage 2's own test pass may be a token one
+                f"test HR@1 {m['test']['hr@1']:.3f} on {m['instances']['test']['instances']} users")
         lines.append(f"- **stage2 / {variant}** ({VARIANT_NAMES[variant]}): {m.get('global_step')} steps on "
                      f"{m['instances']['train']['instances']} instances; valid NDCG@5 "
                      f"{before.get('ndcg@5', float('nan')):.3f} before -> {after.get('ndcg@5', float('nan')):.3f} at "
                      f"the best checkpoint (evaluated on {m['instances']['valid']['instances']} valid users; the "
-                     f"Trainer keeps the best saved step); test HR@1 {m['test']['hr@1']:.3f} on "
-                     f"{m['instances']['test']['instances']} users.")
+                     f"Trainer keeps the best saved step); {test}.")
     for name, entry in _outputs(results, "rank").get("runs", {}).items():
         m = read_json(_file(run, entry["folder"], "metrics.json"))
         lines.append(f"- **rank / {name}**: {m['instances']} {m['dataset']['split']} instances, read-out "
