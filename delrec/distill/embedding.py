@@ -100,7 +100,7 @@ def item_knn_hit_rate(embeddings: torch.Tensor, instances, k: int = 20, max_user
     embedding distillation reads; history items excluded) are taken as a recommendation: the result
     is the share of users whose target is among them, beside `chance`, the same share for k items
     drawn at random from those not in the history. Cheap next to a student run, and it told Gemma's
-    title states on games (40x chance) from those on Last.fm artist names (8x; benchmarks/RESULTS.md).
+    title states on games (40x chance) from those on Last.fm artist names (9x; benchmarks/RESULTS.md).
     None when no user has a history.
     """
     users = [inst for inst in instances if inst.history]
