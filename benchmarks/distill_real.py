@@ -373,7 +373,8 @@ def markdown_section(report: dict) -> str:
         emb, rank = record["teachers"]["llm-emb"], record["teachers"]["llm-rank"]
         lines += [f"**{name}** ({d['items']} items, {d['train_instances']} training instances, {d['test_instances']} "
                   f"test users; students {record['budget']['student_epochs']} epochs). LLM embeddings of every title: "
-                  f"{emb['seconds']} s{knn_clause(emb.get('embedding_knn'))}; LLM rerank of {rank['rows']} instances: {rank['seconds']} s "
+                  f"{emb['seconds']} s{knn_clause(emb.get('embedding_knn'))}; LLM rerank of {rank['rows']} instances: "
+                  f"{rank['seconds']} s "
                   f"({rank['instances_per_second']} instances/s; target in the LLM's top-{TOPK}: "
                   f"{rank['target_in_topk']:.1%}, among the re-ranked candidates {rank['target_in_candidates']:.1%}). "
                   f"Ranking teacher: {rank.get('model', ZERO_SHOT_RANKER)}.",

@@ -10,11 +10,10 @@ from safetensors.torch import load_file, save_file
 
 from delrec.cli import main
 from delrec.config import parse_command
-from delrec.data.dataset import PreparedDataset
+from delrec.data.dataset import Instance, PreparedDataset
 from delrec.data.prepare import prepare_dataset
 from delrec.data.preprocess import PreprocessConfig
 from delrec.data.synthetic import make_synthetic
-from delrec.data.dataset import Instance
 from delrec.distill import TeacherExportConfig, export_teacher, load_teacher, write_teacher
 from delrec.distill.embedding import item_knn_hit_rate, standardized
 from delrec.ranking.teacher import embed_texts

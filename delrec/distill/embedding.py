@@ -39,6 +39,7 @@ import math
 import torch
 from torch import nn
 
+from delrec.metrics import history_mask
 from delrec.sr.base import ItemEmbedding, SequentialRecommender
 
 
@@ -114,16 +115,13 @@ def item_knn_hit_rate(embeddings: torch.Tensor, instances, k: int = 20, max_user
     hits, chance = 0, 0.0
     for start in range(0, len(users), batch_size):
         batch = users[start:start + batch_size]
-        scores = unit[[inst.history[-1] for inst in batch]] @ unit.T
-        reachable = torch.zeros(len(batch), dtype=torch.bool)  # a target in the history is never recommended
-        for row, inst in enumerate(batch):
-            seen = set(inst.history)
-            scores[row, list(seen)] = -math.inf
-            if inst.target not in seen:
-                reachable[row] = True
-                chance += min(k, num_items - len(seen)) / (num_items - len(seen))
-        top = scores.topk(min(k, num_items), dim=1).indices
+        seen = history_mask([inst.history for inst in batch], num_items)
         targets = torch.tensor([inst.target for inst in batch])
+        reachable = ~seen.gather(1, targets[:, None]).squeeze(1)  # a target in the history is never recommended
+        left = (~seen).sum(1)
+        chance += float((left.clamp(max=k) / left * reachable).sum())
+        top = (unit[[inst.history[-1] for inst in batch]] @ unit.T).masked_fill(seen, -math.inf).topk(
+            min(k, num_items), dim=1).indices
         hits += int(((top == targets[:, None]).any(1) & reachable).sum())
     return {"k": k, "users": len(users), "hit_rate": round(hits / len(users), 6),
             "chance": round(chance / len(users), 6)}
