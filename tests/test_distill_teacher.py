@@ -81,6 +81,8 @@ def test_item_knn_hit_rate_on_a_hand_computed_case():
                                                 "chance": round((1 / 3 + 1 / 3 + 1 / 2) / 4, 6)}
     assert item_knn_hit_rate(z, users, k=3)["hit_rate"] == 0.75  # k past the items left: still only real hits
     assert item_knn_hit_rate(z, [Instance(0, (), 1)]) is None
+    assert item_knn_hit_rate(z, [Instance(0, (0, 1, 2, 3), 1)], k=1) == {"k": 1, "users": 1, "hit_rate": 0.0,
+                                                                       "chance": 0.0}  # no item left
     assert item_knn_hit_rate(z, users, k=1, max_users=2)["users"] == 2
 
 

@@ -119,7 +119,7 @@ def item_knn_hit_rate(embeddings: torch.Tensor, instances, k: int = 20, max_user
         targets = torch.tensor([inst.target for inst in batch])
         reachable = ~seen.gather(1, targets[:, None]).squeeze(1)  # a target in the history is never recommended
         left = (~seen).sum(1)
-        chance += float((left.clamp(max=k) / left * reachable).sum())
+        chance += float((left.clamp(max=k) / left.clamp(min=1) * reachable).sum())  # a full history: 0, not NaN
         top = (unit[[inst.history[-1] for inst in batch]] @ unit.T).masked_fill(seen, -math.inf).topk(
             min(k, num_items), dim=1).indices
         hits += int(((top == targets[:, None]).any(1) & reachable).sum())
