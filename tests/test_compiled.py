@@ -19,6 +19,7 @@ from delrec.cli import main
 from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
 from delrec.sr import CaserConfig, GRU4RecConfig, SASRecConfig, build_model, load_model
+from delrec.sr import compiled as compiled_module
 from delrec.sr.compiled import CompiledTopK, compile_top_k, package_path
 from delrec.sr.evaluate import top_items
 from distill_fixtures import sr_model  # noqa: F401 (fixtures)
@@ -119,6 +120,26 @@ def test_a_missing_stale_or_foreign_package_is_refused_with_the_command_that_rem
     model.save_pretrained(foreign)  # retrained after compiling
     with pytest.raises(DelrecError, match=r"compiled from other weights .*the model changed since.*delrec sr compile"):
         CompiledTopK.load(foreign, topk=5)
+
+
+def test_a_package_swapped_after_compiling_is_not_loaded(compiled_model, tmp_path, monkeypatch):
+    """A package is native code: bytes other than those recorded at compile time never reach the loader."""
+    loaded = []
+    monkeypatch.setattr(compiled_module, "_inductor", lambda: loaded.append(1))
+    swapped = shutil.copytree(compiled_model, tmp_path / "swapped")
+    package = package_path(swapped, 5)
+    package.write_bytes(package.read_bytes() + b"\0")
+    with pytest.raises(DelrecError, match=r"top5\.pt2: not the package top5\.json records \(its SHA-256 differs\); "
+                                          r"a package is native code, so it was not loaded; run `delrec sr compile"):
+        CompiledTopK.load(swapped, topk=5)
+    unrecorded = shutil.copytree(compiled_model, tmp_path / "unrecorded")
+    description_path = package_path(unrecorded, 5).with_suffix(".json")
+    description = json.loads(description_path.read_text())
+    del description["package_sha256"]
+    description_path.write_text(json.dumps(description))
+    with pytest.raises(DelrecError, match="field 'package_sha256' must be a hex digest, got None"):
+        CompiledTopK.load(unrecorded, topk=5)
+    assert loaded == []
 
 
 def test_the_server_answers_with_the_compiled_graph_where_it_can(compiled_model, tiny_llm_data):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from delrec.config import parse_command, preparsed_option
+from delrec.llm.loading import TRUST_REMOTE_CODE_HELP
 
 DEFAULT_BACKEND = "hf"
 
@@ -51,6 +52,7 @@ class ExportArguments:
         metadata={"help": "The base model's new path, when it moved from the path recorded in the stage-2 folder's "
                   "delrec.json; accepted only if its files are the same (content fingerprint)."},
     )
+    trust_remote_code: bool = field(default=False, metadata={"help": TRUST_REMOTE_CODE_HELP})
 
 
 def export(argv, prog: str, description: str) -> int:
@@ -58,7 +60,7 @@ def export(argv, prog: str, description: str) -> int:
     from delrec.llm.export import export_model
 
     info = export_model(args.model, args.out, dtype=args.dtype, device=args.device, overwrite=args.overwrite,
-                        base_model=args.base_model)
+                        base_model=args.base_model, trust_remote_code=args.trust_remote_code)
     keys = ("template", "domain", "sr_model", "dtype", "max_abs_logit_diff")
     soft = info["soft_prompt"]
     print(json.dumps({"out": args.out, **{k: info[k] for k in keys},

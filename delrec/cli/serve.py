@@ -30,7 +30,9 @@ class ServeArguments:
     compiled: bool = field(
         default=False,
         metadata={"help": "Answer with the model's compiled top-default_k graph (`delrec sr compile`, ~0.1 ms a user "
-                  "on CPU); requests with keep_history or a larger k use the eager model."},
+                  "on CPU); requests with keep_history or a larger k use the eager model. The package is native code "
+                  "that runs in this process, like a pickle: serve only folders you trust (a package whose SHA-256 "
+                  "differs from the one recorded when it was compiled is refused; docs/security.md)."},
     )
 
     def __post_init__(self):

@@ -122,13 +122,14 @@ def prompt_settings(info: dict) -> dict:
 
 def export_model(
     source: str | Path, out: str | Path, *, dtype: str = "auto", device: str = "cpu", overwrite: bool = False,
-    base_model: str | None = None,
+    base_model: str | None = None, trust_remote_code: bool = False,
 ) -> dict:
     """Merge the stage-2 folder `source` into a plain model folder `out`; return its delrec.json.
 
     `dtype`: the saved weights' dtype; `auto` keeps the base checkpoint's (merging is done in float32,
     on `device`). `base_model`: the base at a new path, when it moved from the one delrec.json records
-    (accepted when its content fingerprint is the recorded one).
+    (accepted when its content fingerprint is the recorded one). `trust_remote_code`: the user's grant to run
+    code shipped with the folder or its base (`load_delrec_model`); only then does the export carry such code.
     """
     from transformers import AutoModelForCausalLM
 
@@ -149,8 +150,9 @@ def export_model(
                           "base only and does not support QLoRA folders yet")
 
     base_path = locate_base_model(source, base, base_model)
-    model, tokenizer, _ = load_delrec_model(source, device=device, dtype="float32", base=base_path)
-    target_dtype = DTYPES[dtype] if dtype != "auto" else _checkpoint_dtype(base_path)
+    model, tokenizer, _ = load_delrec_model(source, device=device, dtype="float32", base=base_path,
+                                            trust_remote_code=trust_remote_code)
+    target_dtype = DTYPES[dtype] if dtype != "auto" else _checkpoint_dtype(base_path, trust_remote_code)
     soft = soft_prompt_text(info)
     probe = torch.tensor([encode_prompt(tokenizer, PROBE_TEXT.format(soft=soft or ""))], device=model.device)
     with torch.inference_mode():
@@ -170,7 +172,7 @@ def export_model(
     with staged_directory(out) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, trust_remote_code=trust_remote_code)
         with torch.inference_mode():
             diff = (reloaded(input_ids=probe.cpu()).logits.float() - expected).abs().max().item()
         if target_dtype == torch.float32 and diff > LOGIT_TOLERANCE:
@@ -202,12 +204,12 @@ def locate_base_model(source: Path, recorded: dict, given: str | None) -> str:
     return given
 
 
-def _checkpoint_dtype(base: str) -> torch.dtype:
+def _checkpoint_dtype(base: str, trust_remote_code: bool) -> torch.dtype:
     """The dtype the base checkpoint was saved in (float32 when its config does not say)."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(resolve_source(base))
+        config = AutoConfig.from_pretrained(resolve_source(base), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, DelrecError):
         return torch.float32
     value = getattr(config, "dtype", None)

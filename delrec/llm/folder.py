@@ -83,11 +83,15 @@ def read_info(folder: str | Path) -> dict[str, Any]:
     return info
 
 
-def load_delrec_model(folder: str | Path, device: str = "auto", dtype: str = "auto", base: str | None = None):
+def load_delrec_model(folder: str | Path, device: str = "auto", dtype: str = "auto", base: str | None = None,
+                      trust_remote_code: bool = False):
     """Return `(model, tokenizer, info)`: the base model + soft-prompt rows (+ the stage-2 LoRA adapter and item
     projector), in eval mode.
 
     `base` overrides the base model recorded in delrec.json (e.g. the same model at another path).
+    `trust_remote_code` is the caller's (the user's) decision alone: a folder is data that anyone may have
+    written, so its delrec.json recording `trust_remote_code: true` never lets code from the folder or its
+    base run; it only makes loading refuse, in one line, until the user grants it (docs/security.md).
     """
     from delrec.llm import hybrid
     from delrec.llm.loading import ModelConfig, ensure_pad_token, load_model, load_tokenizer
@@ -96,10 +100,16 @@ def load_delrec_model(folder: str | Path, device: str = "auto", dtype: str = "au
     folder = Path(folder)
     info = read_info(folder)
     model_info = info["base_model"]
+    if model_info.get("trust_remote_code") and not trust_remote_code:
+        raise DelrecError(
+            f"{folder / INFO_FILE}: this model was trained with trust_remote_code, so loading it runs Python code "
+            f"shipped with {folder} and its base model; delrec never runs it because a folder asks: pass "
+            "--trust_remote_code true only if you trust where both came from"
+        )
     config = ModelConfig(
         base or model_info["model_name_or_path"], dtype=dtype, device=device,
         load_in_4bit=model_info.get("load_in_4bit", False), load_in_8bit=model_info.get("load_in_8bit", False),
-        trust_remote_code=model_info.get("trust_remote_code", False),
+        trust_remote_code=trust_remote_code,
     )
     model, _ = load_model(config)
     tokenizer = load_tokenizer(str(folder), config.trust_remote_code)  # holds the soft-prompt tokens

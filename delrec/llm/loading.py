@@ -27,6 +27,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 FALLBACK_PAD_TOKEN = "<|pad|>"
+TRUST_REMOTE_CODE_HELP = (
+    "Run Python code shipped with the model folder (an auto_map in its config or tokenizer files): only for "
+    "folders you trust, as you would trust a script from the same place. Only this flag or your own --config "
+    "grants it, never a model folder's own delrec.json (docs/security.md)."
+)
 
 
 @dataclass
@@ -50,9 +55,7 @@ class ModelConfig:
     bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = field(
         default="bfloat16", metadata={"help": "Compute dtype of 4-bit layers."}
     )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run modelling code shipped with the checkpoint (only for sources you trust)."}
-    )
+    trust_remote_code: bool = field(default=False, metadata={"help": TRUST_REMOTE_CODE_HELP})
     attn_implementation: str | None = field(
         default=None, metadata={"help": "Attention kernel, e.g. eager, sdpa, flash_attention_2 (default: transformers')."}
     )

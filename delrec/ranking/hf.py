@@ -30,7 +30,7 @@ import torch
 
 from delrec.llm.folder import load_delrec_model
 from delrec.device import resolve_device
-from delrec.llm.loading import ModelConfig, load_model
+from delrec.llm.loading import TRUST_REMOTE_CODE_HELP, ModelConfig, load_model
 from delrec.llm.scoring import CandidateScores, score_candidates
 from delrec.llm.tokenization import decode_completion, encode_completion, encode_prompt
 from delrec.ranking.base import Backend
@@ -58,6 +58,7 @@ class Options:
         metadata={"help": "Attention kernel, e.g. eager, sdpa, flash_attention_2 (default: transformers'; "
                   "plain and exported models)."},
     )
+    trust_remote_code: bool = field(default=False, metadata={"help": TRUST_REMOTE_CODE_HELP})
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -68,11 +69,12 @@ def open_backend(spec: ModelSpec, options: Options) -> "HFBackend":
     """Load the model of `spec` (stage-2 folders with their adapter and soft prompt) for ranking."""
     resolve_device(options.device)  # a CUDA request on a CPU machine fails here, before any loading
     if spec.kind == "stage2":
-        model, tokenizer, _ = load_delrec_model(spec.path, device=options.device, dtype=options.dtype)
+        model, tokenizer, _ = load_delrec_model(spec.path, device=options.device, dtype=options.dtype,
+                                                trust_remote_code=options.trust_remote_code)
     else:
-        config = ModelConfig(
-            spec.path, dtype=options.dtype, device=options.device, attn_implementation=options.attn_implementation
-        )
+        config = ModelConfig(spec.path, dtype=options.dtype, device=options.device,
+                             attn_implementation=options.attn_implementation,
+                             trust_remote_code=options.trust_remote_code)
         model, tokenizer = load_model(config)
     return HFBackend(model, tokenizer, options.batch_size)
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from delrec.errors import DelrecError
-from delrec.llm.loading import load_tokenizer
+from delrec.llm.loading import TRUST_REMOTE_CODE_HELP, load_tokenizer
 from delrec.llm.scoring import CandidateScores
 from delrec.llm.tokenization import decode_completion, encode_completion, encode_prompt
 from delrec.ranking.base import Backend
@@ -59,6 +59,8 @@ class Options:
     )
     chunk_size: int = field(default=16, metadata={"help": "Instances per read-out call (progress step)."})
     timeout: float = field(default=600.0, metadata={"help": "Seconds to wait for one HTTP response."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "For the local tokenizer folder --model: " + TRUST_REMOTE_CODE_HELP})
 
     def __post_init__(self):
         if self.request_batch < 1 or self.chunk_size < 1:
@@ -82,15 +84,16 @@ def open_backend(spec: ModelSpec, options: Options) -> "OpenAIBackend":
     listed = {m.get("id"): m for m in models}
     if options.served_model and models and served not in listed:
         raise DelrecError(f"--served_model {served}: the server serves {', '.join(listed)}")
-    tokenizer = load_tokenizer(spec.path)
-    max_length = (listed.get(served) or {}).get("max_model_len") or _local_context(spec.path, tokenizer)
+    tokenizer = load_tokenizer(spec.path, options.trust_remote_code)
+    max_length = ((listed.get(served) or {}).get("max_model_len")
+                  or _local_context(spec.path, tokenizer, options.trust_remote_code))
     return OpenAIBackend(client, served, tokenizer, int(max_length), options)
 
 
-def _local_context(path: str, tokenizer) -> int:
+def _local_context(path: str, tokenizer, trust_remote_code: bool) -> int:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     return getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
 
 

@@ -45,7 +45,7 @@ from typing import Literal, Sequence
 import torch
 
 from delrec.errors import DelrecError
-from delrec.llm.loading import DTYPES, load_tokenizer
+from delrec.llm.loading import DTYPES, TRUST_REMOTE_CODE_HELP, load_tokenizer
 from delrec.llm.scoring import CandidateScores
 from delrec.llm.tokenization import decode_completion, encode_completion, encode_prompt
 from delrec.ranking.base import Backend
@@ -98,6 +98,7 @@ class Options:
         metadata={"help": "Instances handed to the engine at once (progress step, rankings write unit); their "
                   "prompts should fit the KV cache together, so scoring reuses them."},
     )
+    trust_remote_code: bool = field(default=False, metadata={"help": TRUST_REMOTE_CODE_HELP})
 
     def __post_init__(self):
         for name in ("tensor_parallel_size", "chunk_size", "kv_cache_memory_bytes", "max_model_len"):
@@ -121,15 +122,16 @@ def open_backend(spec: ModelSpec, options: Options) -> "VLLMBackend":
     from vllm import LLM
 
     platform = _platform(options.device)
-    tokenizer = load_tokenizer(spec.path)
+    tokenizer = load_tokenizer(spec.path, options.trust_remote_code)
     settings = {
-        "dtype": _dtype(spec.path, options.dtype, platform),
+        "dtype": _dtype(spec.path, options.dtype, platform, options.trust_remote_code),
         "tensor_parallel_size": options.tensor_parallel_size,
         "gpu_memory_utilization": options.gpu_memory_utilization,
         "kv_cache_memory_bytes": options.kv_cache_memory_bytes
         or (CPU_KV_CACHE_BYTES if platform == "cpu" else None),
         "max_model_len": options.max_model_len,
         "enforce_eager": options.enforce_eager,
+        "trust_remote_code": options.trust_remote_code,
     }
     block_size = CPU_BLOCK_SIZE if platform == "cpu" else None  # None: vLLM's GPU default (16)
     set_num_threads = torch.set_num_threads
@@ -159,13 +161,13 @@ def _platform(device: str) -> str:
     )
 
 
-def _dtype(path: str, requested: str, platform: str) -> str:
+def _dtype(path: str, requested: str, platform: str, trust_remote_code: bool) -> str:
     """The engine dtype: the requested one, or the checkpoint's (vLLM's own auto would run float32 as 16-bit)."""
     if requested != "auto":
         return requested
     from transformers import AutoConfig
 
-    value = getattr(AutoConfig.from_pretrained(path), "dtype", None)
+    value = getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "dtype", None)
     name = value if isinstance(value, str) else str(value).removeprefix("torch.")
     if name not in DTYPES or (name == "float16" and platform == "cpu"):
         return "float32"

@@ -14,6 +14,12 @@ exclusion, every history item (padded to the longest); the batch size is free. A
 tied to the weights and the torch that built it: its sidecar JSON records the weights' SHA-256
 and the torch version, and loading refuses a stale or foreign package with the command that
 remakes it. Compiling needs a C++ compiler (the one torch.compile uses); serving does not.
+
+A package is native code (a shared library the loader maps and runs, like a pickle in that
+respect): the sidecar also records the package's own SHA-256 when it is compiled, and loading
+refuses a package whose bytes differ, so a swapped `.pt2` in a shared folder does not run. It
+protects against a package replaced on its own; whoever can rewrite both files is trusted
+(docs/security.md).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from delrec.sr.evaluate import ranked_pairs
 
 COMPILED_DIR = "compiled"
 COMPILED_KIND = "delrec-compiled-top-k"
-COMPILED_VERSION = 1
+COMPILED_VERSION = 2  # 2: package_sha256
 COMPILED_HEADER = Header(
     "delrec compiled top-K description", "kind", COMPILED_KIND, COMPILED_VERSION, "re-run `delrec sr compile`",
     fields={"topk": FieldRule(positive_int, "a positive integer"),
@@ -47,6 +53,7 @@ COMPILED_HEADER = Header(
             "num_items": FieldRule(positive_int, "a positive integer"),
             "exclude_history": FieldRule(lambda v: isinstance(v, bool), "true or false"),
             "weights_sha256": FieldRule(lambda v: isinstance(v, str), "a hex digest"),
+            "package_sha256": FieldRule(lambda v: isinstance(v, str), "a hex digest"),
             "torch_version": FieldRule(lambda v: isinstance(v, str), "a version string")},
 )
 MAX_BATCH = 1 << 16
@@ -120,7 +127,15 @@ def package_path(folder: str | Path, topk: int, exclude_history: bool = True) ->
 
 
 def weights_digest(folder: str | Path) -> str:
-    return hashlib.sha256((Path(folder) / SR_MODEL_WEIGHTS_FILE).read_bytes()).hexdigest()
+    return file_digest(Path(folder) / SR_MODEL_WEIGHTS_FILE)
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def graph_inputs(histories: Sequence[Sequence[int]], num_items: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,8 +195,8 @@ def compile_top_k(folder: str | Path, topk: int = 20, exclude_history: bool = Tr
                               "histories; nothing was written (please report this with the model folder)")
         with atomic_write(out, "wb") as handle:
             handle.write(staged.read_bytes())
-    write_json(out.with_suffix(".json"), {**compiled.description, "compile_seconds": round(time.perf_counter()
-                                                                                          - began, 1)})
+    write_json(out.with_suffix(".json"), {**compiled.description, "package_sha256": file_digest(out),
+                                          "compile_seconds": round(time.perf_counter() - began, 1)})
     return out
 
 
@@ -238,6 +253,9 @@ class CompiledTopK:
         if description["weights_sha256"] != weights_digest(folder):
             raise DelrecError(f"{path}: compiled from other weights than {folder / SR_MODEL_WEIGHTS_FILE} "
                               f"(the model changed since); {remake}")
+        if description["package_sha256"] != file_digest(path):
+            raise DelrecError(f"{path}: not the package {path.with_suffix('.json').name} records (its SHA-256 "
+                              f"differs); a package is native code, so it was not loaded; {remake}")
         return cls(_inductor().aoti_load_package(str(path)), description, path)
 
     def top_k(self, histories: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
