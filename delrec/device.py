@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import time
 
 import torch
 
 from delrec.errors import DelrecError
+
+BFLOAT16_MIN_SPEEDUP = 1.5
+CPU_BFLOAT16_ENV = "DELREC_CPU_BFLOAT16"
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
@@ -31,3 +36,36 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise DelrecError(f"unknown device '{name}'; expected auto, cpu, cuda or cuda:N") from None
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bfloat16_speedup() -> float:
+    """How many times faster this CPU multiplies bfloat16 matrices than float32 ones, measured (~0.1 s, once).
+
+    Why measure: the same machine kind has come with an AMD EPYC whose avx512_bf16 runs bfloat16 GEMMs at 3.3x
+    its float32 rate and with an Intel Xeon without it, where bfloat16 runs at a fifth of float32; no flag says
+    which, a GEMM at the LLMs' shapes (a token block through an MLP matrix) does."""
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(256, 1024, dtype=dtype), torch.randn(1024, 2048, dtype=dtype)
+        a @ b  # warm-up: kernels are chosen and packed on the first call
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - started)
+        rates[dtype] = 1.0 / best
+    return rates[torch.bfloat16] / rates[torch.float32]
+
+
+def cpu_prefers_bfloat16() -> bool:
+    """Whether bfloat16 compute pays on this CPU: its measured GEMM rate beats float32's by a margin (1.5x) that
+    covers the casts and the elementwise work bfloat16 does not speed up. `DELREC_CPU_BFLOAT16=1` or `0` decides
+    instead of the measurement (the test suite sets 0, so its results do not depend on the CPU it runs on)."""
+    forced = os.environ.get(CPU_BFLOAT16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise DelrecError(f"${CPU_BFLOAT16_ENV}={forced!r}: expected 1 (use bfloat16 on CPU), 0 (float32) or unset "
+                          "(measure)")
+    return cpu_bfloat16_speedup() >= BFLOAT16_MIN_SPEEDUP

@@ -1,6 +1,12 @@
-"""Shared test helpers: one torch thread per test module, and where the real datasets live."""
+"""Shared test helpers: one torch thread per test module, and where the real datasets live.
+
+`DELREC_CPU_BFLOAT16=0`: LLM stages and backends on `auto` would pick bfloat16 on a CPU that measures it
+faster and float32 elsewhere; the suite pins float32 so that its results do not depend on the CPU, and tests
+the bfloat16 paths by asking for them (tests/test_mixed_precision.py).
+"""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +15,7 @@ import torch
 from delrec.data.dataset import META_FILE, dataset_files, fingerprint_files
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+os.environ["DELREC_CPU_BFLOAT16"] = "0"  # also for the subprocesses tests start
 
 
 def shared_data(name: str) -> Path:

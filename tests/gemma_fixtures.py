@@ -82,32 +82,43 @@ def predictions_path(tmp_path_factory) -> Path:
     return _once("pop", tmp_path_factory, make)
 
 
-def stage1_path(tmp_path_factory) -> Path:
+def run_stage1(tmp_path_factory, out: Path, model: ModelConfig, **settings):
+    """Stage 1 on the real model, FAST settings with `settings` over them."""
     from delrec.llm.stage1 import DistillArguments, distill_pattern
 
-    model, data, predictions = (gemma_path(tmp_path_factory), gemma_data_path(tmp_path_factory),
-                                predictions_path(tmp_path_factory))
+    data, predictions = gemma_data_path(tmp_path_factory), predictions_path(tmp_path_factory)
+    args = DistillArguments(data=str(data), train_predictions=str(predictions / "train.jsonl"),
+                            valid_predictions=str(predictions / "valid.jsonl"), out=str(out),
+                            soft_prompt_tokens=SOFT_TOKENS, max_train_instances=4, eval_max_instances=2,
+                            max_length=MAX_LENGTH)
+    return distill_pattern(args, model, TrainingSettings(**{**FAST, **settings}))
+
+
+def run_stage2(tmp_path_factory, out: Path, model: ModelConfig, **settings):
+    """Stage 2 on the real model (LoRA r 4 on q and v), FAST settings with `settings` over them."""
+    from delrec.llm.stage2 import FinetuneArguments, finetune
+
+    args = FinetuneArguments(data=str(gemma_data_path(tmp_path_factory)), out=str(out),
+                             stage1=str(stage1_path(tmp_path_factory)), max_train_instances=4, eval_max_instances=2,
+                             test_max_instances=4, max_length=MAX_LENGTH)
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    return finetune(args, model, lora, TrainingSettings(**{**FAST, "learning_rate": 1e-3, **settings}))
+
+
+def stage1_path(tmp_path_factory) -> Path:
+    model = model_config(gemma_path(tmp_path_factory))
 
     def make(out):
-        args = DistillArguments(data=str(data), train_predictions=str(predictions / "train.jsonl"),
-                                valid_predictions=str(predictions / "valid.jsonl"), out=str(out),
-                                soft_prompt_tokens=SOFT_TOKENS, max_train_instances=4, eval_max_instances=2,
-                                max_length=MAX_LENGTH)
-        results["stage1"] = distill_pattern(args, model_config(model), TrainingSettings(**FAST))
+        results["stage1"] = run_stage1(tmp_path_factory, out, model)
 
     return _once("stage1", tmp_path_factory, make)
 
 
 def stage2_path(tmp_path_factory) -> Path:
-    from delrec.llm.stage2 import FinetuneArguments, finetune
-
-    model, data, stage1 = gemma_path(tmp_path_factory), gemma_data_path(tmp_path_factory), stage1_path(tmp_path_factory)
+    model = model_config(gemma_path(tmp_path_factory))
 
     def make(out):
-        args = FinetuneArguments(data=str(data), out=str(out), stage1=str(stage1), max_train_instances=4,
-                                 eval_max_instances=2, test_max_instances=4, max_length=MAX_LENGTH)
-        lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
-        results["stage2"] = finetune(args, model_config(model), lora, TrainingSettings(**{**FAST, "learning_rate": 1e-3}))
+        results["stage2"] = run_stage2(tmp_path_factory, out, model)
 
     return _once("stage2", tmp_path_factory, make)
 

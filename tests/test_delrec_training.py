@@ -116,7 +116,7 @@ def test_stage1_trains_only_the_soft_rows_and_writes_a_small_folder(stage1, tiny
     assert metrics["valid"]["rps_chance"] == pytest.approx(1 / 8)
     assert {p.name for p in out.glob("*.safetensors")} == {SOFT_PROMPT_FILE}  # no model copy
     for checkpoint in (out / "checkpoints").glob("checkpoint-*"):
-        assert sum(p.stat().st_size for p in checkpoint.iterdir()) < 2_000_000  # rows + row optimizer state
+        assert sum(p.stat().st_size for p in checkpoint.iterdir()) < 2_000_000  # rows + their optimizer state
         assert not (checkpoint / "model.safetensors").exists()
     # the soft rows moved during training (initialised from vocabulary rows)
     vocabulary = base.get_input_embeddings().weight
@@ -146,8 +146,7 @@ def test_dynamic_reweighting_equals_separate_backward_passes(objective, stage1, 
     """The hook's one backward pass gives the soft rows sum_t w_t grad L_t with the formula's weights."""
     trainer = (stage1[1] if objective == "answer" else stage1_listwise).trainer
     model = trainer.model
-    weight = model.get_input_embeddings().weight
-    ids = soft_ids(trainer.processing_class)
+    master = trainer.soft_prompt.master_rows
     batch = next(b for b in trainer.get_train_dataloader() if (b["task"] == 0).any() and (b["task"] == 1).any())
     batch = trainer._prepare_inputs(batch)
     assert ("candidates" in batch) == (objective == "listwise")
@@ -156,23 +155,21 @@ def test_dynamic_reweighting_equals_separate_backward_passes(objective, stage1, 
     grads, losses = [], []
     for t in range(2):  # reference: each task's loss on its own
         losses.append(task_loss(trainer, model, batch, t))
-        grads.append(torch.autograd.grad(losses[-1], weight)[0][ids])
+        grads.append(torch.autograd.grad(losses[-1], master)[0])
     norms = torch.stack([g.norm() for g in grads])
     expected_weights = norms.pow(-0.5) / norms.pow(-0.5).sum()
     expected = expected_weights[0] * grads[0] + expected_weights[1] * grads[1]
 
-    weight.grad = None
+    master.grad = None
     trainer.task_metrics["train"].clear()
     loss = trainer.compute_loss(model, dict(batch))
     assert loss.item() == pytest.approx((losses[0] + losses[1]).item() / 2, rel=1e-5)  # equal weights forward
     loss.backward()
-    assert torch.allclose(weight.grad[ids], expected, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(master.grad, expected, rtol=1e-4, atol=1e-7)
     logged = [trainer.task_metrics["train"]["weight_ta"][-1], trainer.task_metrics["train"]["weight_rps"][-1]]
     assert logged == pytest.approx(expected_weights.tolist(), rel=1e-4)
-    others = torch.ones(weight.shape[0], dtype=torch.bool)
-    others[ids] = False
-    assert not weight.grad[others].any()  # the row mask still holds
-    weight.grad = None
+    assert model.get_input_embeddings().weight.grad is None  # no gradient of the whole matrix
+    master.grad = None
 
 
 def test_listwise_stage1_moves_the_soft_rows_and_records_its_objective(stage1_listwise, tiny_llama):

@@ -124,6 +124,21 @@ def test_chunked_normaliser_and_its_gradients_equal_the_full_logsumexp(tiny_llm,
     assert torch.allclose(hidden_grad, expected_hidden, atol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_packed_candidates_equal_one_row_per_candidate_and_the_reference(attention, tiny_llm, monkeypatch):
+    """Each prompt's candidates share one row behind a block-diagonal mask (eager and SDPA honour it); a kernel that
+    ignores custom masks gets one row per candidate instead. Both give the reference read-out's numbers."""
+    from delrec.llm import scoring
+
+    model, tokenizer = load_tiny(tiny_llm)
+    model.config._attn_implementation = attention
+    assert scoring._packs_candidates(model)
+    packed = score_candidates(model, tokenizer, PROMPTS, CANDIDATES, batch_size=2)
+    monkeypatch.setattr(scoring, "_packs_candidates", lambda model: False)
+    assert_same(score_candidates(model, tokenizer, PROMPTS, CANDIDATES, batch_size=2), packed)
+    assert_same(packed, score_candidates_naive(model, tokenizer, PROMPTS, CANDIDATES))
+
+
 def test_batch_size_does_not_change_the_numbers(tiny_llm):
     model, tokenizer = load_tiny(tiny_llm)
     one = score_candidates(model, tokenizer, PROMPTS, CANDIDATES, batch_size=1)

@@ -27,7 +27,9 @@ def plant_code(folder: Path, marker: Path, claims_trust: bool) -> Path:
     """Make `folder` (a copy) name a module of its own in its tokenizer files; importing it writes `marker`."""
     (folder / "planted_tokenizer.py").write_text(
         f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
-        "from transformers import PreTrainedTokenizerFast as PlantedTokenizer\n", encoding="utf-8")
+        "from transformers import PreTrainedTokenizerFast\n\n\n"
+        # a class of its own: transformers marks a remote class for auto-saving, which must not touch the real one
+        "class PlantedTokenizer(PreTrainedTokenizerFast):\n    pass\n", encoding="utf-8")
     config_path = folder / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["auto_map"] = {"AutoTokenizer": [None, "planted_tokenizer.PlantedTokenizer"]}

@@ -70,12 +70,19 @@ def test_soft_only_step_changes_the_soft_rows_and_nothing_else(tiny_llm):
     model, tokenizer = load_tiny(tiny_llm)
     prompt = SoftPrompt("sasrec", P).add_to(model, tokenizer)
     before = snapshot(model)
-    prompt.train_only_soft_prompt(model)
+    master = prompt.train_only_soft_prompt(model)
+    assert master.dtype == torch.float32 and master.shape == (P, model.config.hidden_size)
+    assert [p for p in model.parameters() if p.requires_grad] == [master]  # nothing of the [vocab, d] matrix
     train_step(model, tokenizer, prompt)
+    assert model.get_input_embeddings().weight.grad is None
+    logits(model, tokenizer, prompt)  # the matrix's rows follow the trained copy at the next pass
 
     soft = prompt.token_ids
     embedding_name = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
+    assert torch.equal(model.get_input_embeddings().weight[soft], master.detach())
     for name, value in model.named_parameters():
+        if value is master:
+            continue
         if name == embedding_name:
             others = torch.ones(value.shape[0], dtype=torch.bool)
             others[soft] = False

@@ -27,6 +27,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 FALLBACK_PAD_TOKEN = "<|pad|>"
+# Measured on Gemma 3 270M, 2 cores (benchmarks/RESULTS.md, "The real LLM at its FLOP floor"): torch's CPU SDPA
+# kernel runs head_dim 256 at ~17 GFLOP/s in bfloat16, eager attention's batched products at the GEMM rate.
+CPU_ATTENTION = "eager"
 TRUST_REMOTE_CODE_HELP = (
     "Run Python code shipped with the model folder (an auto_map in its config or tokenizer files): only for "
     "folders you trust, as you would trust a script from the same place. Only this flag or your own --config "
@@ -57,7 +60,9 @@ class ModelConfig:
     )
     trust_remote_code: bool = field(default=False, metadata={"help": TRUST_REMOTE_CODE_HELP})
     attn_implementation: str | None = field(
-        default=None, metadata={"help": "Attention kernel, e.g. eager, sdpa, flash_attention_2 (default: transformers')."}
+        default=None,
+        metadata={"help": "Attention kernel, e.g. eager, sdpa, flash_attention_2 (default: eager on CPU, where it "
+                  "runs at the matrix-product rate and torch's SDPA kernel does not; transformers' elsewhere)."},
     )
 
     def __post_init__(self):
@@ -109,8 +114,9 @@ def load_model(config: ModelConfig):
     tokenizer = load_tokenizer(source, config.trust_remote_code)
 
     kwargs = {"trust_remote_code": config.trust_remote_code, "dtype": DTYPES.get(config.dtype, "auto")}
-    if config.attn_implementation:
-        kwargs["attn_implementation"] = config.attn_implementation
+    attention = config.attn_implementation or (CPU_ATTENTION if device.type == "cpu" else None)
+    if attention:
+        kwargs["attn_implementation"] = attention
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         kwargs["device_map"] = {"": device}  # bitsandbytes quantises while placing the weights on the GPU

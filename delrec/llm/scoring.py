@@ -6,18 +6,20 @@ and the HF ranking backend all use this module, with the ids from `delrec.llm.to
 
 Why it is fast: the C candidates of an instance share one prompt, which is most of the tokens
 (a prompt of a few hundred tokens, titles of a few). `score_candidates` runs each prompt once,
-left-padded with other prompts of similar length, keeps its KV cache, and then runs only the
-candidate tokens, right-padded, each row reading its own prompt's cache. The first token of a
-candidate is scored from the prompt's last logits, so a candidate of m ids (EOS included) costs
-m - 1 new positions. (Packing all candidates after one prompt copy with a tree-shaped 4D mask
-would avoid the per-row cache copies, but flash-attention kernels ignore custom masks; the
-cache works with every attention implementation.) `score_candidates_naive` (one full forward
+left-padded with other prompts of similar length, and keeps its KV cache; then one more pass
+holds, in prompt b's row, all of prompt b's candidates one after another, reading b's cache as it
+is, with a block-diagonal causal 4D mask and positions that restart at the prompt's length for
+each candidate. The first token of a candidate is scored from the prompt's last logits, so a
+candidate of m ids (EOS included) costs m - 1 new positions. Attention kernels that ignore custom
+masks (flash attention) get one row per candidate instead, each with a copy of its prompt's cache.
+`score_candidates_naive` (one full forward
 per pair) is the reference the tests and the benchmark compare against.
 
 With a large vocabulary the LM head dominates (Gemma: 262k x 640, 0.34 GFLOP per scored position), so
 candidate rows are batched by length and only real positions go through the head, applied in
 vocabulary chunks with a running logsumexp (`LogProbHead`): 1.6-1.9x faster on Gemma 3 270M on CPU,
-the same log-likelihoods within 4e-5 (benchmarks/RESULTS.md, "The real LLM on CPU").
+the same log-likelihoods within 4e-5 (measured for issue #12; benchmarks/RESULTS.md keeps its successor, "The
+real LLM at its FLOP floor").
 """
 
 from __future__ import annotations
@@ -61,9 +63,9 @@ def score_candidates(
 ) -> list[CandidateScores]:
     """Score `candidates[i]` as completions of `prompts[i]`; one `CandidateScores` per prompt.
 
-    `batch_size` bounds the sequences in one forward pass: prompts in a prompt pass, candidate
-    rows in a candidate pass (each row holds a copy of its prompt's KV cache, so this bounds
-    memory too). Runs under `torch.inference_mode` with the model in eval mode (restored after),
+    `batch_size` bounds the prompts in one forward pass (their candidates share their rows), and
+    the candidate rows of a pass where the attention kernel cannot pack them (each such row holds a
+    copy of its prompt's KV cache, so this bounds memory too). Runs under `torch.inference_mode` with the model in eval mode (restored after),
     on the model's device and dtype; log-probabilities are computed in float32.
     """
     _check_inputs(prompts, candidates, batch_size)
@@ -112,20 +114,72 @@ def candidate_log_likelihoods(
         )
 
     rows = [(owner, cand) for owner, cands in enumerate(candidates) for cand in cands]
-    # Rows of similar length share a pass: fewer padded positions to run through the model.
-    by_length = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))
-    row_logprobs = torch.zeros(len(rows), device=device)
-    for start in range(0, len(rows), batch_size):
-        taken = by_length[start : start + batch_size]
-        chunk = [rows[r] for r in taken]
-        owners = torch.tensor([owner for owner, _ in chunk], device=device)
-        first_ids = torch.tensor([cand[0] for _, cand in chunk], device=device)
-        first = head.target_logits(prompt_last[owners], first_ids) - prompt_normaliser[owners]
-        rest = _continuation_logprobs(
-            head, [cand for _, cand in chunk], owners, cache_layers, prompt_mask, prompt_lengths
-        )
-        row_logprobs = row_logprobs.index_put((torch.tensor(taken, device=device),), first + rest)
-    return list(row_logprobs.split([len(cands) for cands in candidates]))
+    owners = torch.tensor([owner for owner, _ in rows], device=device)
+    first_ids = torch.tensor([cand[0] for _, cand in rows], device=device)
+    first = head.target_logits(prompt_last[owners], first_ids) - prompt_normaliser[owners]
+    if _packs_candidates(model):
+        rest = _packed_continuation_logprobs(head, candidates, cache_layers, prompt_mask, prompt_lengths)
+    else:  # a kernel that ignores custom masks (flash attention): one row per candidate, each with its own cache copy
+        rest = torch.zeros(len(rows), device=device)
+        # Rows of similar length share a pass: fewer padded positions to run through the model.
+        by_length = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))
+        for start in range(0, len(rows), batch_size):
+            taken = torch.tensor(by_length[start : start + batch_size], device=device)
+            rest = rest.index_put((taken,), _continuation_logprobs(
+                head, [rows[r][1] for r in taken.tolist()], owners[taken], cache_layers, prompt_mask, prompt_lengths))
+    return list((first + rest).split([len(cands) for cands in candidates]))
+
+
+PACKING_ATTENTION = ("eager", "sdpa")  # attention implementations that honour a custom 4D mask
+
+
+def _packs_candidates(model) -> bool:
+    return getattr(model.config, "_attn_implementation", None) in PACKING_ATTENTION
+
+
+def _packed_continuation_logprobs(head: "LogProbHead", candidates, cache_layers, prompt_mask, prompt_lengths):
+    """Sum of log P(cand[j] | prompt, cand[:j]) for j >= 1 of every candidate, in one pass whose row b holds all of
+    prompt b's candidates one after another (each as `cand[:-1]`) and reads prompt b's cache as it is.
+
+    A block-diagonal causal 4D mask keeps each candidate to the prompt and its own earlier tokens, and each
+    candidate's positions restart at its prompt's length, so the numbers are those of one row per candidate; but
+    no row copies a prompt's cache (C copies per prompt, repeated per attention head: most of a listwise step's
+    memory traffic and 11-15 GB of Gemma's peak RSS, benchmarks/RESULTS.md "The real LLM at its FLOP floor").
+    """
+    from transformers import DynamicCache
+
+    device = prompt_mask.device
+    widths = [sum(len(c) - 1 for c in cands) for cands in candidates]
+    width = max(max(widths), 1)
+    shape = (len(candidates), width)
+    ids = torch.full(shape, _PAD_ID, dtype=torch.long)
+    targets = torch.zeros(shape, dtype=torch.long)
+    offsets = torch.zeros(shape, dtype=torch.long)  # each query's position inside its candidate
+    segment = torch.full(shape, -1, dtype=torch.long)  # which row of the output each query belongs to (-1: padding)
+    row = 0
+    for b, cands in enumerate(candidates):
+        start = 0
+        for cand in cands:
+            n = len(cand) - 1
+            ids[b, start:start + n] = torch.tensor(cand[:-1])
+            targets[b, start:start + n] = torch.tensor(cand[1:])
+            offsets[b, start:start + n] = torch.arange(n)
+            segment[b, start:start + n] = row
+            start, row = start + n, row + 1
+    ids, targets, offsets, segment = (t.to(device) for t in (ids, targets, offsets, segment))
+    real = segment >= 0
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    own = (segment[:, :, None] == segment[:, None, :]) & causal & real[:, :, None]
+    visible = torch.cat([prompt_mask.bool()[:, None, :].expand(-1, width, -1), own], dim=-1)[:, None]
+    if head.model.config._attn_implementation == "eager":  # eager adds its mask to the scores
+        dtype = next(head.model.parameters()).dtype
+        visible = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
+    cache = DynamicCache(ddp_cache_data=cache_layers, config=head.model.config)
+    hidden, _ = head.forward(input_ids=ids, attention_mask=visible, position_ids=prompt_lengths[:, None] + offsets,
+                             past_key_values=cache, use_cache=True)
+    token_logprobs = head.target_log_probs(hidden[real], targets[real])
+    rest = torch.zeros(row, device=device, dtype=token_logprobs.dtype)
+    return rest.index_add(0, segment[real], token_logprobs)
 
 
 def _continuation_logprobs(head: "LogProbHead", cands, owners, cache_layers, prompt_mask, prompt_lengths):
@@ -192,7 +246,9 @@ class LogProbHead:
         if not self.plain:
             return hidden.float().gather(-1, targets[:, None]).squeeze(-1)
         head = self.model.get_output_embeddings()
-        logits = (hidden * head.weight[targets]).sum(-1).float()
+        # in float32: one dot product per row costs nothing, and a 16-bit sum of 640 products is off by up to a
+        # tenth of a nat, enough to swap close candidates (the normaliser's rounding errors average out instead)
+        logits = (hidden.float() * head.weight[targets].float()).sum(-1)
         return logits if head.bias is None else logits + head.bias[targets].float()
 
     def normaliser(self, hidden: torch.Tensor) -> torch.Tensor:

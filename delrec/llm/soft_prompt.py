@@ -7,10 +7,19 @@ Hugging Face folder that vLLM serves with no custom code. Each soft prompt has a
 model), so several coexist in one tokenizer: `<|sp:sasrec:0|>` .. `<|sp:sasrec:99|>`,
 `<|sp:gru4rec:0|>` ...
 
-Training only P rows of a shared matrix uses a gradient hook that zeroes every other row. That
-is exact only with weight decay 0 (decay shrinks rows whatever their gradient): check the
-optimiser with `check_optimizer`. Tied input/output embeddings (Qwen2, GPT-2) work the same way:
-the tie is never changed, so the soft rows are also the LM head's rows for those tokens.
+Training only P rows of a 262k-row matrix (Gemma) must not cost a gradient of the whole matrix:
+`train_only_soft_prompt` freezes the matrix and trains a float32 master copy of the P rows (a
+parameter of the embedding layer, so DDP averages its gradient), which a forward hook puts at the
+soft positions of the embedding layer's output, with the layer's own scale (Gemma multiplies
+embeddings by sqrt(hidden)). The matrix's rows follow the master copy after each optimizer step,
+so the LM head of a tied model, saving and evaluation read the current rows. The dense
+alternative (the whole matrix trainable, a gradient mask on the other rows) spent 45% of a Gemma
+stage-1 step writing, masking and adding [262k, 640] gradients (benchmarks/RESULTS.md, "The real
+LLM at its FLOP floor"). With tied input/output embeddings the rows act in the LM head too, but
+train from the input side only: the output-side gradient (pushing down the probability of
+emitting a soft token) is not the soft prompt's job. Weight decay stays 0 (`check_optimizer`),
+DELRec's setting. Tied embeddings keep their tie: the soft rows are the LM head's rows for those
+tokens.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ class SoftPrompt:
         self.num_tokens = num_tokens
         self._token_ids: list[int] | None = None
         self._hook = None
+        self._master: torch.nn.Parameter | None = None  # the float32 rows being trained (train_only_soft_prompt)
 
     def __repr__(self) -> str:
         return f"SoftPrompt({self.name!r}, {self.num_tokens})"
@@ -54,6 +64,13 @@ class SoftPrompt:
     @property
     def tokens(self) -> list[str]:
         return [soft_token(self.name, i) for i in range(self.num_tokens)]
+
+    @property
+    def master_rows(self) -> torch.nn.Parameter:
+        """The float32 rows `train_only_soft_prompt` trains (the optimiser's one parameter)."""
+        if self._master is None:
+            raise RuntimeError(f"{self!r} is not being trained; call train_only_soft_prompt() first")
+        return self._master
 
     @property
     def token_ids(self) -> list[int]:
@@ -109,32 +126,60 @@ class SoftPrompt:
         resize_embeddings(model, len(tokenizer))
 
     def rows(self, model) -> torch.Tensor:
-        """A detached copy of the P soft-prompt vectors, shape [P, hidden]."""
+        """A detached copy of the P soft-prompt vectors, shape [P, hidden] (the float32 master copy while training)."""
+        if self._master is not None:
+            return self._master.detach().clone()
         return model.get_input_embeddings().weight[self.token_ids].detach().clone()
 
     def set_rows(self, model, rows: torch.Tensor) -> None:
         weight = model.get_input_embeddings().weight
         with torch.no_grad():
             weight[self.token_ids] = rows.to(weight.device, weight.dtype)
+            if self._master is not None:
+                self._master.copy_(rows)
 
     def train_only_soft_prompt(self, model) -> torch.nn.Parameter:
-        """Freeze every parameter except the input embeddings, and let only this prompt's rows get gradients.
+        """Freeze every parameter and train a float32 master copy of this prompt's rows instead.
 
-        Returns the embedding parameter, the one thing to give the optimiser (with weight decay 0).
+        Returns that parameter [P, hidden], the one thing to give the optimiser (with weight decay 0).
         """
-        self._remove_hook()
+        self._remove_hook(model)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        weight = model.get_input_embeddings().weight
-        weight.requires_grad_(True)
-        keep = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
-        keep[self.token_ids] = True
-        self._hook = weight.register_hook(lambda grad: grad.masked_fill(~keep, 0))
-        return weight
+        embedding = model.get_input_embeddings()
+        weight = embedding.weight
+        ids = torch.tensor(self.token_ids, device=weight.device)
+        scale = getattr(embedding, "embed_scale", 1.0)
+        scale = float(scale.to(weight.dtype)) if torch.is_tensor(scale) else float(scale)
+        with torch.no_grad():
+            if not torch.equal(embedding(ids), (weight[ids] * scale).to(weight.dtype)):
+                raise DelrecError(f"{type(embedding).__name__}: the input embedding layer transforms its rows beyond "
+                                  "a scale, so soft-prompt rows cannot be trained apart from it")
+        master = torch.nn.Parameter(weight[ids].detach().float().clone())
+        embedding.register_parameter("soft_prompt_rows", master)
+        slots = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
+        slots[ids] = torch.arange(len(ids), device=weight.device)
+        synced = {"version": None}
+
+        def put_rows(module, args, output):
+            """The master rows at the soft positions; the matrix's rows follow them once per optimizer step."""
+            if synced["version"] != master._version:  # not on every call: a pass may hold the matrix for backward
+                with torch.no_grad():
+                    weight[ids] = master.to(weight.dtype)
+                synced["version"] = master._version
+            slot = slots[args[0]]
+            at = slot >= 0
+            if not at.any():
+                return None
+            return output.index_put((at,), (master[slot[at]] * scale).to(output.dtype))
+
+        self._master = master
+        self._hook = embedding.register_forward_hook(put_rows)
+        return master
 
     def freeze(self, model) -> None:
         """Fix the soft-prompt rows (stage 2): the input embeddings stop training, whatever wraps the model."""
-        self._remove_hook()
+        self._remove_hook(model)
         embedding = model.get_input_embeddings()
         embedding.weight.requires_grad_(False)
         trainable = [name for name, p in embedding.named_parameters() if p.requires_grad]
@@ -145,19 +190,27 @@ class SoftPrompt:
             )
 
     def check_optimizer(self, optimizer, model) -> None:
-        """Refuse an optimiser that decays the embedding matrix: decay would move every row, not only the soft ones."""
-        weight = model.get_input_embeddings().weight
+        """Refuse an optimiser that decays the soft rows or the embedding matrix (DELRec trains them without decay)."""
+        trained = [model.get_input_embeddings().weight, self._master]
         for group in optimizer.param_groups:
-            if any(p is weight for p in group["params"]) and group.get("weight_decay", 0.0) != 0.0:
+            if any(p is q for p in group["params"] for q in trained) and group.get("weight_decay", 0.0) != 0.0:
                 raise DelrecError(
-                    f"soft prompt '{self.name}': training it needs weight_decay 0 on the embeddings, got "
-                    f"{group['weight_decay']} (decay would change every vocabulary row); set weight_decay to 0"
+                    f"soft prompt '{self.name}': training it needs weight_decay 0, got {group['weight_decay']} "
+                    "(decay would pull the soft rows towards zero whatever the task says); set weight_decay to 0"
                 )
 
-    def _remove_hook(self) -> None:
+    def _remove_hook(self, model=None) -> None:
+        """End training of the master rows: the matrix keeps their last values."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._master is not None and model is not None:
+            embedding = model.get_input_embeddings()
+            with torch.no_grad():
+                embedding.weight[self.token_ids] = self._master.to(embedding.weight.dtype)
+            if getattr(embedding, "soft_prompt_rows", None) is self._master:
+                del embedding.soft_prompt_rows
+            self._master = None
 
     def save(self, folder: str | Path, model) -> Path:
         """Write `soft_prompt.safetensors`: the P x hidden rows (float32) and what they belong to."""
@@ -174,6 +227,16 @@ class SoftPrompt:
         with atomic_write(path, "wb") as handle:
             handle.write(safetensors_bytes({"embeddings": rows}, metadata=metadata))
         return path
+
+    def restore(self, folder: str | Path, model) -> None:
+        """Set this (attached) prompt's rows, the float32 master copy included, from a file it saved (resuming)."""
+        path = Path(folder)
+        path = path / SOFT_PROMPT_FILE if path.is_dir() else path
+        name, rows = _read_file(path)
+        if name != self.name or rows.shape[0] != self.num_tokens:
+            raise DelrecError(f"{path}: holds soft prompt '{name}' ({rows.shape[0]} tokens), this run trains "
+                              f"'{self.name}' ({self.num_tokens} tokens)")
+        self.set_rows(model, rows)
 
     @classmethod
     def load(cls, folder: str | Path, model, tokenizer, num_tokens: int | None = None) -> "SoftPrompt":

@@ -19,20 +19,21 @@ step's first embedding call (the whole batch for the answer loss, the prompt pas
 one, whose candidate passes read the prompts through the KV cache) therefore reads, in the ONE
 backward pass of the equally weighted loss, each task's gradient w.r.t. the soft-prompt vectors
 (summed over the positions holding them), computes the weights, and rescales each example's
-gradient to its task's weight before it reaches the embedding matrix. The result equals backpropagating sum_t w_t L_t (the tests check it against
-separate backward passes). With tied input/output embeddings (Qwen2) the soft rows are also LM-head
-rows; that output-side gradient (pushing down the probability of emitting a soft token) is not
-part of "the gradient w.r.t. the soft prompt" and is left with the equal weights.
+gradient to its task's weight before it reaches the soft rows. The result equals backpropagating
+sum_t w_t L_t (the tests check it against separate backward passes). With tied input/output
+embeddings (Qwen2, Gemma) the soft rows also act in the LM head, but train from the input side only
+(`delrec.llm.soft_prompt`).
 
-Only the soft rows train: a gradient mask on the embedding matrix (`SoftPrompt.train_only_soft_prompt`)
-and `SoftRowsAdamW`, which keeps Adam state for those P rows only, so a checkpoint is the soft
-rows + a few KB of optimizer state, not a model copy (weight decay 0, as the mask requires).
+Only the soft rows train: a float32 master copy of the P rows, put into the embedding layer's output
+by a forward hook (`SoftPrompt.train_only_soft_prompt`; no gradient of the 262k-row matrix), and
+AdamW on that copy alone, so a checkpoint is the soft rows + a few KB of optimizer state, not a
+model copy (weight decay 0, DELRec's setting).
 
 Distributed: DDP (accelerate_configs/multi_gpu.yaml). The batch of a step is that of all processes:
 the task losses are token means over it, the dynamic weights come from its task gradients, so a
 step equals one process holding the whole batch (`SoftPromptTrainer.compute_loss`;
-tests/test_distributed.py). Not FSDP: sharding flattens the embedding matrix, so the row mask and
-the row optimizer have no rows to hold on to; the soft prompt is small, so DDP is the right tool.
+tests/test_distributed.py). Not FSDP: sharding flattens the embedding matrix, so the soft rows have no
+rows of it to be written into; the soft prompt is small, so DDP is the right tool.
 
 Output folder: soft_prompt.safetensors, the tokenizer (with the soft tokens), delrec.json,
 metrics.json (valid RPS agreement and TA accuracy with their chance levels, before and after),
@@ -71,6 +72,8 @@ from delrec.llm.training import (
     run_config,
     sft_config,
     start_processes,
+    training_model_config,
+    training_precision,
     write_metrics,
 )
 
@@ -159,42 +162,6 @@ def dynamic_task_weights(grad_norms: torch.Tensor, present: torch.Tensor, power:
     return inverse / inverse.sum()
 
 
-class SoftRowsAdamW(torch.optim.Optimizer):
-    """AdamW (no weight decay) on a few rows of one matrix: state and updates for the soft-prompt rows only.
-
-    A float32 master copy of the rows is kept, so a bf16 model still takes small steps exactly.
-    """
-
-    def __init__(self, weight: torch.nn.Parameter, rows: list[int], lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
-        super().__init__([weight], {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": 0.0})
-        self.rows = torch.tensor(rows, dtype=torch.long, device=weight.device)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for weight in group["params"]:
-                if weight.grad is None:
-                    continue
-                grad = weight.grad[self.rows].float()
-                state = self.state[weight]
-                if not state:
-                    state["step"] = 0
-                    state["master"] = weight[self.rows].float().clone()
-                    state["exp_avg"] = torch.zeros_like(grad)
-                    state["exp_avg_sq"] = torch.zeros_like(grad)
-                state["step"] += 1
-                state["exp_avg"].lerp_(grad, 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                bias1 = 1 - beta1 ** state["step"]
-                bias2 = 1 - beta2 ** state["step"]
-                denominator = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
-                state["master"].addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / bias1)
-                weight[self.rows] = state["master"].to(weight.dtype)
-        return loss
-
-
 class SoftPromptTrainer(DelrecTrainer):
     """Trains only the soft-prompt rows on TA + RPS with fixed or dynamic task weights.
 
@@ -220,10 +187,9 @@ class SoftPromptTrainer(DelrecTrainer):
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            weight = self.model.get_input_embeddings().weight
-            self.optimizer = SoftRowsAdamW(
-                weight, self.soft_prompt.token_ids, lr=self.args.learning_rate,
-                betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
+            self.optimizer = torch.optim.AdamW(
+                [self.soft_prompt.master_rows], lr=self.args.learning_rate,
+                betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon, weight_decay=0.0,
             )
             self.soft_prompt.check_optimizer(self.optimizer, self.model)
         return self.optimizer
@@ -328,11 +294,7 @@ class SoftPromptTrainer(DelrecTrainer):
         self._load_soft_rows(resume_from_checkpoint)
 
     def _load_soft_rows(self, folder: str) -> None:
-        from delrec.llm.soft_prompt import SoftPrompt
-
-        loaded = SoftPrompt.load(folder, self.model, self.processing_class, num_tokens=self.soft_prompt.num_tokens)
-        if loaded.name != self.soft_prompt.name:
-            raise DelrecError(f"{folder}: holds soft prompt '{loaded.name}', this run trains '{self.soft_prompt.name}'")
+        self.soft_prompt.restore(folder, self.model)
 
 
 def stage1_metrics(counts: dict[str, RankCounts]) -> dict[str, float]:
@@ -378,7 +340,8 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
     start_processes(model_config.device)
     resume_from = prepare_run(out, STAGE, run_config(args, model_config, settings), settings.resume)
 
-    model, tokenizer = load_model(model_config)
+    precision = training_precision(settings, model_config.device)
+    model, tokenizer = load_model(training_model_config(model_config, precision))
     soft = SoftPrompt(sr_model["name"], args.soft_prompt_tokens).add_to(
         model, tokenizer, init=args.soft_prompt_init, seed=settings.seed)
     soft.train_only_soft_prompt(model)
@@ -402,7 +365,8 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
 
     trainer = SoftPromptTrainer(
         model=model,
-        args=sft_config(settings, out / CHECKPOINTS_DIR, on_cpu(model), learning_rate=DEFAULT_LEARNING_RATE,
+        args=sft_config(settings, out / CHECKPOINTS_DIR, on_cpu(model), precision,
+                        learning_rate=DEFAULT_LEARNING_RATE,
                         metric_for_best_model="rps_agreement" if "rps" in args.tasks else "ta_accuracy",
                         resuming=resume_from is not None, load_best_model_at_end=False),
         train_dataset=train,

@@ -49,6 +49,8 @@ from delrec.llm.training import (
     run_config,
     sft_config,
     start_processes,
+    training_model_config,
+    training_precision,
     write_metrics,
 )
 from delrec.metrics import CANDIDATE_KEYS
@@ -186,7 +188,8 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
     start_processes(model_config.device)
     resume_from = prepare_run(out, STAGE, run_config(args, model_config, lora, settings), settings.resume)
 
-    model, tokenizer = load_model(model_config)
+    precision = training_precision(settings, model_config.device)
+    model, tokenizer = load_model(training_model_config(model_config, precision))
     soft = None
     if args.soft_prompt == "stage1":
         soft = SoftPrompt.load(args.stage1, model, tokenizer, num_tokens=stage1["soft_prompt"]["num_tokens"])
@@ -223,7 +226,8 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
 
     trainer = LoraTrainer(
         model=model,
-        args=sft_config(settings, out / CHECKPOINTS_DIR, on_cpu(model), learning_rate=DEFAULT_LEARNING_RATE,
+        args=sft_config(settings, out / CHECKPOINTS_DIR, on_cpu(model), precision,
+                        learning_rate=DEFAULT_LEARNING_RATE,
                         metric_for_best_model="ndcg@5", resuming=resume_from is not None, optim=args.optim),
         train_dataset=sets["train"].rows.select_columns(train_columns),
         eval_dataset=sets["valid"].rows.select_columns(tokens_only),

@@ -95,7 +95,10 @@ class TrainingSettings:
     )
     seed: int = field(default=0, metadata={"help": "Seed of instance sampling, initialisation and data order."})
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(
-        default="auto", metadata={"help": "auto: bf16 on a CUDA GPU that supports it, none on CPU."}
+        default="auto",
+        metadata={"help": "auto: bf16 on a CUDA GPU that supports it, and on a CPU whose bfloat16 matrix products "
+                  "measure at least 1.5x faster than float32 ones (then, with dtype auto, the frozen base weights "
+                  "load in bfloat16; what trains keeps float32 copies); none elsewhere."},
     )
     gradient_checkpointing: Literal["auto", "yes", "no"] = field(
         default="auto", metadata={"help": "Recompute activations in the backward pass; auto: on CUDA only."}
@@ -134,10 +137,37 @@ def apply_runtime(settings: TrainingSettings) -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
+def training_precision(settings: TrainingSettings, device: str) -> Literal["bf16", "fp16", "no"]:
+    """The Trainer's mixed precision on `device`: `mixed_precision`, with auto resolved to bf16 on a CUDA GPU that
+    supports it and on a CPU whose bfloat16 GEMMs measure faster than float32 ones (`delrec.device`), else none."""
+    from delrec.device import cpu_prefers_bfloat16, resolve_device
+
+    if settings.mixed_precision != "auto":
+        return settings.mixed_precision
+    if resolve_device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_prefers_bfloat16() else "no"
+
+
+def training_model_config(model_config, precision: str):
+    """The base model as a stage loads it: on CPU with bf16 compute and `dtype: auto`, its weights in bfloat16.
+
+    Those weights are frozen, so they need no float32 master copy: autocast would cast them on every pass. What
+    trains keeps float32 copies (PEFT's LoRA matrices, the soft prompt's rows) and the losses are computed in
+    float32. On CUDA the checkpoint's dtype is kept, as before."""
+    from delrec.device import resolve_device
+
+    if (precision == "bf16" and model_config.dtype == "auto" and resolve_device(model_config.device).type == "cpu"
+            and not (model_config.load_in_4bit or model_config.load_in_8bit)):
+        return dataclasses.replace(model_config, dtype="bfloat16")
+    return model_config
+
+
 def sft_config(
     settings: TrainingSettings,
     output_dir: Path,
     on_cpu: bool,
+    precision: str,
     *,
     learning_rate: float,
     metric_for_best_model: str,
@@ -145,20 +175,18 @@ def sft_config(
     **overrides: Any,
 ):
     """The `SFTConfig` of a DELRec stage: evaluation before training (step 0) and every `eval_steps` with a
-    checkpoint, the best checkpoint by a valid metric loaded at the end."""
+    checkpoint, the best checkpoint by a valid metric loaded at the end; `precision` from `training_precision`
+    (bf16: the Trainer's autocast, on CPU too)."""
     from trl import SFTConfig
 
-    bf16 = settings.mixed_precision == "bf16" or (
-        settings.mixed_precision == "auto" and not on_cpu and torch.cuda.is_bf16_supported()
-    )
     checkpointing = settings.gradient_checkpointing == "yes" or (
         settings.gradient_checkpointing == "auto" and not on_cpu
     )
     options = dict(
         output_dir=str(output_dir),
         use_cpu=on_cpu,
-        bf16=bf16,
-        fp16=settings.mixed_precision == "fp16",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         gradient_checkpointing=checkpointing,
         learning_rate=settings.learning_rate or learning_rate,
         num_train_epochs=settings.num_train_epochs,
@@ -232,8 +260,14 @@ def answer_log_probs(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tens
     """
     labels = inputs["labels"]
     k = int((labels[:, 1:] != -100).sum(1).max())
+    width = labels.shape[1]
+    # positions as an index tensor, not the int k + 1: the model then gathers them into a contiguous [B, k + 1, d]
+    # block, which the LM head multiplies as one matrix; an int slices a strided view that needs a gradient, which
+    # torch's matmul does not fold: it copies the whole head weight per row instead (bfloat16 on CPU: half the
+    # step's time, benchmarks/RESULTS.md "The real LLM at its FLOP floor")
+    keep_positions = torch.arange(width - k - 1, width, device=labels.device)
     out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                position_ids=inputs["position_ids"], logits_to_keep=k + 1, use_cache=False)
+                position_ids=inputs["position_ids"], logits_to_keep=keep_positions, use_cache=False)
     targets = labels[:, -k:]
     keep = targets != -100
     logits = out.logits[:, :-1].float()
@@ -340,7 +374,8 @@ class DelrecTrainer(SFTTrainer):
         was_training = self.model.training
         self.model.eval()  # also makes SFTTrainer.log file these under eval
         try:
-            values = self.evaluator(self.model)
+            with self.accelerator.autocast():  # scored with the precision training runs in
+                values = self.evaluator(self.model)
             metrics = {f"{metric_key_prefix}_{key}": value for key, value in values.items()}
             metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - started, 3)
             self.log(dict(metrics))  # a copy: Trainer.log adds the epoch to what it is given
