@@ -183,7 +183,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         names = [f"--{field.name}"] + ([f"--{field.name.replace('_', '-')}"] if "_" in field.name else [])
         kind = _without_none(hints[field.name])
-        kwargs: dict[str, Any] = {"help": field.metadata.get("help"), **_default(field)}
+        text = field.metadata.get("help")  # prose: a "%" is a percent sign, not an argparse format
+        kwargs: dict[str, Any] = {"help": text.replace("%", "%%") if text else text, **_default(field)}
         if typing.get_origin(kind) is Literal:
             choices = typing.get_args(kind)
             kwargs.update(choices=choices, type=_choice(choices))
