@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -149,6 +150,15 @@ def check_own_folder(out: str | os.PathLike, outputs: Sequence[str]) -> None:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise DelrecError(f"--out {out} already holds other files ({shown}), which are not {' or '.join(outputs)}; "
                           "choose a new or empty folder")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 hex digest of a file, read in 4 MB blocks (model files run to gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -22,7 +22,6 @@ the cache (`$DELREC_CACHE`, default `~/.cache/delrec`), keyed by the file's sha2
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import importlib.util
 import os
@@ -35,7 +34,8 @@ from pathlib import Path
 from typing import Iterator
 
 from delrec.errors import DelrecError
-from delrec.io import check_apart_from_inputs, is_occupied, read_json, replace_directory, staged_directory, write_json
+from delrec.io import (check_apart_from_inputs, is_occupied, read_json, replace_directory, sha256_file, staged_directory,
+                       write_json)
 
 IMPORT_FILE = "delrec_import.json"
 IMPORT_KIND = "delrec-gguf-import"
@@ -131,14 +131,6 @@ def check_gguf_file(path: Path) -> None:
         raise DelrecError(f"{path}: not a GGUF file (it starts with {magic!r}, a GGUF starts with b'GGUF')")
     if importlib.util.find_spec("gguf") is None:
         raise DelrecError(f"reading {path} needs the gguf package, which is not installed; {INSTALL_HINT}")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -24,7 +24,6 @@ protects against a package replaced on its own; whoever can rewrite both files i
 
 from __future__ import annotations
 
-import hashlib
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ from torch import nn
 
 from delrec.errors import DelrecError
 from delrec.headers import SR_MODEL_WEIGHTS_FILE, FieldRule, Header, positive_int
-from delrec.io import atomic_write, make_parents, write_json
+from delrec.io import atomic_write, make_parents, sha256_file, write_json
 from delrec.metrics import exclude_history_
 from delrec.sr.base import SequentialRecommender, load_model, pad_histories
 from delrec.sr.evaluate import ranked_pairs
@@ -127,15 +126,7 @@ def package_path(folder: str | Path, topk: int, exclude_history: bool = True) ->
 
 
 def weights_digest(folder: str | Path) -> str:
-    return file_digest(Path(folder) / SR_MODEL_WEIGHTS_FILE)
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(Path(folder) / SR_MODEL_WEIGHTS_FILE)
 
 
 def graph_inputs(histories: Sequence[Sequence[int]], num_items: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,7 +186,7 @@ def compile_top_k(folder: str | Path, topk: int = 20, exclude_history: bool = Tr
                               "histories; nothing was written (please report this with the model folder)")
         with atomic_write(out, "wb") as handle:
             handle.write(staged.read_bytes())
-    write_json(out.with_suffix(".json"), {**compiled.description, "package_sha256": file_digest(out),
+    write_json(out.with_suffix(".json"), {**compiled.description, "package_sha256": sha256_file(out),
                                           "compile_seconds": round(time.perf_counter() - began, 1)})
     return out
 
@@ -253,7 +244,7 @@ class CompiledTopK:
         if description["weights_sha256"] != weights_digest(folder):
             raise DelrecError(f"{path}: compiled from other weights than {folder / SR_MODEL_WEIGHTS_FILE} "
                               f"(the model changed since); {remake}")
-        if description["package_sha256"] != file_digest(path):
+        if description["package_sha256"] != sha256_file(path):
             raise DelrecError(f"{path}: not the package {path.with_suffix('.json').name} records (its SHA-256 "
                               f"differs); a package is native code, so it was not loaded; {remake}")
         return cls(_inductor().aoti_load_package(str(path)), description, path)
