@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from delrec.config import parse_command
@@ -27,6 +28,16 @@ class ServeArguments:
         default=1000, metadata={"help": "Longest request history accepted (the model reads its last max_length)."}
     )
     default_k: int = field(default=20, metadata={"help": "Items returned when a request gives no k (sr predict's topk)."})
+    max_body_bytes: int = field(
+        default=1 << 20,
+        metadata={"help": "Largest request body accepted; a larger one gets HTTP 413 before it is read (a 1000-item "
+                  "history of 40-character ids is about 45 KB)."},
+    )
+    read_timeout: float = field(
+        default=10.0,
+        metadata={"help": "Seconds a client has to send a whole request body; a slower one gets HTTP 408 and its "
+                  "connection is closed."},
+    )
     compiled: bool = field(
         default=False,
         metadata={"help": "Answer with the model's compiled top-default_k graph (`delrec sr compile`, ~0.1 ms a user "
@@ -38,11 +49,13 @@ class ServeArguments:
     def __post_init__(self):
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
-        for name in ("max_batch_size", "max_history", "default_k"):
+        for name in ("max_batch_size", "max_history", "default_k", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be 0 or more, got {self.num_threads}")
+        if not 0 < self.read_timeout < float("inf"):
+            raise ValueError(f"read_timeout must be a positive number of seconds, got {self.read_timeout}")
 
 
 def serve(argv, prog: str, description: str) -> int:
@@ -73,8 +86,9 @@ def serve(argv, prog: str, description: str) -> int:
     compiled = CompiledTopK.load(args.model, args.default_k) if args.compiled else None
     recommender = Recommender(model, PreparedDataset.load(args.data), args.max_history, args.default_k, args.model,
                               compiled)
-    info = {"model": str(args.model), "data": str(args.data)}
+    info = {"model": Path(args.model).resolve().name, "data": Path(args.data).resolve().name}  # no absolute paths
     announce = (f"serving {args.model} ({model.model_type}, {model.num_items} items, {torch.get_num_threads()} torch "
                 f"thread(s)) on http://{args.host}:{args.port}  (POST /recommend, GET /health; Ctrl-C to stop)")
-    run_server(create_app(recommender, args.max_batch_size, info, announce), args.host, args.port)
+    app = create_app(recommender, args.max_batch_size, info, announce, args.max_body_bytes, args.read_timeout)
+    run_server(app, args.host, args.port)
     return 0
