@@ -36,7 +36,7 @@ def _parser(prog: str, description: str, config: bool) -> argparse.ArgumentParse
     parser.add_argument("--from", dest="start", metavar="STAGE", default=None,
                         help="Run this stage, even if unchanged, and every stage after it.")
     parser.add_argument("--dry-run", action="store_true", help="Print the plan (each stage: run, resume or skip, and "
-                        "why) and stop.")
+                        "why) and stop; it writes nothing but, in an existing run folder, the cache of file digests.")
     parser.add_argument("--verbose", action="store_true", help="Show each stage's own output here instead of writing "
                         "it to RUN/<stage>/stage.log.")
     return parser

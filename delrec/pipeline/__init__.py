@@ -5,7 +5,8 @@
     run_pipeline(config, "runs/lastfm")                # or: delrec run configs/pipeline/lastfm.yaml
 
 `options` and `schema`: the config; `layout`: the run folder; `stages` (and `latency`): what each stage
-runs; `plan`: run, resume or skip each stage, by content hash; `execute`: running the plan.
+runs; `plan`: run, resume or skip each stage, by content hash and by the digests of the files each stage wrote
+(`digests`: file digests read again only when a file's stat moved); `execute`: running the plan.
 """
 
 from delrec.pipeline.execute import run_pipeline

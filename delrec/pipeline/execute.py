@@ -19,8 +19,10 @@ from typing import Callable
 import delrec
 from delrec.errors import DelrecError
 from delrec.io import atomic_write, check_parents_are_folders, is_occupied, read_json, write_json
-from delrec.pipeline.layout import CONFIG_COPY, REPORT_FILE, RUN_FILE, STAGE_FILE, STAGE_LOG, STAGES, Layout
-from delrec.pipeline.plan import Step, decide, format_plan, plan, read_record
+from delrec.pipeline.digests import FileDigests
+from delrec.pipeline.layout import (CONFIG_COPY, DIGESTS_FILE, REPORT_FILE, RUN_FILE, STAGE_FILE, STAGE_LOG, STAGES,
+                                    Layout)
+from delrec.pipeline.plan import Step, decide, format_plan, output_digests, plan, read_record
 from delrec.pipeline.schema import PipelineConfig
 from delrec.pipeline.stages import RUNNERS, Context
 
@@ -80,12 +82,16 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path, only: str | None =
     import torch
 
     layout = Layout(Path(run_dir))
-    steps = plan(config, layout.run, only, start)
+    digests = FileDigests(layout.run / DIGESTS_FILE)
+    steps = plan(config, layout.run, only, start, digests)
     echo(f"delrec run: {config.source} -> {layout.run}")
     if dry_run:
         echo(format_plan(steps))
+        if (layout.run / RUN_FILE).is_file():  # an existing run folder keeps what the plan read; a new one gets nothing
+            digests.save()
         return {"plan": [dataclasses.asdict(s) for s in steps]}
     summary = _start_run(config, layout)
+    digests.save()
     began = time.perf_counter()
     threads = torch.get_num_threads()
     records = {s: read_record(layout, s) for s in STAGES}
@@ -100,12 +106,12 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path, only: str | None =
                 echo(f"{prefix} skip    {planned.reason}")
                 continue
             # decided again now that its inputs have finished: the hash covers their new identity
-            step = decide(config, layout, stage, records, set(), planned.forced)
+            step = decide(config, layout, stage, records, set(), digests, planned.forced)
             log = "" if verbose else f"  (output: {layout.stage(stage) / STAGE_LOG})"
             echo(f"{prefix} {step.action:<7} {planned.reason}{log}")
             if config.run.threads:
                 torch.set_num_threads(config.run.threads)
-            record = _run_stage(config, layout, step, verbose)
+            record = _run_stage(config, layout, step, verbose, digests)
             torch.set_num_threads(threads)
             records[stage] = record
             summary["stages"][stage] = {"action": step.action, "reason": planned.reason, "status": "finished",
@@ -139,13 +145,14 @@ def _end_run(layout: Layout, summary: dict, began: float, status: str) -> None:
         summary["report"] = str(layout.run / REPORT_FILE)
     write_json(layout.run / RUN_FILE, summary)
 
-def _run_stage(config: PipelineConfig, layout: Layout, step: Step, verbose: bool) -> dict:
-    """Run one stage, keeping its stage.json current: running, then finished / failed / interrupted."""
+def _run_stage(config: PipelineConfig, layout: Layout, step: Step, verbose: bool, digests: FileDigests) -> dict:
+    """Run one stage, keeping its stage.json current: running, then finished / failed / interrupted; a finished
+    one records the digest of every file it wrote, which the next plan checks before skipping it."""
     folder = layout.stage(step.stage)
     if step.wipe and folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"stage": step.stage, "hash": step.hash, "inputs": step.inputs,
+    record = {"stage": step.stage, "hash": step.hash, "inputs": step.inputs, "outside": step.outside,
               "config": json.loads(json.dumps(config.stage_config(step.stage), default=str)),
               "started": _now(), "finished": None, "seconds": None, "status": "running"}
     write_json(folder / STAGE_FILE, record)
@@ -164,6 +171,8 @@ def _run_stage(config: PipelineConfig, layout: Layout, step: Step, verbose: bool
             raise DelrecError(f"stage '{step.stage}' failed: {exc}{where}; fix it and re-run: finished stages are "
                               "skipped") from None
         raise
-    record.update(status="finished", finished=_now(), seconds=round(time.perf_counter() - began, 2), outputs=outputs)
+    record.update(status="finished", finished=_now(), seconds=round(time.perf_counter() - began, 2), outputs=outputs,
+                  files=output_digests(layout, step.stage, digests))
     write_json(folder / STAGE_FILE, record)
+    digests.save()
     return record

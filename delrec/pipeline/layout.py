@@ -12,6 +12,7 @@ STAGES = ("data", "sr", "predictions", "llm", "stage1", "stage2", "rank", "teach
 STAGE_FILE = "stage.json"
 STAGE_LOG = "stage.log"
 RUN_FILE = "run.json"
+DIGESTS_FILE = "digests.json"  # the stat cache of file digests (`delrec.pipeline.digests`)
 CONFIG_COPY = "config.yaml"
 REPORT_FILE = "report.md"
 TRAINER_LOG = "trainer_log.jsonl"
@@ -65,3 +66,13 @@ class Layout:
 
     def relative(self, path: Path) -> str:
         return str(Path(path).relative_to(self.run))
+
+    def outputs(self, name: str) -> list[Path]:
+        """The files stage `name` wrote: its folder but for its own record and log (and RUN/report.md for the
+        report stage), sorted."""
+        folder = self.stage(name)
+        own = (folder / STAGE_FILE, folder / STAGE_LOG)
+        files = [p for p in folder.rglob("*") if p.is_file() and p not in own]
+        if name == "report" and (self.run / REPORT_FILE).is_file():
+            files.append(self.run / REPORT_FILE)
+        return sorted(files)
