@@ -1,30 +1,45 @@
-"""Small file helpers: atomic writes (temp file + rename) and JSON lines with located errors."""
+"""Small file helpers: atomic writes (temp file + rename), one writer per output, and JSON lines with located
+errors."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from delrec.errors import DelrecError, where
+
+# The process's umask, read once: mkstemp and mkdtemp create 0600 files and 0700 folders whatever it says, so
+# every output is given the mode a plain open() or mkdir() would have (others on a shared machine can read it).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8"):
     """Open a temp file next to `path`; on success rename it over `path`, on error delete it.
 
-    Readers never see a half-written file, and an interrupted run leaves the old file intact.
+    Readers never see a half-written file, and an interrupted run leaves the old file intact (the temp file
+    of a killed run is removed by the next write of the same file).
     """
     path = Path(path)
     created = make_parents(path)
+    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        remove_leftovers(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_transient_prefix(path), suffix=".tmp")
         try:
+            os.fchmod(fd, 0o666 & ~_UMASK)
             with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
                 yield handle
                 handle.flush()
@@ -35,7 +50,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
                 os.unlink(tmp)
             raise
     except OSError as exc:
-        if exc.filename is None:  # a failed write() names no file; say which one
+        if exc.filename is None or exc.filename == tmp:  # a failed write() names no file, or the temp one: say which
             exc.filename = str(path)
         remove_empty(created)
         raise
@@ -63,13 +78,24 @@ def staged_directory(path: str | os.PathLike):
     """Yield an empty temp folder beside `path` to build a whole output folder in.
 
     Move it into place with `replace_directory`; if the block fails, it is removed, so an
-    interrupted run never leaves a half-written folder under the real name.
+    interrupted run never leaves a half-written folder under the real name (and the staging folder
+    of a killed run is removed by the next run that stages the same output).
     """
     path = Path(path)
     created = make_parents(path)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        remove_leftovers(path)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_transient_prefix(path), suffix=".tmp"))
+        tmp.chmod(0o777 & ~_UMASK)
+    except BaseException:
+        remove_empty(created)
+        raise
     try:
         yield tmp
+    except OSError as exc:  # name the file of the output, not of the staging folder that is about to go
+        if exc.filename is not None and Path(exc.filename).is_relative_to(tmp):
+            exc.filename = str(path / Path(exc.filename).relative_to(tmp))
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if not path.exists():
@@ -79,7 +105,7 @@ def staged_directory(path: str | os.PathLike):
 def replace_directory(source: Path, target: Path) -> None:
     """Move a finished folder to `target`, replacing what was there only once it is complete."""
     if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        old = target.with_name(f"{_transient_prefix(target)}old")
         os.replace(target, old)
         os.replace(source, target)
         if old.is_dir():
@@ -88,6 +114,135 @@ def replace_directory(source: Path, target: Path) -> None:
             old.unlink()
     else:
         os.replace(source, target)
+
+
+# Temp files, staging folders and replaced outputs beside an output `NAME` are `.NAME.PID-HOST.<random>.tmp`
+# and `.NAME.PID-HOST.old`: whose process wrote them, so that the next run can tell a killed run's leftovers
+# (the process is gone) from a live run's (same output, another process: never touched).
+_HOST = hashlib.blake2s(socket.gethostname().encode(), digest_size=3).hexdigest()
+_LEFTOVER = re.compile(r"(\d+)-([0-9a-f]{6})\.(?:[a-z0-9_]+\.tmp|old)")
+
+
+def _transient_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}-{_HOST}."
+
+
+def remove_leftovers(path: Path) -> None:
+    """Remove what killed runs of this host left beside `path`: temp files, staging folders, and the replaced
+    output of a run killed mid-swap, which is put back instead when `path` itself is missing. Best effort:
+    what cannot be removed stays, and the write goes on."""
+    prefix, leftovers = f".{path.name}.", []
+    with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
+        leftovers = [entry.name for entry in entries if entry.name.startswith(prefix)]
+    for name in leftovers:
+        match = _LEFTOVER.fullmatch(name[len(prefix):])
+        if match is None or match[2] != _HOST or is_running(int(match[1])):
+            continue
+        leftover = path.parent / name
+        with contextlib.suppress(OSError):
+            if name.endswith(".old") and not path.exists():
+                os.replace(leftover, path)
+            elif leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
+
+
+def is_running(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (another user's counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike, command: str):
+    """Hold the output `out` (a folder or a file) for this process while `command` writes it.
+
+    The lock is the hidden file `.NAME.lock` beside `out`, so it exists before the output does, outlives the
+    swap of a staged folder, and works for a file output too. It holds an `flock`, which the system drops
+    when the process ends however it ends: a second writer is refused with one line naming the holder (the
+    file records its pid, host, command and start time), and the lock file of a killed run is taken over
+    with one line on stderr. Holding the lock, it clears what killed runs left beside `out`. A lock that
+    cannot be placed (a read-only parent, a parent that is a file, a file system without locks) does not
+    stop the command, which reports its own errors if it cannot write either.
+    """
+    target = Path(out).resolve()
+    lock = target.parent / f".{target.name}.lock"
+    fd, left, created = None, "", []
+    try:
+        created = make_parents(lock)
+        fd, left = _acquire(lock, out)
+    except OSError:
+        pass  # unlocked, as said above
+    except BaseException:
+        remove_empty(created)
+        raise
+    try:
+        if fd is not None:
+            if left.strip():
+                print(f"{out}: taking over the lock of delrec process {_describe(_lock_record(left))}, which ended "
+                      "without finishing", file=sys.stderr)
+            remove_leftovers(target)  # before the command looks at what `out` holds: a swap cut short is undone
+            record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                      "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            with contextlib.suppress(OSError):  # the lock holds without its record (on a full disk, say)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(record).encode("utf-8"), 0)
+        yield
+    finally:
+        if fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            os.close(fd)
+        remove_empty(created)
+
+
+def _acquire(lock: Path, out: str | os.PathLike) -> tuple[int, str]:
+    """The locked file's descriptor and what its last holder left in it (a killed run's record, or nothing);
+    a `DelrecError` naming the holder when another process holds it."""
+    import fcntl  # POSIX only: imported here so that the rest of delrec imports anywhere
+
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_record(os.pread(fd, 1 << 16, 0).decode("utf-8", "replace"))
+                raise DelrecError(f"{out}: another delrec process ({_describe(holder)}) is writing here; wait for it "
+                                  "to finish or choose another --out") from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(lock).st_ino == os.fstat(fd).st_ino:  # not a file its last holder unlinked meanwhile
+                    return fd, os.pread(fd, 1 << 16, 0).decode("utf-8", "replace")
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _lock_record(text: str) -> dict:
+    with contextlib.suppress(ValueError):
+        record = json.loads(text)
+        if isinstance(record, dict):
+            return record
+    return {}
+
+
+def _describe(record: dict) -> str:
+    """`pid N, `delrec sr train`, started at T` (and the host when it is another one)."""
+    if "pid" not in record:
+        return "pid unknown"
+    host = record.get("host")
+    elsewhere = f" on host {host}" if host and host != socket.gethostname() else ""
+    started = record.get("started", "?")
+    return f"pid {record['pid']}{elsewhere}, `{record.get('command', 'delrec')}`, started at {started}"
 
 
 def is_occupied(path: Path) -> bool:
@@ -162,9 +317,38 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
+    text = json_text(obj, path, indent=2)
     with atomic_write(path) as handle:
-        json.dump(obj, handle, indent=2, ensure_ascii=False)
+        handle.write(text)
         handle.write("\n")
+
+
+def json_text(obj: Any, path: str | os.PathLike, line: int | None = None, indent: int | None = None) -> str:
+    """`obj` as JSON for the file `path`, refusing NaN and infinities: Python would write them as `NaN`, which
+    no JSON reader (nor delrec's own) accepts, so the file could never be read back."""
+    try:
+        return json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False)
+    except ValueError as exc:
+        found = _non_finite(obj) if "Out of range float" in str(exc) else None  # not a circular reference
+        if found is None:
+            raise
+        field, value = found
+        raise DelrecError(f"{where(path, line, field)}: {value} is not a finite number, which JSON cannot hold; "
+                          f"{Path(path).name} was not written (a diverged training or an empty split gives such "
+                          "values)") from None
+
+
+def _non_finite(obj: Any, field: str | None = None) -> tuple[str | None, float] | None:
+    """`(field path, value)` of the first NaN or infinity in `obj` (`a.b[2]`; None for `obj` itself), or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return field, obj
+    if isinstance(obj, dict):
+        children = ((f"{field}.{key}" if field else str(key), value) for key, value in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        children = ((f"{field or ''}[{index}]", value) for index, value in enumerate(obj))
+    else:
+        return None
+    return next((found for name, value in children if (found := _non_finite(value, name)) is not None), None)
 
 
 def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
@@ -181,25 +365,46 @@ def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> 
     return len(header).to_bytes(8, "little") + header + data[8 + size:]
 
 
+class _NotJSON(ValueError):
+    """A value Python's json module would accept but JSON has not: `NaN`, `Infinity`, `-Infinity`."""
+
+
+def _refuse_constant(name: str) -> None:
+    raise _NotJSON(f"{name} is not a JSON number (JSON has no NaN or infinities)")
+
+
+def loads_json(text: str, path: str | os.PathLike, line: int | None = None) -> Any:
+    """`json.loads` for a file's text, every failure a located one-line `DelrecError`: invalid JSON, NaN or
+    Infinity (Python would accept them, no other reader does), nesting deeper than the interpreter's stack
+    and numbers longer than Python converts (both would otherwise be tracebacks)."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise DelrecError(f"{where(path, line or exc.lineno)}: invalid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise DelrecError(f"{where(path, line)}: invalid JSON (arrays or objects nested too deeply)") from None
+    except ValueError as exc:  # _NotJSON, or an integer over Python's digit limit
+        raise DelrecError(f"{where(path, line)}: invalid JSON ({str(exc)[:200]})") from None
+
+
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
         raise DelrecError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DelrecError(f"{path}: not UTF-8 text (byte {exc.start}); re-encode the file as UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise DelrecError(f"{where(path, exc.lineno)}: invalid JSON ({exc.msg})") from None
+    return loads_json(text, path)
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     count = 0
     with atomic_write(path) as handle:
         for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False))
-            handle.write("\n")
             count += 1
+            handle.write(json_text(row, path, line=count))
+            handle.write("\n")
     return count
 
 
@@ -218,10 +423,7 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
                 ) from None
             if not text.strip():
                 continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DelrecError(f"{where(path, line_no)}: invalid JSON ({exc.msg})") from None
+            obj = loads_json(text, path, line_no)
             if not isinstance(obj, dict):
                 raise DelrecError(f"{where(path, line_no)}: expected a JSON object, got {type(obj).__name__}")
             yield line_no, obj

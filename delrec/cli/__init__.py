@@ -7,13 +7,17 @@ User errors (`DelrecError`) are printed as one line and exit with code 2, never 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
+import io
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from delrec.errors import DelrecError, os_error_message
+from delrec.io import output_lock
 
 # (group, command) -> (module, function, one-line summary)
 COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
@@ -82,6 +86,46 @@ def _resolve(argv: list[str]) -> tuple[tuple[str, ...], list[str]]:
     return (), argv
 
 
+# The commands that only read: their outputs go to stdout, or over HTTP.
+READ_ONLY = {("data", "stats"), ("prompts", "list"), ("prompts", "render"), ("prompts", "lint"), ("serve",)}
+
+
+def output_of(key: tuple[str, ...], argv: list[str], prog: str, summary: str) -> str | None:
+    """The file or folder the command `key` would write (None: it writes nothing), which it holds while it
+    runs so that a second writer is refused (`delrec.io.output_lock`). A malformed command line or config
+    gives None: the command's own parser then says, in one line, what is wrong with it."""
+    if "-h" in argv or "--help" in argv or key in READ_ONLY:
+        return None
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return _output_path(key, argv, prog, summary)
+    except (SystemExit, DelrecError):
+        return None
+
+
+def _output_path(key: tuple[str, ...], argv: list[str], prog: str, summary: str) -> str | None:
+    from delrec.config import preparsed_option
+
+    if key in (("run",), ("demo",)):
+        return _run_folder(key, argv, prog, summary)
+    if key == ("sr", "evaluate"):  # evaluation.json goes into the model folder unless --out says otherwise
+        return preparsed_option(argv, "out") or preparsed_option(argv, "model")
+    if key == ("sr", "compile"):
+        from delrec.sr.compiled import COMPILED_DIR
+
+        model = preparsed_option(argv, "model")
+        return None if model is None else str(Path(model) / COMPILED_DIR)
+    return preparsed_option(argv, "out")
+
+
+def _run_folder(key: tuple[str, ...], argv: list[str], prog: str, summary: str) -> str | None:
+    """The run folder of `delrec run` / `delrec demo`, as they choose it (a dry run writes nothing)."""
+    from delrec.cli.run import parse_run
+
+    args, _, out = parse_run(argv, prog, summary, config=key == ("run",))
+    return None if args.dry_run else out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -107,7 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = "delrec " + " ".join(key)
     try:
         function = getattr(importlib.import_module(module_name), function_name)
-        result = function(rest, prog=prog, description=summary)
+        out = output_of(key, rest, prog, summary)
+        with contextlib.nullcontext() if out is None else output_lock(out, prog):
+            result = function(rest, prog=prog, description=summary)
     except DelrecError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2

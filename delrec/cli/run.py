@@ -42,22 +42,28 @@ def _parser(prog: str, description: str, config: bool) -> argparse.ArgumentParse
     return parser
 
 
-def run(argv, prog: str, description: str) -> int:
-    from delrec.pipeline import load_config
+def parse_run(argv, prog: str, description: str, config: bool):
+    """`(args, pipeline config, run folder)` of `delrec run` (config=True) or `delrec demo`: the one place that
+    chooses the run folder, which the dispatcher also locks."""
+    from delrec.pipeline import builtin_demo_config, load_config
 
-    args = _parser(prog, description, config=True).parse_args(list(argv))
-    config = load_config(args.config)
-    out = args.out or config.run.out or str(Path("runs") / Path(args.config).stem)
+    args = _parser(prog, description, config=config).parse_args(list(argv))
+    if config:
+        pipeline = load_config(args.config)
+        return args, pipeline, args.out or pipeline.run.out or str(Path("runs") / Path(args.config).stem)
+    with resources.as_file(builtin_demo_config(args.llm)) as path:
+        pipeline = load_config(path)
+    return args, pipeline, args.out or pipeline.run.out or DEMO_OUT
+
+
+def run(argv, prog: str, description: str) -> int:
+    args, config, out = parse_run(argv, prog, description, config=True)
     return _run(config, out, args, print_table=False)
 
 
 def demo(argv, prog: str, description: str) -> int:
-    from delrec.pipeline import builtin_demo_config, load_config
-
-    args = _parser(prog, description, config=False).parse_args(list(argv))
-    with resources.as_file(builtin_demo_config(args.llm)) as path:
-        config = load_config(path)
-    return _run(config, args.out or config.run.out or DEMO_OUT, args, print_table=True)
+    args, config, out = parse_run(argv, prog, description, config=False)
+    return _run(config, out, args, print_table=True)
 
 
 def _run(config, out: str, args, print_table: bool) -> int:
