@@ -6,6 +6,8 @@ read it. It lives below both so that neither has to import the other.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -96,6 +98,11 @@ def read_predictions(path: str | Path, dataset: PreparedDataset, split: str) -> 
         for item in row_items:
             if not isinstance(item, int) or isinstance(item, bool) or not 0 <= item < n:
                 raise DelrecError(f"{where(path, line_no, 'items')}: item id {item!r} is not in the catalogue (0..{n - 1})")
+        for score in row_scores:  # JSON readers take NaN and Infinity; no order, no prompt can use them
+            if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
+                raise DelrecError(f"{where(path, line_no, 'scores')}: score {json.dumps(score)} is not a finite "
+                                  "number; re-run `delrec sr predict`, which refuses a model whose scores are NaN "
+                                  "or inf")
         if with_prefix:
             prefix_items.append(_checked_prefix(row, instances, len(items), topk, n, path, line_no))
         items.append(row_items)

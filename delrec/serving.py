@@ -49,6 +49,7 @@ MAX_BODY_BYTES = 1 << 20  # a 1000-item history of 40-character ids is about 45 
 READ_TIMEOUT = 10.0  # seconds for a whole body: 1 MiB at 100 KB/s
 MAX_NUMBER_DIGITS = 100  # k and numeric item ids are far shorter; Python's own int limit is 4300 digits
 SHOWN_CHARS = 80  # a value quoted in an error message is cut to this
+NOT_FINITE = "not a finite number; its weights are likely broken (NaN or inf): retrain or restore the model folder"
 LOG = logging.getLogger("uvicorn.error")  # uvicorn's own logger: its handler, format and --log_level
 
 
@@ -153,19 +154,28 @@ class Recommender:
             if compiled:
                 ranked = self.compiled.top_items(histories)
             else:
-                deepest = max(queries[i].k for i in rows)
-                ranked = top_items(self.model, histories, deepest, not keep, len(rows))
+                ranked = self._eager_top_items(histories, max(queries[i].k for i in rows), not keep)
             for row, kept in zip(rows, ranked):
-                answers[row] = self._ranking(kept[: queries[row].k])
+                answers[row] = kept if isinstance(kept, ScoreError) else self._ranking(kept[: queries[row].k])
         return answers
+
+    def _eager_top_items(self, histories: list, k: int, exclude: bool) -> list:
+        """`top_items` of the batch. It refuses a batch holding a NaN or inf score (`check_finite_scores`, whose
+        message names the model's folder, which an HTTP answer must not): then each history is scored alone, so
+        that only the query it belongs to fails, with a message that names no path."""
+        try:
+            return top_items(self.model, histories, k, exclude, len(histories))
+        except DelrecError:
+            if len(histories) == 1:
+                return [ScoreError(f"the model gave this history a score that is {NOT_FINITE}")]
+            return [self._eager_top_items([history], k, exclude)[0] for history in histories]
 
     def _ranking(self, kept: list[tuple[int, float]]) -> dict | ScoreError:
         # top-k ranks NaN and inf first, so a non-finite score anywhere among the candidates shows up here
         bad = next(((i, v) for i, v in kept if not math.isfinite(v)), None)
         if bad is not None:
             return ScoreError(f"the model scored item {shown(self.items[bad[0]]['raw_id'])} {bad[1]} for this "
-                              "history, not a finite number; its weights are likely broken (NaN or inf): retrain "
-                              "or restore the model folder")
+                              f"history, {NOT_FINITE}")
         return {"items": [self._item(i, v) for i, v in kept]}
 
     def _compiled_answers(self, query: Query) -> bool:

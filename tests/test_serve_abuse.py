@@ -180,7 +180,8 @@ def test_a_nan_model_is_a_500_with_one_log_line_never_nan_in_json(sr_model, tiny
         response = client.post("/recommend", json={"history": [known_id]})
         assert response.status_code == 500
         error = json.loads(response.text, parse_constant=pytest.fail)["error"]  # strict JSON: no NaN anywhere
-        assert error.startswith("internal error: ") and "nan" in error.lower()
+        assert error == ("internal error: ScoreError: the model gave this history a score that is not a finite "
+                         "number; its weights are likely broken (NaN or inf): retrain or restore the model folder")
         assert client.get("/health").json()["status"] == "ok"
     (record,) = served_records(caplog)
     assert record.levelno == logging.ERROR and record.exc_info is None

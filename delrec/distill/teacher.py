@@ -167,7 +167,7 @@ def write_teacher(
         scores = scores.detach().cpu().float().contiguous()
     if embeddings is not None:
         embeddings = embeddings.detach().cpu().float().contiguous()
-    label = f"teacher for {out}"
+    label = f"teacher for {out}" + (f" from {source['model']}" if source and source.get("model") else "")
     if ranked:
         _check_rankings(dataset, instance_ids, items, scores, score_kind, label)
     _check_embeddings(dataset, embeddings, label)

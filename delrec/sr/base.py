@@ -36,16 +36,15 @@ Model folders
 -------------
 `save_pretrained(folder)` writes `config.json` = {"model_type", "format_version", "num_items",
 "dataset_fingerprint", **model config} and `model.safetensors`; `load_model(folder)` (or
-`SequentialRecommender.from_pretrained`) validates both and rebuilds the model on CPU, in eval
-mode. Loading then scoring on CPU gives bit-identical scores.
+`SequentialRecommender.from_pretrained`) validates both (weights with NaN or inf are refused) and
+rebuilds the model on CPU, in eval mode. Loading then scoring on CPU gives bit-identical scores.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -58,7 +57,7 @@ from delrec.headers import SR_MODEL_CONFIG_FILE as CONFIG_FILE
 from delrec.headers import SR_MODEL_FORMAT_VERSION as FORMAT_VERSION
 from delrec.headers import SR_MODEL_HEADER as HEADER
 from delrec.headers import SR_MODEL_WEIGHTS_FILE as WEIGHTS_FILE
-from delrec.io import atomic_write, read_json, safetensors_bytes
+from delrec.io import atomic_write, json_text, read_json, safetensors_bytes
 
 RESERVED_KEYS = ("model_type", "format_version", "num_items", "dataset_fingerprint")
 
@@ -92,6 +91,19 @@ def model_class_for_config(config: Any) -> type["SequentialRecommender"]:
 def build_model(config: Any, num_items: int, dataset_fingerprint: str | None = None) -> "SequentialRecommender":
     """A freshly initialised model for `config` (an instance of one model's config dataclass)."""
     return model_class_for_config(config)(config, num_items, dataset_fingerprint)
+
+
+def first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> tuple[str, int] | None:
+    """(name, count) of the first floating tensor holding NaN or inf values; None when all are finite.
+
+    Weights with such values score NaN, which has no order: loading or training refuses them rather than
+    ranking, writing or serving what they compute."""
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            count = int((~torch.isfinite(tensor)).sum())
+            if count:
+                return name, count
+    return None
 
 
 def pad_histories(
@@ -147,6 +159,7 @@ class SequentialRecommender(nn.Module):
         self.num_items = num_items
         self.pad_id = num_items
         self.dataset_fingerprint = dataset_fingerprint
+        self.folder: Path | None = None  # where it is loaded from or trained to: errors about its scores name it
 
     # --- the interface --------------------------------------------------------------------
     @property
@@ -232,8 +245,7 @@ class SequentialRecommender(nn.Module):
         with atomic_write(folder / WEIGHTS_FILE, "wb") as handle:
             handle.write(safetensors_bytes(tensors, metadata={"format": "pt", "model_type": self.model_type}))
         with atomic_write(folder / CONFIG_FILE) as handle:
-            json.dump(self.folder_config(), handle, indent=2)
-            handle.write("\n")
+            handle.write(json_text(self.folder_config(), folder / CONFIG_FILE, indent=2) + "\n")
         return folder
 
     @classmethod
@@ -299,5 +311,11 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Sequen
             f"{weights_path}: weights do not match config.json (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}, wrong shape {wrong[:3]}); the folder was edited or mixed up"
         )
+    broken = first_nonfinite(tensors)
+    if broken is not None:
+        name, count = broken
+        raise DelrecError(f"{weights_path}: tensor '{name}' holds {count} NaN/inf value(s), so the model's scores "
+                          "would be NaN (its training diverged, or the file was damaged); train the model again")
     model.load_state_dict(tensors)
+    model.folder = folder
     return model.to(device).eval()

@@ -4,6 +4,8 @@ Full ranking: `score_all` over the split in batches; metrics from `delrec.metric
 with each instance's history items excluded (default; `exclude_history=False` keeps them).
 Candidate ranking: `score_items` on the dataset's fixed candidate sets (`dataset.candidates`),
 nothing excluded; HR@1, HR@5, NDCG@5.
+Scores that are NaN or inf (weights that overflow) are refused, naming the model folder, before
+anything is ranked, written or served.
 
 Predictions file (JSON lines, one row per instance of a split, in instance order):
 
@@ -13,7 +15,7 @@ plus a sidecar `FILE.meta.json` = {"kind": "delrec-predictions", "format_version
 "split", "topk", "exclude_history", "prefix_predictions", "rows", "sha256" (of FILE), "model":
 {"model_type", "path"}}. With history exclusion a row can hold fewer than K items when the history
 leaves fewer than K items to rank. `read_predictions` checks the pair against a dataset
-(fingerprint, split, row count, ids, item range, checksum) before DELRec prompts or a
+(fingerprint, split, row count, ids, item range, finite scores, checksum) before DELRec prompts or a
 distillation use it.
 
 With `prefix_predictions` (DELRec's Temporal Analysis needs the SR model's prediction for the
@@ -83,6 +85,22 @@ def length_sorted_batches(histories: Sequence[Sequence[int]], batch_size: int, c
     return [torch.tensor(order[i:i + batch_size], dtype=torch.long) for i in range(0, len(order), batch_size)]
 
 
+def check_finite_scores(model: SequentialRecommender, scores: torch.Tensor) -> None:
+    """Refuse NaN or inf scores (finite weights can still overflow): they have no order, so ranking, writing
+    or serving them would give arbitrary lists and invalid JSON. The sum is the fast test (one pass, no
+    [B, N] mask; many times cheaper): any NaN or inf makes it non-finite, and only then are the scores counted
+    (a sum that merely overflowed finds none)."""
+    if bool(torch.isfinite(scores.sum(dtype=torch.float32))):
+        return
+    bad = ~torch.isfinite(scores)
+    count = int(bad.sum())
+    if count:
+        name = f"{model.folder}: the SR model" if model.folder is not None else "the SR model"
+        raise DelrecError(f"{name} gave {count} NaN/inf score(s) for {int(bad.any(1).sum())} of {len(scores)} "
+                          "histories in a batch (its weights are broken or overflow); train the model again, e.g. "
+                          "with a lower --lr")
+
+
 def iter_full_scores(
     model: SequentialRecommender,
     histories: Sequence[Sequence[int]],
@@ -96,6 +114,7 @@ def iter_full_scores(
         for rows in length_sorted_batches(histories, batch_size, model.context_length):
             chunk = [histories[i] for i in rows.tolist()]
             scores = model.score_all(_histories(model, chunk, device))
+            check_finite_scores(model, scores)
             mask = history_mask(chunk, model.num_items, device) if exclude_history else None
             yield rows, scores, mask
 
@@ -129,6 +148,7 @@ def evaluate_candidates(
             items = torch.tensor(lists, dtype=torch.long, device=device)
             target_index = torch.tensor([c.index(inst.target) for inst, c in zip(chunk, lists)], device=device)
             scores = model.score_items(_histories(model, [inst.history for inst in chunk], device), items)
+            check_finite_scores(model, scores)
             metrics.update(scores, target_index)
     values = metrics.compute()
     return {key: values[key] for key in CANDIDATE_KEYS}
@@ -252,7 +272,7 @@ def write_predictions(
     count = 0
     with atomic_write(path) as handle:
         for row in predict(model, dataset, split, topk, exclude_history, batch_size, prefix_predictions, model_path):
-            line = json.dumps(row) + "\n"
+            line = json.dumps(row, allow_nan=False) + "\n"  # scores are finite (`check_finite_scores`)
             handle.write(line)
             digest.update(line.encode("utf-8"))
             count += 1

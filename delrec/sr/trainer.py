@@ -55,9 +55,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import pickle
 import random
 import resource
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +72,7 @@ from tqdm import tqdm
 from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
 from delrec.io import atomic_write, check_parents_are_folders, write_json, write_jsonl
-from delrec.sr.base import SequentialRecommender, build_model, model_class_for_config
+from delrec.sr.base import SequentialRecommender, build_model, first_nonfinite, model_class_for_config
 from delrec.device import resolve_device
 from delrec.sr.evaluate import EVAL_BATCH_SIZE, evaluate_full, evaluate_model
 from delrec.sr.losses import LOSSES, next_item_loss
@@ -78,6 +80,8 @@ from delrec.sr.losses import LOSSES, next_item_loss
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.pt"
 CHECKPOINT_VERSION = 1
+CHECKPOINT_ENTRIES = {"version": int, "settings": dict, "epoch": int, "best_epoch": int, "best_metric": float,
+                      "log": list, "model": dict, "best_model": dict, "optimizer": dict, "rng": dict}
 SELECTION_METRIC = "ndcg@10"
 BUCKET_POOL_BATCHES = 64
 # Options that may change between a run and its resumption (they do not change what is learned).
@@ -311,22 +315,51 @@ def load_checkpoint(out: Path, settings: dict) -> dict | None:
                 f"{out} already holds files but no training checkpoint; choose another --out or empty it"
             )
         return None
+    start_over = f"delete {path.parent} to start over"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        saved = state["settings"]
-        version = state["version"]
-    except Exception as exc:  # corrupt or foreign file
-        raise DelrecError(f"{path}: unreadable checkpoint ({type(exc).__name__}); delete {path.parent} to start over") from None
+    except pickle.UnpicklingError:
+        raise DelrecError(f"{path}: refused, it holds Python objects other than tensors and plain values, which "
+                          f"delrec checkpoints never do (a foreign or tampered file; loading it could run code); "
+                          f"{start_over}") from None
+    except Exception as exc:  # noqa: BLE001 - torch reports a truncated or damaged file in many types
+        raise DelrecError(f"{path}: unreadable checkpoint, truncated or damaged ({type(exc).__name__}); "
+                          f"{start_over}") from None
+    for key, kind in CHECKPOINT_ENTRIES.items():
+        if not isinstance(state, dict) or not isinstance(state.get(key), kind):
+            raise DelrecError(f"{path}: not a delrec training checkpoint (entry '{key}' is missing or not a "
+                              f"{kind.__name__}); {start_over}")
+    version, saved = state["version"], state["settings"]
     if version != CHECKPOINT_VERSION:
         raise DelrecError(f"{path}: checkpoint version {version}, this delrec writes {CHECKPOINT_VERSION}; "
-                          f"delete {path.parent} to start over")
+                          f"{start_over}")
     if saved != settings:
         raise DelrecError(
             f"{out}: cannot resume, its checkpoint was written with a different configuration "
             f"({_describe_difference(saved, settings)}); use the same options, another --out, or delete "
             f"{path.parent} to start over"
         )
+    for key in ("model", "best_model"):
+        broken = first_nonfinite(state[key])
+        if broken is not None:
+            raise DelrecError(f"{path}: '{key}' tensor '{broken[0]}' holds {broken[1]} NaN/inf value(s) (the run "
+                              f"diverged, or the file was damaged); {start_over} (with a lower --lr if it diverged)")
     return state
+
+
+def restore_checkpoint(path: Path, state: dict, model: SequentialRecommender,
+                       optimizer: torch.optim.Optimizer | None) -> None:
+    """Put the model, optimizer and RNGs back as the checkpoint left them; a checkpoint whose entries do not
+    fit (edited, or a damaged file that still unpickles) is refused, naming the file."""
+    try:
+        for key in ("best_model", "model"):  # both must fit the model; the last one loaded stays
+            model.load_state_dict(state[key])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+    except Exception as exc:  # noqa: BLE001 - torch, numpy and random each reject a misfit in their own types
+        raise DelrecError(f"{path}: checkpoint does not fit this run ({type(exc).__name__}: "
+                          f"{textwrap.shorten(str(exc), 240)}); delete {path.parent} to start over") from None
 
 
 def save_checkpoint(out: Path, state: dict) -> None:
@@ -409,6 +442,9 @@ def _train_epoch(
     bar.close()
     if not math.isfinite(total + extra_total):
         raise DelrecError(f"epoch {epoch}: the training loss became {total + extra_total} (training diverged); lower --lr")
+    broken = first_nonfinite(model.state_dict())  # the last step can break the weights after a finite loss
+    if broken is not None:
+        raise DelrecError(f"epoch {epoch}: weight '{broken[0]}' became NaN/inf (training diverged); lower --lr")
     result = {"loss": total / max(len(batches), 1)}
     if extra_loss is not None:
         result["extra_loss"] = extra_total / max(len(batches), 1)
@@ -454,6 +490,7 @@ def _train(dataset, model_config, config: TrainConfig, out, extra_loss, model_ho
     torch.manual_seed(config.seed)
     check_negative_sampling(config, model_config, dataset.num_items, device)
     model = build_model(model_config, dataset.num_items, dataset.fingerprint)
+    model.folder = out
     if model_hook is not None:
         model_hook(model)
     model = model.to(device)
@@ -470,10 +507,7 @@ def _train(dataset, model_config, config: TrainConfig, out, extra_loss, model_ho
     if state is None:
         epoch, best_epoch, best_metric, log, best_state = 0, 0, -math.inf, [], None
     else:
-        model.load_state_dict(state["model"])
-        if optimizer is not None:
-            optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"])
+        restore_checkpoint(out / CHECKPOINT_DIR / CHECKPOINT_FILE, state, model, optimizer)
         epoch, best_epoch, best_metric = state["epoch"], state["best_epoch"], state["best_metric"]
         log, best_state = state["log"], state["best_model"]
         # said even without progress output: a resumed run must never pass for a fresh one
