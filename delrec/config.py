@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import reprlib
 import sys
 import types
 import typing
@@ -21,9 +22,126 @@ from typing import Any, Literal, Sequence, TypeVar
 
 import yaml
 
-from delrec.errors import DelrecError
+from delrec.errors import DelrecError, where
 
 T = TypeVar("T")
+
+
+MAX_SHOWN = 200
+"""Characters of a found value an error message echoes: enough to recognise it, never megabytes of it."""
+MAX_ALIAS_VALUES = 10_000
+"""Values that aliases (`*name`) may add to one YAML document. Reusing a section through an anchor adds
+tens; the 300-byte "billion laughs" document adds a billion, and echoing it took GBs."""
+MAX_YAML_DEPTH = 100
+"""Nesting levels of one YAML document: configs nest a few; deeper input would exhaust Python's stack."""
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = MAX_SHOWN
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple, _REPR.maxset, _REPR.maxlong = 3, 8, 8, 8, 8, 40
+
+
+def shorten(text: str, limit: int = MAX_SHOWN) -> str:
+    """`text` cut to `limit` characters, saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def excerpt(value: Any, limit: int = MAX_SHOWN) -> str:
+    """A bounded `repr(value)` for error messages: reprlib stops at a few items and levels, so a huge or
+    self-referencing value is never rendered in full."""
+    try:
+        text = _REPR.repr(value)
+    except ValueError:  # an integer too long for Python to write out
+        text = f"<{type(value).__name__} too large to show>"
+    return shorten(text, limit)
+
+
+class StrictLoader(yaml.SafeLoader):
+    """The YAML loader of every file delrec reads (configs, pipeline configs, template headers,
+    domains.yaml): safe, and it refuses what `yaml.safe_load` lets through silently: a duplicate
+    key (which would win over the first without a word), aliases expanding to more than
+    `MAX_ALIAS_VALUES` values (a few hundred bytes can otherwise stand for billions of values),
+    a recursive alias and nesting deeper than `MAX_YAML_DEPTH`."""
+
+    def __init__(self, stream: str, first_line: int = 1):
+        super().__init__(stream)
+        self.first_line = first_line  # the file line the text starts on, for the lines messages name
+        self._values: dict[int, int] = {}  # id(node) -> values under it once every alias is expanded
+        self._open: list[str | None] = []  # the anchors of the nodes being composed, outermost first
+        self._alias_values = 0
+
+    def compose_document(self):
+        self._values, self._open, self._alias_values = {}, [], 0
+        return super().compose_document()
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open:
+                raise yaml.composer.ComposerError(None, None, f"alias *{shorten(event.anchor)} refers to the value "
+                                                  "that contains it", event.start_mark)
+            target = self.anchors.get(event.anchor)
+            if target is not None:
+                self._alias_values += self._values[id(target)]
+                if self._alias_values > MAX_ALIAS_VALUES:
+                    raise yaml.composer.ComposerError(
+                        None, None, f"aliases (*name) expand to more than {MAX_ALIAS_VALUES:,} values; write the "
+                        "values out or reuse fewer of them", event.start_mark)
+            return super().compose_node(parent, index)
+        if len(self._open) >= MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep",
+                                              event.start_mark)
+        self._open.append(event.anchor)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._open.pop()
+        children = node.value if isinstance(node, yaml.SequenceNode) else (
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        self._values[id(node)] = 1 + sum(self._values[id(child)] for child in children)
+        return node
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, OverflowError) as exc:  # e.g. `2001-13-14` read as a date, a 5000-digit integer
+            kind = node.tag.rsplit(":", 1)[-1]
+            raise yaml.constructor.ConstructorError(
+                None, None, f"'{shorten(str(node.value), 40)}' cannot be read as {kind} ({shorten(str(exc), 60)}); "
+                "quote it to keep it as text", node.start_mark) from None
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                try:
+                    seen = first.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: the SafeLoader reports it
+                    continue
+                if seen is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {excerpt(key)} (first at line "
+                        f"{self.first_line + seen.start_mark.line}); each key may appear once", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, source: str | Path, *, first_line: int = 1, what: str = "YAML") -> Any:
+    """`text` read with `StrictLoader`; a problem is a one-line DelrecError `source:line: invalid WHAT (...)`,
+    `first_line` being the file line the text starts on."""
+    loader = StrictLoader(text, first_line)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark, context = getattr(exc, "problem_mark", None), getattr(exc, "context", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        if context and getattr(exc, "context_mark", None) is not None:  # e.g. where a duplicate anchor was first
+            problem = f"{context} (line {first_line + exc.context_mark.line}): {problem}"
+        line = first_line + mark.line if mark is not None else None
+        raise DelrecError(f"{where(source, line)}: invalid {what} ({shorten(problem)})") from None
+    finally:
+        loader.dispose()
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -32,13 +150,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DelrecError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"), path)
     except UnicodeDecodeError:
         raise DelrecError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise DelrecError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -49,7 +163,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def unknown_key_error(source: str, key: str, valid: Sequence[str]) -> DelrecError:
     close = difflib.get_close_matches(key, list(valid), n=1)
     hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(sorted(valid))}"
-    return DelrecError(f"{source}: unknown key '{key}'; {hint}")
+    return DelrecError(f"{source}: unknown key '{shorten(key)}'; {hint}")
 
 
 def dataclass_from_dict(cls: type[T], data: dict[str, Any], source: str) -> T:
@@ -61,7 +175,7 @@ def dataclass_from_dict(cls: type[T], data: dict[str, Any], source: str) -> T:
     try:
         return cls(**data)
     except (TypeError, ValueError) as exc:
-        raise DelrecError(f"{source}: {exc}") from None
+        raise DelrecError(f"{source}: {shorten(str(exc), 2 * MAX_SHOWN)}") from None
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -87,20 +201,20 @@ def _coerce_scalar(value: Any, action: argparse.Action, source: str) -> Any:
     base = getattr(kind, "base", kind)  # int for an optional int
     expected = getattr(kind, "__name__", "value")
     if isinstance(value, (dict, list)):
-        raise DelrecError(f"{source}: key '{action.dest}' expects a single {expected}, got {value!r}")
+        raise DelrecError(f"{source}: key '{action.dest}' expects a single {expected}, got {excerpt(value)}")
     if isinstance(value, bool):
         if base in (int, float, str):
-            raise DelrecError(f"{source}: key '{action.dest}' expects {expected}, got {value!r}")
+            raise DelrecError(f"{source}: key '{action.dest}' expects {expected}, got {excerpt(value)}")
     elif base is int and isinstance(value, float) and not value.is_integer():
-        raise DelrecError(f"{source}: key '{action.dest}' expects an integer, got {value!r}")
+        raise DelrecError(f"{source}: key '{action.dest}' expects an integer, got {excerpt(value)}")
     elif kind is not None:
         try:
             value = kind(value)
         except (TypeError, ValueError, argparse.ArgumentTypeError):
-            raise DelrecError(f"{source}: key '{action.dest}' expects {expected}, got {value!r}") from None
+            raise DelrecError(f"{source}: key '{action.dest}' expects {expected}, got {excerpt(value)}") from None
     if action.choices is not None and value not in action.choices:
         allowed = ", ".join(str(c) for c in action.choices)
-        raise DelrecError(f"{source}: key '{action.dest}' must be one of {allowed}, got {value!r}")
+        raise DelrecError(f"{source}: key '{action.dest}' must be one of {allowed}, got {excerpt(value)}")
     return value
 
 
@@ -237,7 +351,7 @@ def parse_command(
         try:
             outputs.append(cls(**kwargs))
         except ValueError as exc:
-            raise DelrecError(str(exc)) from None
+            raise DelrecError(shorten(str(exc), 2 * MAX_SHOWN)) from None
     return tuple(outputs)
 
 
@@ -251,6 +365,8 @@ def preparsed_option(argv: Sequence[str], name: str, default: str | None = None)
     value = getattr(known, name)
     if value is None and known.config:
         value = load_yaml(known.config).get(name)
+        if isinstance(value, (dict, list)):
+            raise DelrecError(f"{known.config}: key '{name}' expects a single value, got {excerpt(value)}")
     return default if value is None else str(value)
 
 

@@ -22,8 +22,9 @@ not get.
 Use `get_template(name)` once and `template.render(...)` per instance when building datasets:
 `render(name, ...)` re-checks the files' modification times on every call.
 
-The modules, bottom up: `contract` (names and variables shared with the files), `rendering`
-(a checked template, its output, token counts), `checks` (checking one template's text),
+The modules, bottom up: `contract` (names and variables shared with the files), `sandbox` (the
+Jinja environment: bounded work, text-only output), `rendering` (a checked template, its output,
+token counts), `checks` (checking one template's text),
 `template` (the folder, domains.yaml, `get_template`), `variables` (variables from a dataset),
 `linting` (`delrec prompts lint`). Token counts take a tokenizer the caller loaded: loading one
 belongs to the LLM layer, which sits above this package.

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 from jinja2 import TemplateSyntaxError, meta, nodes
 
-from delrec.errors import where
+from delrec.config import excerpt, parse_yaml
+from delrec.errors import DelrecError, where
 from delrec.prompts.contract import BLOCKS, HEADER_KEYS, SOFT_SLOT, TARGET, TASKS, TEMPLATE_SUFFIX, VARIABLES, Task
 from delrec.prompts.rendering import ENVIRONMENT, PromptTemplate
 
@@ -43,8 +43,9 @@ def analyse(path: Path, source: str, domains: Domains) -> tuple[PromptTemplate |
         return None, problems
     header, found = _check_header(path, fields)
     problems += found + _check_declared(path, header, domains)
-    try:
+    try:  # compiling also finds what parsing does not, such as an unknown filter
         ast = ENVIRONMENT.parse(source, name=path.name)
+        compiled = ENVIRONMENT.from_string(source)
     except TemplateSyntaxError as exc:
         return None, problems + [f"{where(path, exc.lineno)}: syntax error: {exc.message}"]
     blocks, found = _check_blocks(path, ast)
@@ -62,7 +63,7 @@ def analyse(path: Path, source: str, domains: Domains) -> tuple[PromptTemplate |
         name=path.name[: -len(TEMPLATE_SUFFIX)], path=path, task=header.task.name, description=header.description,
         requires_soft_prompt=header.requires_soft_prompt, variables=tuple(header.variables),
         prompt_variables=used["prompt"], completion_variables=used["completion"],
-        domains=domains, fingerprint=digest.hexdigest()[:16], compiled=ENVIRONMENT.from_string(source),
+        domains=domains, fingerprint=digest.hexdigest()[:16], compiled=compiled,
     )
     return template, []
 
@@ -75,14 +76,12 @@ def _read_header(path: Path, source: str) -> tuple[dict[str, Any] | None, list[s
                       "declaring task, description, requires_soft_prompt and variables (see prompts/README.md)"]
     header_line = match.group("lead").count("\n") + 2
     try:
-        loaded = yaml.safe_load(match.group("body"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = header_line + mark.line if mark else 1
-        return None, [f"{where(path, line)}: invalid header YAML ({getattr(exc, 'problem', exc)})"]
+        loaded = parse_yaml(match.group("body"), path, first_line=header_line, what="header YAML")
+    except DelrecError as exc:
+        return None, [str(exc)]
     if not isinstance(loaded, dict):
         return {}, [f"{where(path, header_line)}: the header must be a YAML mapping of {', '.join(HEADER_KEYS)}"]
-    return loaded, [f"{path}: unknown header key '{key}'; expected {', '.join(HEADER_KEYS)}"
+    return loaded, [f"{path}: unknown header key {excerpt(key)}; expected {', '.join(HEADER_KEYS)}"
                     for key in loaded if key not in HEADER_KEYS]
 
 
@@ -92,7 +91,7 @@ def _check_header(path: Path, fields: dict[str, Any]) -> tuple[Header, list[str]
     task_name = str(fields.get("task", path.name[: -len(TEMPLATE_SUFFIX)]))
     task = TASKS.get(task_name)
     if task is None:
-        problems.append(f"{path}: unknown task '{task_name}'; set 'task:' in the header to one of "
+        problems.append(f"{path}: unknown task {excerpt(task_name)}; set 'task:' in the header to one of "
                         f"{', '.join(TASKS)} (the file name is the default)")
     description = fields.get("description")
     if not isinstance(description, str) or not description.strip():
@@ -113,14 +112,15 @@ def _check_header(path: Path, fields: dict[str, Any]) -> tuple[Header, list[str]
 
 def _check_declared(path: Path, header: Header, domains: Domains) -> list[str]:
     """Declared variables exist (code or domain wording) and the task's code provides them."""
-    problems = [f"{path}: variable '{key}' is declared {count} times"
+    problems = [f"{path}: variable {excerpt(key)} is declared {count} times"
                 for key, count in Counter(header.variables).items() if count > 1]
     wording_keys = set(next(iter(domains.values()), {})) if domains else set()
     known = set(VARIABLES) | wording_keys
     task = header.task
     for key in header.variables:
         if key not in known:
-            problems.append(f"{path}: declares unknown variable '{key}'; known variables: {', '.join(sorted(known))}")
+            problems.append(f"{path}: declares unknown variable {excerpt(key)}; known variables: "
+                            f"{', '.join(sorted(known))}")
         elif task is not None and key in VARIABLES and key not in task.provides:
             problems.append(f"{path}: variable '{key}' is not provided for task '{task.name}' (provided: "
                             f"{', '.join(sorted(task.provides | wording_keys))})")

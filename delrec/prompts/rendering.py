@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from jinja2 import StrictUndefined, TemplateError, UndefinedError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2 import TemplateError, UndefinedError
 
-from delrec.errors import DelrecError
+from delrec.config import shorten
+from delrec.errors import DelrecError, where
 from delrec.prompts.contract import (
     DEFAULT_DOMAIN,
     DEFAULT_SOFT_TOKENS,
@@ -26,6 +26,7 @@ from delrec.prompts.contract import (
     SOFT_TOKEN_FORMAT,
     VARIABLES,
 )
+from delrec.prompts.sandbox import PromptSandbox, describe, render_block, template_line
 
 
 def numbered(items: Any) -> str:
@@ -38,16 +39,7 @@ def numbered(items: Any) -> str:
     return "\n".join(f"{i}. {title}" for i, title in enumerate(items, start=1))
 
 
-def _environment() -> ImmutableSandboxedEnvironment:
-    """Sandboxed and strict: templates come from prompt engineers, and a misspelt name must fail, not vanish."""
-    env = ImmutableSandboxedEnvironment(
-        undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, autoescape=False
-    )
-    env.filters["numbered"] = numbered
-    return env
-
-
-ENVIRONMENT = _environment()
+ENVIRONMENT = PromptSandbox(filters={"numbered": numbered})
 
 
 def soft_prompt_placeholder(count: int = DEFAULT_SOFT_TOKENS, token_format: str = SOFT_TOKEN_FORMAT) -> str:
@@ -134,12 +126,25 @@ class PromptTemplate:
         return RenderedPrompt(self.name, prompt, completion, span)
 
     def _block(self, block: str, values: dict[str, Any]) -> str:
+        """The block's text; any failure is one line naming the file and the template line."""
         try:
-            return "".join(self.compiled.blocks[block](self.compiled.new_context(values)))
-        except UndefinedError as exc:
-            raise DelrecError(f"template {self.file}: {exc.message}") from None
-        except (TemplateError, TypeError, ValueError, AttributeError, IndexError, KeyError) as exc:
-            raise DelrecError(f"template {self.file} failed to render its {block} block: {exc}") from None
+            return render_block(self.compiled, block, values)
+        except (TemplateError, RecursionError, MemoryError, TypeError, ValueError, ArithmeticError, AttributeError,
+                LookupError) as exc:
+            raise DelrecError(f"{where(self.path, template_line(exc))}: {_failure(block, exc)}") from None
+
+
+def _failure(block: str, exc: BaseException) -> str:
+    """What went wrong rendering `block`, for `_block`'s one-line error."""
+    if isinstance(exc, UndefinedError):
+        return shorten(str(exc.message), 400)
+    if isinstance(exc, TemplateError):  # the sandbox's limits and its text-only rule, Jinja's runtime errors
+        return f"{block} block: {shorten(str(exc), 400)}"
+    if isinstance(exc, RecursionError):
+        return f"{block} block: calls nest too deeply (does a macro call itself?)"
+    if isinstance(exc, MemoryError):
+        return f"{block} block: out of memory"
+    return f"{block} block failed to render: {shorten(str(exc), 400)}"
 
 
 def _check_type(file: str, key: str, value: Any) -> None:
@@ -147,17 +152,12 @@ def _check_type(file: str, key: str, value: Any) -> None:
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not all(
             isinstance(v, str) for v in value
         ):
-            raise DelrecError(f"template {file}: variable '{key}' must be a list of titles, got {_short(value)}")
+            raise DelrecError(f"template {file}: variable '{key}' must be a list of titles, got {describe(value)}")
     elif not isinstance(value, str):
-        raise DelrecError(f"template {file}: variable '{key}' must be text, got {_short(value)}")
+        raise DelrecError(f"template {file}: variable '{key}' must be text, got {describe(value)}")
     elif key == SOFT_SLOT and (not value or value != value.strip()):
         raise DelrecError(f"template {file}: variable '{SOFT_SLOT}' must be non-empty with no surrounding "
                           f"whitespace (spaces beside soft tokens change the tokens), got {value[:40]!r}")
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,8 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
-from delrec.errors import DelrecError, where
+from delrec.config import excerpt, parse_yaml, shorten
+from delrec.errors import DelrecError
 from delrec.prompts.checks import analyse
 from delrec.prompts.contract import DEFAULT_DOMAIN, DOMAINS_FILE, ENV_VAR, TEMPLATE_SUFFIX, VARIABLES
 from delrec.prompts.rendering import PromptTemplate, RenderedPrompt
@@ -52,34 +51,33 @@ def check_domains(path: Path) -> tuple[dict[str, dict[str, str]], list[str]]:
     if not path.is_file():
         return {}, [f"{path}: domain wording file not found; it defines item_noun, item_noun_plural, ... per domain"]
     try:
-        data = yaml.safe_load(_read(path))
+        data = parse_yaml(_read(path), path)
     except DelrecError as exc:
         return {}, [str(exc)]
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        return {}, [f"{where(path, mark.line + 1 if mark else None)}: invalid YAML ({getattr(exc, 'problem', exc)})"]
     if not isinstance(data, dict) or DEFAULT_DOMAIN not in data:
         return {}, [f"{path}: expected a mapping of domain: {{key: wording}} with a '{DEFAULT_DOMAIN}' domain"]
     domains: dict[str, dict[str, str]] = {}
     reference = data[DEFAULT_DOMAIN]
-    keys = sorted(reference) if isinstance(reference, dict) else []
+    keys = sorted(map(str, reference)) if isinstance(reference, dict) else []
     for domain, wording in data.items():
+        name = excerpt(str(domain))
         if not isinstance(wording, dict):
-            problems.append(f"{path}: domain '{domain}' must map keys to wording, got {wording!r}")
+            problems.append(f"{path}: domain {name} must map keys to wording, got {excerpt(wording)}")
             continue
         for key, value in wording.items():
             if not isinstance(key, str) or not _IDENTIFIER.match(key):
-                problems.append(f"{path}: domain '{domain}' key {key!r} is not a valid variable name")
+                problems.append(f"{path}: domain {name} key {excerpt(key)} is not a valid variable name")
             elif key in VARIABLES:
-                problems.append(f"{path}: domain '{domain}' key '{key}' clashes with the variable of that name")
+                problems.append(f"{path}: domain {name} key '{key}' clashes with the variable of that name")
             elif not isinstance(value, str) or not value.strip() or value != value.strip():
-                problems.append(f"{path}: domain '{domain}' key '{key}' must be non-empty text without "
-                                f"surrounding spaces, got {value!r}")
-        missing = sorted(set(keys) - set(wording))
-        extra = sorted(set(wording) - set(keys))
+                problems.append(f"{path}: domain {name} key {excerpt(key)} must be non-empty text without "
+                                f"surrounding spaces, got {excerpt(value)}")
+        given = set(map(str, wording))
+        missing, extra = sorted(set(keys) - given), sorted(given - set(keys))
         if missing or extra:
-            problems.append(f"{path}: domain '{domain}' must define the same keys as '{DEFAULT_DOMAIN}' "
-                            f"({', '.join(keys)}); missing {missing or 'none'}, extra {extra or 'none'}")
+            problems.append(f"{path}: domain {name} must define the same keys as '{DEFAULT_DOMAIN}' "
+                            f"({shorten(', '.join(keys))}); missing {excerpt(missing) if missing else 'none'}, "
+                            f"extra {excerpt(extra) if extra else 'none'}")
         domains[str(domain)] = {str(k): v for k, v in wording.items()}
     return domains, problems
 
