@@ -11,11 +11,18 @@ import errno
 from os import PathLike
 
 
+MAX_MESSAGE = 1000  # characters: a backstop for a message that quotes a huge value (most cut theirs to 200)
+
+
 class DelrecError(Exception):
-    """An error caused by the user's input; its message is shown as is, on one line."""
+    """An error caused by the user's input; its message is shown as is, on one line of at most `MAX_MESSAGE`
+    characters."""
 
     def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
+        text = " ".join(str(message).split())
+        if len(text) > MAX_MESSAGE:
+            text = f"{text[:MAX_MESSAGE]}... ({len(text):,} characters)"
+        super().__init__(text)
 
 
 def where(path: str | PathLike, line: int | None = None, field: str | None = None) -> str:

@@ -171,3 +171,12 @@ def test_an_error_echoes_at_most_a_few_hundred_characters_of_a_value(tmp_path, c
     assert main(["sr", "train", "--config", str(config)]) == 2
     err = one_short_line(capsys.readouterr().err, 700)  # an unknown key's message also lists the valid keys
     assert fact in err and "x" * 201 not in err
+
+
+def test_every_one_line_error_is_cut_to_a_thousand_characters_saying_how_long_it_was():
+    """The backstop behind the 200-character excerpts: a message that quotes a huge value anyway stays short."""
+    from delrec.errors import MAX_MESSAGE
+
+    message = str(DelrecError("x.yaml: bad value " + "ab \n" * 100_000))
+    assert "\n" not in message and len(message) < MAX_MESSAGE + 40
+    assert message.startswith("x.yaml: bad value ab ab") and message.endswith("... (300,017 characters)")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from delrec.config import build_parser, coerce_config, load_yaml, option_actions, unknown_key_error
+from delrec.config import build_parser, coerce_config, excerpt, load_yaml, option_actions, unknown_key_error
 from delrec.errors import DelrecError
 from delrec.pipeline.layout import STAGES
 from delrec.pipeline.options import (DataOptions, LatencyOptions, LLMOptions, PredictionsOptions, RankOptions,
@@ -127,7 +127,7 @@ def _mapping(data: Any, source: str) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise DelrecError(f"{source}: expected a mapping, got {type(data).__name__} {data!r}")
+        raise DelrecError(f"{source}: expected a mapping, got {type(data).__name__} {excerpt(data)}")
     return dict(data)
 
 
@@ -148,7 +148,7 @@ def sr_classes(name: str, source: str) -> tuple[type, type]:
     from delrec.sr import MODELS
 
     if name not in MODELS:
-        raise DelrecError(f"{source}: unknown model '{name}'; expected one of {', '.join(MODELS)}")
+        raise DelrecError(f"{source}: unknown model {excerpt(name)}; expected one of {', '.join(MODELS)}")
     return MODELS[name].config_class, MODELS[name]
 
 
@@ -268,9 +268,9 @@ def _check_item_tokens(section: Section, where: str, sr_models: dict[str, Sectio
         return
     trainable = [n for n, e in sr_models.items() if sr_classes(e.get(SRModelOptions).model, "")[1].trainable]
     if name not in trainable:
-        raise DelrecError(f"{where}: key 'item_tokens' is '{value}', but item tokens need a trained SR model's item "
-                          f"embeddings; expected one of: {', '.join(f'sr/{n}' for n in trainable) or 'none'}, "
-                          "or an SR model folder")
+        raise DelrecError(f"{where}: key 'item_tokens' is {excerpt(value)}, but item tokens need a trained SR "
+                          "model's item embeddings; expected one of: "
+                          f"{', '.join(f'sr/{n}' for n in trainable) or 'none'}, or an SR model folder")
 
 
 def _rank_sections(source: _Source) -> tuple[Section, dict[str, Section]]:
@@ -307,7 +307,7 @@ def _teacher(entry: dict, where: str, sr_models: dict[str, Section], variants: l
 
     backend = str(entry.get("backend", "hf"))
     if backend not in BACKENDS:
-        raise DelrecError(f"{where}: key 'backend' must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        raise DelrecError(f"{where}: key 'backend' must be one of {', '.join(BACKENDS)}, got {excerpt(backend)}")
     teacher = parse_options([TeacherExportConfig, backend_module(backend).Options], entry, where,
                             defaults=NO_PROGRESS, wired={"data": WIRED, "out": WIRED})
     export = teacher.get(TeacherExportConfig)
@@ -325,7 +325,7 @@ def _check_reference(value: str | None, source: str, key: str, sr_models: dict, 
     if (stage == "sr" and name in sr_models) or (stage == "stage2" and name in variants and key == "model"):
         return
     choices = [f"sr/{n}" for n in sr_models] + ([f"stage2/{v}" for v in variants] if key == "model" else [])
-    raise DelrecError(f"{source}: key '{key}' is '{value}'; expected one of: {', '.join(choices)}")
+    raise DelrecError(f"{source}: key '{key}' is {excerpt(value)}; expected one of: {', '.join(choices)}")
 
 
 
