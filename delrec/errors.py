@@ -37,7 +37,7 @@ def where(path: str | PathLike, line: int | None = None, field: str | None = Non
 
 _OS_ERROR_HINTS = {
     errno.ENOSPC: "no space left on the device; free some space and re-run the same command (finished files are "
-                  "intact, and training resumes from its last checkpoint)",
+                  "intact, and a command that trains resumes from its last checkpoint)",
     errno.ENOTDIR: "a part of this path is a file, not a folder; choose an output path whose parents are folders",
     errno.EEXIST: "a file is in the way of a folder this command needs to create; choose another output path",
     errno.EACCES: "permission denied; choose a path you can write to",

@@ -252,3 +252,17 @@ def test_written_outputs_get_the_umasks_mode_not_the_temp_files_private_one(tmp_
         os.replace(staged, tmp_path / "folder")
     assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_the_worker_ranks_of_a_distributed_launch_write_under_rank_0s_lock(tmp_path, monkeypatch):
+    """`accelerate launch` runs the same command once per process, all writing one --out: only rank 0 locks it
+    (tests/test_hybrid.py's DDP case runs it for real)."""
+    from delrec.cli import output_of
+
+    argv = ["--data", "d", "--out", str(tmp_path / "out")]
+    key = ("llm", "finetune")
+    assert output_of(key, argv, "delrec llm finetune", "") == str(tmp_path / "out")
+    monkeypatch.setenv("RANK", "0")
+    assert output_of(key, argv, "delrec llm finetune", "") == str(tmp_path / "out")
+    monkeypatch.setenv("RANK", "1")
+    assert output_of(key, argv, "delrec llm finetune", "") is None

@@ -28,6 +28,7 @@ import torch
 
 from delrec.errors import DelrecError
 from delrec.io import check_apart_from_inputs, is_occupied, read_json, replace_directory, staged_directory, write_json
+from delrec.llm.files import explained_write_errors
 from delrec.llm.folder import ADAPTER_CONFIG, INFO_FILE, load_delrec_model, read_info, same_base_model
 from delrec.llm.loading import DTYPES, TOKENIZER_FILES, WEIGHT_FILES, describe_non_model_folder, resolve_source
 from delrec.llm.soft_prompt import SOFT_PROMPT_FILE, SoftPrompt
@@ -170,8 +171,9 @@ def export_model(
         "stage2": info,
     }
     with staged_directory(out) as tmp:
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with explained_write_errors(out):  # safetensors reports a full disk as its own error, naming no file
+            merged.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, trust_remote_code=trust_remote_code)
         with torch.inference_mode():
             diff = (reloaded(input_ids=probe.cpu()).logits.float() - expected).abs().max().item()

@@ -16,19 +16,37 @@ and the adapter, so the ranking stage and the tests score exactly what training 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 from typing import Any
 
 from delrec.errors import DelrecError
-from delrec.headers import Header
-from delrec.io import write_json
+from delrec.headers import FieldRule, Header, positive_int
+from delrec.io import read_json, write_json
 
 INFO_FILE = "delrec.json"
 KIND = "delrec-llm"
 FORMAT_VERSION = 1
+
+
+def _is_base_model(value: Any) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("model_name_or_path"), str)
+
+
+def _is_soft_prompt(value: Any) -> bool:
+    return value is None or (isinstance(value, dict) and isinstance(value.get("name"), str)
+                             and positive_int(value.get("num_tokens")))
+
+
+# what loading reads from delrec.json: a damaged one is refused in one line, not met as a KeyError mid-load
 HEADER = Header("DELRec LLM description", "kind", KIND, FORMAT_VERSION,
-                "re-run the stage that wrote this folder with this delrec")
+                "re-run the stage that wrote this folder with this delrec", fields={
+                    "base_model": FieldRule(_is_base_model, "an object with the base model's model_name_or_path"),
+                    "soft_prompt": FieldRule(_is_soft_prompt, "null or an object with a name and a positive "
+                                                              "num_tokens"),
+                })
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_TYPE = "LORA"  # the only PEFT adapter the stages write
 
 
 def local_or_hub(name: str) -> str:
@@ -99,6 +117,7 @@ def load_delrec_model(folder: str | Path, device: str = "auto", dtype: str = "au
 
     folder = Path(folder)
     info = read_info(folder)
+    _check_adapter_files(folder)  # before the base model: loading it can take a minute
     model_info = info["base_model"]
     if model_info.get("trust_remote_code") and not trust_remote_code:
         raise DelrecError(
@@ -124,10 +143,58 @@ def load_delrec_model(folder: str | Path, device: str = "auto", dtype: str = "au
     if item_tokens:  # a placeholder projector of the recorded shape; the adapter holds the trained one
         hybrid.load(model, tokenizer, item_tokens, folder)
     if (folder / ADAPTER_CONFIG).is_file():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(folder))
+        model = _load_adapter(model, folder)
     if item_tokens:
         hybrid.check_loaded(model, folder)
     model.eval()
     return model, tokenizer, info
+
+
+def _check_adapter_files(folder: Path) -> None:
+    """Refuse, in one line naming the file, a stage folder's adapter whose config or weights file is damaged."""
+    from delrec.llm.files import damaged_file
+    from delrec.llm.hybrid import ADAPTER_WEIGHTS
+
+    config = folder / ADAPTER_CONFIG
+    if not config.is_file():
+        return
+    remedy = f"copy {folder} again, or re-run the stage that wrote it"
+    problem = damaged_file([config, folder / ADAPTER_WEIGHTS])
+    if problem:
+        raise DelrecError(f"{problem}; {remedy}")
+    settings = read_json(config)
+    if not isinstance(settings, dict) or settings.get("peft_type") != ADAPTER_TYPE:
+        found = repr(settings.get("peft_type")) if isinstance(settings, dict) else f"a JSON {type(settings).__name__}"
+        raise DelrecError(f"{config}: not a LoRA adapter config (field 'peft_type' should be '{ADAPTER_TYPE}', got "
+                          f"{found}); {remedy}")
+
+
+def _load_adapter(model, folder: Path):
+    """The base `model` with the folder's LoRA adapter; an adapter that does not fit the base, or lacks tensors
+    (PEFT would only warn and leave those at their initial values), is refused in one line."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors import safe_open
+
+    from delrec.llm.files import summary
+    from delrec.llm.hybrid import ADAPTER_WEIGHTS
+
+    weights = folder / ADAPTER_WEIGHTS
+    try:  # PEFT fails on a config value it cannot use, and on tensors that do not fit the base
+        with warnings.catch_warnings():  # missing tensors are refused below, in one line
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")
+            model = PeftModel.from_pretrained(model, str(folder))
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        if isinstance(exc, RuntimeError) and "state_dict" not in str(exc):  # not the tensors (out of memory, ...)
+            raise
+        raise DelrecError(f"{weights}: does not fit {folder / ADAPTER_CONFIG} and the base model ({summary(exc)}); "
+                          f"copy {folder} again, or re-run the stage that wrote it with this base model") from None
+    if weights.is_file():
+        with safe_open(str(weights), framework="pt") as handle:
+            held = set(handle.keys())
+        missing = sorted(set(get_peft_model_state_dict(model, save_embedding_layers=False)) - held)
+        if missing:
+            shown = ", ".join(missing[:2]) + (f" and {len(missing) - 2} more" if len(missing) > 2 else "")
+            raise DelrecError(f"{weights}: lacks {len(missing)} of the adapter's tensors ({shown}); the file is "
+                              f"damaged, or not the one written with {ADAPTER_CONFIG}: copy {folder} again, or "
+                              "re-run the stage that wrote it")
+    return model

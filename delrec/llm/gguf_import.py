@@ -24,8 +24,11 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import math
+import mmap
 import os
 import shutil
+import struct
 import sys
 import time
 from dataclasses import dataclass
@@ -36,11 +39,19 @@ from typing import Iterator
 from delrec.errors import DelrecError
 from delrec.io import (check_apart_from_inputs, is_occupied, read_json, replace_directory, sha256_file, staged_directory,
                        write_json)
+from delrec.llm.files import explained_write_errors
 
 IMPORT_FILE = "delrec_import.json"
 IMPORT_KIND = "delrec-gguf-import"
 CONVERTER_VERSION = 1  # part of the cache key: a fixed conversion never reuses an older one's folder
 GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)  # what transformers reads: v1 counted in 32 bits, and no file in use still is v1
+# GGUF metadata value types: the fixed-size ones and their widths in bytes; 8 is a string, 9 an array
+GGUF_WIDTHS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+GGUF_UINT32, GGUF_STRING, GGUF_ARRAY = 4, 8, 9
+GGUF_MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+GGUF_DEFAULT_ALIGNMENT = 32
+GGUF_REMEDY = "the file is damaged, cut short or not a GGUF model: copy or download it again"
 INSTALL_HINT = "pip install 'delrec[gemma]' (in a clone: make gemma)"
 # English sentences (none about recommendation) whose loss tells whether the model expects BOS.
 BOS_PROBES = (
@@ -83,14 +94,15 @@ def import_model(source: str, out: str | Path, overwrite: bool = False) -> dict:
         check_apart_from_inputs(out, {"GGUF file": source}, "the model")
     with _gguf_file(source, scratch=out.parent) as gguf_path:
         cached = converted_folder(gguf_path, packaged=PACKAGED_MODELS.get(source))
-    with staged_directory(out) as tmp:
-        shutil.copytree(cached, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
+    with staged_directory(out) as tmp, explained_write_errors(out):
+        for file in cached.iterdir():  # the flat folder `_convert` saved
+            _link_or_copy(file, tmp / file.name)
         replace_directory(tmp, out)
     return read_json(out / IMPORT_FILE)
 
 
-def _link_or_copy(source: str, target: str) -> None:
-    if source.endswith(".safetensors"):
+def _link_or_copy(source: Path, target: Path) -> None:
+    if source.suffix == ".safetensors":
         try:
             os.link(source, target)
             return
@@ -108,7 +120,7 @@ def converted_folder(gguf_path: str | Path, packaged: PackagedModel | None = Non
     complete = (folder / IMPORT_FILE).is_file() and (folder / "model.safetensors").is_file()
     if complete and read_json(folder / IMPORT_FILE).get("sha256") == digest:
         return folder
-    with staged_directory(folder) as tmp:
+    with staged_directory(folder) as tmp, explained_write_errors(folder):
         _convert(gguf_path, digest, tmp, packaged)
         replace_directory(tmp, folder)
     return folder
@@ -131,6 +143,115 @@ def check_gguf_file(path: Path) -> None:
         raise DelrecError(f"{path}: not a GGUF file (it starts with {magic!r}, a GGUF starts with b'GGUF')")
     if importlib.util.find_spec("gguf") is None:
         raise DelrecError(f"reading {path} needs the gguf package, which is not installed; {INSTALL_HINT}")
+    check_gguf_layout(path)
+
+
+def check_gguf_layout(path: Path) -> None:
+    """Walk the header of the GGUF file at `path` and check that every tensor's data lies inside the file.
+
+    transformers' reader trusts the header: a damaged one claiming 2^62 tensors or a 2^40-byte key
+    fails deep inside it (a struct error, a loop over counts the file cannot hold), and a file cut
+    short fails only while dequantising. Here every count and length is checked against the bytes
+    left in the file before it is used, so such a file is one line naming it. The file is mapped,
+    not read: a 1 GB model costs the pages of its header.
+    """
+    from gguf import GGML_QUANT_SIZES
+
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as blob:
+        header = _GgufHeader(path, blob)
+        header.take(len(GGUF_MAGIC), "the magic")
+        (file_version,) = header.unpack("<I", "the version")
+        if file_version not in GGUF_VERSIONS:
+            raise DelrecError(f"{path}: GGUF version {file_version}; delrec reads versions "
+                              f"{' and '.join(map(str, GGUF_VERSIONS))} (little-endian); convert it with a current "
+                              "llama.cpp")
+        tensor_count, entry_count = header.unpack("<QQ", "the tensor and metadata counts")
+        header.fits(entry_count, 8 + 4 + 1, "metadata entries")  # a key's length, its type, a one-byte value
+        alignment = GGUF_DEFAULT_ALIGNMENT
+        for _ in range(entry_count):
+            key = header.string("a metadata key")
+            (value_type,) = header.unpack("<I", f"the type of '{key}'")
+            if key == "general.alignment" and value_type == GGUF_UINT32:
+                (alignment,) = header.unpack("<I", f"the value of '{key}'")
+                if alignment == 0 or alignment & (alignment - 1):
+                    header.fail(f"general.alignment is {alignment}, not a power of two")
+            else:
+                header.skip_value(value_type, key)
+        header.fits(tensor_count, 8 + 4 + 4 + 8, "tensors")  # a name's length, its dimension count, type, offset
+        tensors = []
+        for _ in range(tensor_count):
+            name = header.string("a tensor name")
+            (dims,) = header.unpack("<I", f"the dimension count of tensor '{name}'")
+            if dims > GGUF_MAX_DIMS:
+                header.fail(f"tensor '{name}' claims {dims} dimensions, a GGUF tensor has at most {GGUF_MAX_DIMS}")
+            shape = header.unpack(f"<{dims}Q", f"the shape of tensor '{name}'")
+            tensors.append((name, shape, *header.unpack("<IQ", f"the type and offset of tensor '{name}'")))
+        data_start = -(-header.pos // alignment) * alignment
+        for name, shape, type_id, offset in tensors:
+            if type_id not in GGML_QUANT_SIZES:
+                header.fail(f"tensor '{name}' has ggml type {type_id}, which the gguf package does not know")
+            block_elements, block_bytes = GGML_QUANT_SIZES[type_id]
+            end = data_start + offset + math.prod(shape) // block_elements * block_bytes
+            if end > len(blob):
+                raise DelrecError(f"{path}: cut short: the data of tensor '{name}' ends at byte {end}, but the file "
+                                  f"has {len(blob)} bytes; copy or download it again")
+
+
+class _GgufHeader:
+    """A cursor over a GGUF header that refuses, in one line, any read past the end of the file."""
+
+    def __init__(self, path: Path, blob: mmap.mmap):
+        self.path = path
+        self.blob = blob
+        self.pos = 0
+
+    def fail(self, problem: str):
+        raise DelrecError(f"{self.path}: damaged GGUF header: {problem}; {GGUF_REMEDY}")
+
+    def take(self, size: int, what: str) -> int:
+        """Step over `size` bytes holding `what`; return where they start."""
+        left = len(self.blob) - self.pos
+        if size > left:
+            self.fail(f"{what} at byte {self.pos} claims {size} bytes, but only {left} are left in the file")
+        start, self.pos = self.pos, self.pos + size
+        return start
+
+    def unpack(self, layout: str, what: str) -> tuple:
+        return struct.unpack_from(layout, self.blob, self.take(struct.calcsize(layout), what))
+
+    def fits(self, count: int, smallest: int, what: str) -> None:
+        """Refuse a count of items, each at least `smallest` bytes, that the rest of the file cannot hold."""
+        left = len(self.blob) - self.pos
+        if count * smallest > left:
+            self.fail(f"it claims {count} {what} at byte {self.pos}, more than the {left} bytes left can hold")
+
+    def string(self, what: str) -> str:
+        (length,) = self.unpack("<Q", f"the length of {what}")
+        start = self.take(length, what)
+        try:
+            return self.blob[start:start + length].decode("utf-8")
+        except UnicodeDecodeError:
+            self.fail(f"{what} at byte {start} is not UTF-8 text")
+
+    def skip_value(self, value_type: int, key: str) -> None:
+        """Step over the value of metadata entry `key`: a fixed-size one, a string, or an array of either."""
+        what = f"the value of '{key}'"
+        if value_type in GGUF_WIDTHS:
+            self.take(GGUF_WIDTHS[value_type], what)
+        elif value_type == GGUF_STRING:
+            self.take(self.unpack("<Q", f"the length of {what}")[0], what)
+        elif value_type == GGUF_ARRAY:
+            element_type, count = self.unpack("<IQ", f"the array header of {what}")
+            if element_type in GGUF_WIDTHS:
+                self.take(count * GGUF_WIDTHS[element_type], what)
+            elif element_type == GGUF_STRING:
+                self.fits(count, 8, f"strings in {what}")  # each at least its 8-byte length
+                for _ in range(count):  # a vocabulary: 262k strings in Gemma's, 0.2 s
+                    self.take(self.unpack("<Q", f"the length of a string in {what}")[0], f"a string in {what}")
+            else:
+                self.fail(f"{what} is an array of type {element_type}, which transformers does not read")
+        else:
+            self.fail(f"{what} has type {value_type}, not a GGUF value type")
 
 
 @contextlib.contextmanager

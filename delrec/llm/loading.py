@@ -21,10 +21,16 @@ import torch
 from delrec.device import resolve_device
 from delrec.llm.architecture import not_a_causal_lm
 from delrec.errors import DelrecError
+from delrec.io import read_json
+from delrec.llm.files import damaged_file, summary
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# What each loading step reads, to find the damaged file when it fails (names or glob patterns, in a folder).
+CONFIG_READS = ("config.json",)
+TOKENIZER_READS = (*TOKENIZER_FILES, "special_tokens_map.json", "added_tokens.json")
+WEIGHT_READS = ("config.json", "*.index.json", "*.safetensors", "pytorch_model*.bin")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 FALLBACK_PAD_TOKEN = "<|pad|>"
 # Measured on Gemma 3 270M, 2 cores (benchmarks/RESULTS.md, "The real LLM at its FLOP floor"): torch's CPU SDPA
@@ -102,7 +108,7 @@ def load_model(config: ModelConfig):
     device = resolve_device(config.device)
     quantization = _quantization_config(config, device)
     source = resolve_source(config.model_name_or_path)
-    with _explained_load_errors(source):
+    with _explained_load_errors(source, CONFIG_READS):
         hf_config = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code)
     problem = not_a_causal_lm(hf_config)
     if problem:
@@ -113,16 +119,20 @@ def load_model(config: ModelConfig):
         raise DelrecError(f"{source}: has config.json but no weights (model.safetensors or pytorch_model.bin)")
     tokenizer = load_tokenizer(source, config.trust_remote_code)
 
-    kwargs = {"trust_remote_code": config.trust_remote_code, "dtype": DTYPES.get(config.dtype, "auto")}
+    # the load report is read (`_check_loaded_weights`), not printed: missing or misshapen tensors are refused
+    kwargs = {"trust_remote_code": config.trust_remote_code, "dtype": DTYPES.get(config.dtype, "auto"),
+              "output_loading_info": True, "ignore_mismatched_sizes": True}
     attention = config.attn_implementation or (CPU_ATTENTION if device.type == "cpu" else None)
     if attention:
         kwargs["attn_implementation"] = attention
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         kwargs["device_map"] = {"": device}  # bitsandbytes quantises while placing the weights on the GPU
-    with _explained_load_errors(source):
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    if quantization is None:
+    checked = quantization is None  # bitsandbytes replaces the layers of a quantised load, and their tensors too
+    with _explained_load_errors(source, WEIGHT_READS), _quiet_load_report() if checked else contextlib.nullcontext():
+        model, loading = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if checked:
+        _check_loaded_weights(source, loading)
         if device.type == "cpu" and config.dtype == "auto" and model.dtype == torch.float16:
             model = model.float()  # many float16 kernels are missing or slow on CPU
         model = model.to(device)
@@ -139,8 +149,47 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
             f"{source}: model folder without tokenizer files ({', '.join(TOKENIZER_FILES)}); "
             "save the base model's tokenizer into it (tokenizer.save_pretrained)"
         )
-    with _explained_load_errors(source):
+    with _explained_load_errors(source, TOKENIZER_READS):
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+
+@contextlib.contextmanager
+def _quiet_load_report():
+    """Keep transformers' multi-line load report (missing, unexpected, misshapen tensors) off the terminal while
+    loading: `_check_loaded_weights` refuses what matters in one line."""
+    from transformers.utils import logging
+
+    # a filter, not a higher level: at WARNING or above, transformers checks a tensor-parallel plan and warns about it
+    logger = logging.get_logger("transformers.modeling_utils")
+    report = "LOAD REPORT"
+
+    def drop_report(record) -> bool:
+        return report not in record.getMessage()
+
+    logger.addFilter(drop_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop_report)
+
+
+def _check_loaded_weights(source: str, loading: dict) -> None:
+    """Refuse weights that left tensors of the model unset (transformers would initialise them at random and go
+    on) or that have other shapes than the config gives: a damaged file, or a config from another model."""
+    folder = Path(source)
+    weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), source)
+    config = folder / "config.json" if folder.is_dir() else "its config"
+    mismatched = sorted(loading.get("mismatched_keys") or ())
+    if mismatched:
+        name, found, expected = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise DelrecError(f"{weights}: tensor '{name}' has shape {list(found)}, but {config} gives it {list(expected)}"
+                          f"{more}; the weights and the config come from different models, or one is damaged")
+    missing = sorted(loading.get("missing_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise DelrecError(f"{weights}: lacks {len(missing)} tensor(s) of the model {config} describes ({shown}); the "
+                          "file is damaged or was cut short, or it belongs to another model")
 
 
 def _quantization_config(config: ModelConfig, device: torch.device):
@@ -200,7 +249,7 @@ def describe_non_model_folder(path: Path) -> str | None:
         if any((path / name).is_file() for name in TOKENIZER_FILES):
             return "a tokenizer-only folder (no config.json, no weights); pass the model folder"
         return "not a model folder (no config.json)"
-    config = _json_field(config_file, None)
+    config = read_json(config_file)  # invalid JSON is refused here, with its line
     if not isinstance(config, dict):
         return f"not a model folder ({config_file} is not a JSON object)"
     if {"num_items", "dataset_fingerprint"} <= config.keys():
@@ -210,31 +259,44 @@ def describe_non_model_folder(path: Path) -> str | None:
     return None
 
 
-def _json_field(file: Path, key: str | None):
+def _json_field(file: Path, key: str):
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if key is None:
-        return data
     return data.get(key) if isinstance(data, dict) else None
 
 
 @contextlib.contextmanager
-def _explained_load_errors(source: str):
-    """Turn transformers' multi-line OSErrors about hub ids and unreadable folders into one-line DelrecErrors."""
+def _explained_load_errors(source: str, reads: tuple[str, ...] = ()):
+    """Turn what transformers raises for an unreadable model into a one-line DelrecError.
+
+    A local folder is data on disk, so any failure to load it is the folder's: the message names the first
+    damaged file among those the step `reads` (names or glob patterns), else says what the library said. A hub
+    id that cannot be fetched says why.
+    """
     try:
         yield
     except DelrecError:
         raise
-    except (OSError, ValueError) as exc:
-        raise _load_error(source, exc) from None
+    except Exception as exc:
+        if Path(source).is_dir():
+            raise _folder_load_error(Path(source), reads, exc) from None
+        if isinstance(exc, (OSError, ValueError)):
+            raise _load_error(source, exc) from None
+        raise
+
+
+def _folder_load_error(folder: Path, reads: tuple[str, ...], exc: Exception) -> DelrecError:
+    problem = damaged_file(path for pattern in reads for path in sorted(folder.glob(pattern)))
+    if problem:
+        return DelrecError(f"{problem}; the file is damaged or was cut short: copy or write {folder} again")
+    read = sorted({path.name for pattern in reads for path in folder.glob(pattern) if path.is_file()})
+    return DelrecError(f"{folder}: cannot load ({summary(exc)})" + (f" from {', '.join(read)}" if read else ""))
 
 
 def _load_error(source: str, exc: Exception) -> DelrecError:
-    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    if Path(source).is_dir():
-        return DelrecError(f"{source}: cannot load ({first_line})")
+    first_line = summary(exc)
     from huggingface_hub import is_offline_mode
 
     text = str(exc).lower()

@@ -149,7 +149,7 @@ class LoraTrainer(DelrecTrainer):
                                                                   save_embedding_layers=False)
 
     def save_soft_prompt(self, output_dir: Path) -> None:
-        if self.soft_prompt_file is not None and self.soft_prompt_file.parent.resolve() != output_dir.resolve():
+        if self.soft_prompt_file is not None:  # `output_dir` is a staging folder (`save_model`), never the source's
             shutil.copyfile(self.soft_prompt_file, output_dir / self.soft_prompt_file.name)
 
 

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +41,9 @@ import torch
 from trl import SFTTrainer
 
 from delrec.errors import DelrecError
-from delrec.io import check_parents_are_folders, is_occupied, read_json, write_json
+from delrec.io import (check_parents_are_folders, is_occupied, read_json, replace_directory, staged_directory,
+                       write_json)
+from delrec.llm.files import damaged_file, explained_write_errors
 from delrec.llm.folder import local_or_hub, model_fingerprint
 from delrec.metrics import CANDIDATE_KEYS, RankingMetrics
 
@@ -390,15 +394,39 @@ class DelrecTrainer(SFTTrainer):
         Replaces the Trainer's save, which would write the whole model in stage 1 and the resized embedding
         matrices into the stage-2 adapter. A checkpoint's files are written here, before the Trainer writes its
         trainer_state.json, which marks the checkpoint complete (`last_complete_checkpoint`). Under FSDP every
-        process takes part in gathering the full state dict.
+        process takes part in gathering the full state dict. The files are written beside `output_dir` first and
+        moved in once all are written: a save that fails (a full disk) leaves the folder's earlier files as they
+        were, never some of them half-written.
         """
         output_dir = Path(output_dir or self.args.output_dir)
         state_dict = self.accelerator.get_state_dict(self.model) if self.is_fsdp_enabled else None
         if self.args.should_save:
             output_dir.mkdir(parents=True, exist_ok=True)
-            self.save_weights(output_dir, state_dict)
-            self.save_soft_prompt(output_dir)
-            self.processing_class.save_pretrained(output_dir)
+            with staged_directory(output_dir) as staged, explained_write_errors(output_dir):
+                self.save_weights(staged, state_dict)
+                self.save_soft_prompt(staged)
+                self.processing_class.save_pretrained(staged)
+                for written in staged.iterdir():
+                    if written.is_dir():
+                        replace_directory(written, output_dir / written.name)
+                    else:
+                        os.replace(written, output_dir / written.name)
+
+    # Private Trainer hook, kept: the one place that knows which checkpoint folder a save is writing.
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint save; one that fails (a full disk, an interrupt) removes the folder it was
+        writing, so that no partial checkpoint is left for the re-run to resume from: it resumes from the last
+        complete one."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        try:
+            with explained_write_errors(folder):
+                super()._save_checkpoint(model, trial)
+        except BaseException:
+            if self.args.should_save:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
 
     def logged_metrics(self, step: int | None = None, prefix: str = "eval") -> dict[str, float] | None:
         """The last evaluation logged at `step` (default: the best checkpoint's step), without the prefix."""
@@ -474,6 +502,8 @@ def prepare_run(out: Path, stage: str, config: dict[str, Any], resume: bool) -> 
                     f"{out} was started with {key} = {old.get(key)!r}, not {new.get(key)!r}; cannot resume a run "
                     f"with another configuration: choose another out, or delete {out} to start again"
                 )
+    if resume and last is not None:
+        check_resumable(Path(last))
     out.mkdir(parents=True, exist_ok=True)
     if main:
         write_json(run_file, {"stage": stage, "config": config})
@@ -493,6 +523,42 @@ def last_complete_checkpoint(folder: Path) -> str | None:
         if step.isdigit() and (path / TRAINER_STATE_NAME).is_file():
             steps[int(step)] = str(path)
     return steps[max(steps)] if steps else None
+
+
+# What the Trainer reads from a checkpoint to resume, besides its trainer_state.json: the stage's weights (the
+# soft rows, the adapter) and, written by torch.save, the optimizer, scheduler, gradient scaler and RNG states.
+RESUME_WEIGHTS = ("adapter_config.json", "*.safetensors")
+RESUME_STATES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth")
+
+
+def check_resumable(checkpoint: Path) -> None:
+    """Read every file the Trainer reads to resume from `checkpoint`, and the weights of the best checkpoint its
+    state names (loaded at the end of training), before any model loads: a damaged file, or a pickled object
+    (refused: it could run code), is one line naming the file and what to do, not a traceback mid-resume."""
+    from transformers import TrainerState
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    remedy = (f"this checkpoint cannot be resumed: delete {checkpoint} to resume from the checkpoint before it, or "
+              "re-run with --resume false to start over")
+    state_file = checkpoint / TRAINER_STATE_NAME
+
+    def files(folder: Path, patterns) -> list[Path]:
+        return [path for pattern in patterns for path in sorted(folder.glob(pattern))]
+
+    problem = damaged_file([state_file, *files(checkpoint, RESUME_WEIGHTS + RESUME_STATES)])
+    if problem:
+        raise DelrecError(f"{problem}; {remedy}")
+    state = read_json(state_file)
+    try:
+        TrainerState(**state)
+    except TypeError as exc:  # not an object, or fields the Trainer does not know
+        raise DelrecError(f"{state_file}: not a Trainer state ({exc}); {remedy}") from None
+    best = state.get("best_model_checkpoint")
+    if best and Path(best).is_dir() and Path(best).resolve() != checkpoint.resolve():
+        problem = damaged_file(files(Path(best), RESUME_WEIGHTS))
+        if problem:
+            raise DelrecError(f"{problem}; this is the best checkpoint so far, which training loads at its end: "
+                              f"delete {best} to resume without it, or re-run with --resume false to start over")
 
 
 def strip_prefix(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
