@@ -11,7 +11,6 @@ run the console script itself in a subprocess.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ import pytest
 import torch
 
 from conftest import reseal_dataset
-from delrec.cli import main
+from cli_checks import run_cli, snapshot
 from delrec.data.dataset import PreparedDataset
 from delrec.data.prepare import prepare_dataset
 from delrec.data.preprocess import PreprocessConfig
@@ -74,9 +73,6 @@ def w(tiny_llm_data, tiny_llama, stage2_llama, sr_model, sr_teacher, tmp_path_fa
     )
 
 
-def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(folder.rglob("*"))}
 
 
 def write(path: Path, text: str) -> Path:
@@ -402,11 +398,6 @@ CASES = {
 }
 
 
-def run_cli(argv) -> int:
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse errors
-        return exc.code
 
 
 def guarded(w) -> dict[str, dict[str, str]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import re
@@ -25,11 +24,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from cli_checks import snapshot
 from delrec.cli import main
 from delrec.errors import DelrecError
 from delrec.llm import gguf_import
 from llm_fixtures import tiny_llama, tiny_llm_data  # noqa: F401 (fixtures)
 from ranking_fixtures import stage2_llama  # noqa: F401 (fixtures)
+from test_gguf_import import tiny_gguf
 
 DISK_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"  # safetensors' own words
 TORCH_DISK_FULL = "[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"  # torch.save's
@@ -48,9 +49,6 @@ def one_line_error(capsys, argv) -> str:
     return lines[0]
 
 
-def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(folder.rglob("*"))}
 
 
 def cut_short(path: Path) -> None:
@@ -201,18 +199,6 @@ HUGE_HEADERS = {
 }
 
 
-def tiny_gguf(path: Path) -> Path:
-    """A valid GGUF: a Llama header and one 4 x 8 float32 tensor."""
-    import numpy as np
-
-    writer = pytest.importorskip("gguf").GGUFWriter(str(path), "llama")
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 @pytest.fixture()
@@ -246,7 +232,7 @@ def test_gguf_counts_and_lengths_are_bounded_by_the_file_before_anything_is_allo
 
 
 def test_a_gguf_cut_short_in_its_tensor_data_is_one_line(private_cache, tmp_path, capsys):
-    source = tiny_gguf(tmp_path / "model.gguf")
+    source = tiny_gguf(tmp_path / "model.gguf", "llama")
     source.write_bytes(source.read_bytes()[:-16])
     err = one_line_error(capsys, ["llm", "import", source, "--out", tmp_path / "out"])
     assert f"{source}: cut short: the data of tensor 'token_embd.weight' ends at byte" in err, err
@@ -259,7 +245,7 @@ def test_a_full_disk_while_converting_a_gguf_leaves_no_cache_folder(private_cach
         raise SafetensorError(DISK_FULL)  # what model.save_pretrained raises on a full disk
 
     monkeypatch.setattr(gguf_import, "_convert", convert)
-    source = tiny_gguf(tmp_path / "model.gguf")
+    source = tiny_gguf(tmp_path / "model.gguf", "llama")
     err = one_line_error(capsys, ["llm", "import", source, "--out", tmp_path / "out"])
     assert f"{private_cache / 'gguf'}" in err and "No space left on device" in err, err
     assert not (tmp_path / "out").exists()

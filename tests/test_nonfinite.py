@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from delrec.cli import main
+from cli_checks import one_line_error, run_cli, snapshot
 from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
 from delrec.predictions import meta_path
@@ -33,26 +33,10 @@ TINY_SASREC_FLAGS = ["--hidden_size", str(TINY_SASREC.hidden_size), "--num_layer
                      "--batch_size", "32", "--epochs", "1", "--no_progress"]
 
 
-def run_cli(argv) -> int:
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse errors
-        return exc.code
 
 
-def one_line_error(capsys, code: int, *expected: str) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for fact in expected:
-        assert fact in lines[0], lines[0]
-    return lines[0]
 
 
-def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(folder.rglob("*"))}
 
 
 def edited_model(source: Path, folder: Path, edit) -> Path:

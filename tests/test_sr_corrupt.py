@@ -10,7 +10,6 @@ result of an uninterrupted run.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from delrec.cli import main
+from cli_checks import one_line_error, run_cli, snapshot
 from distill_fixtures import TINY_SASREC, sr_model  # noqa: F401 (fixtures)
 from llm_fixtures import tiny_llm_data  # noqa: F401 (fixtures)
 
@@ -34,26 +33,10 @@ TINY_RUN_FLAGS = ["--model", "sasrec", "--hidden_size", str(TINY_SASREC.hidden_s
 SR_MODEL_FLAGS = [*TINY_RUN_FLAGS, "--epochs", "4"]  # `sr_model`'s run, resumed
 
 
-def run_cli(argv) -> int:
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse errors
-        return exc.code
 
 
-def one_line_error(capsys, code: int, *expected: str) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for fact in expected:
-        assert fact in lines[0], lines[0]
-    return lines[0]
 
 
-def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(folder.rglob("*"))}
 
 
 def truncate(path: Path) -> None:

@@ -45,7 +45,7 @@ from delrec.io import (check_parents_are_folders, is_occupied, read_json, replac
                        write_json)
 from delrec.llm.files import damaged_file, explained_write_errors
 from delrec.llm.folder import local_or_hub, model_fingerprint
-from delrec.metrics import CANDIDATE_KEYS, RankingMetrics
+from delrec.metrics import RankingMetrics
 
 CHECKPOINTS_DIR = "checkpoints"
 CACHE_DIR = "cache"
