@@ -96,6 +96,10 @@ def staged_directory(path: str | os.PathLike):
         if exc.filename is not None and Path(exc.filename).is_relative_to(tmp):
             exc.filename = str(path / Path(exc.filename).relative_to(tmp))
         raise
+    except DelrecError as exc:  # likewise a refusal of what was about to be written there (e.g. a NaN in JSON)
+        if str(tmp) in str(exc):
+            raise DelrecError(str(exc).replace(str(tmp), str(path))) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if not path.exists():

@@ -266,3 +266,11 @@ def test_the_worker_ranks_of_a_distributed_launch_write_under_rank_0s_lock(tmp_p
     assert output_of(key, argv, "delrec llm finetune", "") == str(tmp_path / "out")
     monkeypatch.setenv("RANK", "1")
     assert output_of(key, argv, "delrec llm finetune", "") is None
+
+
+def test_a_refusal_inside_a_staging_folder_names_the_output_not_the_staging_folder(tmp_path):
+    out = tmp_path / "model"
+    with pytest.raises(DelrecError) as caught, staged_directory(out) as staged:
+        write_json(staged / "build_info.json", {"final_loss": math.nan})
+    assert str(caught.value).startswith(f"{out / 'build_info.json'} field 'final_loss': nan is not a finite number")
+    assert list(tmp_path.iterdir()) == []
