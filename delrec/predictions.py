@@ -98,6 +98,10 @@ def read_predictions(path: str | Path, dataset: PreparedDataset, split: str) -> 
         for item in row_items:
             if not isinstance(item, int) or isinstance(item, bool) or not 0 <= item < n:
                 raise DelrecError(f"{where(path, line_no, 'items')}: item id {item!r} is not in the catalogue (0..{n - 1})")
+        if len(set(row_items)) != len(row_items):  # a ranking names each item once
+            twice = next(item for i, item in enumerate(row_items) if item in row_items[:i])
+            raise DelrecError(f"{where(path, line_no, 'items')}: item id {twice} is ranked twice; a ranking names "
+                              "each item once (re-run `delrec sr predict`)")
         for score in row_scores:  # JSON readers take NaN and Infinity; no order, no prompt can use them
             if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
                 raise DelrecError(f"{where(path, line_no, 'scores')}: score {json.dumps(score)} is not a finite "
@@ -122,6 +126,7 @@ def _checked_prefix(row: dict, instances, index: int, topk: int, n: int, path: P
     prefix = row.get("prefix_items")
     if not isinstance(prefix, list) or len(prefix) > topk or not all(
         isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in prefix
-    ):
-        raise DelrecError(f"{where(path, line_no, 'prefix_items')}: expected at most {topk} item ids in 0..{n - 1}")
+    ) or len(set(prefix)) != len(prefix):
+        raise DelrecError(f"{where(path, line_no, 'prefix_items')}: expected at most {topk} distinct item ids in "
+                          f"0..{n - 1}")
     return prefix

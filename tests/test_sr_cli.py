@@ -166,3 +166,22 @@ def test_bad_input_exits_2_with_one_line(case, data_dir, trained, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_predictions_reader_refuses_an_item_ranked_twice(trained, data_dir, tmp_path):
+    """A resealed file (checksum matching) whose first ranking names one item twice: no ranking can."""
+    import hashlib
+
+    dataset = PreparedDataset.load(data_dir)
+    path = tmp_path / "p.jsonl"
+    assert run(["sr", "predict", "--model", str(trained), "--data", str(data_dir), "--split", "valid",
+                "--topk", "5", "--out", str(path)]) == 0
+    lines = path.read_text().splitlines(keepends=True)
+    row = json.loads(lines[0])
+    row["items"][1] = row["items"][0]
+    lines[0] = json.dumps(row) + "\n"
+    path.write_text("".join(lines))
+    meta = json.loads((tmp_path / "p.jsonl.meta.json").read_text())
+    (tmp_path / "p.jsonl.meta.json").write_text(json.dumps({**meta, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}))
+    with pytest.raises(DelrecError, match=rf"p.jsonl:1 field 'items': item id {row['items'][0]} is ranked twice"):
+        read_predictions(path, dataset, "valid")
