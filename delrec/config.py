@@ -6,13 +6,23 @@ HfArgumentParser and TRL's configs). `parse_command` builds an argparse parser f
 The builder is delrec's own, a few dozen lines, so that `delrec data` and `delrec sr` never import
 transformers just to read their flags. Unknown keys, wrong types and bad choices are
 `DelrecError`s naming the file and the key, so a typo never silently falls back to a default.
+
+Numbers are range-checked where they are read: a field declares the values it accepts as
+`metadata={"help": ..., "range": at_least(1)}` (`between`, `above`, or a shared bound such as `SEED`),
+and every float option must be finite. A YAML value out of range is an error naming the file and key, a
+flag one naming the option and value, before anything is built: a batch size of -1 would otherwise run
+zero batches and a seed of -1 fail deep inside numpy. `--help` shows each range beside the default, and
+config classes call `check_fields` in `__post_init__` so that configs built in Python are held to the same.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
+import math
+import re
 import reprlib
 import sys
 import types
@@ -38,6 +48,64 @@ MAX_YAML_DEPTH = 100
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = MAX_SHOWN
 _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple, _REPR.maxset, _REPR.maxlong = 3, 8, 8, 8, 8, 40
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The values a numeric option accepts: `low`..`high` (None: unbounded), each end included unless
+    it is open (a learning rate is above 0, a dropout below 1). `text`, when given, says it in the option's
+    own words in errors and `--help` ("0 (off) or a positive count")."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    text: str | None = None
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.text:
+            return self.text
+        low = None if self.low is None else f"{'above' if self.low_open else 'at least'} {self.low}"
+        high = None if self.high is None else f"{'below' if self.high_open else 'at most'} {self.high}"
+        if low and high and not (self.low_open or self.high_open):
+            return f"between {self.low} and {self.high}"
+        return " and ".join(part for part in (low, high) if part)
+
+
+def at_least(low: float, text: str | None = None) -> Bounds:
+    return Bounds(low, text=text)
+
+
+def between(low: float, high: float, text: str | None = None) -> Bounds:
+    return Bounds(low, high, text=text)
+
+
+def above(low: float, high: float | None = None, text: str | None = None) -> Bounds:
+    """Above `low` (excluded), and at most `high`."""
+    return Bounds(low, high, low_open=True, text=text)
+
+
+SEED = between(0, 2**32 - 1)
+"""Every seed: numpy's legacy seeding (which training uses beside torch's) takes exactly these."""
+THREADS = between(0, 1024)
+"""torch CPU threads, 0 meaning the process's own: more than any machine delrec runs on has cores."""
+SOFT_PROMPT_TOKENS = between(1, 100_000)
+"""Soft-prompt vectors P: DELRec uses tens to hundreds; 100,000 already exceeds the context of the LLMs
+delrec trains (Gemma 3 270M: 32,768 tokens), and each placeholder token is ~10 characters of prompt text."""
+WIDTH = between(1, 65_536)
+"""A layer's width (hidden size, feed-forward or GRU units, filters): models delrec trains are tens to a few
+thousand wide, the largest LLMs 16,384."""
+HISTORY_LENGTH = between(1, 100_000)
+"""The longest history an SR model reads (max_length): real runs use 50-200, long-sequence studies thousands."""
+SHARE = between(0, 1)
+"""A probability or fraction."""
+DROPOUT = Bounds(0, 1, high_open=True)
+"""A dropout rate: 1 would drop everything."""
 
 
 def shorten(text: str, limit: int = MAX_SHOWN) -> str:
@@ -139,7 +207,8 @@ def parse_yaml(text: str, source: str | Path, *, first_line: int = 1, what: str 
         if context and getattr(exc, "context_mark", None) is not None:  # e.g. where a duplicate anchor was first
             problem = f"{context} (line {first_line + exc.context_mark.line}): {problem}"
         line = first_line + mark.line if mark is not None else None
-        raise DelrecError(f"{where(source, line)}: invalid {what} ({shorten(problem)})") from None
+        # the parts of `problem` are cut where they are built; this bound keeps their advice whole
+        raise DelrecError(f"{where(source, line)}: invalid {what} ({shorten(problem, 600)})") from None
     finally:
         loader.dispose()
 
@@ -168,10 +237,13 @@ def unknown_key_error(source: str, key: str, valid: Sequence[str]) -> DelrecErro
 
 def dataclass_from_dict(cls: type[T], data: dict[str, Any], source: str) -> T:
     """Build a config dataclass from a dict (a YAML file or a saved config.json), strictly."""
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    for key in data:
-        if key not in names:
-            raise unknown_key_error(source, key, names)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key, value in data.items():
+        if key not in fields:
+            raise unknown_key_error(source, key, list(fields))
+        problem = range_problem(fields[key], value)
+        if problem:  # a saved config.json is read without the parser: its numbers are checked here
+            raise DelrecError(f"{source}: key '{key}' {problem}")
     try:
         return cls(**data)
     except (TypeError, ValueError) as exc:
@@ -215,16 +287,24 @@ def _coerce_scalar(value: Any, action: argparse.Action, source: str) -> Any:
     if action.choices is not None and value not in action.choices:
         allowed = ", ".join(str(c) for c in action.choices)
         raise DelrecError(f"{source}: key '{action.dest}' must be one of {allowed}, got {excerpt(value)}")
+    problem = _out_of_range(value, getattr(action, "bounds", None))
+    if problem:
+        raise DelrecError(f"{source}: key '{action.dest}' {problem}")
     return value
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in `--help`, but not for required options, options without one, or `--no_X` switches."""
+class HelpFormatter(argparse.HelpFormatter):
+    """Ranges and defaults in `--help`: `(at least 1; default: 64)`; no default for required options,
+    options without one, or `--no_X` switches."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.required or action.default is None or action.option_strings[:1] == [f"--no_{action.dest}"]:
-            return action.help or ""
-        return super()._get_help_string(action)
+        bounds = getattr(action, "bounds", None)
+        notes = [] if bounds is None else [str(bounds)]
+        if not (action.required or action.default is None or action.default is argparse.SUPPRESS
+                or action.option_strings[:1] == [f"--no_{action.dest}"]):
+            notes.append("default: %(default)s")
+        text = action.help or ""
+        return f"{text} ({'; '.join(notes)})" if notes else text
 
 
 def boolean(text: str | bool) -> bool:
@@ -260,6 +340,38 @@ def _or_none(kind: Any) -> Any:
     parse.__name__ = f"{getattr(kind, '__name__', 'value')} or none"
     parse.base = kind
     return parse
+
+
+def _out_of_range(value: Any, bounds: Bounds | None) -> str | None:
+    """What is wrong with `value` for an option bounded by `bounds` (a float must also be finite); None when
+    nothing is, or when `value` is no number (the type checks' business)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if finite and (bounds is None or value in bounds):
+        return None
+    if not finite and (bounds is None or bounds.text is None):
+        return f"must be a finite number, got {value}"
+    return f"must be {bounds}, got {excerpt(value)}"
+
+
+def range_problem(field: dataclasses.Field, value: Any) -> str | None:
+    """What is wrong with a number (or a list's numbers) given for `field`: out of its declared range, or
+    NaN/inf; None when nothing is (values of other types are the type checks' business)."""
+    for item in value if isinstance(value, list) else [value]:
+        problem = _out_of_range(item, field.metadata.get("range"))
+        if problem:
+            return problem
+    return None
+
+
+def check_fields(config: Any) -> None:
+    """Raise ValueError for the first field of the config dataclass `config` out of its declared range:
+    `__post_init__` calls it, so a config built in Python is held to the ranges the parser enforces."""
+    for field in dataclasses.fields(config):
+        problem = range_problem(field, getattr(config, field.name))
+        if problem:
+            raise ValueError(f"{field.name} {problem}")
 
 
 def _is_optional(annotation: Any) -> bool:
@@ -310,7 +422,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs.update(type=typing.get_args(kind)[0], nargs="+")
         else:
             kwargs["type"] = _or_none(kind) if _is_optional(hints[field.name]) else kind
-        parser.add_argument(*names, **kwargs)
+        bounds = field.metadata.get("range")
+        if bounds is not None and getattr(kwargs["type"], "base", kwargs["type"]) not in (int, float):
+            raise TypeError(f"option '{field.name}': a range needs an int or float option, not {kind}")
+        parser.add_argument(*names, **kwargs).bounds = bounds  # read by `_coerce_scalar` and `--help`
         if kind is bool and field.default is True:
             parser.add_argument(f"--no_{field.name}", f"--no-{field.name.replace('_', '-')}", action="store_false",
                                 dest=field.name, help=f"Turn --{field.name} off (it is on by default).")
@@ -348,6 +463,10 @@ def parse_command(
     outputs = []
     for cls in dataclass_types:
         kwargs = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.init and f.name in values}
+        for field in dataclasses.fields(cls):  # the flags' numbers: the config file's were checked as it was read
+            problem = range_problem(field, kwargs.get(field.name))
+            if problem:
+                raise DelrecError(f"{field.name} {problem}")
         try:
             outputs.append(cls(**kwargs))
         except ValueError as exc:
@@ -399,6 +518,27 @@ def apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
     for key in defaults:
         actions[key].required = False
     parser.set_defaults(**defaults)
+
+
+_NO_MEMORY = re.compile(r"can't allocate memory|not enough memory|out of memory", re.IGNORECASE)
+_REQUESTED = re.compile(r"allocate (\d+) bytes|allocate ([\d.]+ [KMGTPE]?i?B)", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def memory_for(what: str, hint: str):
+    """Run the block; an allocation the machine refuses (MemoryError, numpy's ArrayMemoryError, torch's
+    "DefaultCPUAllocator: not enough memory" or CUDA out of memory) becomes one line: `what` needed more
+    memory than is free, how much was requested, and `hint` (which options to lower). Option ranges stop
+    absurd sizes; this stops the ones in range that this machine cannot hold."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, MemoryError) and not _NO_MEMORY.search(str(exc)):
+            raise
+        found = _REQUESTED.search(str(exc))
+        requested = ("" if found is None else
+                     f" ({int(found[1]):,} bytes requested)" if found[1] else f" ({found[2]} requested)")
+        raise DelrecError(f"not enough memory for {what}{requested}; {hint}") from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -140,6 +140,20 @@ def test_an_edited_output_reruns_its_stage_and_everything_downstream(run_copy, c
                                            f"(output {edited} changed since it was written)") in err
 
 
+def test_a_run_of_some_stages_names_only_a_report_that_exists_and_says_when_it_is_an_earlier_one(csv_run, capsys):
+    config, run, _ = csv_run
+    report = run / "report.md"
+    capsys.readouterr()
+    assert main(["run", str(config), "--out", str(run), "--only", "data"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("finished in") and "report" not in last and not report.exists()
+    report.write_text("# the report of an earlier whole run\n")
+    assert main(["run", str(config), "--out", str(run), "--only", "data"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.endswith(f"; {report} is an earlier run's report, without what data produced now (a run without "
+                         "--only updates it)"), last
+
+
 def test_a_record_from_an_older_delrec_runs_again_and_an_unfinished_one_resumes(csv_run, capsys):
     config, run, _ = csv_run
     path = run / "data" / STAGE_FILE

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import resource
 import shutil
 from pathlib import Path
 
@@ -33,12 +34,6 @@ TINY_RUN_FLAGS = ["--model", "sasrec", "--hidden_size", str(TINY_SASREC.hidden_s
 SR_MODEL_FLAGS = [*TINY_RUN_FLAGS, "--epochs", "4"]  # `sr_model`'s run, resumed
 
 
-
-
-
-
-
-
 def truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -54,6 +49,13 @@ def nan_dropout(path: Path) -> None:
     path.write_text(path.read_text().replace(f'"dropout": {TINY_SASREC.dropout}', '"dropout": NaN'))
 
 
+def edit_config(**changes):
+    """config.json with `changes` made to its fields, as a hand edit would."""
+    def damage(path: Path) -> None:
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}, indent=2))
+    return damage
+
+
 MODEL_CASES = {
     "truncated-weights": (WEIGHTS, truncate, "model.safetensors: not a readable safetensors file"),
     "empty-weights": (WEIGHTS, lambda p: p.write_bytes(b""), "model.safetensors: not a readable safetensors file"),
@@ -64,6 +66,12 @@ MODEL_CASES = {
     "truncated-config": (CONFIG, truncate, "config.json:"),
     "config-not-an-object": (CONFIG, lambda p: p.write_text("[1, 2]\n"), "config.json: expected a JSON object"),
     "nan-in-config": (CONFIG, nan_dropout, "config.json: invalid JSON (NaN is not a JSON number"),
+    "text-for-an-integer": (CONFIG, edit_config(hidden_size=str(TINY_SASREC.hidden_size)),
+                            "config.json field 'hidden_size': expected an integer, found text '16'"),
+    "a-truth-value-for-a-number": (CONFIG, edit_config(dropout=True),
+                                   "config.json field 'dropout': expected a number, found true/false True"),
+    "a-list-for-an-integer": (CONFIG, edit_config(num_layers=[1]),
+                              "config.json field 'num_layers': expected an integer, found a list [1]"),
 }
 
 
@@ -77,6 +85,32 @@ def test_a_damaged_model_folder_is_refused_in_one_line(case, sr_model, tiny_llm_
     code = run_cli(["sr", "predict", "--model", model, "--data", tiny_llm_data, "--split", "test", "--out", out])
     line = one_line_error(capsys, code, expected)
     assert str(model / file) in line
+    assert not out.exists() and snapshot(model) == before
+
+
+SIZE_EDITS = {  # config.json edits whose model would not be the one the weights file holds
+    "num_items-of-10**12": ({"num_items": 10**12}, "'item_embedding.weight' is [", "config.json implies "
+                            "[1000000000001, 16]"),
+    "a-wider-model": ({"hidden_size": 4096, "inner_size": 65536}, "'blocks.0.ffn.0.bias' is [32] in the file, "
+                      "config.json implies [65536] (15 more of a wrong shape)"),
+    "more-layers": ({"num_layers": 1024}, "(missing ['blocks.1."),
+}
+
+
+@pytest.mark.parametrize("case", SIZE_EDITS)
+def test_config_sizes_that_the_weights_do_not_hold_are_refused_before_anything_is_allocated(case, sr_model,
+                                                                                          tiny_llm_data, tmp_path,
+                                                                                          capsys):
+    """The shapes config.json implies are compared with the safetensors header first: a terabyte embedding table
+    (or 1024 blocks 4096 wide) is never allocated, only named."""
+    changes, *expected = SIZE_EDITS[case]
+    model = shutil.copytree(sr_model, tmp_path / "model", ignore=shutil.ignore_patterns("checkpoint"))
+    edit_config(**changes)(model / CONFIG)
+    before, peak = snapshot(model), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = tmp_path / "p.jsonl"
+    code = run_cli(["sr", "predict", "--model", model, "--data", tiny_llm_data, "--split", "test", "--out", out])
+    one_line_error(capsys, code, f"{model / WEIGHTS}: weights do not match config.json", *expected)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200 * 1024  # KiB: nothing big was allocated
     assert not out.exists() and snapshot(model) == before
 
 

@@ -91,6 +91,31 @@ def test_a_runaway_template_stops_fast_with_one_line(tmp_path, case):
     assert f"plain.jinja:{number}:" in message and fact in message, message
 
 
+NUMBERS = {  # Python would write none of these (or fail with its own advice, `sys.set_int_max_str_digits()`)
+    "ten-to-the-100000": ("{{ 10**100000 }}", "'**' would build a number of more than 1,000 digits"),
+    "a-product-of-long-numbers": ("{{ (10**900) * (10**900) }}", "'*' would build a number of more than 1,000 digits"),
+    "a-sum-one-digit-too-long": ("{{ 10**999 + 9 * 10**999 }}", "'+' built a number of more than 1,000 digits"),
+    "a-long-number-formatted": ("{{ '%d' % (10**600 * 10**600) }}", "'*' would build a number of more than"),
+    "a-5000-digit-literal": ("{{ " + "9" * 5000 + " }}", "syntax error: a number of more than 1,000 digits"),
+    "long-text-made-a-number": ("{{ ('9' * 5000) | int }}", "filter 'int' got a number of more than 1,000 digits"),
+    "a-float-overflow": ("{{ 10.0 ** 400 }}", "'**' overflows: its result is beyond the largest float"),
+}
+
+
+@pytest.mark.parametrize("case", list(NUMBERS))
+def test_a_number_too_long_for_a_prompt_is_refused_with_the_sandbox_s_own_message(tmp_path, case):
+    line, fact = NUMBERS[case]
+    folder, number = folder_with(tmp_path, line)
+    message = render_error(folder)
+    assert f"plain.jinja:{number}:" in message and fact in message, message
+    assert "set_int_max_str_digits" not in message and "4300" not in message
+
+
+def test_a_number_of_1000_digits_still_prints(tmp_path):
+    folder, _ = folder_with(tmp_path, "{{ 10**999 }}|{{ 2**0.5 }}")
+    assert f"1{'0' * 999}|1.414" in prompts.get_template("plain", folder).render(VALUES).prompt
+
+
 def test_cli_render_and_lint_of_the_10_to_the_12_loop_exit_2_with_one_short_line(tmp_path, dataset, capsys):
     folder, number = folder_with(tmp_path, RUNAWAY["loop-of-10**12"][0])
     start = time.monotonic()

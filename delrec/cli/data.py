@@ -6,8 +6,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-from delrec.config import parse_command
+from delrec.config import between, memory_for, parse_command
 from delrec.data.preprocess import PreprocessConfig
+from delrec.data.synthetic import MAX_ITEMS, MAX_USERS
+
+ID_RANGE = between(-(2**63), 2**63 - 1)  # ids of rows files are 64-bit integers
 
 
 @dataclass
@@ -19,7 +22,9 @@ class PrepareArguments:
     out: str = field(metadata={"help": "Folder to write the prepared dataset into."})
     input: str | None = field(default=None, metadata={"help": "Folder (or one file inside it) holding the raw data."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an --out folder that holds a different dataset."})
-    pad_id: int | None = field(default=None, metadata={"help": "rows: the padding id in `seq` (detected if omitted)."})
+    pad_id: int | None = field(
+        default=None, metadata={"help": "rows: the padding id in `seq` (detected if omitted).", "range": ID_RANGE}
+    )
     title_columns: str | None = field(
         default=None, metadata={"help": "rows: column order of a tab-separated title file, 'id,title' or 'title,id' "
                                 "(detected if omitted)."}
@@ -27,8 +32,12 @@ class PrepareArguments:
     move_article: bool = field(
         default=True, metadata={"help": "movielens: write 'Matrix, The (1999)' as 'The Matrix (1999)'."}
     )
-    synthetic_users: int = field(default=600, metadata={"help": "synthetic: number of users."})
-    synthetic_items: int = field(default=200, metadata={"help": "synthetic: number of items."})
+    synthetic_users: int = field(
+        default=600, metadata={"help": "synthetic: number of users.", "range": between(1, MAX_USERS)}
+    )
+    synthetic_items: int = field(
+        default=200, metadata={"help": "synthetic: number of items.", "range": between(2, MAX_ITEMS)}
+    )
 
 
 def load_input(args: PrepareArguments, seed: int):
@@ -41,11 +50,12 @@ def load_input(args: PrepareArguments, seed: int):
             raise DelrecError(f"--input {args.input} is given with --format synthetic, which reads no files; drop "
                               "--input, or give the format of the files (recbole, rows, movielens or csv)")
 
+        sizes = f"--synthetic_users {args.synthetic_users} --synthetic_items {args.synthetic_items}"
         try:
-            return make_synthetic(num_users=args.synthetic_users, num_items=args.synthetic_items, seed=seed)
+            with memory_for(f"the synthetic dataset of {sizes}", "lower --synthetic_users"):
+                return make_synthetic(num_users=args.synthetic_users, num_items=args.synthetic_items, seed=seed)
         except ValueError as exc:
-            raise DelrecError(f"--format synthetic with --synthetic_users {args.synthetic_users} --synthetic_items "
-                              f"{args.synthetic_items}: {exc}") from None
+            raise DelrecError(f"--format synthetic with {sizes}: {exc}") from None
     if args.input is None:
         raise DelrecError(f"--input is required for --format {args.format}")
     from delrec.data.loaders import load_raw

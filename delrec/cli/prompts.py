@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from delrec.config import parse_command
+from delrec.config import SOFT_PROMPT_TOKENS, at_least, parse_command
 from delrec.errors import DelrecError, where
 
 PREDICTION_KEYS = ("items", "ranked", "ranking", "topk", "predictions")
@@ -24,16 +24,21 @@ class RenderArguments:
     template: str = field(metadata={"help": "Template name, e.g. lsr (also accepted as the first positional argument)."})
     data: str = field(metadata={"help": "A prepared dataset folder (from `delrec data prepare`)."})
     split: str = field(default="test", metadata={"help": "Split to take the instance from: train, valid or test."})
-    index: int = field(default=0, metadata={"help": "Instance index within the split."})
+    index: int = field(default=0, metadata={"help": "Instance index within the split.", "range": at_least(0)})
     longest: bool = field(
         default=False, metadata={"help": "Render the length check's worst case (longest history, longest titles) "
                                  "instead of --index."}
     )
     domain: str = field(default="item", metadata={"help": "Domain wording from domains.yaml (item, movie, game, ...)."})
     tokenizer: str | None = field(default=None, metadata={"help": "Local tokenizer folder to count tokens with."})
-    soft_tokens: int = field(default=100, metadata={"help": "Number of soft-prompt tokens P at the slot."})
+    soft_tokens: int = field(
+        default=100, metadata={"help": "Number of soft-prompt tokens P at the slot.", "range": SOFT_PROMPT_TOKENS}
+    )
     sr_model: str = field(default="SASRec", metadata={"help": "SR model name shown in the prompt."})
-    sr_top: int = field(default=3, metadata={"help": "RPS: how many SR predictions after the top-1 to show."})
+    sr_top: int = field(
+        default=3, metadata={"help": "RPS: h, the SR model's top-h shown (the top-1 is the answer, ranks 2..h the "
+                             "predictions).", "range": at_least(1)}
+    )
     predictions: str | None = field(
         default=None, metadata={"help": "JSONL of ranked SR predictions per instance ({\"id\": n, \"items\": [ids]}); "
                                 "without it the training split's popularity order stands in."}
@@ -47,10 +52,17 @@ class RenderArguments:
 class LintArguments:
     data: str | None = field(default=None, metadata={"help": "Prepared dataset: also measure its longest instance."})
     tokenizer: str | None = field(default=None, metadata={"help": "Local tokenizer folder to count tokens with."})
-    max_length: int | None = field(default=None, metadata={"help": "Fail templates longer than this many tokens."})
-    soft_tokens: int = field(default=100, metadata={"help": "Number of soft-prompt tokens P at the slot."})
+    max_length: int | None = field(
+        default=None, metadata={"help": "Fail templates longer than this many tokens.", "range": at_least(1)}
+    )
+    soft_tokens: int = field(
+        default=100, metadata={"help": "Number of soft-prompt tokens P at the slot.", "range": SOFT_PROMPT_TOKENS}
+    )
     domain: str = field(default="item", metadata={"help": "Domain wording used for the length check."})
-    sr_top: int = field(default=3, metadata={"help": "RPS: SR predictions shown after the top-1."})
+    sr_top: int = field(
+        default=3, metadata={"help": "RPS: h, the SR model's top-h shown (the top-1 is the answer, ranks 2..h the "
+                             "predictions).", "range": at_least(1)}
+    )
 
 
 def list_templates(argv, prog: str, description: str) -> int:

@@ -73,9 +73,21 @@ def _run(config, out: str, args, print_table: bool) -> int:
     summary = run_pipeline(config, out, only=args.only, start=args.start, dry_run=args.dry_run, verbose=args.verbose)
     if args.dry_run:
         return 0
-    print(f"finished in {summary['seconds']:.0f} s; report: {Path(out) / REPORT_FILE}")
+    print(f"finished in {summary['seconds']:.0f} s{_report_note(summary, Path(out) / REPORT_FILE)}")
     table = Path(out) / PLOTS_DIR / TABLE_FILE
     if print_table and table.is_file():
         print()
         print(table.read_text(encoding="utf-8"), end="")
     return 0
+
+
+def _report_note(summary: dict, report: Path) -> str:
+    """Where the report is, said only when there is one and saying whether it is this run's: `--only sr` writes
+    none, and leaves one of an earlier run that does not show what the stages run now produced."""
+    if not report.is_file():
+        return ""
+    ran = [stage for stage, entry in summary["stages"].items() if entry["action"] != "skip"]
+    if "report" in ran or not ran:
+        return f"; report: {report}"
+    return (f"; {report} is an earlier run's report, without what {', '.join(ran)} produced now (a run without "
+            "--only updates it)")

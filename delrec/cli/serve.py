@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from delrec.config import parse_command
+from delrec.config import THREADS, above, at_least, between, check_fields, parse_command
 
 
 @dataclass
@@ -14,29 +14,37 @@ class ServeArguments:
     model: str = field(metadata={"help": "An SR model or student folder (from `delrec sr train` or `student train`)."})
     data: str = field(metadata={"help": "The prepared dataset it was trained on: raw ids and titles of the answers."})
     host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (0.0.0.0: every interface)."})
-    port: int = field(default=8000, metadata={"help": "TCP port to listen on."})
+    port: int = field(
+        default=8000, metadata={"help": "TCP port to listen on.", "range": between(1, 65535, text="in 1..65535")}
+    )
     device: Literal["auto", "cpu", "cuda"] = field(default="cpu", metadata={"help": "cpu, cuda, or auto."})
     num_threads: int = field(
         default=0,
-        metadata={"help": "torch CPU threads for scoring; 0: the process's (OMP_NUM_THREADS, else one per free core)."},
+        metadata={"help": "torch CPU threads for scoring; 0: the process's (OMP_NUM_THREADS, else one per free core).",
+                  "range": THREADS},
     )
     max_batch_size: int = field(
         default=64, metadata={"help": "Most requests scored together when several are waiting (no timer: a lone "
-                              "request is scored at once)."}
+                              "request is scored at once).", "range": at_least(1)}
     )
     max_history: int = field(
-        default=1000, metadata={"help": "Longest request history accepted (the model reads its last max_length)."}
+        default=1000, metadata={"help": "Longest request history accepted (the model reads its last max_length).",
+                                "range": at_least(1)}
     )
-    default_k: int = field(default=20, metadata={"help": "Items returned when a request gives no k (sr predict's topk)."})
+    default_k: int = field(
+        default=20, metadata={"help": "Items returned when a request gives no k (sr predict's topk).",
+                              "range": at_least(1)}
+    )
     max_body_bytes: int = field(
         default=1 << 20,
         metadata={"help": "Largest request body accepted; a larger one gets HTTP 413 before it is read (a 1000-item "
-                  "history of 40-character ids is about 45 KB)."},
+                  "history of 40-character ids is about 45 KB).", "range": at_least(1)},
     )
     read_timeout: float = field(
         default=10.0,
         metadata={"help": "Seconds a client has to send a whole request body; a slower one gets HTTP 408 and its "
-                  "connection is closed."},
+                  "connection is closed.",
+                  "range": above(0, text="a positive number of seconds")},
     )
     compiled: bool = field(
         default=False,
@@ -47,15 +55,7 @@ class ServeArguments:
     )
 
     def __post_init__(self):
-        if not 0 < self.port < 65536:
-            raise ValueError(f"port must be in 1..65535, got {self.port}")
-        for name in ("max_batch_size", "max_history", "default_k", "max_body_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.num_threads < 0:
-            raise ValueError(f"num_threads must be 0 or more, got {self.num_threads}")
-        if not 0 < self.read_timeout < float("inf"):
-            raise ValueError(f"read_timeout must be a positive number of seconds, got {self.read_timeout}")
+        check_fields(self)
 
 
 def serve(argv, prog: str, description: str) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from delrec.config import load_yaml, parse_command, preparsed_option
+from delrec.config import at_least, load_yaml, parse_command, preparsed_option
 
 DEFAULT_MODEL_FOR_HELP = "sasrec"
 
@@ -105,7 +105,7 @@ class EvaluateArguments:
         default=False, metadata={"help": "Full ranking: keep history items rankable instead of excluding them."}
     )
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "cpu, cuda, or auto."})
-    batch_size: int = field(default=1024, metadata={"help": "Histories scored per batch."})
+    batch_size: int = field(default=1024, metadata={"help": "Histories scored per batch.", "range": at_least(1)})
 
 
 def evaluate(argv, prog: str, description: str) -> int:
@@ -137,7 +137,10 @@ class PredictArguments:
     out: str = field(metadata={"help": "JSONL file to write (plus FILE.meta.json beside it). An existing file is "
                                "replaced only if it is an earlier delrec predictions file, or with --overwrite."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --out file that delrec did not write."})
-    topk: int = field(default=20, metadata={"help": "How many ranked items to write per instance."})
+    topk: int = field(
+        default=20, metadata={"help": "How many ranked items to write per instance: 1 to the catalogue size (checked "
+                              "against the model before anything is written)."}
+    )
     keep_history: bool = field(
         default=False, metadata={"help": "Allow items of the instance's history in its predictions."}
     )
@@ -147,7 +150,7 @@ class PredictArguments:
                   "prefix_items): DELRec stage 1's Temporal Analysis needs them."},
     )
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "cpu, cuda, or auto."})
-    batch_size: int = field(default=1024, metadata={"help": "Histories scored per batch."})
+    batch_size: int = field(default=1024, metadata={"help": "Histories scored per batch.", "range": at_least(1)})
 
 
 def predict(argv, prog: str, description: str) -> int:
@@ -181,7 +184,10 @@ def predict(argv, prog: str, description: str) -> int:
 class CompileArguments:
     model: str = field(metadata={"help": "A trained SR model or student folder; the package goes into its compiled/ "
                                  "subfolder (topK.pt2 + topK.json)."})
-    topk: int = field(default=20, metadata={"help": "How many items each answer holds."})
+    topk: int = field(
+        default=20, metadata={"help": "How many items each answer holds: 1 to the catalogue size (checked against the "
+                              "model before compiling)."}
+    )
     keep_history: bool = field(
         default=False, metadata={"help": "Allow items of the history in the answer (default: excluded, as in "
                                  "`sr predict`)."}

@@ -13,7 +13,7 @@ from os import PathLike
 from pathlib import Path
 from typing import NamedTuple
 
-from delrec.data._text import dataset_folder, numbered_lines, parse_id, read_text, split_fields
+from delrec.data._text import dataset_folder, numbered_lines, parse_id, printable, read_text, split_fields
 from delrec.data.generic_csv import read_events
 from delrec.data.raw import Event, RawDataset
 from delrec.data.titles import TitleTable
@@ -42,7 +42,7 @@ RELEASES = (
 def load_movielens(path: str | PathLike, move_article: bool = True) -> RawDataset:
     expected = "a MovieLens folder with u.data and u.item (ml-100k) or ratings.dat and movies.dat (ml-1m)"
     folder = dataset_folder(path, expected)
-    present = [r for r in RELEASES if (folder / r.ratings).is_file() or (folder / r.items).is_file()]
+    present = [r for r in RELEASES if (folder / r.ratings).exists() or (folder / r.items).exists()]
     if len(present) != 1:
         found = "files of both" if present else "neither set of files"
         raise DelrecError(f"{folder}: found {found}; expected {expected}")
@@ -65,7 +65,7 @@ def _read_titles(path: Path, release: _Release, move_article: bool) -> TitleTabl
     text = read_text(path, f"lines of {release.items_sep.join(release.item_fields)}", ENCODING)
     for number, line in numbered_lines(text):
         item, title, _ = split_fields(line, release.items_sep, release.item_fields, path, number, rest=True)
-        title = title.strip()
+        title = printable(title, path, number, "title", allow_tab=True).strip()  # checked before it is moved
         if move_article:
             title = move_trailing_article(title)
         table.add(parse_id(item, path, number, "movie id"), title, number)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from delrec.config import SEED, at_least, check_fields
 from delrec.data.dataset import CANDIDATE_SPLITS, SPLITS, Instance
 from delrec.data.raw import Event, RawDataset
 from delrec.errors import DelrecError
@@ -22,29 +23,27 @@ from delrec.errors import DelrecError
 @dataclass
 class PreprocessConfig:
     num_candidates: int = field(
-        default=20, metadata={"help": "Size C of the fixed candidate sets (target + C-1 sampled items)."}
+        default=20, metadata={"help": "Size C of the fixed candidate sets (target + C-1 sampled items).",
+                              "range": at_least(2)}
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the candidate sampling."})
-    max_history: int = field(default=50, metadata={"help": "Keep at most this many most recent history items."})
+    seed: int = field(default=0, metadata={"help": "Seed of the candidate sampling.", "range": SEED})
+    max_history: int = field(
+        default=50, metadata={"help": "Keep at most this many most recent history items.", "range": at_least(1)}
+    )
     min_rating: float | None = field(
         default=None, metadata={"help": "Drop interactions rated below this (per-user data with ratings)."}
     )
     kcore: int = field(
-        default=0, metadata={"help": "Repeatedly drop users and items with fewer interactions than this (0: off)."}
+        default=0, metadata={"help": "Repeatedly drop users and items with fewer interactions than this (0: off).",
+                             "range": at_least(0, text="0 (off) or a positive count of interactions")}
     )
     min_user_interactions: int = field(
-        default=3, metadata={"help": "Drop (and count) users with fewer interactions; leave-one-out needs 3."}
+        default=3, metadata={"help": "Drop (and count) users with fewer interactions; leave-one-out needs 3 (train, "
+                             "valid and test each need one item).", "range": at_least(3)}
     )
 
     def __post_init__(self):
-        if self.num_candidates < 2:
-            raise ValueError(f"num_candidates must be at least 2, got {self.num_candidates}")
-        if self.max_history < 1:
-            raise ValueError(f"max_history must be at least 1, got {self.max_history}")
-        if self.kcore < 0:
-            raise ValueError(f"kcore must be 0 (off) or a positive count of interactions, got {self.kcore}")
-        if self.min_user_interactions < 3:
-            raise ValueError("min_user_interactions must be at least 3 (train, valid and test each need one item)")
+        check_fields(self)
 
 
 @dataclass

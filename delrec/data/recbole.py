@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Iterator
 
 from delrec.data._text import (
+    check_header,
     column_index,
     dataset_folder,
-    normalize_id,
     numbered_lines,
     parse_id,
     read_text,
@@ -38,8 +38,11 @@ def load_recbole(path: str | PathLike) -> RawDataset:
     return RawDataset(source=str(folder), titles=titles.titles, events=events, title_origin=str(titles.path))
 
 
-def _header(line: str) -> list[str]:
-    return [name.split(":", 1)[0].strip() for name in line.split("\t")]
+def _header(line: str, path: Path, number: int) -> list[str]:
+    """The column names without their types; `item_id:token` and `item_id:float` name one column twice."""
+    names = [name.split(":", 1)[0].strip() for name in line.split("\t")]
+    check_header(names, path, number)
+    return names
 
 
 def _item_file(folder: Path) -> Path:
@@ -69,7 +72,7 @@ def _inter_file(folder: Path) -> Path:
 def _read_items(path: Path) -> TitleTable:
     lines = numbered_lines(read_text(path, "a header line item_id:token<TAB>title:token_seq"))
     number, first = next(lines)
-    header = _header(first)
+    header = _header(first, path, number)
     title_field = next((name for name in TITLE_FIELDS if name in header), TITLE_FIELDS[0])
     column_index(header, path, number, ("item_id", title_field))
     table = TitleTable(path)
@@ -81,7 +84,7 @@ def _read_items(path: Path) -> TitleTable:
 def _read_interactions(path: Path, titles: TitleTable) -> list[Event]:
     lines = numbered_lines(read_text(path, "a header line user_id:token<TAB>item_id:token<TAB>..."))
     number, first = next(lines)
-    header = _header(first)
+    header = _header(first, path, number)
     if SEQUENCE_FIELD in header or path.name.endswith(".test.inter"):  # split files hold whole sequences
         column_index(header, path, number, ("user_id", SEQUENCE_FIELD, "item_id"))
         return _sequence_events(path, _rows(path, header, lines), titles)
@@ -110,7 +113,7 @@ def _sequence_events(path: Path, rows, titles: TitleTable) -> list[Event]:
                 f"expected one row per user"
             )
         first_row_of[user] = number
-        items = [normalize_id(token) for token in row[SEQUENCE_FIELD].split()]
+        items = [parse_id(token, path, number, SEQUENCE_FIELD) for token in row[SEQUENCE_FIELD].split(" ") if token]
         items.append(parse_id(row["item_id"], path, number, "item_id"))
         for position, item in enumerate(items):
             field = SEQUENCE_FIELD if position < len(items) - 1 else "item_id"

@@ -14,17 +14,16 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
-from delrec.data._text import as_int, csv_records, dataset_folder
+from delrec.data._text import as_int, csv_records, dataset_folder, jsonl_records, require_file
 from delrec.data.raw import RawDataset, RowInstance
 from delrec.data.titles import TitleTable, find_titles_file, read_titles_file
 from delrec.errors import DelrecError, where
-from delrec.io import read_jsonl
 
 SPLIT_STEMS = {"train": "train", "valid": "valid", "val": "valid", "test": "test"}
 SPLITS = ("train", "valid", "test")
 SUFFIXES = (".jsonl", ".csv")
 FIELDS = ("seq", "len_seq", "next")
-_LIST_SEPARATORS = re.compile(r"[,\s]+")
+_LIST_SEPARATORS = re.compile(r"[, \t\r\n]+")  # not \s: it takes U+001C-U+001F for spaces
 
 
 class _Row(NamedTuple):
@@ -63,8 +62,9 @@ def _split_files(folder: Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         split = SPLIT_STEMS.get(path.stem.lower())
-        if split is None or path.suffix.lower() not in SUFFIXES or not path.is_file():
+        if split is None or path.suffix.lower() not in SUFFIXES:
             continue
+        require_file(path, f"the {split} rows")
         if split in found:
             raise DelrecError(f"{folder}: both {found[split].name} and {path.name} hold the {split} split; keep one")
         found[split] = path
@@ -77,9 +77,11 @@ def _split_files(folder: Path) -> dict[str, Path]:
 
 
 def _read_rows(path: Path) -> Iterator[_Row]:
-    """Parse one split file; all ids must be integers."""
-    records = read_jsonl(path) if path.suffix.lower() == ".jsonl" else csv_records(path, FIELDS)
-    count = 0
+    """Parse one split file (an empty one is refused where it is read); all ids must be integers."""
+    if path.suffix.lower() == ".jsonl":
+        records = jsonl_records(path, f"rows with fields {', '.join(FIELDS)}")
+    else:
+        records = csv_records(path, FIELDS)
     for line, record in records:
         for name in FIELDS:
             if name not in record:
@@ -88,10 +90,7 @@ def _read_rows(path: Path) -> Iterator[_Row]:
         len_seq = _integer(record["len_seq"], path, line, "len_seq")
         if len_seq < 0:
             raise DelrecError(f"{where(path, line, 'len_seq')}: expected a length of 0 or more, found {len_seq}")
-        count += 1
         yield _Row(path, line, seq, len_seq, _integer(record["next"], path, line, "next"))
-    if not count:
-        raise DelrecError(f"{path}: file is empty; expected rows with fields {', '.join(FIELDS)}")
 
 
 def _seq_values(value: Any, path: Path, line: int) -> list[Any]:

@@ -68,6 +68,10 @@ EDITION_SHARE = 0.15
 SECOND_SUCCESSOR_SHARE = 0.5
 START_2020 = 1_577_836_800.0  # 2020-01-01T00:00:00Z
 _REJECTION_ROUNDS = 8
+MAX_ITEMS = len(ADJECTIVES) * len(NOUNS) * (1 + len(PLACES))
+"""The most items the title generator can always name: one franchise name each (57,600)."""
+MAX_USERS = 1_000_000
+"""The most users: one million take ~4 GB and a minute to generate, far beyond a demo or a test."""
 
 
 @dataclass(frozen=True)
@@ -108,8 +112,9 @@ def _franchise_names(count: int, rng: np.random.Generator) -> list[str]:
 
 def synthetic_world(num_items: int = 200, seed: int = 0, popularity_exponent: float = 1.0) -> SyntheticWorld:
     """The catalogue, successor structure and popularity that `make_synthetic` uses for this seed."""
-    if num_items < 2:
-        raise ValueError(f"num_items must be at least 2, got {num_items}")
+    if not 2 <= num_items <= MAX_ITEMS:  # checked before any array of num_items is allocated
+        raise ValueError(f"num_items must be between 2 and {MAX_ITEMS} (the titles the generator can always "
+                         f"name), got {num_items}")
     rng = np.random.default_rng(_seeds(seed)[0])
     order = rng.permutation(num_items)
     sizes = rng.integers(1, len(SEQUEL_SUFFIXES) + 1, size=num_items)
@@ -202,8 +207,8 @@ def make_synthetic(
     popularity_exponent: float = 1.0,
 ) -> RawDataset:
     """Per-user events (no ratings) and titles of a synthetic dataset; see the module docstring."""
-    if num_users < 1:
-        raise ValueError(f"num_users must be at least 1, got {num_users}")
+    if not 1 <= num_users <= MAX_USERS:
+        raise ValueError(f"num_users must be between 1 and {MAX_USERS}, got {num_users}")
     if not 1 <= min_length <= max_length <= num_items:
         raise ValueError(
             f"need 1 <= min_length <= max_length <= num_items (users never repeat an item), "

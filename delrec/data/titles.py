@@ -1,7 +1,8 @@
 """Item titles: one table that every loader fills, and the id -> title text files of rows data.
 
-`TitleTable` enforces the rules all formats share (no empty title, one title per item, every
-used item has a title) and remembers where each title came from, so errors name both lines.
+`TitleTable` enforces the rules all formats share (no empty title, no control character but a tab,
+one title per item, every used item has a title) and remembers where each title came from, so
+errors name both lines. Titles are kept as written but for the blanks around them.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from delrec.data._text import as_int, numbered_lines, read_text, split_fields
+from delrec.data._text import as_int, numbered_lines, printable, read_text, split_fields
 from delrec.errors import DelrecError, where
 
 TITLE_COLUMNS = ("id,title", "title,id")
@@ -25,7 +26,7 @@ class TitleTable:
         self._lines: dict[str, int] = {}
 
     def add(self, item: str, title: str, line: int) -> None:
-        title = title.strip()
+        title = printable(title, self.path, line, "title", allow_tab=True).strip()
         if not title:
             raise DelrecError(f"{where(self.path, line, 'title')}: empty title for item '{item}'; expected a name")
         known = self.titles.get(item)
@@ -45,9 +46,10 @@ class TitleTable:
 
 
 def find_titles_file(folder: Path, skip_stems: Iterable[str]) -> Path:
-    """`id2name.txt`, else the one .txt/.tsv file whose stem is not in `skip_stems` (split files)."""
+    """`id2name.txt` (a folder of that name is refused when read), else the one .txt/.tsv file whose stem is
+    not in `skip_stems` (split files)."""
     preferred = folder / "id2name.txt"
-    if preferred.is_file():
+    if preferred.exists():
         return preferred
     skip = {stem.lower() for stem in skip_stems}
     found = [

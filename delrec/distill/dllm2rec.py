@@ -44,6 +44,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from delrec.config import above, at_least, check_fields
 from delrec.distill.rd import position_weights, rd_loss, student_topk
 
 CONSISTENCY_FLOOR = 1e-8  # the weight of a teacher item the student does not rank in its top-K
@@ -51,12 +52,25 @@ CONSISTENCY_FLOOR = 1e-8  # the weight of a teacher item the student does not ra
 
 @dataclass
 class DLLM2RecConfig:
-    topk: int = field(default=10, metadata={"help": "K: how many of the teacher's top items are distilled (the teacher must have at least K)."})
-    beta: float = field(default=1.0, metadata={"help": "Position temperature: wp_k ∝ exp(-k / beta)."})
-    gamma_position: float = field(default=0.3, metadata={"help": "gamma_p: share of the position weight."})
-    gamma_confidence: float = field(default=0.5, metadata={"help": "gamma_c: share of the teacher-confidence weight."})
-    gamma_consistency: float = field(default=0.1, metadata={"help": "gamma_o: share of the student-teacher consistency weight."})
-    lambda_d: float = field(default=0.8, metadata={"help": "Weight of L_d added to the student's own loss (official code: 0.8)."})
+    topk: int = field(default=10, metadata={"help": "K: how many of the teacher's top items are distilled (the "
+                                            "teacher must have at least K).", "range": at_least(1)})
+    beta: float = field(
+        default=1.0, metadata={"help": "Position temperature: wp_k ∝ exp(-k / beta).", "range": above(0)}
+    )
+    gamma_position: float = field(
+        default=0.3, metadata={"help": "gamma_p: share of the position weight.", "range": at_least(0)}
+    )
+    gamma_confidence: float = field(
+        default=0.5, metadata={"help": "gamma_c: share of the teacher-confidence weight.", "range": at_least(0)}
+    )
+    gamma_consistency: float = field(
+        default=0.1, metadata={"help": "gamma_o: share of the student-teacher consistency weight.",
+                               "range": at_least(0)}
+    )
+    lambda_d: float = field(
+        default=0.8, metadata={"help": "Weight of L_d added to the student's own loss (official code: 0.8).",
+                               "range": at_least(0)}
+    )
     confidence: Literal["code", "paper"] = field(
         default="code",
         metadata={"help": "code: softmax over the list of -distance; paper: per-instance confidence from the "
@@ -67,12 +81,11 @@ class DLLM2RecConfig:
     )
 
     def __post_init__(self):
+        check_fields(self)
         gammas = (self.gamma_position, self.gamma_confidence, self.gamma_consistency)
-        if self.topk < 1 or not self.beta > 0 or self.lambda_d < 0 or min(gammas) < 0 or not sum(gammas) > 0:
-            raise ValueError(
-                f"DLLM2Rec needs topk >= 1, beta > 0, lambda_d >= 0 and non-negative gammas with a positive sum; got "
-                f"topk {self.topk}, beta {self.beta}, lambda_d {self.lambda_d}, gammas {gammas}"
-            )
+        if not sum(gammas) > 0:
+            raise ValueError(f"the gammas (gamma_position, gamma_confidence, gamma_consistency) must not all be 0, "
+                             f"got {gammas}")
         if self.confidence not in ("code", "paper"):
             raise ValueError(f"confidence must be 'code' or 'paper', got {self.confidence!r}")
 

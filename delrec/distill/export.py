@@ -53,6 +53,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from delrec.config import SEED, at_least, between, check_fields
 from delrec.data.dataset import Instance, PreparedDataset
 from delrec.distill.embedding import item_knn_hit_rate
 from delrec.distill.teacher import SPLIT, check_teacher_out, write_teacher
@@ -77,7 +78,8 @@ class TeacherExportConfig:
     out: str = field(metadata={"help": "Teacher folder to write (teacher.json, rankings.safetensors, "
                                "item_embeddings.safetensors); an existing teacher folder is replaced."})
     topk: int = field(
-        default=10, metadata={"help": "Items kept per instance (K); the students' losses need K or more."}
+        default=10, metadata={"help": "Items kept per instance (K); the students' losses need K or more.",
+                              "range": at_least(1)}
     )
     mode: Literal["auto", "sr", "grounding", "rerank", "embeddings"] = field(
         default="auto",
@@ -88,11 +90,12 @@ class TeacherExportConfig:
     max_instances: int | None = field(
         default=None,
         metadata={"help": "Rank only a seeded random subset of this many training instances (LLM teachers on a "
-                  "budget); students train on the others with their own loss alone. Default: all."},
+                  "budget); students train on the others with their own loss alone. Default: all.",
+                  "range": at_least(1)},
     )
     embedding_layer: int = field(
         default=-1, metadata={"help": "LLM item embeddings: which hidden layer (-1: the last, as BIGRec; 0: the "
-                              "input embeddings)."}
+                              "input embeddings; counted from the end when negative).", "range": between(-1024, 1024)}
     )
     embedding_pooling: Literal["last", "mean"] = field(
         default="last", metadata={"help": "LLM item embeddings: the state at the title's last token (BIGRec), or "
@@ -105,9 +108,12 @@ class TeacherExportConfig:
     sr_model: str | None = field(
         default=None, metadata={"help": "rerank: the SR model folder whose top-M items the LLM re-ranks."}
     )
-    sr_topm: int = field(default=20, metadata={"help": "rerank: the SR model's top-M items per instance (M)."})
+    sr_topm: int = field(
+        default=20, metadata={"help": "rerank: the SR model's top-M items per instance (M).", "range": at_least(1)}
+    )
     num_random: int = field(
-        default=10, metadata={"help": "rerank: items drawn uniformly from the rest of the catalogue per instance (R)."}
+        default=10, metadata={"help": "rerank: items drawn uniformly from the rest of the catalogue per instance (R).",
+                              "range": at_least(0)}
     )
     keep_history: bool = field(
         default=False, metadata={"help": "Let history items be ranked (and drawn) instead of excluding them."}
@@ -125,24 +131,18 @@ class TeacherExportConfig:
         metadata={"help": "Template folder (default: $DELREC_PROMPTS_DIR, else the repository's prompts/)."},
     )
     max_new_tokens: int | None = field(
-        default=None, metadata={"help": "grounding: generation budget (default: the longest item title + 8 tokens)."}
+        default=None, metadata={"help": "grounding: generation budget (default: the longest item title + 8 tokens).",
+                                "range": at_least(1)}
     )
-    sr_batch_size: int = field(default=1024, metadata={"help": "Histories per SR model batch."})
+    sr_batch_size: int = field(default=1024, metadata={"help": "Histories per SR model batch.", "range": at_least(1)})
     seed: int = field(
-        default=0, metadata={"help": "Seed of the --max_instances subset and of rerank's random items and order."}
+        default=0, metadata={"help": "Seed of the --max_instances subset and of rerank's random items and order.",
+                             "range": SEED}
     )
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self):
-        for name in ("topk", "sr_topm", "sr_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.num_random < 0:
-            raise ValueError(f"num_random must be non-negative, got {self.num_random}")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.max_instances is not None and self.max_instances < 1:
-            raise ValueError(f"max_instances must be at least 1, got {self.max_instances}")
+        check_fields(self)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got '{self.mode}'")
 
@@ -312,6 +312,7 @@ def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instance
         began = time.perf_counter()
         embeddings = None
         if backend.name == "hf":  # hidden states come from the transformers model
+            check_embedding_layer(config.embedding_layer, backend.model, spec.path)
             embeddings = embed_texts(backend.model, backend.tokenizer, dataset.titles, backend.batch_size,
                                      config.progress, "embed titles", config.embedding_layer,
                                      config.embedding_pooling)
@@ -339,6 +340,18 @@ def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instance
     }
     kind = {"grounding": "distance", "rerank": "score"}.get(mode)
     return _Ranked(items, scores, kind, embeddings, source, seconds)
+
+
+def check_embedding_layer(layer: int, model, path) -> None:
+    """`layer` must index the model's hidden states: the input embeddings and each layer's output, L + 1 of
+    them (negative: counted from the end). A model whose config gives no layer count is left to run."""
+    model_config = getattr(model, "config", None)
+    if hasattr(model_config, "get_text_config"):
+        model_config = model_config.get_text_config()
+    layers = getattr(model_config, "num_hidden_layers", None)
+    if isinstance(layers, int) and not -(layers + 1) <= layer <= layers:
+        raise DelrecError(f"--embedding_layer {layer}: {path} has {layers} layers, so its hidden states are "
+                          f"-{layers + 1}..{layers} (0: the input embeddings, -1: the last layer's output)")
 
 
 def rerank_candidates(config: TeacherExportConfig, dataset: PreparedDataset, instances, device):

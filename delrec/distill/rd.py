@@ -34,29 +34,37 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from delrec.config import above, at_least, between, check_fields
+
+MAX_SAMPLED = 100_000
+"""Items sampled per instance (RD's negatives, RRD's uninteresting items): papers use tens to hundreds; each
+one costs a student score with gradient per instance of every batch."""
+
 
 @dataclass
 class RDConfig:
-    topk: int = field(default=10, metadata={"help": "K: how many of the teacher's top items are distilled (the teacher must have at least K)."})
-    beta: float = field(default=1.0, metadata={"help": "Position temperature: w_k ∝ exp(-k / beta) (RD's lambda)."})
+    topk: int = field(default=10, metadata={"help": "K: how many of the teacher's top items are distilled (the "
+                                            "teacher must have at least K).", "range": at_least(1)})
+    beta: float = field(
+        default=1.0, metadata={"help": "Position temperature: w_k ∝ exp(-k / beta) (RD's lambda).", "range": above(0)}
+    )
     rd_weight: float = field(
-        default=0.8, metadata={"help": "Weight of the RD term added to the student's own loss (DLLM2Rec's lambda_d default, so the two differ only in their weights)."}
+        default=0.8, metadata={"help": "Weight of the RD term added to the student's own loss (DLLM2Rec's lambda_d "
+                               "default, so the two differ only in their weights).", "range": at_least(0)}
     )
     dynamic_weight: bool = field(
         default=False, metadata={"help": "Multiply by RD's dynamic weight tanh(max(mu * (student rank - teacher rank), 0))."}
     )
-    dynamic_mu: float = field(default=0.1, metadata={"help": "mu of the dynamic weight (RD's default 0.1)."})
+    dynamic_mu: float = field(
+        default=0.1, metadata={"help": "mu of the dynamic weight (RD's default 0.1).", "range": above(0)}
+    )
     rd_negatives: int = field(
-        default=0, metadata={"help": "L > 0: add -log(1 - sigma(y)) averaged over L items sampled outside the teacher's list."}
+        default=0, metadata={"help": "L > 0: add -log(1 - sigma(y)) averaged over L items sampled outside the "
+                             "teacher's list.", "range": between(0, MAX_SAMPLED)}
     )
 
     def __post_init__(self):
-        if self.topk < 1 or not self.beta > 0 or self.rd_weight < 0 or not self.dynamic_mu > 0 or self.rd_negatives < 0:
-            raise ValueError(
-                f"RD needs topk >= 1, beta > 0, rd_weight >= 0, dynamic_mu > 0 and rd_negatives >= 0; got topk "
-                f"{self.topk}, beta {self.beta}, rd_weight {self.rd_weight}, dynamic_mu {self.dynamic_mu}, "
-                f"rd_negatives {self.rd_negatives}"
-            )
+        check_fields(self)
 
 
 def position_weights(k: int, beta: float, device: torch.device | str | None = None, dtype=torch.float32) -> torch.Tensor:

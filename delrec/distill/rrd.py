@@ -21,23 +21,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from delrec.distill.rd import items_mask, sample_excluding
+from delrec.config import at_least, between, check_fields
+from delrec.distill.rd import MAX_SAMPLED, items_mask, sample_excluding
 
 
 @dataclass
 class RRDConfig:
-    topk: int = field(default=10, metadata={"help": "K: how many of the teacher's top items are the ordered 'interesting' list."})
+    topk: int = field(default=10, metadata={"help": "K: how many of the teacher's top items are the ordered "
+                                            "'interesting' list.", "range": at_least(1)})
     num_uninteresting: int = field(
-        default=50, metadata={"help": "L: items sampled per instance, uniformly from those outside the teacher's top-K."}
+        default=50, metadata={"help": "L: items sampled per instance, uniformly from those outside the teacher's "
+                              "top-K.", "range": between(1, MAX_SAMPLED)}
     )
-    rrd_weight: float = field(default=0.1, metadata={"help": "Weight of the RRD term added to the student's own loss."})
+    rrd_weight: float = field(
+        default=0.1, metadata={"help": "Weight of the RRD term added to the student's own loss.", "range": at_least(0)}
+    )
 
     def __post_init__(self):
-        if self.topk < 1 or self.num_uninteresting < 1 or self.rrd_weight < 0:
-            raise ValueError(
-                f"RRD needs topk >= 1, num_uninteresting >= 1 and rrd_weight >= 0; got {self.topk}, "
-                f"{self.num_uninteresting}, {self.rrd_weight}"
-            )
+        check_fields(self)
 
 
 def sample_uninteresting(teacher_items: torch.Tensor, num_items: int, count: int) -> torch.Tensor:

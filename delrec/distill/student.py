@@ -46,6 +46,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 
+from delrec.config import above, check_fields
 from delrec.data.dataset import PreparedDataset
 from delrec.distill.dllm2rec import DLLM2RecConfig, dllm2rec_loss, dllm2rec_weights
 from delrec.distill.embedding import install_collaborative_embedding
@@ -77,14 +78,14 @@ class StudentConfig:
                   "z_i the teacher's item embeddings."},
     )
     ed_weight: float = field(
-        default=0.2, metadata={"help": "alpha of the embedding distillation (official code 0.2; paper 0.2-0.3)."}
+        default=0.2, metadata={"help": "alpha of the embedding distillation (official code 0.2; paper 0.2-0.3).",
+                               "range": above(0)}
     )
 
     def __post_init__(self):
+        check_fields(self)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if not self.ed_weight > 0:
-            raise ValueError(f"ed_weight must be positive, got {self.ed_weight}")
 
 
 # --- the methods: config class and the term added to each batch's loss ---------------------------

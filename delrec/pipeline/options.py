@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from delrec.config import THREADS, SHARE, at_least, between, check_fields
+from delrec.data.synthetic import MAX_ITEMS, MAX_USERS
 from delrec.pipeline.layout import VARIANTS
 
 
@@ -22,12 +24,11 @@ class RunOptions:
     )
     threads: int = field(
         default=0, metadata={"help": "torch CPU threads in every stage; 0: the process's (OMP_NUM_THREADS, else the "
-                             "`delrec` command's one per free core)."}
+                             "`delrec` command's one per free core).", "range": THREADS}
     )
 
     def __post_init__(self):
-        if self.threads < 0:
-            raise ValueError(f"threads must be 0 or more, got {self.threads}")
+        check_fields(self)
 
 
 @dataclass
@@ -40,19 +41,32 @@ class DataOptions:
     input: str | None = field(
         default=None, metadata={"help": "Folder (or file) of the raw data, relative to the working directory."}
     )
-    pad_id: int | None = field(default=None, metadata={"help": "rows: the padding id in `seq` (detected if omitted)."})
+    pad_id: int | None = field(
+        default=None, metadata={"help": "rows: the padding id in `seq` (detected if omitted).",
+                                "range": between(-(2**63), 2**63 - 1)}
+    )
     title_columns: str | None = field(
         default=None, metadata={"help": "rows: column order of a tab-separated title file, 'id,title' or 'title,id'."}
     )
     move_article: bool = field(
         default=True, metadata={"help": "movielens: 'Matrix, The (1999)' -> 'The Matrix (1999)'."}
     )
-    synthetic_users: int = field(default=600, metadata={"help": "synthetic: number of users."})
-    synthetic_items: int = field(default=200, metadata={"help": "synthetic: number of items."})
-    synthetic_min_length: int = field(default=6, metadata={"help": "synthetic: shortest user sequence."})
-    synthetic_max_length: int = field(default=30, metadata={"help": "synthetic: longest user sequence."})
+    synthetic_users: int = field(
+        default=600, metadata={"help": "synthetic: number of users.", "range": between(1, MAX_USERS)}
+    )
+    synthetic_items: int = field(
+        default=200, metadata={"help": "synthetic: number of items.", "range": between(2, MAX_ITEMS)}
+    )
+    synthetic_min_length: int = field(
+        default=6, metadata={"help": "synthetic: shortest user sequence.", "range": between(1, MAX_ITEMS)}
+    )
+    synthetic_max_length: int = field(
+        default=30, metadata={"help": "synthetic: longest user sequence (at most synthetic_items: users never repeat "
+                              "an item).", "range": between(1, MAX_ITEMS)}
+    )
     synthetic_follow_prob: float = field(
-        default=0.8, metadata={"help": "synthetic: how often a user follows the planted successor structure."}
+        default=0.8, metadata={"help": "synthetic: how often a user follows the planted successor structure.",
+                               "range": SHARE}
     )
 
 
@@ -69,13 +83,12 @@ class PredictionsOptions:
     """Section `predictions`: the pattern source of DELRec."""
 
     model: str = field(default="sasrec", metadata={"help": "Name of the `sr` entry whose predictions feed stage 1."})
-    topk: int = field(default=20, metadata={"help": "Ranked items written per instance."})
+    topk: int = field(default=20, metadata={"help": "Ranked items written per instance.", "range": at_least(1)})
     keep_history: bool = field(default=False, metadata={"help": "Allow history items in the predictions."})
-    batch_size: int = field(default=1024, metadata={"help": "Histories scored per batch."})
+    batch_size: int = field(default=1024, metadata={"help": "Histories scored per batch.", "range": at_least(1)})
 
     def __post_init__(self):
-        if self.topk < 1 or self.batch_size < 1:
-            raise ValueError(f"topk and batch_size must be at least 1, got {self.topk}, {self.batch_size}")
+        check_fields(self)
 
 
 @dataclass
@@ -130,9 +143,14 @@ class StudentsOptions:
 class LatencyOptions:
     """Section `latency`: top-K over the whole catalogue for N users, student vs LLM teacher."""
 
-    users: int = field(default=200, metadata={"help": "Test users the student ranks (fewer if the split is smaller)."})
-    topk: int = field(default=20, metadata={"help": "K of the top-K lists."})
-    repeats: int = field(default=5, metadata={"help": "Timed repetitions of the student; the median is reported."})
+    users: int = field(
+        default=200, metadata={"help": "Test users the student ranks (fewer if the split is smaller).",
+                               "range": at_least(1)}
+    )
+    topk: int = field(default=20, metadata={"help": "K of the top-K lists.", "range": at_least(1)})
+    repeats: int = field(
+        default=5, metadata={"help": "Timed repetitions of the student; the median is reported.", "range": at_least(1)}
+    )
     student: str | None = field(
         default=None, metadata={"help": "The `students.runs` entry to time (default: the first one)."}
     )
@@ -141,8 +159,7 @@ class LatencyOptions:
     )
 
     def __post_init__(self):
-        if min(self.users, self.topk, self.repeats) < 1:
-            raise ValueError("users, topk and repeats must be at least 1")
+        check_fields(self)
 
 
 @dataclass

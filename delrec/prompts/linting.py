@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from delrec.config import SOFT_PROMPT_TOKENS
 from delrec.errors import DelrecError
 from delrec.prompts.contract import (
     DEFAULT_DOMAIN,
@@ -44,7 +45,10 @@ def lint_report(
     sr_top: int = DEFAULT_SR_TOP,
 ) -> list[TemplateReport]:
     """Check every template (and domains.yaml); with a dataset also measure the longest instance.
-    `dataset`: a PreparedDataset or a folder; `tokenizer`: a loaded tokenizer object, or None to count words."""
+    `dataset`: a PreparedDataset or a folder; `tokenizer`: a loaded tokenizer object, or None to count words.
+    `soft_tokens` is checked before anything is built: its placeholder text grows with it."""
+    if soft_tokens not in SOFT_PROMPT_TOKENS:
+        raise DelrecError(f"soft prompt size must be {SOFT_PROMPT_TOKENS} tokens, got {soft_tokens}")
     path = prompts_dir(folder)
     if dataset is not None and not hasattr(dataset, "instances"):
         from delrec.data.dataset import PreparedDataset

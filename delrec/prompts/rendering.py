@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping
 
 from jinja2 import TemplateError, UndefinedError
 
-from delrec.config import shorten
+from delrec.config import SOFT_PROMPT_TOKENS, shorten
 from delrec.errors import DelrecError, where
 from delrec.prompts.contract import (
     DEFAULT_DOMAIN,
@@ -44,8 +44,8 @@ ENVIRONMENT = PromptSandbox(filters={"numbered": numbered})
 
 def soft_prompt_placeholder(count: int = DEFAULT_SOFT_TOKENS, token_format: str = SOFT_TOKEN_FORMAT) -> str:
     """P placeholder tokens joined with no spaces, e.g. `<|sp:0|><|sp:1|>...`: the value of `soft_prompt`."""
-    if count < 1:
-        raise DelrecError(f"soft prompt size must be at least 1, got {count}")
+    if count not in SOFT_PROMPT_TOKENS:  # checked before the text is built: 10**9 placeholders fill the memory
+        raise DelrecError(f"soft prompt size must be {SOFT_PROMPT_TOKENS} tokens, got {count}")
     return "".join(token_format.format(i) for i in range(count))
 
 

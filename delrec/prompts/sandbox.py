@@ -11,6 +11,10 @@ repr into training data. On top of Jinja's immutable sandbox and strict undefine
   of 10**9, `**`, a `replace` or `join` whose result is too long) is refused before it runs. A real
   prompt is a few thousand tokens (tens of thousands of characters) built in a few hundred steps:
   the limits are far beyond any prompt and still stop a runaway one within about a second.
+- Numbers. No number a template writes, computes or prints may have more than `MAX_DIGITS` digits: a
+  prompt's numbers are ids, counts and years, and Python refuses to write an integer of more than
+  4,300 digits with advice (`sys.set_int_max_str_digits`) that a template author cannot follow. `**`
+  and `*` that would overshoot are refused before they compute; a float overflow is an error too.
 - Text. A value that becomes text (`{{ }}`, `~`, `%`, a text filter, `join`, `numbered`) must be text
   or a number. A list, None, True/False, a generator or an undefined value is an error: Jinja would
   print it the way Python writes it (`['A', 'B']`, `None`, `<generator object ...>`).
@@ -24,14 +28,16 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import sys
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from jinja2 import StrictUndefined, Template, Undefined, nodes
 from jinja2.compiler import CodeGenerator, Frame
-from jinja2.exceptions import SecurityError, TemplateRuntimeError
+from jinja2.exceptions import SecurityError, TemplateRuntimeError, TemplateSyntaxError
 from jinja2.filters import make_attrgetter
+from jinja2.lexer import TOKEN_INTEGER, Lexer
 from jinja2.runtime import LoopContext, Macro
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -41,6 +47,10 @@ MAX_STEPS = 1_000_000
 MAX_HANDLED = 100_000_000
 MAX_SIZE = 1_000_000
 MACRO_STEPS = 10  # a macro call takes about as long as ten loop iterations
+MAX_DIGITS = 1_000
+
+_TOO_MANY_DIGITS = 10**MAX_DIGITS  # the smallest number with more than MAX_DIGITS digits
+_MAX_BITS = _TOO_MANY_DIGITS.bit_length()  # a number of more bits has more than MAX_DIGITS digits
 
 _SIZED = (str, bytes, list, tuple, dict, set, frozenset, range)
 # filters that take a list (or any value) as input; every other filter works on text or a number
@@ -97,7 +107,20 @@ def _limit(size: int, what: str, unit: str = "characters or items") -> None:
         raise _oversize(size, what, unit)
 
 
+def _long_number(what: str) -> SecurityError:
+    return SecurityError(f"{what} a number of more than {MAX_DIGITS:,} digits; a prompt's numbers are ids, counts "
+                         "and years")
+
+
+def _limit_bits(least_bits: int, what: str) -> None:
+    """Refuse, before it is computed, a number that will have at least `least_bits` bits."""
+    if least_bits > _MAX_BITS:
+        raise _long_number(what)
+
+
 def _bounded(value: Any, what: str) -> Any:
+    if type(value) is int and not -_TOO_MANY_DIGITS < value < _TOO_MANY_DIGITS:
+        raise _long_number(what)
     _limit(_size(value), what)
     return value
 
@@ -117,7 +140,7 @@ def printable(value: Any, what: str) -> Any:
         raise TemplateRuntimeError(
             f"{what} {describe(value)}, not text or a number; print a list's items with `| numbered` or "
             "`| join(', ')`, and test None or true/false with {% if %}")
-    return value
+    return _bounded(value, what) if isinstance(value, int) else value
 
 
 def _finalize(value: Any) -> Any:
@@ -227,6 +250,8 @@ def _guarded_filter(environment: PromptSandbox, name: str, func: Callable) -> Ca
             printable(arguments.get("d", ""), f"{what} got the separator")
         if name == "format":
             _check_format(str(value), rest, what)
+        if name == "int" and isinstance(value, str) and len(value.strip()) > MAX_DIGITS:  # Jinja would give 0
+            raise _long_number(f"{what} got")
         if name == "sum" and not isinstance(arguments.get("start", 0), (int, float)):
             raise TemplateRuntimeError(f"{what} adds numbers; its start must be a number, got "
                                        f"{describe(arguments['start'])}")
@@ -286,6 +311,22 @@ class _MeasuringCodeGenerator(CodeGenerator):
         super().visit_Template(node, frame)
 
 
+class _NumberLexer(Lexer):
+    """Jinja's lexer, refusing an integer literal too long to be a prompt's number (Python would not read one of
+    more than 4,300 digits: a traceback where a template line should be named)."""
+
+    def wrap(self, stream, name=None, filename=None):
+        return super().wrap(_bounded_literals(stream, name, filename), name, filename)
+
+
+def _bounded_literals(stream, name, filename):
+    for lineno, token, value in stream:
+        if token == TOKEN_INTEGER and len(value.replace("_", "")) > MAX_DIGITS:
+            raise TemplateSyntaxError(f"a number of more than {MAX_DIGITS:,} digits; a prompt's numbers are ids, "
+                                      "counts and years", lineno, name, filename)
+        yield lineno, token, value
+
+
 class PromptSandbox(ImmutableSandboxedEnvironment):
     """Jinja's immutable sandbox with strict undefined, bounded work and text-only output (see the module)."""
 
@@ -298,6 +339,10 @@ class PromptSandbox(ImmutableSandboxedEnvironment):
         del self.filters["pprint"], self.filters["xmlattr"], self.globals["lipsum"]
         self.filters = {name: _guarded_filter(self, name, func) for name, func in {**self.filters, **filters}.items()}
         self.tests = {name: _charged_test(func) for name, func in self.tests.items()}
+
+    @functools.cached_property
+    def lexer(self) -> Lexer:
+        return _NumberLexer(self)
 
     def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
         if isinstance(obj, str) and attr not in _TEXT_METHODS:
@@ -328,14 +373,19 @@ class PromptSandbox(ImmutableSandboxedEnvironment):
             count, other = (left, right) if isinstance(left, int) else (right, left)
             if isinstance(count, int) and isinstance(other, _SIZED):
                 _limit(len(other) * count, "'*' would build")
-            elif isinstance(count, int) and isinstance(other, int):
-                _limit(count.bit_length() + other.bit_length(), "'*' would build a number of", "bits")
+            elif isinstance(count, int) and isinstance(other, int) and count and other:
+                _limit_bits(count.bit_length() + other.bit_length() - 1, "'*' would build")
         elif operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0:
-            _limit(max(left.bit_length(), 1) * right, "'**' would build a number of", "bits")
+            _limit_bits((left.bit_length() - 1) * right + 1, "'**' would build")
         elif operator == "%" and isinstance(left, str):
             values = right.values() if isinstance(right, dict) else right if isinstance(right, tuple) else (right,)
             _check_format(left, values, "'%' formatting")
-        return _bounded(super().call_binop(context, operator, left, right), f"'{operator}' built")
+        try:
+            result = super().call_binop(context, operator, left, right)
+        except OverflowError:  # float arithmetic, or an integer too large to become a float
+            raise SecurityError(f"'{operator}' overflows: its result is beyond the largest float "
+                                f"({sys.float_info.max:.3g})") from None
+        return _bounded(result, f"'{operator}' built")
 
 
 def render_block(template: Template, block: str, values: Mapping[str, Any]) -> str:

@@ -36,23 +36,28 @@ Model folders
 -------------
 `save_pretrained(folder)` writes `config.json` = {"model_type", "format_version", "num_items",
 "dataset_fingerprint", **model config} and `model.safetensors`; `load_model(folder)` (or
-`SequentialRecommender.from_pretrained`) validates both (weights with NaN or inf are refused) and
-rebuilds the model on CPU, in eval mode. Loading then scoring on CPU gives bit-identical scores.
+`SequentialRecommender.from_pretrained`) validates both and rebuilds the model on CPU, in eval mode.
+Loading then scoring on CPU gives bit-identical scores. The files are checked before anything is
+allocated by them: each config field must have its dataclass type (JSON `"16"` is not the integer 16),
+and the tensor shapes the config implies (computed on torch's meta device, which allocates nothing)
+must be the ones the safetensors header lists, so an edited `num_items` of 10**12 is an error, not a
+terabyte allocation. Weights with NaN or inf are refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load as safetensors_load
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from delrec.config import dataclass_from_dict
-from delrec.errors import DelrecError
+from delrec.config import dataclass_from_dict, excerpt
+from delrec.errors import DelrecError, where
 from delrec.headers import SR_MODEL_CONFIG_FILE as CONFIG_FILE
 from delrec.headers import SR_MODEL_FORMAT_VERSION as FORMAT_VERSION
 from delrec.headers import SR_MODEL_HEADER as HEADER
@@ -60,6 +65,15 @@ from delrec.headers import SR_MODEL_WEIGHTS_FILE as WEIGHTS_FILE
 from delrec.io import atomic_write, json_text, read_json, safetensors_bytes
 
 RESERVED_KEYS = ("model_type", "format_version", "num_items", "dataset_fingerprint")
+# The types a model config's fields may have, as config.json holds them: (accepts the JSON value, what it expects).
+FIELD_TYPES: dict[type, tuple[typing.Callable[[Any], bool], str]] = {
+    int: (lambda value: type(value) is int, "an integer"),
+    float: (lambda value: type(value) in (int, float), "a number"),
+    bool: (lambda value: type(value) is bool, "true or false"),
+    str: (lambda value: type(value) is str, "text"),
+}
+_JSON_NAMES = {str: "text", bool: "true/false", int: "an integer", float: "a number", list: "a list", dict: "an object",
+               type(None): "null"}
 
 MODELS: dict[str, type["SequentialRecommender"]] = {}
 
@@ -69,6 +83,10 @@ def register(cls: type["SequentialRecommender"]) -> type["SequentialRecommender"
     clash = {f.name for f in dataclasses.fields(cls.config_class)} & set(RESERVED_KEYS)
     if clash:
         raise TypeError(f"{cls.config_class.__name__} uses reserved config keys {sorted(clash)}")
+    untyped = {name: kind for name, kind in typing.get_type_hints(cls.config_class).items() if kind not in FIELD_TYPES}
+    if untyped:
+        raise TypeError(f"{cls.config_class.__name__} fields {untyped} are not of a type config.json holds "
+                        f"({', '.join(k.__name__ for k in FIELD_TYPES)})")
     MODELS[cls.model_type] = cls
     return cls
 
@@ -292,30 +310,65 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Sequen
     num_items = data["num_items"]
     cls = MODELS[model_type]
     fields = {k: v for k, v in data.items() if k not in RESERVED_KEYS}
+    check_field_types(cls.config_class, fields, config_path)
     config = dataclass_from_dict(cls.config_class, fields, str(config_path))
     weights_path = folder / WEIGHTS_FILE
     if not weights_path.is_file():
         raise DelrecError(f"{folder}: {WEIGHTS_FILE} is missing (config.json alone); {expected}")
-    try:
-        tensors = safetensors_load(weights_path.read_bytes())
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise DelrecError(f"{weights_path}: not a readable safetensors file ({exc})") from None
-    model = cls(config, num_items, data.get("dataset_fingerprint"))
-    expected_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found_shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    if expected_shapes != found_shapes:
-        missing = sorted(expected_shapes.keys() - found_shapes.keys())
-        unexpected = sorted(found_shapes.keys() - expected_shapes.keys())
-        wrong = sorted(k for k in expected_shapes.keys() & found_shapes.keys() if expected_shapes[k] != found_shapes[k])
-        raise DelrecError(
-            f"{weights_path}: weights do not match config.json (missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}, wrong shape {wrong[:3]}); the folder was edited or mixed up"
-        )
+    with torch.device("meta"):  # the shapes config.json implies, without allocating them
+        shapes = {k: tuple(v.shape) for k, v in cls(config, num_items).state_dict().items()}
+    tensors = read_weights(weights_path, shapes)
     broken = first_nonfinite(tensors)
     if broken is not None:
         name, count = broken
         raise DelrecError(f"{weights_path}: tensor '{name}' holds {count} NaN/inf value(s), so the model's scores "
                           "would be NaN (its training diverged, or the file was damaged); train the model again")
+    model = cls(config, num_items, data.get("dataset_fingerprint"))
     model.load_state_dict(tensors)
     model.folder = folder
     return model.to(device).eval()
+
+
+def check_field_types(config_class: type, fields: Mapping[str, Any], path: Path) -> None:
+    """Refuse a config.json field whose value is not of its dataclass field's type (`"16"` for an int would fail
+    later, far from the file, as `'<' not supported between 'int' and 'str'`). Unknown keys are
+    `dataclass_from_dict`'s to name."""
+    hints = typing.get_type_hints(config_class)
+    for name, value in fields.items():
+        if name in hints:
+            accepts, expected = FIELD_TYPES[hints[name]]
+            if not accepts(value):
+                found = _JSON_NAMES.get(type(value), type(value).__name__)
+                raise DelrecError(f"{where(path, field=name)}: expected {expected}, found {found} "
+                                  f"{excerpt(value, 60)}; the folder was edited (retrain the model, or restore its "
+                                  "config.json)")
+
+
+def read_weights(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file `path`, once its header (read first, and checked against the file's
+    size by safetensors) lists exactly the tensor names and shapes `shapes`: nothing is read or allocated for
+    weights that do not fit the model."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            found = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+            if found != shapes:
+                raise DelrecError(f"{path}: weights do not match config.json ({_shape_mismatch(shapes, found)}); "
+                                  "the folder was edited or mixed up")
+            return {name: handle.get_tensor(name) for name in found}
+    except (SafetensorError, OSError) as exc:
+        raise DelrecError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def _shape_mismatch(expected: Mapping[str, tuple], found: Mapping[str, tuple]) -> str:
+    """The tensors missing from the file, those it has in excess, and the first of a wrong shape, with both shapes."""
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+    parts = [f"missing {missing[:3]}"] if missing else []
+    if unexpected:
+        parts.append(f"unexpected {unexpected[:3]}")
+    if wrong:
+        more = f" ({len(wrong) - 1} more of a wrong shape)" if len(wrong) > 1 else ""
+        parts.append(f"'{wrong[0]}' is {list(found[wrong[0]])} in the file, config.json implies "
+                     f"{list(expected[wrong[0]])}{more}")
+    return "; ".join(parts)

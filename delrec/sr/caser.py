@@ -23,30 +23,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from delrec.config import DROPOUT, HISTORY_LENGTH, WIDTH, between, check_fields
 from delrec.sr.base import ItemEmbedding, SequentialRecommender, register
+
+MAX_WINDOW = 1024  # L builds one convolution per height 1..L: a larger window is all weights and no signal
 
 
 @dataclass
 class CaserConfig:
-    hidden_size: int = field(default=64, metadata={"help": "Item embedding size d."})
-    window: int = field(default=5, metadata={"help": "L: how many recent items the convolutions see."})
-    num_horizontal: int = field(default=16, metadata={"help": "Horizontal filters per height."})
-    min_height: int = field(
-        default=1, metadata={"help": "Smallest horizontal filter height: heights min_height..L (the paper and its code: 1)."}
+    hidden_size: int = field(default=64, metadata={"help": "Item embedding size d.", "range": WIDTH})
+    window: int = field(
+        default=5, metadata={"help": "L: how many recent items the convolutions see (one filter height per item; "
+                             "the paper uses up to 10).", "range": between(1, MAX_WINDOW)}
     )
-    num_vertical: int = field(default=4, metadata={"help": "Vertical filters."})
-    dropout: float = field(default=0.5, metadata={"help": "Dropout before the fully connected layer."})
+    num_horizontal: int = field(default=16, metadata={"help": "Horizontal filters per height.", "range": WIDTH})
+    min_height: int = field(
+        default=1, metadata={"help": "Smallest horizontal filter height: heights min_height..L (the paper and its "
+                             "code: 1).", "range": between(1, MAX_WINDOW)}
+    )
+    num_vertical: int = field(default=4, metadata={"help": "Vertical filters.", "range": WIDTH})
+    dropout: float = field(
+        default=0.5, metadata={"help": "Dropout before the fully connected layer.", "range": DROPOUT}
+    )
     max_length: int = field(
-        default=50, metadata={"help": "Longest training sequence (every position of it is a training example)."}
+        default=50, metadata={"help": "Longest training sequence (every position of it is a training example).",
+                              "range": HISTORY_LENGTH}
     )
 
     def __post_init__(self):
-        if min(self.hidden_size, self.window, self.num_horizontal, self.num_vertical, self.max_length) < 1:
-            raise ValueError("hidden_size, window, num_horizontal, num_vertical and max_length must be positive")
-        if not 1 <= self.min_height <= self.window:
+        check_fields(self)
+        if self.min_height > self.window:
             raise ValueError(f"min_height must be in 1..window ({self.window}), got {self.min_height}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 @register

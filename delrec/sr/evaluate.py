@@ -80,7 +80,10 @@ def _histories(model: SequentialRecommender, histories: Sequence[Sequence[int]],
 
 def length_sorted_batches(histories: Sequence[Sequence[int]], batch_size: int, context: int) -> list[torch.Tensor]:
     """Row indices in batches of histories of similar (truncated) length: little padding to
-    encode. Deterministic, so every caller scores each instance in the same batch."""
+    encode. Deterministic, so every caller scores each instance in the same batch. A batch size below 1
+    is refused: it would make no batches, and every caller would return or write rows it never scored."""
+    if batch_size < 1:
+        raise DelrecError(f"batch size must be at least 1, got {batch_size}")
     order = sorted(range(len(histories)), key=lambda i: min(len(histories[i]), context))
     return [torch.tensor(order[i:i + batch_size], dtype=torch.long) for i in range(0, len(order), batch_size)]
 
@@ -231,7 +234,8 @@ def top_k(model, histories: Sequence[Sequence[int]], k: int, exclude_history: bo
           progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """([R, k] items, [R, k] scores) over the whole catalogue, best first, rows in input order.
 
-    Excluded (history) items score -inf; callers that need k real items per row check room first."""
+    Excluded (history) items score -inf; callers that need k real items per row check room first. Every
+    row is scored (`length_sorted_batches` covers them all or refuses), so no `torch.empty` value is returned."""
     items = torch.empty(len(histories), k, dtype=torch.long)
     scores = torch.empty(len(histories), k)
     with tqdm(total=len(histories), desc="SR top-k", unit="inst", disable=not progress) as bar:

@@ -17,22 +17,26 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from delrec.config import DROPOUT, HISTORY_LENGTH, WIDTH, between, check_fields
 from delrec.sr.base import ItemEmbedding, SequentialRecommender, register
 
 
 @dataclass
 class GRU4RecConfig:
-    hidden_size: int = field(default=64, metadata={"help": "Item embedding size d (and size of the output state)."})
-    gru_size: int = field(default=128, metadata={"help": "Units of each GRU layer."})
-    num_layers: int = field(default=1, metadata={"help": "Number of stacked GRU layers."})
-    dropout: float = field(default=0.2, metadata={"help": "Dropout on the input embeddings and between GRU layers."})
-    max_length: int = field(default=50, metadata={"help": "Longest history read (older items are dropped)."})
+    hidden_size: int = field(
+        default=64, metadata={"help": "Item embedding size d (and size of the output state).", "range": WIDTH}
+    )
+    gru_size: int = field(default=128, metadata={"help": "Units of each GRU layer.", "range": WIDTH})
+    num_layers: int = field(default=1, metadata={"help": "Number of stacked GRU layers.", "range": between(1, 1024)})
+    dropout: float = field(
+        default=0.2, metadata={"help": "Dropout on the input embeddings and between GRU layers.", "range": DROPOUT}
+    )
+    max_length: int = field(
+        default=50, metadata={"help": "Longest history read (older items are dropped).", "range": HISTORY_LENGTH}
+    )
 
     def __post_init__(self):
-        if min(self.hidden_size, self.gru_size, self.num_layers, self.max_length) < 1:
-            raise ValueError("hidden_size, gru_size, num_layers and max_length must be positive")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_fields(self)
 
 
 @register

@@ -14,13 +14,19 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from delrec.config import HISTORY_LENGTH, check_fields
 from delrec.sr.base import SequentialRecommender, register
 
 
 @dataclass
 class PopConfig:
     log_counts: bool = field(default=True, metadata={"help": "Score log(1 + count) instead of the raw count."})
-    max_length: int = field(default=50, metadata={"help": "Longest history read (pop ignores histories)."})
+    max_length: int = field(
+        default=50, metadata={"help": "Longest history read (pop ignores histories).", "range": HISTORY_LENGTH}
+    )
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @register

@@ -20,25 +20,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from delrec.config import DROPOUT, HISTORY_LENGTH, WIDTH, between, check_fields
 from delrec.sr.base import ItemEmbedding, SequentialRecommender, register
 
 
 @dataclass
 class SASRecConfig:
-    hidden_size: int = field(default=64, metadata={"help": "Item embedding and hidden size d."})
-    num_layers: int = field(default=2, metadata={"help": "Number of self-attention blocks."})
-    num_heads: int = field(default=2, metadata={"help": "Attention heads per block (must divide hidden_size)."})
-    inner_size: int = field(default=256, metadata={"help": "Hidden size of the feed-forward layer in each block."})
-    dropout: float = field(default=0.2, metadata={"help": "Dropout on embeddings, attention weights and block outputs."})
-    max_length: int = field(default=50, metadata={"help": "Longest history read (number of position embeddings)."})
+    hidden_size: int = field(default=64, metadata={"help": "Item embedding and hidden size d.", "range": WIDTH})
+    num_layers: int = field(default=2, metadata={"help": "Number of self-attention blocks.", "range": between(1, 1024)})
+    num_heads: int = field(
+        default=2, metadata={"help": "Attention heads per block (must divide hidden_size).", "range": WIDTH}
+    )
+    inner_size: int = field(
+        default=256, metadata={"help": "Hidden size of the feed-forward layer in each block.", "range": WIDTH}
+    )
+    dropout: float = field(
+        default=0.2, metadata={"help": "Dropout on embeddings, attention weights and block outputs.", "range": DROPOUT}
+    )
+    max_length: int = field(
+        default=50, metadata={"help": "Longest history read (number of position embeddings).", "range": HISTORY_LENGTH}
+    )
 
     def __post_init__(self):
-        if min(self.hidden_size, self.num_layers, self.num_heads, self.inner_size, self.max_length) < 1:
-            raise ValueError("hidden_size, num_layers, num_heads, inner_size and max_length must be positive")
+        check_fields(self)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 class Block(nn.Module):

@@ -69,6 +69,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from delrec.config import SEED, SHARE, THREADS, above, at_least, check_fields, memory_for
 from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
 from delrec.io import atomic_write, check_parents_are_folders, write_json, write_jsonl
@@ -90,26 +91,35 @@ RUNTIME_OPTIONS = ("epochs", "patience", "device", "eval_batch_size", "progress"
 
 @dataclass
 class TrainConfig:
-    epochs: int = field(default=50, metadata={"help": "Maximum number of epochs (a finished run given more continues)."})
+    epochs: int = field(
+        default=50,
+        metadata={"help": "Maximum number of epochs (a finished run given more continues).", "range": at_least(1)},
+    )
     batch_size: int = field(
         default=64,
         metadata={"help": "Training SEQUENCES per batch; each holds one next-item prediction per position, so 64 "
-                  "sequences make ~300 predictions on games (a RecBole batch of 256 is 256 predictions)."},
+                  "sequences make ~300 predictions on games (a RecBole batch of 256 is 256 predictions).",
+                  "range": at_least(1)},
     )
     bucket_by_length: bool = field(
         default=True, metadata={"help": "Batch sequences of similar length together (less padding, faster epochs)."}
     )
-    lr: float = field(default=2e-3, metadata={"help": "Adam learning rate."})
-    weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay (L2)."})
+    lr: float = field(default=2e-3, metadata={"help": "Adam learning rate.", "range": above(0)})
+    weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay (L2).", "range": at_least(0)})
     loss: Literal["ce", "bce", "gbce"] = field(
         default="ce", metadata={"help": "ce: full-softmax cross-entropy; bce: BCE with sampled negatives; gbce: gSASRec's gBCE."}
     )
-    num_negatives: int = field(default=1, metadata={"help": "bce/gbce: negatives sampled per position."})
-    gbce_t: float = field(default=0.75, metadata={"help": "gbce: calibration parameter t in [0, 1]."})
-    patience: int = field(
-        default=5, metadata={"help": "Stop after this many epochs without a better valid NDCG@10 (0: never stop early)."}
+    num_negatives: int = field(
+        default=1, metadata={"help": "bce/gbce: negatives sampled per position.", "range": at_least(1)}
     )
-    seed: int = field(default=0, metadata={"help": "Seed of initialisation, shuffling, dropout and negative sampling."})
+    gbce_t: float = field(default=0.75, metadata={"help": "gbce: calibration parameter t.", "range": SHARE})
+    patience: int = field(
+        default=5, metadata={"help": "Stop after this many epochs without a better valid NDCG@10 (0: never stop "
+                             "early).", "range": at_least(0)}
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seed of initialisation, shuffling, dropout and negative sampling.", "range": SEED}
+    )
     train_positions: Literal["auto", "all", "last"] = field(
         default="auto",
         metadata={"help": "all: every position predicts its next item; last: only the target; auto: all for "
@@ -119,28 +129,20 @@ class TrainConfig:
         default=False, metadata={"help": "Full ranking: keep history items rankable instead of excluding them."}
     )
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "cpu, cuda, or auto (cuda if available)."})
-    eval_batch_size: int = field(default=EVAL_BATCH_SIZE, metadata={"help": "Histories scored per evaluation batch."})
+    eval_batch_size: int = field(
+        default=EVAL_BATCH_SIZE, metadata={"help": "Histories scored per evaluation batch.", "range": at_least(1)}
+    )
     progress: bool = field(default=True, metadata={"help": "Show a progress bar and one line per epoch on stderr."})
     num_threads: int = field(
         default=0, metadata={"help": "CPU threads for torch; 0: the process's (OMP_NUM_THREADS, else the `delrec` "
-                             "command's one per free core, which does not collapse on a busy machine)."}
+                             "command's one per free core, which does not collapse on a busy machine).",
+                             "range": THREADS}
     )
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ValueError("epochs, batch_size and eval_batch_size must be positive")
-        if not self.lr > 0 or self.weight_decay < 0:
-            raise ValueError(f"lr must be positive and weight_decay non-negative, got {self.lr}, {self.weight_decay}")
+        check_fields(self)
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.num_negatives < 1:
-            raise ValueError(f"num_negatives must be positive, got {self.num_negatives}")
-        if not 0.0 <= self.gbce_t <= 1.0:
-            raise ValueError(f"gbce_t must be in [0, 1], got {self.gbce_t}")
-        if self.num_threads < 0:
-            raise ValueError(f"num_threads must be non-negative, got {self.num_threads}")
-        if self.patience < 0:
-            raise ValueError(f"patience must be non-negative, got {self.patience}")
 
 
 @dataclass
@@ -180,10 +182,11 @@ def resolve_train_positions(option: str, dataset: PreparedDataset) -> str:
 
 
 def training_sequences(dataset: PreparedDataset, max_length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids [S], lengths [S], sequences [S, max_length+1] left-padded) of the train instances
-    whose history is not empty; each sequence is history + [target], cut to its last items."""
-    width = max_length + 1
+    """(ids [S], lengths [S], sequences [S, W] left-padded) of the train instances whose history is not
+    empty; each sequence is history + [target], cut to its last max_length + 1 items. W is the longest
+    such sequence, so a generous max_length costs no memory beyond what the data holds."""
     kept = [inst for inst in dataset.instances("train") if inst.history]
+    width = min(max_length, max((len(inst.history) for inst in kept), default=0)) + 1
     seqs = np.full((len(kept), width), pad_id, dtype=np.int64)
     lengths = np.empty(len(kept), dtype=np.int64)
     for row, inst in enumerate(kept):
@@ -480,7 +483,7 @@ def _train(dataset, model_config, config: TrainConfig, out, extra_loss, model_ho
         dataset = PreparedDataset.load(dataset)
     out = Path(out)
     check_parents_are_folders(out)
-    model_class_for_config(model_config)  # fail fast on a foreign config object
+    model_type = model_class_for_config(model_config).model_type  # fails fast on a foreign config object
     device = resolve_device(config.device)
     positions = resolve_train_positions(config.train_positions, dataset)
     exclude_history = not config.keep_history
@@ -489,11 +492,14 @@ def _train(dataset, model_config, config: TrainConfig, out, extra_loss, model_ho
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     check_negative_sampling(config, model_config, dataset.num_items, device)
-    model = build_model(model_config, dataset.num_items, dataset.fingerprint)
-    model.folder = out
-    if model_hook is not None:
-        model_hook(model)
-    model = model.to(device)
+    sizes = ", ".join(f"{f.name} {getattr(model_config, f.name)}" for f in dataclasses.fields(model_config)
+                      if type(getattr(model_config, f.name)) is int)
+    with memory_for(f"the {model_type} model ({sizes}) of {dataset.num_items} items", "lower those sizes"):
+        model = build_model(model_config, dataset.num_items, dataset.fingerprint)
+        model.folder = out
+        if model_hook is not None:
+            model_hook(model)
+        model = model.to(device)
     settings = run_settings(model, config, positions)
     if extra_settings:
         settings["extra"] = extra_settings
@@ -526,7 +532,9 @@ def _train(dataset, model_config, config: TrainConfig, out, extra_loss, model_ho
         epoch += 1
         started = time.perf_counter()
         if model.trainable:
-            entry = _train_epoch(model, optimizer, data, config, positions, epoch, device, extra_loss)
+            with memory_for(f"training batches of batch_size {config.batch_size} ({sizes})",
+                            "lower batch_size (epochs already done are kept: re-run to resume)"):
+                entry = _train_epoch(model, optimizer, data, config, positions, epoch, device, extra_loss)
         else:
             model.fit(_popularity_sequences(dataset, positions))
             entry = {"loss": None}
