@@ -21,6 +21,8 @@ The read-outs turn the answers into one rankings-file row per instance (JSON lin
 
 Ties and titles that collide after `normalize_title` are ordered lower candidate index first
 (the candidates' stored order), so rankings are deterministic; `RunSummary` counts collisions.
+A NaN or infinite score stops the run where the backend hands it over (`refuse_non_finite`): it would
+rank at random, and the rankings file (JSON) could not hold it.
 Metrics follow the candidate protocol (docs/methods.md#candidate-ranking): HR@1, HR@5, NDCG@5 from the ranked lists; for
 free generation LLaRA's HR@1 = correct / total and ValidRatio = share of outputs naming exactly
 one candidate (empty, unmatched and ambiguous outputs are invalid, hence misses).
@@ -31,13 +33,15 @@ from __future__ import annotations
 import abc
 import contextlib
 import importlib
-import json
+import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterable, Literal, Sequence
 
+from delrec.config import at_least
 from delrec.errors import DelrecError
-from delrec.io import atomic_write
+from delrec.io import atomic_write, json_text
 from delrec.llm.scoring import CandidateScores, count_duplicate_titles, normalize_title, rank_candidates
 from delrec.metrics import CANDIDATE_KEYS, generation_metrics, metrics_from_ranked_lists
 from delrec.ranking.requests import RankingRequest
@@ -66,10 +70,11 @@ class ReadoutConfig:
     num_beams: int = field(
         default=5,
         metadata={"help": "constrained: beams kept per step; at least the number of candidates makes the search "
-                  "exhaustive (then it ranks exactly like score by sum)."},
+                  "exhaustive (then it ranks exactly like score by sum).", "range": at_least(1)},
     )
     max_new_tokens: int | None = field(
-        default=None, metadata={"help": "generate: token budget (default: the longest candidate title + 8)."}
+        default=None, metadata={"help": "generate: token budget (default: the longest candidate title + 8).",
+                                "range": at_least(1)}
     )
     match: Literal["line", "contains"] = field(
         default="line",
@@ -94,6 +99,7 @@ class Backend(abc.ABC):
     tokenizer: object  # a Hugging Face tokenizer: requests measure prompts with it
     max_length: int  # the context in tokens: prompt + answer must fit
     chunk_size: int  # requests per call: the progress bar's step and the rankings file's write unit
+    source: str = ""  # the model it answers with, for messages: its folder, or the served model and its URL
 
     @abc.abstractmethod
     def score(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[CandidateScores]:
@@ -113,6 +119,10 @@ class Backend(abc.ABC):
     def settings(self) -> dict:
         """What metrics.json records about the backend (device, dtype, ...)."""
         return {}
+
+    def describe(self) -> str:
+        """The backend and its model, as messages name them."""
+        return f"--backend {self.name}" + (f" ({self.source})" if self.source else "")
 
     def close(self) -> None:
         """Release the model (engines with worker processes need it)."""
@@ -173,15 +183,34 @@ def read_out(
     prompts = [r.prompt for r in requests]
     titles = [list(r.titles) for r in requests]
     if config.readout == "score":
-        return [_score_row(r, s, config.length_normalized) for r, s in zip(requests, backend.score(prompts, titles))]
+        scores = backend.score(prompts, titles)
+        for request, result in zip(requests, scores):
+            refuse_non_finite(backend, request, enumerate(result.logprob))
+        return [_score_row(r, s, config.length_normalized) for r, s in zip(requests, scores)]
     if config.readout == "constrained":
         found = backend.constrained(prompts, titles, config.num_beams)
+        for request, finished in zip(requests, found):
+            refuse_non_finite(backend, request, finished)
         return [_constrained_row(r, f) for r, f in zip(requests, found)]
     if config.readout == "generate":
         if max_new_tokens is None:
             raise ValueError("the generate read-out needs max_new_tokens")
         return [_generate_row(r, t, config.match) for r, t in zip(requests, backend.generate(prompts, max_new_tokens))]
     raise DelrecError(f"unknown read-out '{config.readout}'; expected one of {', '.join(READOUTS)}")
+
+
+def refuse_non_finite(backend: Backend, request: RankingRequest, scores: Iterable[tuple[int, float]]) -> None:
+    """Refuse a NaN or infinite log-probability among `(candidate index, score)` pairs, where a backend hands its
+    scores over: such a score ranks its candidates in no meaningful order and no JSON file can hold it, so the run
+    stops before anything is written or counted in the metrics."""
+    for index, score in scores:
+        if not math.isfinite(score):
+            title = request.titles[index]
+            shown = title if len(title) <= 80 else f"{title[:80]}..."
+            raise DelrecError(
+                f"{backend.describe()}: instance {request.id}, candidate {request.candidates[index]} ('{shown}'): the "
+                f"log-probability is {score}, not a finite number; the model's weights or the numbers its server "
+                "returns are broken (NaN weights, a float16 overflow); nothing was written")
 
 
 def _row(request: RankingRequest, **fields) -> dict:
@@ -285,11 +314,13 @@ def _ranked_metrics(ranked: list[list[int]], targets: list[int]) -> dict[str, fl
 
 @contextlib.contextmanager
 def rankings_writer(path: str | Path):
-    """Yield `write(rows)`; rows stream to a temp file that replaces `path` only once all were written."""
+    """Yield `write(rows)`; rows stream to a temp file that replaces `path` only once all were written, and a
+    row JSON cannot hold (a NaN) stops the run rather than being written."""
+    lines = itertools.count(1)
     with atomic_write(path) as handle:
 
         def write(rows: Sequence[dict]) -> None:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            for row, line in zip(rows, lines):
+                handle.write(json_text(row, path, line) + "\n")
 
         yield write

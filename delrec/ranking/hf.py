@@ -28,6 +28,7 @@ from typing import Literal, Sequence
 
 import torch
 
+from delrec.config import at_least
 from delrec.llm.folder import load_delrec_model
 from delrec.device import resolve_device
 from delrec.llm.loading import TRUST_REMOTE_CODE_HELP, ModelConfig, load_model
@@ -55,7 +56,8 @@ class Options:
                   "\"The real LLM at its FLOP floor\")."},
     )
     batch_size: int = field(
-        default=16, metadata={"help": "Sequences per forward pass (prompts, candidate rows or beams)."}
+        default=16, metadata={"help": "Sequences per forward pass (prompts, candidate rows or beams).",
+                              "range": at_least(1)}
     )
     attn_implementation: str | None = field(
         default=None,
@@ -80,14 +82,15 @@ def open_backend(spec: ModelSpec, options: Options) -> "HFBackend":
                              attn_implementation=options.attn_implementation,
                              trust_remote_code=options.trust_remote_code)
         model, tokenizer = load_model(config)
-    return HFBackend(model, tokenizer, options.batch_size)
+    return HFBackend(model, tokenizer, options.batch_size, source=spec.path)
 
 
 class HFBackend(Backend):
     name = "hf"
 
-    def __init__(self, model, tokenizer, batch_size: int = 16):
+    def __init__(self, model, tokenizer, batch_size: int = 16, source: str = ""):
         self.model = model.eval()
+        self.source = source
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.chunk_size = batch_size * CHUNK_BATCHES

@@ -17,6 +17,7 @@ from typing import Literal
 from tqdm.auto import tqdm
 
 from delrec.data.dataset import CANDIDATE_SPLITS, PreparedDataset
+from delrec.config import at_least
 from delrec.errors import DelrecError
 from delrec.io import check_apart_from_inputs, check_own_folder, write_json
 from delrec.llm.tokenization import encode_completion
@@ -46,7 +47,9 @@ class RankArguments:
         metadata={"help": "hf: transformers, any device; vllm: vLLM engine (exported or plain folders); openai: any "
                   "OpenAI-compatible server (--base_url) serving --model."},
     )
-    max_instances: int | None = field(default=None, metadata={"help": "Rank only the split's first N instances."})
+    max_instances: int | None = field(
+        default=None, metadata={"help": "Rank only the split's first N instances.", "range": at_least(1)}
+    )
     template: str | None = field(
         default=None, metadata={"help": "Prompt template (default: the model's delrec.json, else plain)."}
     )

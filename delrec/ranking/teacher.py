@@ -23,6 +23,7 @@ from delrec.data.dataset import Instance
 from delrec.llm.scoring import normalize_title, rank_candidates
 from delrec.llm.tokenization import encode_completion, encode_prompt
 from delrec.metrics import history_mask
+from delrec.ranking.base import refuse_non_finite
 from delrec.ranking.requests import requests_for
 from delrec.ranking.runner import GENERATION_MARGIN
 
@@ -94,6 +95,8 @@ def rerank(config, dataset, instances, candidate_sets, spec, template, backend, 
         requests = requests_for(chunk, candidate_sets[start : start + len(chunk)], titles, split, spec, template,
                                 backend.tokenizer, backend.max_length, answer_tokens)
         results = backend.score([r.prompt for r in requests], [list(r.titles) for r in requests])
+        for request, result in zip(requests, results):
+            refuse_non_finite(backend, request, enumerate(result.logprob))
         for row, (request, result, order) in enumerate(zip(requests, results, rank_candidates(results, False))):
             best = order[:k]
             items[start + row] = torch.tensor([request.candidates[j] for j in best])

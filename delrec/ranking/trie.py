@@ -14,6 +14,7 @@ ends when no beam is live, and `ranked` lists the finished candidates best first
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -59,12 +60,19 @@ def prune(extensions: Iterable[Beam], num_beams: int, finished: Finished) -> lis
         by_owner.setdefault(beam.owner, []).append(beam)
     live = []
     for options in by_owner.values():
-        for beam in sorted(options, key=lambda b: (-b.score, b.node.first))[:num_beams]:
+        for beam in sorted(options, key=_best_first)[:num_beams]:
             if beam.node.leaves:
                 finished[beam.owner].append((beam.score, beam.node.first, beam.node.leaves))
             else:
                 live.append(beam)
     return live
+
+
+def _best_first(beam: Beam) -> tuple[float, int]:
+    """Sort key: higher score first, ties to the lower candidate index. A NaN score sorts first, so its beam is kept
+    and finishes with it, and the ranking refuses it (`delrec.ranking.base.refuse_non_finite`) instead of the
+    search pruning it silently (NaN compares false with everything, so sorting would place it anywhere)."""
+    return (-math.inf if math.isnan(beam.score) else -beam.score, beam.node.first)
 
 
 def ranked(finished: Finished) -> list[list[tuple[int, float]]]:

@@ -44,6 +44,7 @@ from typing import Literal, Sequence
 
 import torch
 
+from delrec.config import above, at_least
 from delrec.errors import DelrecError
 from delrec.llm.loading import DTYPES, TRUST_REMOTE_CODE_HELP, load_tokenizer
 from delrec.llm.scoring import CandidateScores
@@ -72,22 +73,22 @@ class Options:
                   "as the hf backend."},
     )
     tensor_parallel_size: int = field(
-        default=1, metadata={"help": "GPUs to shard the model over (tensor parallelism)."}
+        default=1, metadata={"help": "GPUs to shard the model over (tensor parallelism).", "range": at_least(1)}
     )
     gpu_memory_utilization: float = field(
         default=0.9,
         metadata={"help": "Share of each GPU's memory vLLM may take for weights and KV cache (GPU only; on CPU "
-                  "set kv_cache_memory_bytes)."},
+                  "set kv_cache_memory_bytes).", "range": above(0, 1)},
     )
     kv_cache_memory_bytes: int | None = field(
         default=None,
         metadata={"help": f"KV cache size in bytes, instead of gpu_memory_utilization (default on CPU: "
-                  f"{CPU_KV_CACHE_BYTES >> 20} MiB)."},
+                  f"{CPU_KV_CACHE_BYTES >> 20} MiB).", "range": at_least(1)},
     )
     max_model_len: int | None = field(
         default=None,
         metadata={"help": "Context length in tokens (default: the model's); longer prompts lose their oldest "
-                  "history items."},
+                  "history items.", "range": at_least(1)},
     )
     enforce_eager: bool = field(
         default=False,
@@ -96,7 +97,7 @@ class Options:
     chunk_size: int = field(
         default=256,
         metadata={"help": "Instances handed to the engine at once (progress step, rankings write unit); their "
-                  "prompts should fit the KV cache together, so scoring reuses them."},
+                  "prompts should fit the KV cache together, so scoring reuses them.", "range": at_least(1)},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": TRUST_REMOTE_CODE_HELP})
 
@@ -140,7 +141,8 @@ def open_backend(spec: ModelSpec, options: Options) -> "VLLMBackend":
     except BaseException:
         torch.set_num_threads = set_num_threads
         raise
-    return VLLMBackend(llm, tokenizer, options.chunk_size, {"device": platform, **settings}, set_num_threads)
+    return VLLMBackend(llm, tokenizer, options.chunk_size, {"device": platform, **settings}, set_num_threads,
+                       source=spec.path)
 
 
 def _platform(device: str) -> str:
@@ -177,8 +179,10 @@ def _dtype(path: str, requested: str, platform: str, trust_remote_code: bool) ->
 class VLLMBackend(Backend):
     name = "vllm"
 
-    def __init__(self, llm, tokenizer, chunk_size: int = 256, settings: dict | None = None, set_num_threads=None):
+    def __init__(self, llm, tokenizer, chunk_size: int = 256, settings: dict | None = None, set_num_threads=None,
+                 source: str = ""):
         self.llm = llm
+        self.source = source
         self.tokenizer = tokenizer
         self.chunk_size = chunk_size
         self.max_length = llm.llm_engine.model_config.max_model_len
