@@ -63,6 +63,11 @@ class Header:
         return data
 
 
+ALLOW_OTHER_DATASET_HELP = ("Use the model on a dataset other than the one it was fine-tuned on (a transfer "
+                            "experiment); without it that is refused, since item titles and candidates would not be "
+                            "the trained ones.")
+
+
 def check_dataset(data: dict[str, Any], path: str | Path, dataset, made: str, remedy: str) -> None:
     """Refuse a header made for another dataset: `made` says what was made ("predictions were made")."""
     if data.get("dataset_fingerprint") != dataset.fingerprint:

@@ -358,6 +358,9 @@ CASES = {
                                      "--topk 41 exceeds the catalogue size (40 items)"),
     "teacher/rerank-without-sr-model": (
         lambda w, t: [*teacher(w, t, "--mode", "rerank"), "--model", w.stage2], "--mode rerank needs --sr_model"),
+    "teacher/llm-on-another-dataset": (
+        lambda w, t: [*teacher(w, t, "--mode", "grounding", "--data", w.same_size), "--model", w.stage2],
+        "was fine-tuned on dataset"),
     "teacher/out-is-a-dataset": (lambda w, t: [*teacher(w, t), "--out", w.other],
                                  "other already exists and is not a teacher folder (no teacher.json)"),
     "teacher/out-under-a-file": (lambda w, t: [*teacher(w, t), "--out", w.foreign / "config.yaml" / "o"],

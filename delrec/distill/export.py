@@ -58,6 +58,7 @@ from delrec.data.dataset import Instance, PreparedDataset
 from delrec.distill.embedding import item_knn_hit_rate
 from delrec.distill.teacher import SPLIT, check_teacher_out, write_teacher
 from delrec.errors import DelrecError
+from delrec.headers import ALLOW_OTHER_DATASET_HELP
 from delrec.io import check_apart_from_inputs, read_json
 from delrec.sr.evaluate import top_k
 
@@ -139,6 +140,7 @@ class TeacherExportConfig:
         default=0, metadata={"help": "Seed of the --max_instances subset and of rerank's random items and order.",
                              "range": SEED}
     )
+    allow_other_dataset: bool = field(default=False, metadata={"help": ALLOW_OTHER_DATASET_HELP})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self):
@@ -282,7 +284,7 @@ def _check_room(instances: Sequence[Instance], num_items: int, needed: int, excl
 
 def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instances, mode: str, options) -> _Ranked:
     from delrec.ranking.base import backend_module
-    from delrec.ranking.models import check_soft_tokens, describe_model, ranking_template
+    from delrec.ranking.models import check_soft_tokens, check_trained_dataset, describe_model, ranking_template
     from delrec.ranking.teacher import embed_texts, ground, rerank
 
     if mode in ("grounding", "embeddings") and config.backend != "hf":
@@ -290,6 +292,7 @@ def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instance
                           f"--backend hf, or --mode rerank with --backend {config.backend}")
     spec = describe_model(config.model, config.template or (GROUNDING_TASK if mode == "grounding" else None),
                           config.domain)
+    check_trained_dataset(spec, dataset, config.allow_other_dataset)
     template = ranking_template(spec, config.prompts_dir)
     if mode == "grounding" and template.task != GROUNDING_TASK:
         raise DelrecError(f"--mode grounding renders a template without candidates (task '{GROUNDING_TASK}', e.g. "

@@ -89,6 +89,14 @@ def _spec(
     )
 
 
+def check_trained_dataset(spec: ModelSpec, dataset, allow_other_dataset: bool) -> None:
+    """Refuse a dataset other than the one the stage-2 model was fine-tuned on (unknown for a plain model)."""
+    trained_on = spec.trained_dataset_fingerprint
+    if trained_on not in (None, dataset.fingerprint) and not allow_other_dataset:
+        raise DelrecError(f"{spec.path} was fine-tuned on dataset {trained_on}, not on {dataset.path} (fingerprint "
+                          f"{dataset.fingerprint}); use the dataset it was trained on, or pass --allow_other_dataset")
+
+
 def ranking_template(spec: ModelSpec, prompts_dir: str | None = None) -> PromptTemplate:
     """The checked template to render; refuses templates that cannot rank or a soft slot without a soft prompt."""
     template = get_template(spec.template, prompts_dir)

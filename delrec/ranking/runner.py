@@ -16,13 +16,14 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
-from delrec.data.dataset import CANDIDATE_SPLITS, PreparedDataset
 from delrec.config import at_least
+from delrec.data.dataset import CANDIDATE_SPLITS, PreparedDataset
 from delrec.errors import DelrecError
+from delrec.headers import ALLOW_OTHER_DATASET_HELP
 from delrec.io import check_apart_from_inputs, check_own_folder, write_json
 from delrec.llm.tokenization import encode_completion
 from delrec.ranking.base import BACKENDS, ReadoutConfig, RunSummary, backend_module, read_out, rankings_writer
-from delrec.ranking.models import check_soft_tokens, describe_model, ranking_template
+from delrec.ranking.models import check_soft_tokens, check_trained_dataset, describe_model, ranking_template
 from delrec.ranking.requests import build_requests
 
 RANKINGS_FILE = "rankings.jsonl"
@@ -61,11 +62,7 @@ class RankArguments:
         default=None,
         metadata={"help": "Template folder (default: $DELREC_PROMPTS_DIR, else the repository's prompts/)."},
     )
-    allow_other_dataset: bool = field(
-        default=False,
-        metadata={"help": "Rank a dataset other than the one the model was fine-tuned on (a transfer experiment); "
-                  "without it that is refused, since item titles and candidates would not be the trained ones."},
-    )
+    allow_other_dataset: bool = field(default=False, metadata={"help": ALLOW_OTHER_DATASET_HELP})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
     def __post_init__(self):
@@ -88,10 +85,7 @@ def rank(args: RankArguments, readout: ReadoutConfig, options=None) -> dict:
     check_apart_from_inputs(out, {"model": args.model, "dataset": args.data}, "the rankings")
     check_own_folder(out, (RANKINGS_FILE, METRICS_FILE))
     spec = describe_model(args.model, args.template, args.domain)
-    trained_on = spec.trained_dataset_fingerprint
-    if trained_on not in (None, dataset.fingerprint) and not args.allow_other_dataset:
-        raise DelrecError(f"{args.model} was fine-tuned on dataset {trained_on}, not on {args.data} (fingerprint "
-                          f"{dataset.fingerprint}); rank the dataset it was trained on, or pass --allow_other_dataset")
+    check_trained_dataset(spec, dataset, args.allow_other_dataset)
     template = ranking_template(spec, args.prompts_dir)
     module = backend_module(args.backend)
     options = options if options is not None else module.Options()
