@@ -24,7 +24,8 @@ BELOW = {
     "ranking": {"base", "data", "prompts", "llm"},
     "distill": {"base", "data", "sr", "prompts", "ranking"},  # an LLM only through delrec.ranking
 }
-BASE = {"delrec", "delrec.errors", "delrec.io", "delrec.config", "delrec.device", "delrec.metrics", "delrec.headers"}
+BASE = {"delrec", "delrec.errors", "delrec.io", "delrec.config", "delrec.device", "delrec.metrics", "delrec.headers",
+        "delrec.tensors"}
 
 
 def layer(module: str) -> str:

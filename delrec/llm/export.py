@@ -33,6 +33,7 @@ from delrec.llm.folder import ADAPTER_CONFIG, INFO_FILE, load_delrec_model, read
 from delrec.llm.loading import DTYPES, TOKENIZER_FILES, WEIGHT_FILES, describe_non_model_folder, resolve_source
 from delrec.llm.soft_prompt import SOFT_PROMPT_FILE, SoftPrompt
 from delrec.llm.tokenization import encode_prompt
+from delrec.prompts.template import is_template_name
 
 EXPORT_KIND = "delrec-export"
 EXPORT_VERSION = 1
@@ -69,6 +70,9 @@ def read_export(folder: str | Path) -> dict:
     for key in ("template", "domain", "sr_model", "soft_prompt"):
         if key not in info:
             raise DelrecError(f"{folder / INFO_FILE}: no '{key}' field; re-run `delrec export`")
+    if info["template"] is not None and not is_template_name(info["template"]):
+        raise DelrecError(f"{folder / INFO_FILE}: field 'template' must name a template of the prompts folder (a plain "
+                          f"name, not a path), got {info['template']!r}; re-run `delrec export`")
     return info
 
 
@@ -140,17 +144,18 @@ def export_model(
         raise DelrecError(f"{source}: hybrid item tokens need the hf backend; their embeddings come from the item "
                           "projector, not from vocabulary rows, so there is no plain folder to export: rank the "
                           "stage-2 folder itself with `delrec rank --backend hf`")
-    check_apart_from_inputs(out, {"stage-2": source}, "the export")
-    if is_occupied(out) and not overwrite:
-        raise DelrecError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
     if dtype != "auto" and dtype not in DTYPES:
         raise DelrecError(f"dtype must be auto, {', '.join(DTYPES)}; got '{dtype}'")
     base = info["base_model"]
     if base.get("load_in_4bit") or base.get("load_in_8bit"):
         raise DelrecError(f"{source}: trained on a 4/8-bit base (QLoRA); `delrec export` merges into a full-precision "
                           "base only and does not support QLoRA folders yet")
-
     base_path = locate_base_model(source, base, base_model)
+    # the base is read as the export is written: --overwrite would replace it by the merged model
+    check_apart_from_inputs(out, {"stage-2": source, "base model": base_path}, "the export")
+    if is_occupied(out) and not overwrite:
+        raise DelrecError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+
     model, tokenizer, _ = load_delrec_model(source, device=device, dtype="float32", base=base_path,
                                             trust_remote_code=trust_remote_code)
     target_dtype = DTYPES[dtype] if dtype != "auto" else _checkpoint_dtype(base_path, trust_remote_code)

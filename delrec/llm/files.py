@@ -7,7 +7,11 @@ paragraph; transformers and PEFT fail on a damaged JSON file with a message that
 These helpers read the files themselves to say which one is damaged (only after a load failed, or
 before a resume: JSON and safetensors headers are cheap, torch files are read whole), and turn a
 failed write into an `OSError` naming the file, which the CLI prints as one line saying what to do
-(`delrec.errors.os_error_message`).
+(`delrec.errors.os_error_message`). A model that loads but is not whole (tensors missing, misshapen,
+NaN or inf) is refused the same way (`check_loaded_weights`).
+
+The names of the files a DELRec stage folder holds live here too, in a module that imports no other
+part of the LLM stack: the loader, the folder reader and the trainers all name them.
 """
 
 from __future__ import annotations
@@ -20,7 +24,11 @@ from typing import Iterable
 
 from delrec.errors import DelrecError
 from delrec.io import read_json
+from delrec.tensors import first_nonfinite
 
+INFO_FILE = "delrec.json"  # what a stage folder is and how to load it (delrec.llm.folder)
+RUN_FILE = "run.json"  # the configuration a stage's run was started with (delrec.llm.training)
+SOFT_PROMPT_FILE = "soft_prompt.safetensors"  # the soft-prompt rows (delrec.llm.soft_prompt)
 # what torch's zip writer raises when a write fails (a full disk): no errno, no file name
 TORCH_WRITE_FAILURE = re.compile(r"inline_container|PytorchStreamWriter")
 # how Rust's std::io::Error ends its message (safetensors, tokenizers): "No space left on device (os error 28)"
@@ -84,6 +92,8 @@ PROBLEM_READERS = {".json": json_problem, ".safetensors": safetensors_problem, "
                    ".pt": torch_file_problem, ".pth": torch_file_problem}
 
 
+
+
 def damaged_file(files: Iterable[Path]) -> str | None:
     """The problem of the first of `files` (those that exist) that is damaged: JSON that does not parse, a
     safetensors header that does not read, a torch file that does not load as tensors; None when all of them
@@ -120,3 +130,45 @@ def explained_write_errors(path: str | os.PathLike):
             raise DelrecError(f"{path}: writing failed ({summary(exc)}): most likely the disk is full; free some "
                               "space and re-run the same command") from None
         raise
+
+
+@contextlib.contextmanager
+def quiet_load_report():
+    """Keep transformers' multi-line load report (missing, unexpected, misshapen tensors) off the terminal while
+    loading: `check_loaded_weights` refuses what matters in one line."""
+    from transformers.utils import logging
+
+    # a filter, not a higher level: at WARNING or above, transformers checks a tensor-parallel plan and warns about it
+    logger = logging.get_logger("transformers.modeling_utils")
+    report = "LOAD REPORT"
+
+    def drop_report(record) -> bool:
+        return report not in record.getMessage()
+
+    logger.addFilter(drop_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop_report)
+
+
+def check_loaded_weights(weights: str | os.PathLike, config: str | os.PathLike, loading: dict, model) -> None:
+    """Refuse a model whose weights file `weights` (what `from_pretrained` reported in `loading`) left tensors of
+    the model unset (transformers would initialise them at random and go on), has other shapes than `config` gives
+    (a damaged file, or a config from another model), or holds NaN or inf (a damaged file, or a diverged training:
+    every score would be NaN)."""
+    mismatched = sorted(loading.get("mismatched_keys") or ())
+    if mismatched:
+        name, found, expected = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise DelrecError(f"{weights}: tensor '{name}' has shape {list(found)}, but {config} gives it {list(expected)}"
+                          f"{more}; the weights and the config come from different models, or one is damaged")
+    missing = sorted(loading.get("missing_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise DelrecError(f"{weights}: lacks {len(missing)} tensor(s) of the model {config} describes ({shown}); the "
+                          "file is damaged or was cut short, or it belongs to another model")
+    broken = first_nonfinite(model.named_parameters())
+    if broken:
+        raise DelrecError(f"{weights}: tensor '{broken[0]}' holds {broken[1]} NaN/inf value(s); the file is damaged, or the training "
+                          "that wrote it diverged: use an intact copy of the model")

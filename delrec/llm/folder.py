@@ -1,7 +1,8 @@
 """The DELRec LLM folder (docs/architecture.md#llm-stage-folders) and its loader.
 
-    delrec.json                  what the folder is: stage, base model, SR model, templates and their
-                                 fingerprints, soft-prompt name and size, dataset fingerprint
+    delrec.json                  what the folder is: stage, base model (with its content fingerprint), SR
+                                 model, templates and their fingerprints, soft-prompt name and size, dataset
+                                 fingerprint, and the SHA-256 of the soft-prompt and adapter files
     soft_prompt.safetensors      the soft-prompt rows (absent when trained without a soft prompt)
     tokenizer files              the base tokenizer with the soft-prompt tokens (and item tokens) added
     adapter_config.json,         stage 2 only: the LoRA adapter (no embedding rows: the soft rows
@@ -10,7 +11,9 @@
     metrics.json                 valid (and stage 2: test) metrics
 
 No full model copy: `load_delrec_model` rebuilds the model from the base it names, the soft rows
-and the adapter, so the ranking stage and the tests score exactly what training evaluated.
+and the adapter, so the ranking stage and the tests score exactly what training evaluated. It
+refuses pieces that do not belong together: a base whose content changed since training, an adapter
+or soft prompt copied in from another run, weights holding NaN or inf.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from typing import Any
 
 from delrec.errors import DelrecError
 from delrec.headers import FieldRule, Header, positive_int
-from delrec.io import read_json, write_json
+from delrec.io import read_json, sha256_file, write_json
+from delrec.llm.files import INFO_FILE, SOFT_PROMPT_FILE
+from delrec.prompts.template import is_template_name
 
-INFO_FILE = "delrec.json"
 KIND = "delrec-llm"
 FORMAT_VERSION = 1
 
@@ -38,12 +42,26 @@ def _is_soft_prompt(value: Any) -> bool:
                              and positive_int(value.get("num_tokens")))
 
 
+def _names_a_template(value: Any) -> bool:
+    return isinstance(value, dict) and is_template_name(value.get("name"))
+
+
+# a template recorded by name is looked up in the prompts folder: never a path, which could lead anywhere on disk
+TEMPLATE_RECORD = "null or an object whose name is a template of the prompts folder (a plain name, not a path)"
+
+
 # what loading reads from delrec.json: a damaged one is refused in one line, not met as a KeyError mid-load
 HEADER = Header("DELRec LLM description", "kind", KIND, FORMAT_VERSION,
                 "re-run the stage that wrote this folder with this delrec", fields={
                     "base_model": FieldRule(_is_base_model, "an object with the base model's model_name_or_path"),
                     "soft_prompt": FieldRule(_is_soft_prompt, "null or an object with a name and a positive "
                                                               "num_tokens"),
+                    "template": FieldRule(lambda value: value is None or _names_a_template(value), TEMPLATE_RECORD),
+                    "templates": FieldRule(lambda value: value is None or (isinstance(value, dict) and all(
+                        _names_a_template(entry) for entry in value.values())), f"null or a task -> {TEMPLATE_RECORD}"),
+                    "sha256": FieldRule(lambda value: value is None or (isinstance(value, dict) and set(value) <= set(
+                        recorded_files()) and all(isinstance(digest, str) for digest in value.values())),
+                        "null or an object giving the SHA-256 of the soft-prompt and adapter weights files"),
                 })
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_TYPE = "LORA"  # the only PEFT adapter the stages write
@@ -79,15 +97,27 @@ def model_fingerprint(name: str) -> str | None:
 
 
 def same_base_model(recorded: dict[str, Any], name: str) -> bool:
-    """Whether `name` is the base model delrec.json recorded: the same path, or the same content elsewhere."""
-    if recorded["model_name_or_path"] == local_or_hub(name):
-        return True
+    """Whether `name` is the base model delrec.json recorded: the same content, wherever it is now (a base changed
+    in place is not the same model); the same path where either side has no fingerprint (a hub id)."""
     found = model_fingerprint(name)
-    return found is not None and found == recorded.get("fingerprint")
+    if found is not None and recorded.get("fingerprint"):
+        return found == recorded["fingerprint"]
+    return recorded["model_name_or_path"] == local_or_hub(name)
 
 
 def write_info(folder: str | Path, info: dict[str, Any]) -> None:
-    write_json(Path(folder) / INFO_FILE, {"kind": KIND, "format_version": FORMAT_VERSION, **info})
+    """Write delrec.json, with the SHA-256 of each weights file the folder holds (`recorded_files`): loading checks
+    them, so an adapter or a soft prompt copied in from another run is not taken for this folder's."""
+    folder = Path(folder)
+    digests = {name: sha256_file(folder / name) for name in recorded_files() if (folder / name).is_file()}
+    write_json(folder / INFO_FILE, {"kind": KIND, "format_version": FORMAT_VERSION, **info, "sha256": digests})
+
+
+def recorded_files() -> tuple[str, ...]:
+    """The weights files a stage folder's delrec.json identifies by content: the soft prompt and the adapter."""
+    from delrec.llm.hybrid import ADAPTER_WEIGHTS
+
+    return SOFT_PROMPT_FILE, ADAPTER_WEIGHTS
 
 
 def read_info(folder: str | Path) -> dict[str, Any]:
@@ -113,7 +143,7 @@ def load_delrec_model(folder: str | Path, device: str = "auto", dtype: str = "au
     """
     from delrec.llm import hybrid
     from delrec.llm.loading import ModelConfig, ensure_pad_token, load_model, load_tokenizer
-    from delrec.llm.soft_prompt import SOFT_PROMPT_FILE, SoftPrompt
+    from delrec.llm.soft_prompt import SoftPrompt
 
     folder = Path(folder)
     info = read_info(folder)
@@ -131,6 +161,7 @@ def load_delrec_model(folder: str | Path, device: str = "auto", dtype: str = "au
         trust_remote_code=trust_remote_code,
     )
     model, _ = load_model(config)
+    _check_base_model(folder, model_info, config.model_name_or_path)  # after loading: a damaged base names its file
     tokenizer = load_tokenizer(str(folder), config.trust_remote_code)  # holds the soft-prompt tokens
     ensure_pad_token(model, tokenizer)
     soft = info.get("soft_prompt")
@@ -146,8 +177,57 @@ def load_delrec_model(folder: str | Path, device: str = "auto", dtype: str = "au
         model = _load_adapter(model, folder)
     if item_tokens:
         hybrid.check_loaded(model, folder)
+    _check_written_together(folder, info)  # last: a damaged file is named by the loader that read it
     model.eval()
     return model, tokenizer, info
+
+
+def _check_base_model(folder: Path, recorded: dict[str, Any], name: str) -> None:
+    """Refuse a base model other than the one the folder was trained on (a base changed in place included): the
+    soft rows and the adapter only mean something on top of that base."""
+    if same_base_model(recorded, name):
+        return
+    path = recorded["model_name_or_path"]
+    if local_or_hub(name) == path:
+        raise DelrecError(f"{folder / INFO_FILE}: the base model {path} changed since this folder was trained (content "
+                          f"fingerprint {model_fingerprint(name)}, recorded {recorded['fingerprint']}); put back the "
+                          "model it was trained on, or re-run the stage on this one")
+    raise DelrecError(f"{name} is not the base model {folder / INFO_FILE} records ({path}): its content fingerprint "
+                      "differs; pass the model the folder was trained on")
+
+
+def _check_written_together(folder: Path, info: dict[str, Any]) -> None:
+    """Refuse an adapter or a soft prompt that is not the one delrec.json was written with (copied in from another
+    run): the adapter's LoRA settings against those recorded, and each weights file against its recorded SHA-256
+    (folders written before delrec recorded them are accepted as they are)."""
+    remedy = f"the folder mixes files of different runs: {_remake(folder)}"
+    lora, config = info.get("lora"), folder / ADAPTER_CONFIG
+    if isinstance(lora, dict) and config.is_file():
+        settings = read_json(config)
+        pairs = {"r": (settings.get("r"), lora.get("r")), "alpha": (settings.get("lora_alpha"), lora.get("alpha"))}
+        if lora.get("target_modules") != ["all-linear"]:  # PEFT records all-linear as the module paths it found
+            pairs["target_modules"] = (_layer_names(settings.get("target_modules")),
+                                       _layer_names(lora.get("target_modules")))
+        for key, (found, expected) in pairs.items():
+            if found != expected:
+                raise DelrecError(f"{config}: LoRA {key} {found!r}, but {folder / INFO_FILE} records {expected!r}; "
+                                  f"{remedy}")
+    for name, digest in (info.get("sha256") or {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise DelrecError(f"{path}: missing, though {folder / INFO_FILE} records it; {remedy}")
+        if sha256_file(path) != digest:
+            raise DelrecError(f"{path}: not the file {folder / INFO_FILE} was written with (its SHA-256 differs from "
+                              f"the recorded one); {remedy}")
+
+
+def _layer_names(targets) -> list[str]:
+    """The layers LoRA targets, by name: `q_proj` for `model.layers.0.self_attn.q_proj` as for `q_proj` itself."""
+    return sorted({str(target).rsplit(".", 1)[-1] for target in targets or ()})
+
+
+def _remake(folder: Path) -> str:
+    return f"copy {folder} again, or re-run the stage that wrote it"
 
 
 def _check_adapter_files(folder: Path) -> None:
@@ -158,7 +238,7 @@ def _check_adapter_files(folder: Path) -> None:
     config = folder / ADAPTER_CONFIG
     if not config.is_file():
         return
-    remedy = f"copy {folder} again, or re-run the stage that wrote it"
+    remedy = _remake(folder)
     problem = damaged_file([config, folder / ADAPTER_WEIGHTS])
     if problem:
         raise DelrecError(f"{problem}; {remedy}")
@@ -170,15 +250,17 @@ def _check_adapter_files(folder: Path) -> None:
 
 
 def _load_adapter(model, folder: Path):
-    """The base `model` with the folder's LoRA adapter; an adapter that does not fit the base, or lacks tensors
-    (PEFT would only warn and leave those at their initial values), is refused in one line."""
+    """The base `model` with the folder's LoRA adapter; an adapter that does not fit the base, lacks tensors (PEFT
+    would only warn and leave those at their initial values) or holds NaN or inf is refused in one line."""
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors import safe_open
 
     from delrec.llm.files import summary
+    from delrec.tensors import first_nonfinite
     from delrec.llm.hybrid import ADAPTER_WEIGHTS
 
     weights = folder / ADAPTER_WEIGHTS
+    remedy = _remake(folder)
     try:  # PEFT fails on a config value it cannot use, and on tensors that do not fit the base
         with warnings.catch_warnings():  # missing tensors are refused below, in one line
             warnings.filterwarnings("ignore", message="Found missing adapter keys")
@@ -187,14 +269,18 @@ def _load_adapter(model, folder: Path):
         if isinstance(exc, RuntimeError) and "state_dict" not in str(exc):  # not the tensors (out of memory, ...)
             raise
         raise DelrecError(f"{weights}: does not fit {folder / ADAPTER_CONFIG} and the base model ({summary(exc)}); "
-                          f"copy {folder} again, or re-run the stage that wrote it with this base model") from None
+                          f"{remedy} with this base model") from None
+    adapter = get_peft_model_state_dict(model, save_embedding_layers=False)
     if weights.is_file():
         with safe_open(str(weights), framework="pt") as handle:
             held = set(handle.keys())
-        missing = sorted(set(get_peft_model_state_dict(model, save_embedding_layers=False)) - held)
+        missing = sorted(set(adapter) - held)
         if missing:
             shown = ", ".join(missing[:2]) + (f" and {len(missing) - 2} more" if len(missing) > 2 else "")
             raise DelrecError(f"{weights}: lacks {len(missing)} of the adapter's tensors ({shown}); the file is "
-                              f"damaged, or not the one written with {ADAPTER_CONFIG}: copy {folder} again, or "
-                              "re-run the stage that wrote it")
+                              f"damaged, or not the one written with {ADAPTER_CONFIG}: {remedy}")
+    broken = first_nonfinite(adapter.items())
+    if broken:
+        raise DelrecError(f"{weights}: adapter tensor '{broken[0]}' holds {broken[1]} NaN/inf value(s) (the training that wrote it "
+                          f"diverged, or the file is damaged); {remedy}")
     return model

@@ -39,7 +39,7 @@ from typing import Iterator
 from delrec.errors import DelrecError
 from delrec.io import (check_apart_from_inputs, is_occupied, read_json, replace_directory, sha256_file, staged_directory,
                        write_json)
-from delrec.llm.files import explained_write_errors
+from delrec.llm.files import check_loaded_weights, explained_write_errors, quiet_load_report, summary
 
 IMPORT_FILE = "delrec_import.json"
 IMPORT_KIND = "delrec-gguf-import"
@@ -286,18 +286,32 @@ def _convert(gguf_path: Path, digest: str, out: Path, packaged: PackagedModel | 
     started = time.perf_counter()
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        with _transformers_quiet():  # its warnings about a GGUF it cannot read: the one line below says it
+            config = AutoConfig.from_pretrained(folder, gguf_file=name)
     except (ValueError, KeyError, NotImplementedError) as exc:
         raise DelrecError(f"{gguf_path}: transformers cannot read this GGUF ({str(exc).splitlines()[0]}); "
                           "pass a GGUF of an architecture transformers supports (llama, qwen2, gemma3, ...)") from None
     problem = not_a_causal_lm(config)
     if problem:
         raise DelrecError(f"{gguf_path} is {problem}, not a decoder-only causal LM")
+    try:
+        with _transformers_quiet():
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except (ValueError, KeyError, IndexError, TypeError, NotImplementedError) as exc:
+        raise DelrecError(f"{gguf_path}: holds no tokenizer transformers can build ({summary(exc)}); delrec reads text "
+                          "with the model's own tokenizer: use a GGUF written with it (tokenizer.ggml.* metadata, as "
+                          "llama.cpp's converter writes)") from None
     print(f"delrec: converting {gguf_path} into a plain model folder, once (then cached)", file=sys.stderr)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    model.eval()
-    evidence = bos_evidence(model, tokenizer)
+    try:  # the file is data: a model transformers cannot build from it, or that cannot score text, is the file's fault
+        with quiet_load_report():
+            model, loading = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                                  output_loading_info=True)
+        check_loaded_weights(gguf_path, "its config", loading, model)
+        model.eval()
+        evidence = bos_evidence(model, tokenizer)
+    except (ValueError, KeyError, IndexError, TypeError, RuntimeError, NotImplementedError) as exc:
+        raise DelrecError(f"{gguf_path}: transformers cannot build a working model from this GGUF ({summary(exc)}); "
+                          f"{GGUF_REMEDY}") from None
     add_bos = evidence["add_bos"]
     set_add_bos(tokenizer, add_bos)
     model.hf_quantizer = None  # the weights are dequantised: a plain float32 model from here on
@@ -321,6 +335,19 @@ def _convert(gguf_path: Path, digest: str, out: Path, packaged: PackagedModel | 
         "seconds": round(time.perf_counter() - started, 1),
     })
     _check_saved_tokenizer(out, add_bos)
+
+
+@contextlib.contextmanager
+def _transformers_quiet():
+    """transformers' warnings off for a while (its verbosity restored after)."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def bos_evidence(model, tokenizer) -> dict:

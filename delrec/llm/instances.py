@@ -33,9 +33,10 @@ Randomness (candidate fill, order, subsampling) comes from generators seeded wit
 split, instance id), so a build is the same on every machine and every process.
 
 Length: an instance needs len(prompt ids) + the longest candidate's ids (EOS included) tokens, for
-training and for scoring. Instances longer than `max_length` are refused, with their count,
-unless `allow_truncation`, which drops the oldest history items shown (TA: from the example
-first) until the instance fits, and counts the instances it shortened. SR predictions stay those
+training and for scoring. Instances longer than `max_length` (or than the model's positions, when
+it has fewer) are refused, with their count, unless `allow_truncation`, which drops the oldest
+history items shown (TA: from the example first) until the instance fits, and counts the
+instances it shortened. SR predictions stay those
 of the whole history: the prompt shows its most recent part.
 
 Builds are cached as `datasets` folders under `cache_dir`, keyed by the dataset fingerprint, the
@@ -83,6 +84,7 @@ class InstanceOptions:
     max_length: int = 1024
     allow_truncation: bool = False
     item_tokens: bool = False  # LSR: each history and candidate title followed by its item token (delrec.llm.hybrid)
+    model_positions: int | None = None  # the model's max_position_embeddings: the longest instance it can read
 
 
 @dataclass
@@ -188,6 +190,17 @@ class _Builder:
         self.num_candidates = options.num_candidates or dataset.num_candidates
         if self.num_candidates < 2:
             raise DelrecError(f"num_candidates must be at least 2, got {self.num_candidates}")
+        if self.num_candidates > dataset.num_items:
+            raise DelrecError(f"num_candidates {self.num_candidates} exceeds the {dataset.num_items} items of "
+                              f"{dataset.path}: an instance cannot show more distinct candidates than there are items; "
+                              f"choose at most {dataset.num_items}")
+        # the longest instance: max_length, or the model's positions when fewer (transformers would only warn)
+        positions = options.model_positions
+        self.limit = min(options.max_length, positions or options.max_length)
+        by_option = self.limit == options.max_length
+        self.limit_name = (f"max_length {options.max_length} tokens" if by_option else
+                           f"the model's length limit of {positions} tokens (max_position_embeddings)")
+        self.limit_remedy = "raise max_length" if by_option else "use a model with more positions"
         if options.sr_top < 1:
             raise DelrecError(f"sr_top must be at least 1, got {options.sr_top}")
         self._title_lengths: dict[int, int] = {}
@@ -214,7 +227,7 @@ class _Builder:
         if too_long:
             raise DelrecError(
                 f"{too_long} of {len(chosen)} {self.template.name} instances ({self.options.split}) are longer than "
-                f"max_length {self.options.max_length} tokens (the longest needs {longest}); raise max_length, or set "
+                f"{self.limit_name} (the longest needs {longest}); {self.limit_remedy}, or set "
                 "allow_truncation: true to drop their oldest history items until they fit"
             )
         if not rows:
@@ -328,15 +341,15 @@ class _Builder:
             rendered = self.template.render(variables, self.options.domain)
             prompt_ids = encode_prompt(self.tokenizer, rendered.prompt)
             needed = len(prompt_ids) + answer_room
-            if needed <= self.options.max_length:
+            if needed <= self.limit:
                 break
             if not self.options.allow_truncation:
                 return None, needed, 0
             key = next((k for k in trimmable if variables[k]), None)
             if key is None:
                 raise DelrecError(
-                    f"max_length {self.options.max_length} is too short for {self.template.name} prompts even with "
-                    f"no history shown ({needed} tokens); raise max_length"
+                    f"{self.limit_name} is too short for {self.template.name} prompts even with no history shown "
+                    f"({needed} tokens); {self.limit_remedy}"
                 )
             variables[key] = variables[key][1:]
             shortened = 1

@@ -20,9 +20,11 @@ import torch
 
 from delrec.device import resolve_device
 from delrec.llm.architecture import not_a_causal_lm
+from delrec.config import DROPOUT, WIDTH, at_least
 from delrec.errors import DelrecError
 from delrec.io import read_json
-from delrec.llm.files import damaged_file, summary
+from delrec.llm.files import (INFO_FILE, RUN_FILE, SOFT_PROMPT_FILE, check_loaded_weights, damaged_file,
+                              quiet_load_report, summary)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -80,9 +82,11 @@ class ModelConfig:
 class LoraSettings:
     """A PEFT LoRA adapter's shape; `target_modules=["all-linear"]` adapts every linear layer but the LM head."""
 
-    r: int = field(default=16, metadata={"help": "LoRA rank."})
-    alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha / r)."})
-    dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    r: int = field(default=16, metadata={"help": "LoRA rank.", "range": WIDTH})
+    alpha: int = field(
+        default=32, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha / r).", "range": at_least(1)}
+    )
+    dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input.", "range": DROPOUT})
     target_modules: list[str] = field(
         default_factory=lambda: ["all-linear"],
         metadata={"help": "Module names to adapt (e.g. q_proj v_proj), or all-linear."},
@@ -119,7 +123,7 @@ def load_model(config: ModelConfig):
         raise DelrecError(f"{source}: has config.json but no weights (model.safetensors or pytorch_model.bin)")
     tokenizer = load_tokenizer(source, config.trust_remote_code)
 
-    # the load report is read (`_check_loaded_weights`), not printed: missing or misshapen tensors are refused
+    # the load report is read (`check_loaded_weights`), not printed: missing or misshapen tensors are refused
     kwargs = {"trust_remote_code": config.trust_remote_code, "dtype": DTYPES.get(config.dtype, "auto"),
               "output_loading_info": True, "ignore_mismatched_sizes": True}
     attention = config.attn_implementation or (CPU_ATTENTION if device.type == "cpu" else None)
@@ -129,10 +133,12 @@ def load_model(config: ModelConfig):
         kwargs["quantization_config"] = quantization
         kwargs["device_map"] = {"": device}  # bitsandbytes quantises while placing the weights on the GPU
     checked = quantization is None  # bitsandbytes replaces the layers of a quantised load, and their tensors too
-    with _explained_load_errors(source, WEIGHT_READS), _quiet_load_report() if checked else contextlib.nullcontext():
+    with _explained_load_errors(source, WEIGHT_READS), quiet_load_report() if checked else contextlib.nullcontext():
         model, loading = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if checked:
-        _check_loaded_weights(source, loading)
+        folder = Path(source)
+        weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), source)
+        check_loaded_weights(weights, folder / "config.json" if folder.is_dir() else "its config", loading, model)
         if device.type == "cpu" and config.dtype == "auto" and model.dtype == torch.float16:
             model = model.float()  # many float16 kernels are missing or slow on CPU
         model = model.to(device)
@@ -151,45 +157,6 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
         )
     with _explained_load_errors(source, TOKENIZER_READS):
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-
-
-@contextlib.contextmanager
-def _quiet_load_report():
-    """Keep transformers' multi-line load report (missing, unexpected, misshapen tensors) off the terminal while
-    loading: `_check_loaded_weights` refuses what matters in one line."""
-    from transformers.utils import logging
-
-    # a filter, not a higher level: at WARNING or above, transformers checks a tensor-parallel plan and warns about it
-    logger = logging.get_logger("transformers.modeling_utils")
-    report = "LOAD REPORT"
-
-    def drop_report(record) -> bool:
-        return report not in record.getMessage()
-
-    logger.addFilter(drop_report)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop_report)
-
-
-def _check_loaded_weights(source: str, loading: dict) -> None:
-    """Refuse weights that left tensors of the model unset (transformers would initialise them at random and go
-    on) or that have other shapes than the config gives: a damaged file, or a config from another model."""
-    folder = Path(source)
-    weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), source)
-    config = folder / "config.json" if folder.is_dir() else "its config"
-    mismatched = sorted(loading.get("mismatched_keys") or ())
-    if mismatched:
-        name, found, expected = mismatched[0]
-        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
-        raise DelrecError(f"{weights}: tensor '{name}' has shape {list(found)}, but {config} gives it {list(expected)}"
-                          f"{more}; the weights and the config come from different models, or one is damaged")
-    missing = sorted(loading.get("missing_keys") or ())
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise DelrecError(f"{weights}: lacks {len(missing)} tensor(s) of the model {config} describes ({shown}); the "
-                          "file is damaged or was cut short, or it belongs to another model")
 
 
 def _quantization_config(config: ModelConfig, device: torch.device):
@@ -239,6 +206,11 @@ def resolve_source(name: str) -> str:
 
 def describe_non_model_folder(path: Path) -> str | None:
     """What a local folder is when it is not a Hugging Face model folder, or None when it looks like one."""
+    written_by_a_stage = _stage_folder_evidence(path)
+    if written_by_a_stage:
+        return (f"a DELRec stage folder (it holds {written_by_a_stage}) without its {INFO_FILE}, which says how to "
+                f"load it: the stage did not finish writing it, or {INFO_FILE} was deleted; re-run the stage that "
+                "wrote it, or copy the folder again")
     if (path / "adapter_config.json").is_file():
         base = _json_field(path / "adapter_config.json", "base_model_name_or_path")
         return f"a PEFT adapter folder; load its base model ({base or 'see adapter_config.json'}) and then the adapter"
@@ -257,6 +229,14 @@ def describe_non_model_folder(path: Path) -> str | None:
     if "model_type" not in config:
         return f"not a Hugging Face model folder ({config_file} has no model_type)"
     return None
+
+
+def _stage_folder_evidence(path: Path) -> str | None:
+    """What shows that a DELRec LLM stage wrote the folder `path`: its soft-prompt rows, or its run record."""
+    if (path / SOFT_PROMPT_FILE).is_file():
+        return SOFT_PROMPT_FILE
+    stage = _json_field(path / RUN_FILE, "stage") if (path / RUN_FILE).is_file() else None
+    return f"the {RUN_FILE} of a {stage} run" if isinstance(stage, str) else None
 
 
 def _json_field(file: Path, key: str):
@@ -374,6 +354,7 @@ def apply_lora(model, settings: LoraSettings, gradient_checkpointing: bool = Fal
     """Wrap `model` in a PEFT LoRA adapter (only the adapter trains); a 4/8-bit model is prepared for QLoRA first."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    check_target_modules(model, settings.target_modules)
     if is_quantized(model):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     targets = settings.target_modules
@@ -388,3 +369,27 @@ def apply_lora(model, settings: LoraSettings, gradient_checkpointing: bool = Fal
         return get_peft_model(model, lora)
     except ValueError as exc:
         raise DelrecError(f"LoRA target_modules {targets}: {str(exc).splitlines()[0]}") from None
+
+
+def check_target_modules(model, targets: list[str]) -> None:
+    """Refuse LoRA target module names that name no module of `model` (PEFT matches a name or a dotted-path suffix):
+    PEFT fails deep inside the Trainer's setup when none matches, and adapts fewer layers than asked when some do.
+    The message lists the model's linear layers, the usual targets."""
+    if targets == ["all-linear"]:
+        return
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in names)]
+    if unmatched:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, torch.nn.Linear)})
+        raise DelrecError(f"LoRA target_modules: {', '.join(map(repr, unmatched))} names no module of "
+                          f"{model.config.name_or_path}; its linear modules are {', '.join(linear)} (or give "
+                          "all-linear)")
+
+
+def max_positions(model) -> int | None:
+    """The longest sequence the model's positions cover (its config's max_position_embeddings; GPT-2: n_positions),
+    None when the config does not say: a longer one is not refused by transformers, only warned about."""
+    config = model.config
+    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return value if isinstance(value, int) and value > 0 else None

@@ -33,9 +33,10 @@ import torch
 
 from delrec.errors import DelrecError
 from delrec.io import atomic_write, safetensors_bytes
+from delrec.llm.files import SOFT_PROMPT_FILE
+from delrec.tensors import first_nonfinite
 from delrec.llm.loading import resize_embeddings
 
-SOFT_PROMPT_FILE = "soft_prompt.safetensors"
 FILE_FORMAT = "delrec-soft-prompt"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -291,6 +292,10 @@ def _read_file(path: Path) -> tuple[str, torch.Tensor]:
         raise DelrecError(f"{path}: soft-prompt metadata lacks name, num_tokens or hidden_size") from None
     if rows.ndim != 2 or tuple(rows.shape) != expected:
         raise DelrecError(f"{path}: embeddings of shape {list(rows.shape)}, its metadata says {list(expected)} (damaged file)")
+    if first_nonfinite([("embeddings", rows)]):
+        raise DelrecError(f"{path}: the soft-prompt rows hold NaN or inf values (the training that wrote them diverged, "
+                          "or the file is damaged); copy it again, or re-run stage 1 (with a lower learning_rate if it "
+                          "diverged)")
     return name, rows
 
 

@@ -51,6 +51,7 @@ from typing import Literal
 import torch
 
 import delrec
+from delrec.config import SOFT_PROMPT_TOKENS, above, at_least
 from delrec.errors import DelrecError
 from delrec.llm.folder import local_or_hub
 from delrec.llm.listwise import LISTWISE_COLUMNS, ListwiseCollator, listwise_loss
@@ -104,10 +105,15 @@ class DistillArguments:
     )
     task_weights: list[float] = field(
         default_factory=lambda: [1.0, 1.0],
-        metadata={"help": "fixed weighting: one weight per task in `tasks` order (normalised to sum 1)."},
+        metadata={"help": "fixed weighting: one weight per task in `tasks` order (normalised to sum 1).",
+                  "range": at_least(0)},
     )
-    weight_power: float = field(default=0.5, metadata={"help": "dynamic weighting: the exponent (DELRec: 0.5)."})
-    soft_prompt_tokens: int = field(default=100, metadata={"help": "P, the soft prompt's number of vectors."})
+    weight_power: float = field(
+        default=0.5, metadata={"help": "dynamic weighting: the exponent (DELRec: 0.5).", "range": above(0)}
+    )
+    soft_prompt_tokens: int = field(
+        default=100, metadata={"help": "P, the soft prompt's number of vectors.", "range": SOFT_PROMPT_TOKENS}
+    )
     soft_prompt_init: Literal["vocab", "random"] = field(
         default="vocab", metadata={"help": "Start from P distinct vocabulary embeddings (DELRec) or at random."}
     )
@@ -122,16 +128,24 @@ class DistillArguments:
     prompts_dir: str | None = field(default=None, metadata={"help": "Template folder (default: the repository's prompts/)."})
     domain: str = field(default="item", metadata={"help": "Wording of prompts/domains.yaml (item, movie, game, artist, ...)."})
     num_candidates: int | None = field(
-        default=None, metadata={"help": "RPS candidates per instance, C (default: the dataset's candidate count)."}
+        default=None, metadata={"help": "RPS candidates per instance, C (default: the dataset's candidate count).",
+                                "range": at_least(2)}
     )
-    sr_top: int = field(default=3, metadata={"help": "RPS: h, how many of the SR model's top items are candidates."})
+    sr_top: int = field(
+        default=3, metadata={"help": "RPS: h, how many of the SR model's top items are candidates.",
+                             "range": at_least(1)}
+    )
     max_train_instances: int | None = field(
-        default=None, metadata={"help": "A seeded subsample of this many training instances per task (default: all)."}
+        default=None, metadata={"help": "A seeded subsample of this many training instances per task (default: all).",
+                                "range": at_least(1)}
     )
     eval_max_instances: int | None = field(
-        default=200, metadata={"help": "Valid instances per task scored at each evaluation (default 200; none: all)."}
+        default=200, metadata={"help": "Valid instances per task scored at each evaluation (default 200; none: all).",
+                               "range": at_least(1)}
     )
-    max_length: int = field(default=1024, metadata={"help": "Longest instance in tokens (prompt + longest candidate)."})
+    max_length: int = field(
+        default=1024, metadata={"help": "Longest instance in tokens (prompt + longest candidate).", "range": at_least(1)}
+    )
     allow_truncation: bool = field(
         default=False, metadata={"help": "Drop the oldest history items of longer instances instead of refusing."}
     )
@@ -317,7 +331,7 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
     from delrec.data.dataset import PreparedDataset
     from delrec.llm.folder import write_info
     from delrec.llm.instances import InstanceOptions, build_instances, read_task_predictions
-    from delrec.llm.loading import load_model
+    from delrec.llm.loading import load_model, max_positions
     from delrec.llm.soft_prompt import SoftPrompt
     from delrec.prompts import get_template
 
@@ -338,7 +352,9 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
         read_task_predictions(first, dataset, "valid", args.valid_predictions).meta, args,
     )
     start_processes(model_config.device)
-    resume_from = prepare_run(out, STAGE, run_config(args, model_config, settings), settings.resume)
+    run = prepare_run(out, STAGE, run_config(args, model_config, settings), settings.resume)
+    if run.finished is not None:
+        return run.finished
 
     precision = training_precision(settings, model_config.device)
     model, tokenizer = load_model(training_model_config(model_config, precision))
@@ -350,7 +366,7 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
         return InstanceOptions(
             split=split, soft_prompt=soft.placeholder_text(), sr_model=sr_model["display_name"], domain=args.domain,
             num_candidates=args.num_candidates, sr_top=args.sr_top, max_instances=limit, seed=settings.seed,
-            max_length=args.max_length, allow_truncation=args.allow_truncation,
+            max_length=args.max_length, allow_truncation=args.allow_truncation, model_positions=max_positions(model),
         )
 
     with PartialState().main_process_first():
@@ -368,7 +384,7 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
         args=sft_config(settings, out / CHECKPOINTS_DIR, on_cpu(model), precision,
                         learning_rate=DEFAULT_LEARNING_RATE,
                         metric_for_best_model="rps_agreement" if "rps" in args.tasks else "ta_accuracy",
-                        resuming=resume_from is not None, load_best_model_at_end=False),
+                        resuming=run.resume_from is not None, load_best_model_at_end=False),
         train_dataset=train,
         eval_dataset=valid.select_columns(tokens_only),
         processing_class=tokenizer,
@@ -376,6 +392,7 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
                        else ListwiseCollator(tokenizer, list(args.tasks))),
         evaluator=CandidateEvaluator(valid, tokenizer, stage1_metrics, settings.eval_batch_size,
                                      settings.length_normalized),
+        run_identity=run.identity,
         soft_prompt=soft,
         tasks=list(args.tasks),
         weighting=args.task_weighting,
@@ -383,7 +400,7 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
         weight_power=args.weight_power,
     )
     train_started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_from)
+    trainer.train(resume_from_checkpoint=run.resume_from)
     train_seconds = time.perf_counter() - train_started
     trainer.save_model(str(out))  # the best checkpoint's rows, loaded at the end of training
 
@@ -413,6 +430,7 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
             "task_weighting": args.task_weighting,
             "objective": args.objective,
         })
+    run.finish()
     return StageResult({"out": str(out), **summary}, trainer)
 
 

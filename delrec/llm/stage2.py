@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 import delrec
+from delrec.config import SOFT_PROMPT_TOKENS, WIDTH, at_least
 from delrec.errors import DelrecError
 from delrec.llm.folder import local_or_hub, same_base_model
 from delrec.llm.listwise import LISTWISE_COLUMNS, ListwiseCollator, listwise_loss
@@ -76,7 +77,9 @@ class FinetuneArguments:
     template: str | None = field(
         default=None, metadata={"help": "Prompt template (default: lsr with a soft prompt, plain without)."}
     )
-    soft_prompt_tokens: int = field(default=100, metadata={"help": "soft_prompt: random: P, its number of vectors."})
+    soft_prompt_tokens: int = field(
+        default=100, metadata={"help": "soft_prompt: random: P, its number of vectors.", "range": SOFT_PROMPT_TOKENS}
+    )
     soft_prompt_name: str = field(
         default="sasrec", metadata={"help": "soft_prompt: random: the SR model it stands for (token names, prompt)."}
     )
@@ -88,18 +91,23 @@ class FinetuneArguments:
         default=None, metadata={"help": "Wording of prompts/domains.yaml (default: the stage-1 run's, else item)."}
     )
     num_candidates: int | None = field(
-        default=None, metadata={"help": "Candidates drawn per TRAINING instance (default: the dataset's C)."}
+        default=None, metadata={"help": "Candidates drawn per TRAINING instance (default: the dataset's C).",
+                                "range": at_least(2)}
     )
     max_train_instances: int | None = field(
-        default=None, metadata={"help": "A seeded subsample of this many training instances (default: all)."}
+        default=None, metadata={"help": "A seeded subsample of this many training instances (default: all).",
+                                "range": at_least(1)}
     )
     eval_max_instances: int | None = field(
-        default=200, metadata={"help": "Valid instances scored at each evaluation (default 200; none: all)."}
+        default=200, metadata={"help": "Valid instances scored at each evaluation (default 200; none: all).",
+                               "range": at_least(1)}
     )
     test_max_instances: int | None = field(
-        default=None, metadata={"help": "Test instances scored at the end (default: all)."}
+        default=None, metadata={"help": "Test instances scored at the end (default: all).", "range": at_least(1)}
     )
-    max_length: int = field(default=1024, metadata={"help": "Longest instance in tokens (prompt + longest candidate)."})
+    max_length: int = field(
+        default=1024, metadata={"help": "Longest instance in tokens (prompt + longest candidate).", "range": at_least(1)}
+    )
     allow_truncation: bool = field(
         default=False, metadata={"help": "Drop the oldest history items of longer instances instead of refusing."}
     )
@@ -113,7 +121,8 @@ class FinetuneArguments:
                   "token after each history and candidate title (LLaRA's hybrid prompt); default: titles only."},
     )
     item_projector_hidden: int = field(
-        default=256, metadata={"help": "item_tokens: hidden size of the projector MLP (SR dim -> this -> LLM dim)."}
+        default=256, metadata={"help": "item_tokens: hidden size of the projector MLP (SR dim -> this -> LLM dim).",
+                               "range": WIDTH}
     )
     objective: Literal["answer", "listwise"] = field(
         default="answer",
@@ -169,7 +178,7 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
     from delrec.llm.folder import write_info
     from delrec.llm.instances import InstanceOptions, build_instances
     from delrec.predictions import display_name
-    from delrec.llm.loading import load_model
+    from delrec.llm.loading import check_target_modules, load_model, max_positions
     from delrec.llm.soft_prompt import SOFT_PROMPT_FILE, SoftPrompt
     from delrec.prompts import get_template
 
@@ -186,10 +195,13 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
     sr_display = args.sr_display_name or ((stage1 or {}).get("sr_model") or {}).get("display_name") \
         or display_name(sr_name)
     start_processes(model_config.device)
-    resume_from = prepare_run(out, STAGE, run_config(args, model_config, lora, settings), settings.resume)
+    run = prepare_run(out, STAGE, run_config(args, model_config, lora, settings), settings.resume)
+    if run.finished is not None:
+        return run.finished
 
     precision = training_precision(settings, model_config.device)
     model, tokenizer = load_model(training_model_config(model_config, precision))
+    check_target_modules(model, lora.target_modules)  # PEFT would fail deep in the Trainer's setup
     soft = None
     if args.soft_prompt == "stage1":
         soft = SoftPrompt.load(args.stage1, model, tokenizer, num_tokens=stage1["soft_prompt"]["num_tokens"])
@@ -211,6 +223,7 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
             split=split, soft_prompt=soft.placeholder_text() if soft else None, sr_model=sr_display, domain=domain,
             num_candidates=args.num_candidates, max_instances=limit, seed=settings.seed,
             max_length=args.max_length, allow_truncation=args.allow_truncation, item_tokens=item_tokens is not None,
+            model_positions=max_positions(model),
         )
 
     with PartialState().main_process_first():
@@ -228,7 +241,7 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
         model=model,
         args=sft_config(settings, out / CHECKPOINTS_DIR, on_cpu(model), precision,
                         learning_rate=DEFAULT_LEARNING_RATE,
-                        metric_for_best_model="ndcg@5", resuming=resume_from is not None, optim=args.optim),
+                        metric_for_best_model="ndcg@5", resuming=run.resume_from is not None, optim=args.optim),
         train_dataset=sets["train"].rows.select_columns(train_columns),
         eval_dataset=sets["valid"].rows.select_columns(tokens_only),
         processing_class=tokenizer,
@@ -242,12 +255,13 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
             modules_to_save=[hybrid.PROJECTOR] if item_tokens else None,
         ),
         evaluator=evaluator("valid"),
+        run_identity=run.identity,
         soft_prompt_file=soft_file,
     )
     if soft is not None:
         soft.freeze(trainer.model)  # refuses a LoRA on the embedding layer: the soft rows must not move
     train_started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_from)
+    trainer.train(resume_from_checkpoint=run.resume_from)
     train_seconds = time.perf_counter() - train_started
     test_started = time.perf_counter()
     test = evaluator("test")(trainer.model)
@@ -285,6 +299,7 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
             "lora": {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": lora.target_modules},
             "item_tokens": item_tokens,
         })
+    run.finish()
     return StageResult({"out": str(out), **summary}, trainer)
 
 
@@ -314,7 +329,7 @@ def _stage1_info(args: FinetuneArguments, dataset, model_config) -> dict | None:
     if not same_base_model(info["base_model"], model_config.model_name_or_path):
         raise DelrecError(
             f"{folder}: its soft prompt lives in the embedding space of {info['base_model']['model_name_or_path']}, "
-            f"not of {model_config.model_name_or_path} (another path, and not the same files); set "
+            f"not of {model_config.model_name_or_path} (its files are not those stage 1 recorded); set "
             "model_name_or_path to the stage-1 base model"
         )
     return info

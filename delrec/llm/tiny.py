@@ -23,7 +23,9 @@ from typing import Iterable, Literal
 import torch
 
 from delrec.data.dataset import PreparedDataset
+from delrec.config import SEED, above, at_least, between
 from delrec.errors import DelrecError
+from delrec.tensors import first_nonfinite
 from delrec.prompts import prompts_dir as templates_folder
 from delrec.io import check_apart_from_inputs, is_occupied, replace_directory, staged_directory, write_json
 
@@ -63,19 +65,33 @@ class TinyLLMConfig:
         default="tiny",
         metadata={"help": "tiny: hidden 128, 2 heads, 2 layers; small: hidden 256, 4 heads (2 KV), 4 layers. Heads are 64 wide."},
     )
-    vocab_size: int = field(default=4096, metadata={"help": "Target BPE vocabulary size (smaller if the text is small)."})
-    max_position_embeddings: int = field(default=2048, metadata={"help": "Longest sequence the model accepts."})
-    pretrain_steps: int = field(
-        default=0, metadata={"help": "Causal-LM steps on the training histories as title sequences (0: random model)."}
+    vocab_size: int = field(
+        default=4096, metadata={"help": "Target BPE vocabulary size (smaller if the text is small).",
+                                "range": between(1, 1_000_000)}
     )
-    batch_size: int = field(default=16, metadata={"help": "Pre-training sequences per step."})
-    block_size: int = field(default=256, metadata={"help": "Pre-training sequence length in tokens."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate (warm-up, cosine decay)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the initialisation and the pre-training batches."})
+    max_position_embeddings: int = field(
+        default=2048, metadata={"help": "Longest sequence the model accepts.", "range": between(1, 1_048_576)}
+    )
+    pretrain_steps: int = field(
+        default=0, metadata={"help": "Causal-LM steps on the training histories as title sequences (0: random model).",
+                             "range": at_least(0)}
+    )
+    batch_size: int = field(default=16, metadata={"help": "Pre-training sequences per step.", "range": at_least(1)})
+    block_size: int = field(
+        default=256, metadata={"help": "Pre-training sequence length in tokens (at most max_position_embeddings).",
+                               "range": at_least(1)}
+    )
+    learning_rate: float = field(
+        default=1e-3, metadata={"help": "Peak AdamW learning rate (warm-up, cosine decay).", "range": above(0)}
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seed of the initialisation and the pre-training batches.", "range": SEED}
+    )
     threads: int = field(
         default=1,
         metadata={"help": "CPU threads for pre-training; matrices this small gain little from more threads, and "
-                  "on busy shared cores a second thread made each step several times slower."},
+                  "on busy shared cores a second thread made each step several times slower.",
+                  "range": between(1, 1024)},
     )
     prompts_dir: str | None = field(
         default=None, metadata={"help": "Prompt templates folder whose text trains the tokenizer (default: the repository's prompts/)."}
@@ -240,6 +256,7 @@ def pretrain(model, tokenizer, texts: list[str], config: TinyLLMConfig, progress
         losses = _train(model, blocks, batch_size, optimizer, scheduler, generator, config.pretrain_steps, progress)
     finally:
         torch.set_num_threads(threads)
+    _check_converged(model, losses, config)
     tail = losses[-max(1, min(10, len(losses) // 10)):]
     return {
         "pretrain_tokens": len(stream),
@@ -248,6 +265,19 @@ def pretrain(model, tokenizer, texts: list[str], config: TinyLLMConfig, progress
         "final_loss": round(sum(tail) / len(tail), 4),
         "final_perplexity": round(math.exp(sum(tail) / len(tail)), 2),
     }
+
+
+def _check_converged(model, losses: list[float], config: TinyLLMConfig) -> None:
+    """Refuse a pre-training whose loss or weights became NaN or inf: the model would score everything NaN, and its
+    build_info would report the loss of the steps before the weights broke (the last update comes after it)."""
+    step = next((i + 1 for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
+    broken = first_nonfinite(model.named_parameters())
+    if step is None and broken is None:
+        return
+    found = (f"the loss of step {step} of {len(losses)} is not finite" if step else
+             f"after {len(losses)} steps, tensor '{broken[0]}' holds NaN/inf values")
+    raise DelrecError(f"pre-training diverged with learning_rate {config.learning_rate:g}: {found}; nothing was "
+                      f"written: lower --learning_rate (default {TinyLLMConfig.learning_rate:g})")
 
 
 def _train(model, blocks, batch_size, optimizer, scheduler, generator, steps: int, progress: bool) -> list[float]:

@@ -26,7 +26,9 @@ _PROBE = "a"  # any ordinary text: shows which special ids the tokenizer wraps a
 
 
 def _text_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=False)["input_ids"]
+    # verbose=False: no warning that a text is longer than the tokenizer's model_max_length; every caller applies its
+    # own length rule and says what it does about a long text (refuses it, truncates it) in its own words
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=False, verbose=False)["input_ids"]
 
 
 def adds_bos(tokenizer) -> bool:

@@ -22,16 +22,22 @@ checkpoints, resume, accelerate/DDP, mixed precision). They share:
 - `DelrecTrainer`: an `SFTTrainer` whose `evaluate` runs the evaluator and whose saves write
   the soft prompt and the tokenizer with the weights (each stage decides which weights).
 - `prepare_run`: an output folder remembers the configuration it was started with; re-running
-  the same command resumes from its last checkpoint, a different configuration is refused.
+  the same command resumes from its last checkpoint, a different configuration is refused, and so
+  is a checkpoint another run wrote (each checkpoint holds its run's identity, `run_identity`). A
+  finished run asked again has nothing to do and says so; one stopped after its last checkpoint
+  finishes without training a step more (`DelrecTrainer.train`).
   `start_processes` comes first, so that every process of a CPU launch knows its rank from the start.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,16 +46,17 @@ from typing import Any, Callable, Literal
 import torch
 from trl import SFTTrainer
 
+from delrec.config import SEED, THREADS, above, at_least, between
 from delrec.errors import DelrecError
 from delrec.io import (check_parents_are_folders, is_occupied, read_json, replace_directory, staged_directory,
                        write_json)
-from delrec.llm.files import damaged_file, explained_write_errors
+from delrec.llm.files import RUN_FILE, damaged_file, explained_write_errors
 from delrec.llm.folder import local_or_hub, model_fingerprint
 from delrec.metrics import RankingMetrics
 
 CHECKPOINTS_DIR = "checkpoints"
 CACHE_DIR = "cache"
-RUN_FILE = "run.json"
+RUN_IDENTITY_FILE = "delrec_run.json"  # in each checkpoint: the run that wrote it (`run_identity`)
 METRICS_FILE = "metrics.json"
 # Options that may change when a run is resumed: they do not change what is learned per step.
 RUNTIME_OPTIONS = frozenset({
@@ -57,6 +64,9 @@ RUNTIME_OPTIONS = frozenset({
     "num_threads", "progress", "resume", "dataloader_num_workers", "eval_max_instances", "test_max_instances",
     "device",
 })
+# Options that change how a run runs, not what it yields: a finished run asked again with other values of these (and
+# of nothing else) has nothing left to do.
+INCIDENTAL_OPTIONS = frozenset({"progress", "num_threads", "dataloader_num_workers", "resume"})
 
 
 @dataclass
@@ -64,40 +74,62 @@ class TrainingSettings:
     """Trainer options shared by both DELRec stages (the rest of `SFTConfig` keeps TRL's defaults)."""
 
     learning_rate: float | None = field(
-        default=None, metadata={"help": "Peak learning rate (default: 1e-2 for the soft prompt, 2e-4 for LoRA)."}
+        default=None, metadata={"help": "Peak learning rate (default: 1e-2 for the soft prompt, 2e-4 for LoRA).",
+                                "range": above(0)}
     )
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training instances."})
-    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to run; overrides num_train_epochs when > 0."})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "Training instances per device per step."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    num_train_epochs: float = field(
+        default=1.0, metadata={"help": "Passes over the training instances.", "range": above(0)}
+    )
+    max_steps: int = field(
+        default=-1, metadata={"help": "Optimizer steps to run; overrides num_train_epochs when > 0 (-1 or 0: off).",
+                              "range": at_least(-1)}
+    )
+    per_device_train_batch_size: int = field(
+        default=8, metadata={"help": "Training instances per device per step.", "range": at_least(1)}
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimizer step.", "range": at_least(1)}
+    )
     warmup_steps: float = field(
-        default=0.05, metadata={"help": "Learning-rate warm-up: steps, or a share of all steps when below 1."}
+        default=0.05, metadata={"help": "Learning-rate warm-up: steps, or a share of all steps when below 1.",
+                                "range": at_least(0)}
     )
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = field(
         default="cosine", metadata={"help": "Learning-rate schedule after the warm-up."}
     )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: no clipping)."})
-    weight_decay: float = field(
-        default=0.0, metadata={"help": "AdamW weight decay (stage 2 only: the soft prompt must train with 0)."}
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Gradient clipping norm (0: no clipping).", "range": at_least(0)}
     )
-    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every N steps."})
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW weight decay (stage 2 only: the soft prompt must train with 0).",
+                               "range": at_least(0)}
+    )
+    logging_steps: int = field(
+        default=10, metadata={"help": "Log the training loss every N steps.", "range": at_least(1)}
+    )
     eval_steps: int = field(
         default=100,
-        metadata={"help": "Evaluate on the valid candidates and save a checkpoint every N steps (and at the end)."},
+        metadata={"help": "Evaluate on the valid candidates and save a checkpoint every N steps (and at the end).",
+                  "range": at_least(1)},
     )
     save_total_limit: int = field(
-        default=2, metadata={"help": "Checkpoints kept in OUT/checkpoints (the best one is always kept)."}
+        default=2, metadata={"help": "Checkpoints kept in OUT/checkpoints (the best one is always kept).",
+                             "range": at_least(1)}
     )
     metric_for_best_model: str | None = field(
         default=None,
         metadata={"help": "Valid metric that picks the checkpoint loaded at the end (default: rps_agreement in "
                   "stage 1, ndcg@5 in stage 2; higher is better)."},
     )
-    eval_batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass when scoring candidates."})
+    eval_batch_size: int = field(
+        default=16, metadata={"help": "Sequences per forward pass when scoring candidates.", "range": at_least(1)}
+    )
     length_normalized: bool = field(
         default=False, metadata={"help": "Rank candidates by mean instead of summed token log-likelihood."}
     )
-    seed: int = field(default=0, metadata={"help": "Seed of instance sampling, initialisation and data order."})
+    seed: int = field(
+        default=0, metadata={"help": "Seed of instance sampling, initialisation and data order.", "range": SEED}
+    )
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(
         default="auto",
         metadata={"help": "auto: bf16 on a CUDA GPU that supports it, and on a CPU whose bfloat16 matrix products "
@@ -107,10 +139,12 @@ class TrainingSettings:
     gradient_checkpointing: Literal["auto", "yes", "no"] = field(
         default="auto", metadata={"help": "Recompute activations in the backward pass; auto: on CUDA only."}
     )
-    dataloader_num_workers: int = field(default=0, metadata={"help": "Data-loading worker processes."})
+    dataloader_num_workers: int = field(
+        default=0, metadata={"help": "Data-loading worker processes.", "range": between(0, 1024)}
+    )
     num_threads: int = field(
         default=0, metadata={"help": "CPU threads for torch; 0: the process's (OMP_NUM_THREADS, else the `delrec` "
-                             "command's one per free core)."}
+                             "command's one per free core).", "range": THREADS}
     )
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
     resume: bool = field(
@@ -358,9 +392,32 @@ class DelrecTrainer(SFTTrainer):
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean; the Trainer divides by accumulation
 
-    def __init__(self, *args, evaluator: CandidateEvaluator, **kwargs):
+    def __init__(self, *args, evaluator: CandidateEvaluator, run_identity: dict[str, Any], **kwargs):
         super().__init__(*args, **kwargs)
         self.evaluator = evaluator
+        self.run_identity = run_identity
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs):
+        """Train, or, resumed from a checkpoint that already reached the last step (a run stopped after saving it),
+        only restore that checkpoint and its best one: the Trainer would train one step more before it checks
+        (transformers 5.19), and the re-run would not end as the uninterrupted run did."""
+        from transformers import TrainerState
+        from transformers.trainer import TRAINER_STATE_NAME
+        from transformers.trainer_utils import TrainOutput
+
+        if resume_from_checkpoint is None:
+            return super().train(**kwargs)
+        state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / TRAINER_STATE_NAME))
+        last_step = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
+        if state.global_step < last_step:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        self._load_from_checkpoint(resume_from_checkpoint)
+        self.state = state
+        if state.best_model_checkpoint is not None and not Path(state.best_model_checkpoint).is_dir():
+            state.best_model_checkpoint = None  # as the Trainer does on resume: a best checkpoint deleted since
+        if self.args.load_best_model_at_end and state.best_model_checkpoint is not None:
+            self._load_best_model()
+        return TrainOutput(state.global_step, 0.0, {})
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Mean negative log-likelihood of the answer tokens of the batch."""
@@ -422,6 +479,9 @@ class DelrecTrainer(SFTTrainer):
         folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         try:
             with explained_write_errors(folder):
+                if self.args.should_save:  # before the trainer state, which marks the checkpoint complete
+                    folder.mkdir(parents=True, exist_ok=True)
+                    write_json(folder / RUN_IDENTITY_FILE, self.run_identity)
                 super()._save_checkpoint(model, trial)
         except BaseException:
             if self.args.should_save:
@@ -444,10 +504,28 @@ class DelrecTrainer(SFTTrainer):
 
 @dataclass
 class StageResult:
-    """What a stage returns: the printed summary (also in metrics.json) and the trainer holding the trained model."""
+    """What a stage returns: the printed summary (also in metrics.json) and the trainer holding the trained model
+    (None when the run had already finished: nothing was loaded)."""
 
     summary: dict[str, Any]
-    trainer: DelrecTrainer
+    trainer: DelrecTrainer | None
+
+
+@dataclass
+class RunFolder:
+    """What `prepare_run` found in OUT: the checkpoint to resume from, the run's identity (`run_identity`, written
+    into each checkpoint) and, when this same run already finished there, its result: nothing is left to do."""
+
+    out: Path
+    record: dict[str, Any]  # OUT/run.json: the stage and its configuration
+    resume_from: str | None
+    identity: dict[str, Any]
+    finished: StageResult | None = None
+
+    def finish(self) -> None:
+        """Mark the run finished (OUT/run.json), once its outputs are written: the same command then does nothing."""
+        if main_process():
+            write_json(self.out / RUN_FILE, {**self.record, "finished": True})
 
 
 # --- processes, output folder, resume --------------------------------------------------------------
@@ -473,14 +551,17 @@ def end_processes() -> None:
         torch.distributed.destroy_process_group()
 
 
-def prepare_run(out: Path, stage: str, config: dict[str, Any], resume: bool) -> str | None:
-    """Record the run's configuration in OUT/run.json; return the checkpoint to resume from, if any.
+def prepare_run(out: Path, stage: str, config: dict[str, Any], resume: bool) -> RunFolder:
+    """Record the run's configuration in OUT/run.json; say where to resume from, if anywhere.
 
     A folder holding the work of a run started with another configuration (a checkpoint, or the
     finished outputs) is refused, naming the first option that differs: the checkpoints would mix
-    two runs; `RUNTIME_OPTIONS` may change. The record of an attempt that failed before its first
-    checkpoint (a bad option, a model that did not load) is replaced, so the corrected command
-    runs. Any other existing file or folder is refused rather than written into.
+    two runs; `RUNTIME_OPTIONS` may change. So is a checkpoint another run wrote (copied in: its
+    `run_identity` differs). The record of an attempt that failed before its first checkpoint (a bad
+    option, a model that did not load) is replaced, so the corrected command runs. A run that
+    finished with this same configuration (`INCIDENTAL_OPTIONS` aside) is not run again: its result
+    is returned and the command says so, as `delrec sr train` does not train a finished run further.
+    Any other existing file or folder is refused rather than written into.
     """
     from accelerate import PartialState
 
@@ -491,23 +572,54 @@ def prepare_run(out: Path, stage: str, config: dict[str, Any], resume: bool) -> 
         raise DelrecError(f"{out} already exists and is not a {stage} run folder (no {RUN_FILE}); choose another out "
                           "(a new or empty folder)")
     last = last_complete_checkpoint(out / CHECKPOINTS_DIR)
+    identity = run_identity(stage, config)
+    record = {"stage": stage, "config": config}
+    previous = None
     if run_file.is_file() and (last is not None or (out / METRICS_FILE).is_file()):
         previous = read_json(run_file)
         if previous.get("stage") != stage:
             raise DelrecError(f"{out} holds a {previous.get('stage')} run, not a {stage} run; choose another out")
-        old, new = previous.get("config", {}), config
-        for key in sorted(set(old) | set(new)):
-            if key not in RUNTIME_OPTIONS and old.get(key) != new.get(key):
-                raise DelrecError(
-                    f"{out} was started with {key} = {old.get(key)!r}, not {new.get(key)!r}; cannot resume a run "
-                    f"with another configuration: choose another out, or delete {out} to start again"
-                )
+        difference = first_difference(previous.get("config", {}), config, RUNTIME_OPTIONS)
+        if difference:
+            raise DelrecError(f"{out} was started with {difference}; cannot resume a run with another "
+                              f"configuration: choose another out, or delete {out} to start again")
     if resume and last is not None:
-        check_resumable(Path(last))
+        check_resumable(Path(last), identity)
+    if (resume and previous is not None and previous.get("finished") is True and (out / METRICS_FILE).is_file()
+            and not first_difference(previous.get("config", {}), config, INCIDENTAL_OPTIONS)):
+        return RunFolder(out, record, last, identity, finished=_finished_run(out, stage))
     out.mkdir(parents=True, exist_ok=True)
     if main:
-        write_json(run_file, {"stage": stage, "config": config})
-    return last if resume else None
+        write_json(run_file, record)
+    return RunFolder(out, record, last if resume else None, identity)
+
+
+def run_identity(stage: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Which run wrote a checkpoint: the stage and the options that must match to resume it (all but
+    `RUNTIME_OPTIONS`, and the output folder: a checkpoint means the same wherever it lies), with their SHA-256, the
+    one thing compared."""
+    resumable = {key: value for key, value in config.items() if key not in RUNTIME_OPTIONS and key != "out"}
+    text = json.dumps({"stage": stage, "config": resumable}, sort_keys=True, default=str)
+    return {"stage": stage, "sha256": hashlib.sha256(text.encode()).hexdigest(), "config": resumable}
+
+
+def first_difference(old: dict[str, Any], new: dict[str, Any], ignored: frozenset[str]) -> str | None:
+    """The first option (by name) whose value differs between two configurations, as `key = old, not new`."""
+    for key in sorted(set(old) | set(new)):
+        if key not in ignored and old.get(key) != new.get(key):
+            return f"{key} = {old.get(key)!r}, not {new.get(key)!r}"
+    return None
+
+
+def _finished_run(out: Path, stage: str) -> StageResult:
+    """The result of the run that finished in OUT, said in one line on stderr (stdout keeps the summary JSON alone):
+    nothing is trained or written."""
+    summary = read_json(out / METRICS_FILE)
+    if main_process():
+        print(f"{out}: this {stage} run already finished with the same configuration (global_step "
+              f"{summary.get('global_step')}); nothing to do: choose another out, or delete {out}, to train again",
+              file=sys.stderr, flush=True)
+    return StageResult({"out": str(out), **summary}, None)
 
 
 def last_complete_checkpoint(folder: Path) -> str | None:
@@ -531,15 +643,17 @@ RESUME_WEIGHTS = ("adapter_config.json", "*.safetensors")
 RESUME_STATES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth")
 
 
-def check_resumable(checkpoint: Path) -> None:
+def check_resumable(checkpoint: Path, identity: dict[str, Any]) -> None:
     """Read every file the Trainer reads to resume from `checkpoint`, and the weights of the best checkpoint its
-    state names (loaded at the end of training), before any model loads: a damaged file, or a pickled object
-    (refused: it could run code), is one line naming the file and what to do, not a traceback mid-resume."""
+    state names (loaded at the end of training), before any model loads: a checkpoint of another run (`identity`
+    differs), a damaged file, or a pickled object (refused: it could run code), is one line naming the file and
+    what to do, not a traceback (or a silently mixed run) mid-resume."""
     from transformers import TrainerState
     from transformers.trainer import TRAINER_STATE_NAME
 
     remedy = (f"this checkpoint cannot be resumed: delete {checkpoint} to resume from the checkpoint before it, or "
               "re-run with --resume false to start over")
+    _check_identity(checkpoint, identity, remedy)
     state_file = checkpoint / TRAINER_STATE_NAME
 
     def files(folder: Path, patterns) -> list[Path]:
@@ -555,10 +669,31 @@ def check_resumable(checkpoint: Path) -> None:
         raise DelrecError(f"{state_file}: not a Trainer state ({exc}); {remedy}") from None
     best = state.get("best_model_checkpoint")
     if best and Path(best).is_dir() and Path(best).resolve() != checkpoint.resolve():
+        best_remedy = ("this is the best checkpoint so far, which training loads at its end: delete "
+                       f"{best} to resume without it, or re-run with --resume false to start over")
+        _check_identity(Path(best), identity, best_remedy)
         problem = damaged_file(files(Path(best), RESUME_WEIGHTS))
         if problem:
-            raise DelrecError(f"{problem}; this is the best checkpoint so far, which training loads at its end: "
-                              f"delete {best} to resume without it, or re-run with --resume false to start over")
+            raise DelrecError(f"{problem}; {best_remedy}")
+
+
+def _check_identity(checkpoint: Path, identity: dict[str, Any], remedy: str) -> None:
+    """Refuse a checkpoint written by another run (copied in from another folder, seed, stage...): resuming it
+    would continue that run under this one's name, or fail deep in the Trainer. One written before delrec recorded
+    the identity is accepted, as before."""
+    file = checkpoint / RUN_IDENTITY_FILE
+    if not file.is_file():
+        return
+    recorded = read_json(file)
+    recorded = recorded if isinstance(recorded, dict) else {}
+    if recorded.get("sha256") == identity["sha256"]:
+        return
+    if recorded.get("stage") != identity["stage"]:
+        which = f"a {recorded.get('stage')} run, not this {identity['stage']} run"
+    else:
+        which = (f"a run with {first_difference(recorded.get('config') or {}, identity['config'], frozenset())}"
+                 if recorded.get("config") != identity["config"] else "another run")
+    raise DelrecError(f"{file}: this checkpoint was written by {which}; {remedy}")
 
 
 def strip_prefix(metrics: dict[str, Any], prefix: str) -> dict[str, float]:

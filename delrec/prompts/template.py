@@ -129,8 +129,18 @@ def template_names(folder: str | os.PathLike | None = None) -> list[str]:
     return sorted(p.name[: -len(TEMPLATE_SUFFIX)] for p in prompts_dir(folder).glob(f"*{TEMPLATE_SUFFIX}"))
 
 
+def is_template_name(name: object) -> bool:
+    """Whether `name` names a file of the template folder: no folder part, no `..`, not absolute. A template is
+    chosen by name within its folder (another folder: `prompts_dir`), so no name reaches a file elsewhere on disk,
+    least of all one recorded in a model folder that anyone may have written."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(sep in name for sep in "/\\\0")
+
+
 def get_template(name: str, folder: str | os.PathLike | None = None) -> PromptTemplate:
     """The checked template `name` (`lsr` or `lsr.jinja`); problems raise a one-line DelrecError."""
+    if not is_template_name(name):
+        raise DelrecError(f"template {name!r} is not a template name but a path; name a template of the prompts "
+                          "folder (lsr, plain, ...), and pass another folder with --prompts_dir")
     path_folder = prompts_dir(folder)
     stem = name[: -len(TEMPLATE_SUFFIX)] if name.endswith(TEMPLATE_SUFFIX) else name
     path = path_folder / f"{stem}{TEMPLATE_SUFFIX}"

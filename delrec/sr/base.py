@@ -63,6 +63,7 @@ from delrec.headers import SR_MODEL_FORMAT_VERSION as FORMAT_VERSION
 from delrec.headers import SR_MODEL_HEADER as HEADER
 from delrec.headers import SR_MODEL_WEIGHTS_FILE as WEIGHTS_FILE
 from delrec.io import atomic_write, json_text, read_json, safetensors_bytes
+from delrec.tensors import first_nonfinite
 
 RESERVED_KEYS = ("model_type", "format_version", "num_items", "dataset_fingerprint")
 # The types a model config's fields may have, as config.json holds them: (accepts the JSON value, what it expects).
@@ -111,17 +112,6 @@ def build_model(config: Any, num_items: int, dataset_fingerprint: str | None = N
     return model_class_for_config(config)(config, num_items, dataset_fingerprint)
 
 
-def first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> tuple[str, int] | None:
-    """(name, count) of the first floating tensor holding NaN or inf values; None when all are finite.
-
-    Weights with such values score NaN, which has no order: loading or training refuses them rather than
-    ranking, writing or serving what they compute."""
-    for name, tensor in tensors.items():
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
-            count = int((~torch.isfinite(tensor)).sum())
-            if count:
-                return name, count
-    return None
 
 
 def pad_histories(
@@ -318,7 +308,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Sequen
     with torch.device("meta"):  # the shapes config.json implies, without allocating them
         shapes = {k: tuple(v.shape) for k, v in cls(config, num_items).state_dict().items()}
     tensors = read_weights(weights_path, shapes)
-    broken = first_nonfinite(tensors)
+    broken = first_nonfinite(tensors.items())
     if broken is not None:
         name, count = broken
         raise DelrecError(f"{weights_path}: tensor '{name}' holds {count} NaN/inf value(s), so the model's scores "

@@ -73,9 +73,10 @@ from delrec.config import SEED, SHARE, THREADS, above, at_least, check_fields, m
 from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
 from delrec.io import atomic_write, check_parents_are_folders, write_json, write_jsonl
-from delrec.sr.base import SequentialRecommender, build_model, first_nonfinite, model_class_for_config
+from delrec.sr.base import SequentialRecommender, build_model, model_class_for_config
 from delrec.device import resolve_device
 from delrec.sr.evaluate import EVAL_BATCH_SIZE, evaluate_full, evaluate_model
+from delrec.tensors import first_nonfinite
 from delrec.sr.losses import LOSSES, next_item_loss
 
 CHECKPOINT_DIR = "checkpoint"
@@ -343,7 +344,7 @@ def load_checkpoint(out: Path, settings: dict) -> dict | None:
             f"{path.parent} to start over"
         )
     for key in ("model", "best_model"):
-        broken = first_nonfinite(state[key])
+        broken = first_nonfinite(state[key].items())
         if broken is not None:
             raise DelrecError(f"{path}: '{key}' tensor '{broken[0]}' holds {broken[1]} NaN/inf value(s) (the run "
                               f"diverged, or the file was damaged); {start_over} (with a lower --lr if it diverged)")
@@ -445,7 +446,7 @@ def _train_epoch(
     bar.close()
     if not math.isfinite(total + extra_total):
         raise DelrecError(f"epoch {epoch}: the training loss became {total + extra_total} (training diverged); lower --lr")
-    broken = first_nonfinite(model.state_dict())  # the last step can break the weights after a finite loss
+    broken = first_nonfinite(model.state_dict().items())  # the last step can break the weights after a finite loss
     if broken is not None:
         raise DelrecError(f"epoch {epoch}: weight '{broken[0]}' became NaN/inf (training diverged); lower --lr")
     result = {"loss": total / max(len(batches), 1)}
