@@ -50,8 +50,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
                 os.unlink(tmp)
             raise
     except OSError as exc:
-        if exc.filename is None or exc.filename == tmp:  # a failed write() names no file, or the temp one: say which
-            exc.filename = str(path)
+        if exc.filename is None or _is_transient(exc.filename, path):  # a failed write() names no file, or a temp
+            exc.filename = str(path)                                     # one: say which output it was for
         remove_empty(created)
         raise
     except BaseException:
@@ -87,8 +87,10 @@ def staged_directory(path: str | os.PathLike):
         remove_leftovers(path)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_transient_prefix(path), suffix=".tmp"))
         tmp.chmod(0o777 & ~_UMASK)
-    except BaseException:
+    except BaseException as exc:
         remove_empty(created)
+        if isinstance(exc, OSError) and exc.filename is not None and _is_transient(exc.filename, path):
+            exc.filename = str(path)
         raise
     try:
         yield tmp
@@ -129,6 +131,12 @@ _LEFTOVER = re.compile(r"(\d+)-([0-9a-f]{6})\.(?:[a-z0-9_]+\.tmp|old)")
 
 def _transient_prefix(path: Path) -> str:
     return f".{path.name}.{os.getpid()}-{_HOST}."
+
+
+def _is_transient(name: str | os.PathLike, path: Path) -> bool:
+    """Whether `name` is one of this process's temp files or staging folders for `path`: an error about it is
+    reported as an error about `path`, the only name the user knows."""
+    return Path(name).parent == path.parent and Path(name).name.startswith(_transient_prefix(path))
 
 
 def remove_leftovers(path: Path) -> None:
@@ -279,18 +287,25 @@ def check_apart_from_inputs(out: str | os.PathLike, inputs: dict[str, Any], what
 
 
 def check_output_file(out: str | os.PathLike, overwrite: bool, is_own: Callable[[Path], bool],
-                      inputs: dict[str, Any], what: str) -> None:
+                      inputs: dict[str, Any], what: str, read: dict[str, Any] | None = None) -> None:
     """Refuse a file output that would replace something the command did not write: a folder, a file inside
-    an input folder (`inputs`: name -> folder), or an existing file for which `is_own` is false (the
-    command's own earlier output is replaced; anything else only with `overwrite`)."""
+    an input folder (`inputs`: name -> folder), a file of a folder the command reads (`read`: name -> folder,
+    where new files may go but none of its own is replaced, even with `overwrite`), or an existing file for which
+    `is_own` is false (the command's own earlier output is replaced; anything else only with `overwrite`)."""
+    names_folder = str(out).endswith(("/", os.sep))  # `Path` drops the trailing slash that says so
     out = Path(out)
     check_parents_are_folders(out)
-    if out.is_dir():
-        raise DelrecError(f"--out {out} is a folder; expected the path of {what} to write")
+    if out.is_dir() or names_folder:
+        raise DelrecError(f"--out {out} names a folder; expected the path of {what} to write")
     target = out.resolve()
     for name, folder in inputs.items():
         if folder is not None and Path(folder).is_dir() and Path(folder).resolve() in target.parents:
             raise DelrecError(f"--out {out} is inside the {name} folder {folder}; write {what} elsewhere")
+    for name, folder in (read or {}).items():
+        if (folder is not None and out.exists() and not is_own(out) and Path(folder).is_dir()
+                and Path(folder).resolve() in target.parents):
+            raise DelrecError(f"--out {out} is a file of the {name} folder {folder}, which this command reads; "
+                              f"write {what} elsewhere")
     if out.exists() and not overwrite and not is_own(out):
         raise DelrecError(f"--out {out} already exists and is not {what} written by delrec; choose another path, "
                           "or pass --overwrite to replace it")

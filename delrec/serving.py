@@ -79,12 +79,22 @@ def _no_constant(name: str) -> float:
     raise RequestError(f"the body is not valid JSON ({name} is not a JSON value)")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """An object whose keys appear once: `{"history": [...], "history": [...]}` has no one meaning (json would
+    silently keep the last)."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        twice = next(key for i, (key, _) in enumerate(pairs) if key in dict(pairs[:i]))
+        raise RequestError(f"field {shown(twice)} appears twice in one object; give each field once")
+    return found
+
+
 def decode_body(body: bytes) -> Any:
     """The JSON value of a request body. Everything `json.loads` would fail on with something other than a
     decoding error is a `RequestError` too: nesting deeper than the interpreter's stack, and numbers too long
     to be a k or an id (Python refuses ints over 4300 digits with a bare ValueError; NaN is not JSON)."""
     try:
-        return json.loads(body, parse_int=_short_int, parse_constant=_no_constant)
+        return json.loads(body, parse_int=_short_int, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
     except RecursionError:
         raise RequestError("the body nests arrays or objects too deeply; a request is one flat JSON object") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -274,3 +274,30 @@ def test_a_refusal_inside_a_staging_folder_names_the_output_not_the_staging_fold
         write_json(staged / "build_info.json", {"final_loss": math.nan})
     assert str(caught.value).startswith(f"{out / 'build_info.json'} field 'final_loss': nan is not a finite number")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_that_refuses_the_temp_file_is_reported_as_refusing_the_output(tmp_path, monkeypatch):
+    """mkstemp's EPERM (a read-only or immutable folder) names the temp file it tried; the user knows only --out."""
+    import tempfile
+
+    def refused(dir, prefix, suffix):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(Path(dir) / f"{prefix}x1y2{suffix}"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    monkeypatch.setattr(tempfile, "mkdtemp", refused)
+    with pytest.raises(PermissionError) as caught, atomic_write(tmp_path / "p.jsonl") as handle:
+        handle.write("x")
+    assert caught.value.filename == str(tmp_path / "p.jsonl")
+    with pytest.raises(PermissionError) as caught, staged_directory(tmp_path / "model"):
+        pass
+    assert caught.value.filename == str(tmp_path / "model") and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("out", [".", "", "..", "sub/.."])
+def test_an_out_that_names_no_output_of_its_own_is_refused_before_anything_runs(out, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run([*PREPARE, "--out", out], capsys)
+    assert code == 2 and err == (f"delrec data prepare: error: --out {out!r} names no output of its own (it is the "
+                                 "current folder, its parent, or nothing); name a new file or folder, e.g. --out "
+                                 "runs/NAME")
+    assert list(tmp_path.iterdir()) == []

@@ -161,7 +161,8 @@ def client(recommender):
     (b'{"history": ["' + b"x" * 100_000 + b'"]}',
      f"field 'history[0]': unknown item id '{'x' * 79}... (100002 characters); expected a raw item id of the "
      "dataset's items.jsonl"),
-], ids=["5000-digit k", "100000-deep array", "100000-deep object", "NaN", "100 KB id"])
+    (b'{"history": "OK", "k": 1, "k": 2}', "field 'k' appears twice in one object; give each field once"),
+], ids=["5000-digit k", "100000-deep array", "100000-deep object", "NaN", "100 KB id", "duplicate key"])
 def test_json_that_breaks_the_parser_gets_400(body, error, client, known_id, caplog):
     response = client.post("/recommend", content=body.replace(b'"OK"', json.dumps([known_id]).encode()),
                            headers={"content-type": "application/json"})

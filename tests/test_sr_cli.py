@@ -185,3 +185,21 @@ def test_predictions_reader_refuses_an_item_ranked_twice(trained, data_dir, tmp_
     (tmp_path / "p.jsonl.meta.json").write_text(json.dumps({**meta, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}))
     with pytest.raises(DelrecError, match=rf"p.jsonl:1 field 'items': item id {row['items'][0]} is ranked twice"):
         read_predictions(path, dataset, "valid")
+
+
+def test_predict_never_replaces_a_file_of_the_model_it_reads_nor_writes_a_file_for_a_folder(trained, data_dir,
+                                                                                               tmp_path, capsys):
+    """`--out MODEL/model.safetensors --overwrite` destroyed the weights being read; `--out new/` wrote a file."""
+    import shutil
+
+    model = shutil.copytree(trained, tmp_path / "model")
+    weights = (model / "model.safetensors").read_bytes()
+    base = ["sr", "predict", "--model", str(model), "--data", str(data_dir), "--split", "valid"]
+    capsys.readouterr()
+    assert run([*base, "--out", str(model / "model.safetensors"), "--overwrite"]) == 2
+    assert "is a file of the model folder" in capsys.readouterr().err
+    assert (model / "model.safetensors").read_bytes() == weights
+    assert run([*base, "--out", str(tmp_path / "new") + "/"]) == 2
+    assert "names a folder; expected the path of a predictions file" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert run([*base, "--out", str(model / "valid.jsonl")]) == 0  # new files beside the model are fine

@@ -103,6 +103,21 @@ def output_of(key: tuple[str, ...], argv: list[str], prog: str, summary: str) ->
         return None
 
 
+def check_named_output(argv: list[str]) -> None:
+    """Refuse an --out of '', '.' or '..': it names no file or folder of its own but the folder the command runs
+    in (or its parent), which the output would replace; outputs are also staged beside their own name."""
+    from delrec.config import preparsed_option
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            out = preparsed_option(argv, "out")
+    except (SystemExit, DelrecError):  # the command's own parser says what is wrong
+        return
+    if out is not None and Path(out).name in ("", ".", ".."):
+        raise DelrecError(f"--out {out!r} names no output of its own (it is the current folder, its parent, or "
+                          "nothing); name a new file or folder, e.g. --out runs/NAME")
+
+
 def _is_worker_rank() -> bool:
     """A non-zero rank of a distributed launch (`accelerate launch`, torchrun): its processes write one output
     together, and rank 0 holds the lock for all of them."""
@@ -157,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = "delrec " + " ".join(key)
     try:
         function = getattr(importlib.import_module(module_name), function_name)
+        check_named_output(rest)
         out = output_of(key, rest, prog, summary)
         with contextlib.nullcontext() if out is None else output_lock(out, prog):
             result = function(rest, prog=prog, description=summary)

@@ -165,7 +165,7 @@ def predict(argv, prog: str, description: str) -> int:
     (args,) = parse_command([PredictArguments], argv, prog, description)
     for path in (args.out, meta_path(args.out)):  # the file and its sidecar: both are replaced
         check_output_file(path, args.overwrite, lambda _: is_predictions_file(args.out),
-                          {"dataset": args.data}, "a predictions file")
+                          {"dataset": args.data}, "a predictions file", read={"model": args.model})
     device = resolve_device(args.device)
     model = load_model(args.model, device)
     dataset = PreparedDataset.load(args.data)
