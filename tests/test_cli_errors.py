@@ -237,7 +237,7 @@ CASES = {
         "config.yaml already exists and is not a predictions file written by delrec"),
     "sr-predict/out-is-a-folder": (
         lambda w, t: ["sr", "predict", "--model", w.sr, "--data", w.data, "--split", "test", "--out", w.foreign / "data"],
-        "data is a folder; expected the path of a predictions file to write"),
+        "data names a folder; expected the path of a predictions file to write"),
     "sr-predict/out-under-a-file": (
         lambda w, t: ["sr", "predict", "--model", w.sr, "--data", w.data, "--split", "test", "--out", w.foreign / "config.yaml" / "p"],
         "config.yaml is a file, not a folder"),

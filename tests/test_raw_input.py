@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from cli_checks import one_line_error, run_cli, snapshot
+from conftest import reseal_dataset
+from delrec.data.dataset import META_FILE
 
 ITEMS = ("Alpha", "Beta", "Gamma", "Delta", "Epsilon", "Zeta", "Eta", "Theta")
 SEQUENCES = {1: (1, 2, 3, 4), 2: (2, 3, 4, 5), 3: (1, 3, 5, 2), 4: (6, 7, 8, 1)}  # user -> items, oldest first
@@ -162,3 +164,91 @@ def test_a_tab_in_a_title_blanks_around_values_and_unnamed_columns_are_still_rea
     titles = [json.loads(line)["title"] for line in (tmp_path / "out" / "items.jsonl").read_text().splitlines()]
     assert sorted(titles) == sorted(t if t != "Gamma" else "Gamma\tRay" for t in ITEMS)
     assert json.loads(capsys.readouterr().out)["users"] == 4  # " u1 " is u1, not a fifth user
+
+
+def prepared(tmp_path: Path, capsys) -> Path:
+    """A dataset prepared from the clean csv files: 8 items, 4 users, one instance per user and split."""
+    assert prepare(tmp_path, "csv", raw_folder(tmp_path, "csv")) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    return tmp_path / "out"
+
+
+def edit_meta(section: str, edit):
+    """meta.json with `edit(meta[section])` in its place, as a hand edit would (the data files, so the
+    fingerprint, unchanged)."""
+    def damage(folder: Path) -> None:
+        meta = json.loads((folder / META_FILE).read_text())
+        meta[section] = edit(meta[section])
+        (folder / META_FILE).write_text(json.dumps(meta))
+    return damage
+
+
+def set_field(path: str, value):
+    """meta.json with the field at the dotted `path` ("counts.instances.test") set to `value`."""
+    section, *parents, last = path.split(".")
+    def edit(node: dict) -> dict:
+        top = node
+        for key in parents:
+            node = node[key]
+        node[last] = value
+        return top
+    return edit_meta(section, edit)
+
+
+META_EDITS = {  # meta.json's counts and options, printed by `data stats` with exit 0 or crashed on
+    "a-list-for-the-counts": (edit_meta("counts", lambda counts: [1, 2]), "field 'counts'",
+                              "expected an object of dataset counts, found [1, 2]"),
+    "text-for-the-item-count": (set_field("counts.items", "8"), "field 'counts.items'",
+                                "expected a non-negative integer, found '8'"),
+    "a-negative-instance-count": (set_field("counts.instances.test", -5), "field 'counts.instances.test'", "found -5"),
+    "a-truth-value-for-the-user-count": (set_field("counts.users", True), "field 'counts.users'", "found True"),
+    "a-missing-split": (set_field("counts.instances", {"train": 4, "valid": 4}), "field 'counts.instances.test'",
+                        "found None"),
+    "more-items-than-items-jsonl-holds": (set_field("counts.items", 9), "field 'counts.items'",
+                                          "says 9, but items.jsonl holds 8 rows"),
+    "a-truth-value-for-the-number-of-candidates": (set_field("options.num_candidates", True),
+                                                   "field 'options.num_candidates'",
+                                                   "expected a positive integer, found True"),
+    "fewer-instances-than-valid-jsonl-holds": (set_field("counts.instances.valid", 3), "field 'counts.instances.valid'",
+                                               "says 3, but valid.jsonl holds 4 rows"),
+}
+
+
+@pytest.mark.parametrize("case", META_EDITS)
+def test_counts_and_options_in_meta_json_are_checked_where_the_dataset_is_loaded(case, tmp_path, capsys):
+    damage, *facts = META_EDITS[case]
+    folder = prepared(tmp_path, capsys)
+    damage(folder)
+    before = snapshot(folder)
+    one_line_error(capsys, run_cli(["data", "stats", "--data", folder]), f"{folder / META_FILE} ", *facts)
+    assert snapshot(folder) == before
+
+
+def test_the_prepared_counts_load(tmp_path, capsys):
+    """The cases above differ from a dataset that loads by their one edit."""
+    folder = prepared(tmp_path, capsys)
+    assert run_cli(["data", "stats", folder]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    assert (counts["items"], counts["instances"]) == (8, {"train": 4, "valid": 4, "test": 4})
+
+
+def test_a_truth_value_among_the_candidates_is_not_item_1(tmp_path, capsys):
+    """JSON `true` equals 1 to Python: it was scored as item 1 (6.0 was refused)."""
+    folder = prepared(tmp_path, capsys)
+    file = folder / "candidates" / "test.jsonl"
+    rows = [json.loads(line) for line in file.read_text().splitlines()]
+    target = json.loads((folder / "test.jsonl").read_text().splitlines()[0])["target"]
+    rows[0]["candidates"] = [True if c != target else c for c in rows[0]["candidates"]]
+    file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    reseal_dataset(folder)
+    out = tmp_path / "pop"
+    code = run_cli(["sr", "train", "--data", folder, "--model", "pop", "--out", out, "--no_progress"])
+    one_line_error(capsys, code, f"{file}:1 field 'candidates'", "item id True is not in the catalogue (0..7)")
+    assert not (out / "model.safetensors").exists()
+
+
+def test_a_file_for_the_dataset_folder_is_named_as_a_file(tmp_path, capsys):
+    """It was reported as "dataset folder not found", which sends the user looking for a missing folder."""
+    meta = prepared(tmp_path, capsys) / META_FILE
+    one_line_error(capsys, run_cli(["data", "stats", "--data", meta]),
+                   f"{meta} is a file, expected a dataset folder (the folder holding meta.json)")

@@ -45,6 +45,15 @@ def drop_a_tensor(path: Path) -> None:
     save_file(tensors, path)
 
 
+def retype_a_tensor(dtype: torch.dtype):
+    """model.safetensors with one floating tensor stored as `dtype`, which `load_state_dict` would cast silently."""
+    def damage(path: Path) -> None:
+        tensors = load_file(path)
+        tensors["final_norm.bias"] = tensors["final_norm.bias"].to(dtype)
+        save_file(tensors, path)
+    return damage
+
+
 def nan_dropout(path: Path) -> None:
     path.write_text(path.read_text().replace(f'"dropout": {TINY_SASREC.dropout}', '"dropout": NaN'))
 
@@ -63,6 +72,11 @@ MODEL_CASES = {
                                "model.safetensors: not a readable safetensors file"),
     "weights-of-another-model": (WEIGHTS, drop_a_tensor,
                                  "model.safetensors: weights do not match config.json (missing ['final_norm.bias']"),
+    "integer-weights": (WEIGHTS, retype_a_tensor(torch.int64),
+                        "model.safetensors: tensor 'final_norm.bias' is int64, expected a floating-point tensor "
+                        "(float32)"),
+    "truth-value-weights": (WEIGHTS, retype_a_tensor(torch.bool), "tensor 'final_norm.bias' is bool, expected a "
+                            "floating-point tensor"),
     "truncated-config": (CONFIG, truncate, "config.json:"),
     "config-not-an-object": (CONFIG, lambda p: p.write_text("[1, 2]\n"), "config.json: expected a JSON object"),
     "nan-in-config": (CONFIG, nan_dropout, "config.json: invalid JSON (NaN is not a JSON number"),
@@ -86,6 +100,25 @@ def test_a_damaged_model_folder_is_refused_in_one_line(case, sr_model, tiny_llm_
     line = one_line_error(capsys, code, expected)
     assert str(model / file) in line
     assert not out.exists() and snapshot(model) == before
+
+
+def test_half_precision_weights_still_load(sr_model, tiny_llm_data, tmp_path, capsys):
+    """Another float width is a real export, not damage: it is cast, unlike the integer weights above."""
+    model = shutil.copytree(sr_model, tmp_path / "model", ignore=shutil.ignore_patterns("checkpoint"))
+    retype_a_tensor(torch.float16)(model / WEIGHTS)
+    out = tmp_path / "p.jsonl"
+    code = run_cli(["sr", "predict", "--model", model, "--data", tiny_llm_data, "--split", "test", "--out", out])
+    assert code == 0 and out.is_file(), capsys.readouterr().err
+
+
+def test_the_weights_file_for_the_model_folder_is_named_as_a_file(sr_model, tiny_llm_data, tmp_path, capsys):
+    """It was reported as "model folder not found", which sends the user looking for a missing folder."""
+    out = tmp_path / "p.jsonl"
+    code = run_cli(["sr", "predict", "--model", sr_model / WEIGHTS, "--data", tiny_llm_data, "--split", "test",
+                    "--out", out])
+    one_line_error(capsys, code, f"{sr_model / WEIGHTS} is a file, expected an SR model folder (the folder holding "
+                   "config.json and model.safetensors)")
+    assert not out.exists()
 
 
 SIZE_EDITS = {  # config.json edits whose model would not be the one the weights file holds

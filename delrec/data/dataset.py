@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from delrec.config import excerpt
 from delrec.errors import DelrecError, where
 from delrec.io import read_json, read_jsonl
 
@@ -55,11 +56,70 @@ def dataset_files() -> list[str]:
 def fingerprint_files(folder: Path, names: list[str]) -> str:
     """A content hash of the dataset files, stored in meta.json so that files derived from a
     dataset (predictions, teacher files) can prove which dataset they belong to."""
+    return _fingerprint_and_rows(folder, names)[0]
+
+
+def _fingerprint_and_rows(folder: Path, names: list[str]) -> tuple[str, dict[str, int]]:
+    """The fingerprint and each file's number of rows (non-blank lines, as `read_jsonl` yields them): the rows
+    come free while the bytes are in hand, and let `load` check meta.json's counts without parsing a file."""
     digest = hashlib.sha256()
+    rows = {}
     for name in names:
+        data = (folder / name).read_bytes()
         digest.update(name.encode())
-        digest.update((folder / name).read_bytes())
-    return digest.hexdigest()[:16]
+        digest.update(data)
+        rows[name] = sum(1 for line in data.split(b"\n") if line.strip())
+    return digest.hexdigest()[:16], rows
+
+
+def is_count(value) -> bool:
+    """A JSON non-negative integer; `true` is not 1 (bool is an int in Python)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_amount(value) -> bool:
+    """A JSON non-negative number (NaN is refused by the JSON reader)."""
+    return type(value) in (int, float) and value >= 0
+
+
+def is_item_id(value, num_items: int) -> bool:
+    """An id of the catalogue `0..num_items-1`; `true` is not item 1."""
+    return is_count(value) and value < num_items
+
+
+# meta.json's `counts`: (path of the field, accepts its value, what it should be). `data stats` prints them and the
+# pipeline's reports quote them, so a wrong type is refused at load, not printed or crashed on.
+_COUNT_FIELDS = (
+    (("users",), is_count, "a non-negative integer"),
+    (("items",), is_count, "a non-negative integer"),
+    (("interactions",), is_count, "a non-negative integer"),
+    *((("instances", split), is_count, "a non-negative integer") for split in SPLITS),
+    (("history_length", "mean"), is_amount, "a non-negative number"),
+    (("history_length", "max"), is_count, "a non-negative integer"),
+    (("density",), is_amount, "a non-negative number"),
+    (("dropped",), lambda v: isinstance(v, dict) and all(map(is_count, v.values())),
+     "an object of non-negative integers"),
+)
+
+
+def _check_counts(meta: dict, meta_path: Path, rows: dict[str, int]) -> None:
+    """Refuse a `counts` in meta.json of the wrong shape or disagreeing with the rows the files hold."""
+    counts = meta.get("counts")
+    if not isinstance(counts, dict):
+        raise DelrecError(f"{where(meta_path, field='counts')}: expected an object of dataset counts, found "
+                          f"{excerpt(counts, 60)}; re-run `delrec data prepare`")
+    held = {("items",): ITEMS_FILE, **{("instances", s): split_file(s) for s in SPLITS}}
+    for keys, accepts, expected in _COUNT_FIELDS:
+        value = counts
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        name = ".".join(("counts", *keys))
+        if not accepts(value):
+            raise DelrecError(f"{where(meta_path, field=name)}: expected {expected}, found {excerpt(value, 60)}; "
+                              "re-run `delrec data prepare`")
+        if keys in held and value != rows[held[keys]]:
+            raise DelrecError(f"{where(meta_path, field=name)}: says {value}, but {held[keys]} holds "
+                              f"{rows[held[keys]]} rows; {META_FILE} was edited, re-run `delrec data prepare`")
 
 
 # Files that tell what a folder is, when it is not a dataset: (file, what it is).
@@ -90,6 +150,8 @@ class PreparedDataset:
     @classmethod
     def load(cls, path: str | Path) -> "PreparedDataset":
         path = Path(path)
+        if path.is_file():
+            raise DelrecError(f"{path} is a file, expected a dataset folder (the folder holding {META_FILE})")
         if not path.is_dir():
             raise DelrecError(f"{path}: dataset folder not found; create one with `delrec data prepare`")
         meta_path = path / META_FILE
@@ -107,12 +169,18 @@ class PreparedDataset:
         for name in names:
             if not (path / name).is_file():
                 raise DelrecError(f"{path}: prepared dataset is missing {name}; re-run `delrec data prepare`")
-        found = fingerprint_files(path, names)
+        found, rows = _fingerprint_and_rows(path, names)
         if found != meta.get("fingerprint"):
             raise DelrecError(
                 f"{path}: the dataset files changed since `delrec data prepare` wrote them (content fingerprint "
                 f"{found}, {META_FILE} records {meta.get('fingerprint')!r}); re-run `delrec data prepare`"
             )
+        _check_counts(meta, meta_path, rows)
+        options = meta.get("options")
+        num_candidates = options.get("num_candidates") if isinstance(options, dict) else None
+        if not is_count(num_candidates) or num_candidates < 1:
+            raise DelrecError(f"{where(meta_path, field='options.num_candidates')}: expected a positive integer, "
+                              f"found {excerpt(num_candidates, 60)}; re-run `delrec data prepare`")
         return cls(path, meta)
 
     @property
@@ -121,14 +189,14 @@ class PreparedDataset:
 
     @property
     def num_candidates(self) -> int:
-        return int(self.meta["options"]["num_candidates"])
+        return self.meta["options"]["num_candidates"]
 
     @cached_property
     def items(self) -> list[dict]:
         file = self.path / ITEMS_FILE
         rows = []
         for line_no, row in read_jsonl(file):
-            if row.get("id") != len(rows):
+            if not is_count(row.get("id")) or row["id"] != len(rows):
                 raise DelrecError(f"{where(file, line_no, 'id')}: expected id {len(rows)} (ids are contiguous from 0)")
             if not isinstance(row.get("title"), str) or not row["title"].strip():
                 raise DelrecError(f"{where(file, line_no, 'title')}: expected a non-empty title")
@@ -159,12 +227,15 @@ class PreparedDataset:
         for line_no, row in read_jsonl(file):
             try:
                 history, target = row["history"], row["target"]
-                if row["id"] != len(result):
+                if not isinstance(history, list):
+                    raise DelrecError(f"{where(file, line_no, 'history')}: expected a list of item ids, found "
+                                      f"{excerpt(history, 60)}")
+                if not is_count(row["id"]) or row["id"] != len(result):
                     raise DelrecError(f"{where(file, line_no, 'id')}: expected id {len(result)}")
             except KeyError as exc:
                 raise DelrecError(f"{where(file, line_no, exc.args[0])}: missing field") from None
             for value, field in [(target, "target")] + [(h, "history") for h in history]:
-                if not isinstance(value, int) or not 0 <= value < n:
+                if not is_item_id(value, n):
                     raise DelrecError(
                         f"{where(file, line_no, field)}: item id {value!r} is not in the catalogue (0..{n - 1})"
                     )
@@ -182,11 +253,15 @@ class PreparedDataset:
         result = []
         for line_no, row in read_jsonl(file):
             index = len(result)
-            if index >= len(instances) or row.get("id") != index:
+            if index >= len(instances) or not is_count(row.get("id")) or row["id"] != index:
                 raise DelrecError(f"{where(file, line_no, 'id')}: expected id {index} of {len(instances)} instances")
             candidates = row.get("candidates")
             if not isinstance(candidates, list) or instances[index].target not in candidates:
                 raise DelrecError(f"{where(file, line_no, 'candidates')}: expected a list holding the target")
+            for candidate in candidates:
+                if not is_item_id(candidate, self.num_items):
+                    raise DelrecError(f"{where(file, line_no, 'candidates')}: item id {candidate!r} is not in the "
+                                      f"catalogue (0..{self.num_items - 1})")
             result.append(candidates)
         if len(result) != len(instances):
             raise DelrecError(f"{file}: {len(result)} candidate sets for {len(instances)} {split} instances")

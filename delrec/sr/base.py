@@ -281,6 +281,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Sequen
     """Load an SR model folder written by `save_pretrained`; `DelrecError` if it is anything else."""
     folder = Path(folder)
     expected = f"expected an SR model folder (config.json + {WEIGHTS_FILE} from `delrec sr train`)"
+    if folder.is_file():
+        raise DelrecError(f"{folder} is a file, expected an SR model folder (the folder holding {CONFIG_FILE} and "
+                          f"{WEIGHTS_FILE})")
     if not folder.is_dir():
         raise DelrecError(f"{folder}: model folder not found; {expected}")
     config_path = folder / CONFIG_FILE
@@ -305,9 +308,10 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Sequen
     weights_path = folder / WEIGHTS_FILE
     if not weights_path.is_file():
         raise DelrecError(f"{folder}: {WEIGHTS_FILE} is missing (config.json alone); {expected}")
-    with torch.device("meta"):  # the shapes config.json implies, without allocating them
-        shapes = {k: tuple(v.shape) for k, v in cls(config, num_items).state_dict().items()}
-    tensors = read_weights(weights_path, shapes)
+    with torch.device("meta"):  # the shapes and dtypes config.json implies, without allocating them
+        expected_tensors = cls(config, num_items).state_dict()
+    tensors = read_weights(weights_path, {k: tuple(v.shape) for k, v in expected_tensors.items()})
+    check_dtypes(tensors, expected_tensors, weights_path)
     broken = first_nonfinite(tensors.items())
     if broken is not None:
         name, count = broken
@@ -347,6 +351,17 @@ def read_weights(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> dict[str,
             return {name: handle.get_tensor(name) for name in found}
     except (SafetensorError, OSError) as exc:
         raise DelrecError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def check_dtypes(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse integer or bool tensors for floating parameters: `load_state_dict` would cast them silently, so an
+    edited or mixed-up file would score with weights rounded to integers. Another float width is a real choice
+    (half-precision exports) and is cast."""
+    for name, tensor in tensors.items():
+        if expected[name].is_floating_point() and not tensor.is_floating_point():
+            raise DelrecError(f"{path}: tensor '{name}' is {str(tensor.dtype).removeprefix('torch.')}, expected a "
+                              f"floating-point tensor ({str(expected[name].dtype).removeprefix('torch.')}); the file "
+                              "was edited or is not this model's weights, train the model again")
 
 
 def _shape_mismatch(expected: Mapping[str, tuple], found: Mapping[str, tuple]) -> str:

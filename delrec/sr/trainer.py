@@ -70,7 +70,7 @@ import torch
 from tqdm import tqdm
 
 from delrec.config import SEED, SHARE, THREADS, above, at_least, check_fields, memory_for
-from delrec.data.dataset import PreparedDataset
+from delrec.data.dataset import CANDIDATE_SPLITS, PreparedDataset
 from delrec.errors import DelrecError
 from delrec.io import atomic_write, check_parents_are_folders, write_json, write_jsonl
 from delrec.sr.base import SequentialRecommender, build_model, model_class_for_config
@@ -482,6 +482,8 @@ def train_sr(
 def _train(dataset, model_config, config: TrainConfig, out, extra_loss, model_hook, extra_settings) -> TrainResult:
     if not isinstance(dataset, PreparedDataset):
         dataset = PreparedDataset.load(dataset)
+    for split in CANDIDATE_SPLITS:  # read (and checked) now: a bad file found at the end would cost the training
+        dataset.candidates(split)
     out = Path(out)
     check_parents_are_folders(out)
     model_type = model_class_for_config(model_config).model_type  # fails fast on a foreign config object
