@@ -54,7 +54,10 @@ class Header:
             raise DelrecError(f"{path}: not a {self.description} (expected a JSON object)")
         if self.kind_field is not None and data.get(self.kind_field) != self.kind:
             raise DelrecError(f"{path}: not a {self.description} (field '{self.kind_field}' should be '{self.kind}')")
-        if data.get("format_version") != self.version:
+        version = data.get("format_version")
+        if version is not None and not positive_int(version):
+            raise DelrecError(f"{path}: field 'format_version' must be a positive integer, got {version!r}")
+        if version != self.version:
             raise DelrecError(f"{path}: {self.version_label} {data.get('format_version')!r}, this delrec reads "
                               f"{self.version}; {self.remedy}")
         for name, rule in self.fields.items():

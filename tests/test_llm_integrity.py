@@ -345,3 +345,36 @@ def test_a_template_recorded_as_a_path_is_refused(stage2_llama, tiny_llm_data, t
     err = one_line_error(capsys, [*rank(stage2_llama, tiny_llm_data, tmp_path / "ranks"), "--template", name])
     assert "is not a template name but a path" in err and "--prompts_dir" in err, err
     assert not (tmp_path / "ranks").exists()
+
+
+# ----------------------------------------------------------------------------- 7. issue #36, round C
+
+
+@pytest.mark.parametrize("metric", ["bogus_metric", "hr@1000"])
+def test_an_unknown_best_model_metric_is_refused_before_anything_loads(metric, tiny_llama, tiny_llm_data, tmp_path,
+                                                                       capsys):
+    """c85/c86: transformers' KeyError 'eval_bogus_metric' came after training, leaving OUT behind."""
+    err = one_line_error(capsys, [*finetune(tmp_path / "run", tiny_llama, tiny_llm_data), "--metric_for_best_model",
+                                  metric])
+    assert f"--metric_for_best_model '{metric}' is not a metric this stage reports" in err, err
+    assert "hr@1, hr@5, ndcg@5, chance@1" in err and not (tmp_path / "run").exists()
+
+
+def test_a_stage_folder_passed_as_the_base_model_says_what_to_pass(stage2_llama, tiny_llama, tiny_llm_data, tmp_path,
+                                                                   capsys):
+    """c59: a stage-2 folder with its delrec.json was said to be "without its delrec.json"."""
+    err = one_line_error(capsys, finetune(tmp_path / "run", stage2_llama, tiny_llm_data))
+    assert f"{stage2_llama} is a DELRec stage 2 (finetune) folder" in err and "not a base model" in err, err
+    assert "without its" not in err and not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("field, value", [("format_version", "1"), ("item_tokens", "yes"), ("domain", 7),
+                                          ("base_model", {"model_name_or_path": "x", "trust_remote_code": "false"})])
+def test_a_stage2_description_with_a_field_of_the_wrong_type_names_it(field, value, stage2_llama, tiny_llm_data,
+                                                                      tmp_path, capsys):
+    """V3: wrong types in delrec.json met misleading messages (or none)."""
+    folder = shutil.copytree(stage2_llama, tmp_path / "stage2")
+    edit_json(folder / "delrec.json", lambda d: d.update({field: value}))
+    err = one_line_error(capsys, rank(folder, tiny_llm_data, tmp_path / "ranks"))
+    assert f"{folder / 'delrec.json'}: field '{field}' must be" in err, err
+    assert not (tmp_path / "ranks").exists()

@@ -146,7 +146,7 @@ def bad_cases(data_dir, trained, tmp_path):
         "unknown yaml key": ([*train, "--config", str(typo)], "unknown key 'hiden_size'; did you mean 'hidden_size'"),
         "unknown flag": ([*train, "--model", "caser", "--num_heads", "2"], "unrecognized arguments"),
         "hf folder": (["sr", "evaluate", "--model", str(hf), "--data", str(data_dir)], "Hugging Face model folder"),
-        "old version": (["sr", "evaluate", "--model", str(old), "--data", str(data_dir)], "format version 0"),
+        "old version": (["sr", "evaluate", "--model", str(old), "--data", str(data_dir)], "field 'format_version' must be a positive integer, got 0"),
         "topk": (["sr", "predict", "--model", str(trained), "--data", str(data_dir), "--split", "test",
                   "--topk", "51", "--out", str(tmp_path / "p.jsonl")], "--topk 51 must be between 1 and"),
         "resume other config": (["sr", "train", "--data", str(data_dir), "--model", "sasrec", "--out", str(trained),

@@ -69,9 +69,11 @@ def finetune_classes() -> list[type]:
 def distill_pattern(argv, prog: str, description: str) -> int:
     """`delrec llm distill-pattern`: DELRec stage 1 (soft prompt from TA + RPS)."""
     args, model_config, settings = parse_command(distill_classes(), argv, prog, description)
+    from delrec.llm.loading import progress_bars
     from delrec.llm.stage1 import distill_pattern as run
 
-    _print(run(args, model_config, settings).summary)
+    with progress_bars(settings.progress):
+        _print(run(args, model_config, settings).summary)
     end_processes()
     return 0
 
@@ -79,9 +81,11 @@ def distill_pattern(argv, prog: str, description: str) -> int:
 def finetune(argv, prog: str, description: str) -> int:
     """`delrec llm finetune`: DELRec stage 2 (LoRA on LSR with the soft prompt frozen)."""
     args, model_config, lora, settings = parse_command(finetune_classes(), argv, prog, description)
+    from delrec.llm.loading import progress_bars
     from delrec.llm.stage2 import finetune as run
 
-    _print(run(args, model_config, lora, settings).summary)
+    with progress_bars(settings.progress):
+        _print(run(args, model_config, lora, settings).summary)
     end_processes()
     return 0
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from delrec.config import parse_command, preparsed_option
-from delrec.llm.loading import TRUST_REMOTE_CODE_HELP
+from delrec.llm.loading import TRUST_REMOTE_CODE_HELP, progress_bars
 
 DEFAULT_BACKEND = "hf"
 
@@ -24,7 +24,8 @@ def rank(argv, prog: str, description: str) -> int:
     argv = list(argv)
     module = backend_module(preparsed_option(argv, "backend", DEFAULT_BACKEND))
     args, readout, options = parse_command([RankArguments, ReadoutConfig, module.Options], argv, prog, description)
-    metrics = run(args, readout, options)
+    with progress_bars(args.progress):
+        metrics = run(args, readout, options)
     print(
         f"ranked {metrics['instances']} {args.split} instances in {metrics['seconds']:.1f} s "
         f"({metrics['instances_per_second']} instances/s, {args.backend}, {readout.readout})"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 from delrec.config import parse_command, preparsed_option
+from delrec.llm.loading import progress_bars
 
 
 def export_classes(argv) -> list[type]:
@@ -28,7 +29,8 @@ def export(argv, prog: str, description: str) -> int:
 
     argv = list(argv)
     config, options = parse_command(export_classes(argv), argv, prog, description)
-    out = export_teacher(config, options)
+    with progress_bars(config.progress):
+        out = export_teacher(config, options)
     info = read_json(out / INFO_FILE)
     source = info["source"]
     keys = ("num_instances", "num_train_instances", "num_items", "topk", "score_kind", "embedding_dim", "seconds", "instances_per_second")

@@ -34,7 +34,14 @@ FORMAT_VERSION = 1
 
 
 def _is_base_model(value: Any) -> bool:
-    return isinstance(value, dict) and isinstance(value.get("model_name_or_path"), str)
+    return (isinstance(value, dict) and isinstance(value.get("model_name_or_path"), str)
+            and isinstance(value.get("trust_remote_code", False), bool)
+            and isinstance(value.get("fingerprint"), (str, type(None))))
+
+
+def _is_item_tokens(value: Any) -> bool:
+    return value is None or (isinstance(value, dict) and isinstance(value.get("sr_model"), str) and all(
+        positive_int(value.get(key)) for key in ("num_items", "sr_dim", "hidden", "first_token_id")))
 
 
 def _is_soft_prompt(value: Any) -> bool:
@@ -53,7 +60,13 @@ TEMPLATE_RECORD = "null or an object whose name is a template of the prompts fol
 # what loading reads from delrec.json: a damaged one is refused in one line, not met as a KeyError mid-load
 HEADER = Header("DELRec LLM description", "kind", KIND, FORMAT_VERSION,
                 "re-run the stage that wrote this folder with this delrec", fields={
-                    "base_model": FieldRule(_is_base_model, "an object with the base model's model_name_or_path"),
+                    "stage": FieldRule(lambda value: isinstance(value, str), "the name of the stage that wrote it"),
+                    "base_model": FieldRule(_is_base_model, "an object with the base model's model_name_or_path "
+                                            "(a string), its fingerprint (a string or null) and trust_remote_code "
+                                            "(true or false)"),
+                    "domain": FieldRule(lambda value: value is None or isinstance(value, str), "null or a string"),
+                    "item_tokens": FieldRule(_is_item_tokens, "null or an object with the SR model (sr_model) and "
+                                             "positive num_items, sr_dim, hidden and first_token_id"),
                     "soft_prompt": FieldRule(_is_soft_prompt, "null or an object with a name and a positive "
                                                               "num_tokens"),
                     "template": FieldRule(lambda value: value is None or _names_a_template(value), TEMPLATE_RECORD),

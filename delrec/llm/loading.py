@@ -105,6 +105,28 @@ class LoraSettings:
             raise ValueError("LoRA target_modules: all-linear already covers every linear layer; give it alone")
 
 
+@contextlib.contextmanager
+def progress_bars(enabled: bool):
+    """Without `enabled` (a command's --no_progress), also hide the bars transformers and datasets draw themselves
+    (weight loading, dataset maps) while the command runs; they come back after it, for in-process callers."""
+    if enabled:
+        yield
+        return
+    import datasets
+    from transformers.utils import logging
+
+    shown = logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown[0]:
+            logging.enable_progress_bar()
+        if shown[1]:
+            datasets.enable_progress_bars()
+
+
 def load_model(config: ModelConfig):
     """Return `(model, tokenizer)`: a causal LM on the requested device and its tokenizer with a pad token."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -206,6 +228,8 @@ def resolve_source(name: str) -> str:
 
 def describe_non_model_folder(path: Path) -> str | None:
     """What a local folder is when it is not a Hugging Face model folder, or None when it looks like one."""
+    if (path / INFO_FILE).is_file() and _json_field(path / INFO_FILE, "stage") in STAGE_FOLDER_USES:
+        return _stage_folder_advice(path)
     written_by_a_stage = _stage_folder_evidence(path)
     if written_by_a_stage:
         return (f"a DELRec stage folder (it holds {written_by_a_stage}) without its {INFO_FILE}, which says how to "
@@ -229,6 +253,22 @@ def describe_non_model_folder(path: Path) -> str | None:
     if "model_type" not in config:
         return f"not a Hugging Face model folder ({config_file} has no model_type)"
     return None
+
+
+STAGE_FOLDER_USES = {
+    "distill-pattern": ("stage 1 (distill-pattern)", "to use its soft prompt, pass the folder as --stage1 of "
+                        "`delrec llm finetune` (with --soft_prompt stage1)"),
+    "finetune": ("stage 2 (finetune)", "rank it with `delrec rank --model`, or merge it with `delrec export`"),
+}
+
+
+def _stage_folder_advice(path: Path) -> str:
+    """A finished stage folder passed where a base model goes: which stage wrote it, and what to pass instead."""
+    label, use = STAGE_FOLDER_USES[_json_field(path / INFO_FILE, "stage")]
+    base = _json_field(path / INFO_FILE, "base_model")
+    base_name = base.get("model_name_or_path") if isinstance(base, dict) else None
+    return (f"a DELRec {label} folder ({INFO_FILE}), not a base model: pass the base model it was trained on "
+            f"({base_name or f'see {INFO_FILE}'}) instead; {use}")
 
 
 def _stage_folder_evidence(path: Path) -> str | None:

@@ -66,6 +66,7 @@ from delrec.llm.training import (
     TrainingSettings,
     answer_log_probs,
     apply_runtime,
+    best_metric,
     main_process,
     model_description,
     on_cpu,
@@ -340,6 +341,8 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
     if settings.weight_decay != 0:
         raise DelrecError(f"stage 1 trains soft-prompt rows with weight_decay 0 (decay would move every vocabulary "
                           f"row), got {settings.weight_decay}; remove weight_decay from the config")
+    metric = best_metric(settings, stage1_metrics, args.tasks,
+                         "rps_agreement" if "rps" in args.tasks else "ta_accuracy")
     out = Path(args.out)
     dataset = PreparedDataset.load(args.data)
     templates = {task: get_template(getattr(args, f"{task}_template"), args.prompts_dir) for task in args.tasks}
@@ -383,7 +386,7 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
         model=model,
         args=sft_config(settings, out / CHECKPOINTS_DIR, on_cpu(model), precision,
                         learning_rate=DEFAULT_LEARNING_RATE,
-                        metric_for_best_model="rps_agreement" if "rps" in args.tasks else "ta_accuracy",
+                        metric_for_best_model=metric,
                         resuming=run.resume_from is not None, load_best_model_at_end=False),
         train_dataset=train,
         eval_dataset=valid.select_columns(tokens_only),

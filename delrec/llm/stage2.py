@@ -43,6 +43,7 @@ from delrec.llm.training import (
     StageResult,
     TrainingSettings,
     apply_runtime,
+    best_metric,
     main_process,
     model_description,
     on_cpu,
@@ -184,6 +185,7 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
 
     started = time.perf_counter()
     apply_runtime(settings)
+    metric = best_metric(settings, stage2_metrics, ["lsr"], "ndcg@5")
     out = Path(args.out)
     dataset = PreparedDataset.load(args.data)
     stage1 = _stage1_info(args, dataset, model_config)
@@ -241,7 +243,7 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
         model=model,
         args=sft_config(settings, out / CHECKPOINTS_DIR, on_cpu(model), precision,
                         learning_rate=DEFAULT_LEARNING_RATE,
-                        metric_for_best_model="ndcg@5", resuming=run.resume_from is not None, optim=args.optim),
+                        metric_for_best_model=metric, resuming=run.resume_from is not None, optim=args.optim),
         train_dataset=sets["train"].rows.select_columns(train_columns),
         eval_dataset=sets["valid"].rows.select_columns(tokens_only),
         processing_class=tokenizer,

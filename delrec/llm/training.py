@@ -331,6 +331,18 @@ class RankCounts:
         return {**ranking.compute(), "chance@1": sum(1 / n for n in self.sizes) / len(self.sizes)}
 
 
+def best_metric(settings: TrainingSettings, summarize: Callable[[dict[str, RankCounts]], dict[str, float]],
+                tasks, default: str) -> str:
+    """The valid metric that picks the best checkpoint, checked against the names `summarize` (what the stage's
+    evaluation reports) gives for `tasks`, before anything loads: the Trainer looks it up only after training."""
+    chosen = settings.metric_for_best_model or default
+    reported = list(summarize({task: RankCounts([0], [0], [1]) for task in tasks}))
+    if chosen not in reported:
+        raise DelrecError(f"--metric_for_best_model {chosen!r} is not a metric this stage reports; "
+                          f"valid: {', '.join(reported)}")
+    return chosen
+
+
 class CandidateEvaluator:
     """Ranks the candidates of eval rows (`prompt`, `candidates`, `answer`, `task` columns) by log-likelihood.
 
