@@ -307,7 +307,7 @@ CASES = {
         "other-train.jsonl: predictions were made on dataset"),
     "prompts-render/tokenizer-of-an-sr-model": (
         lambda w, t: ["prompts", "render", "plain", "--data", w.data, "--tokenizer", w.sr],
-        "sasrec: model folder without tokenizer files"),
+        "sasrec is a delrec SR model folder (sasrec), not an LLM"),
     "prompts-lint/undeclared-placeholder": (
         lambda w, t: ["prompts", "lint", "--prompts_dir",
                       prompts_folder(t, "lsr.jinja", "Answer:", "{{ cnadidates }}\nAnswer:")],

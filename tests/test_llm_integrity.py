@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -377,4 +378,31 @@ def test_a_stage2_description_with_a_field_of_the_wrong_type_names_it(field, val
     edit_json(folder / "delrec.json", lambda d: d.update({field: value}))
     err = one_line_error(capsys, rank(folder, tiny_llm_data, tmp_path / "ranks"))
     assert f"{folder / 'delrec.json'}: field '{field}' must be" in err, err
+    assert not (tmp_path / "ranks").exists()
+
+
+@pytest.mark.parametrize("name", [ADAPTER, SOFT_PROMPT])
+def test_rank_refuses_integer_weights_that_would_be_cast_without_a_word(name, stage2_llama, tiny_llm_data, tmp_path,
+                                                                       capsys):
+    folder = shutil.copytree(stage2_llama, tmp_path / "stage2")
+    with safe_open(str(folder / name), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(folder / name))
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first].to(torch.int64)
+    save_file(tensors, str(folder / name), metadata=metadata)
+    before = snapshot(folder)
+    err = one_line_error(capsys, rank(folder, tiny_llm_data, tmp_path / "ranks"))
+    assert f"{folder / name}:" in err and ("int64" in err or "I64" in err) and "floating-point" in err, err
+    assert not (tmp_path / "ranks").exists() and snapshot(folder) == before
+
+
+def test_a_stage_folder_whose_base_was_moved_names_the_record_and_the_path(stage2_llama, tiny_llm_data, tmp_path,
+                                                                          capsys):
+    """V4: 'model folder not found: /abs/path' named neither the folder that points there nor what to do."""
+    folder = shutil.copytree(stage2_llama, tmp_path / "stage2")
+    gone = str(tmp_path / "moved-away")
+    edit_json(folder / "delrec.json", lambda info: info["base_model"].update(model_name_or_path=gone))
+    err = one_line_error(capsys, rank(folder, tiny_llm_data, tmp_path / "ranks"))
+    assert f"{folder / 'delrec.json'} field 'base_model': the base model {gone} it was trained on is not there" in err
     assert not (tmp_path / "ranks").exists()

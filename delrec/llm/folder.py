@@ -168,8 +168,12 @@ def load_delrec_model(folder: str | Path, device: str = "auto", dtype: str = "au
             f"shipped with {folder} and its base model; delrec never runs it because a folder asks: pass "
             "--trust_remote_code true only if you trust where both came from"
         )
+    recorded = model_info["model_name_or_path"]
+    if base is None and Path(recorded).is_absolute() and not Path(recorded).exists():  # a local base is recorded absolute
+        raise DelrecError(f"{folder / INFO_FILE} field 'base_model': the base model {recorded} it was trained on is "
+                          "not there (moved or deleted); put it back at that path, or re-run the stage")
     config = ModelConfig(
-        base or model_info["model_name_or_path"], dtype=dtype, device=device,
+        base or recorded, dtype=dtype, device=device,
         load_in_4bit=model_info.get("load_in_4bit", False), load_in_8bit=model_info.get("load_in_8bit", False),
         trust_remote_code=trust_remote_code,
     )
@@ -287,6 +291,11 @@ def _load_adapter(model, folder: Path):
     if weights.is_file():
         with safe_open(str(weights), framework="pt") as handle:
             held = set(handle.keys())
+            integral = next(((k, handle.get_slice(k).get_dtype()) for k in sorted(held)
+                             if not handle.get_slice(k).get_dtype().startswith(("F", "BF"))), None)
+        if integral is not None:  # PEFT would cast it to the LoRA matrices' dtype without a word
+            raise DelrecError(f"{weights}: tensor '{integral[0]}' is {integral[1]}, expected floating-point LoRA "
+                              f"weights; the file is damaged or not an adapter: {remedy}")
         missing = sorted(set(adapter) - held)
         if missing:
             shown = ", ".join(missing[:2]) + (f" and {len(missing) - 2} more" if len(missing) > 2 else "")

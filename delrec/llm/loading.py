@@ -173,6 +173,10 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
 
     folder = Path(source)
     if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        known = any((folder / name).is_file() for name in ("config.json", "meta.json", INFO_FILE))
+        problem = describe_non_model_folder(folder) if known else None  # an SR model or a dataset, say
+        if problem:
+            raise DelrecError(f"{source} is {problem}")
         raise DelrecError(
             f"{source}: model folder without tokenizer files ({', '.join(TOKENIZER_FILES)}); "
             "save the base model's tokenizer into it (tokenizer.save_pretrained)"

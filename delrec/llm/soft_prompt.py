@@ -290,6 +290,9 @@ def _read_file(path: Path) -> tuple[str, torch.Tensor]:
         name = metadata["name"]
     except (KeyError, ValueError):
         raise DelrecError(f"{path}: soft-prompt metadata lacks name, num_tokens or hidden_size") from None
+    if not rows.is_floating_point():
+        raise DelrecError(f"{path}: embeddings of dtype {rows.dtype}, expected floating-point soft-prompt rows (damaged "
+                          "file)")
     if rows.ndim != 2 or tuple(rows.shape) != expected:
         raise DelrecError(f"{path}: embeddings of shape {list(rows.shape)}, its metadata says {list(expected)} (damaged file)")
     if first_nonfinite([("embeddings", rows)]):
