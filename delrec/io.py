@@ -392,12 +392,28 @@ def _refuse_constant(name: str) -> None:
     raise _NotJSON(f"{name} is not a JSON number (JSON has no NaN or infinities)")
 
 
-def loads_json(text: str, path: str | os.PathLike, line: int | None = None) -> Any:
+class _DuplicateKey(ValueError):
+    """A key given twice in one JSON object: Python's json keeps the last value without a word."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        key = next(key for i, (key, _) in enumerate(pairs) if key in dict(pairs[:i]))
+        shown = repr(key) if len(repr(key)) <= 60 else f"{repr(key)[:60]}..."
+        raise _DuplicateKey(f"key {shown} appears twice in one object; expected each key once (which value is meant?)")
+    return found
+
+
+def loads_json(text: str, path: str | os.PathLike, line: int | None = None, unique_keys: bool = False) -> Any:
     """`json.loads` for a file's text, every failure a located one-line `DelrecError`: invalid JSON, NaN or
     Infinity (Python would accept them, no other reader does), nesting deeper than the interpreter's stack
-    and numbers longer than Python converts (both would otherwise be tracebacks)."""
+    and numbers longer than Python converts (both would otherwise be tracebacks); with `unique_keys`, a key
+    given twice in one object (raw inputs, where the user's file decides what a record means)."""
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys if unique_keys else None)
+    except _DuplicateKey as exc:
+        raise DelrecError(f"{where(path, line)}: {exc}") from None
     except json.JSONDecodeError as exc:
         raise DelrecError(f"{where(path, line or exc.lineno)}: invalid JSON ({exc.msg})") from None
     except RecursionError:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import difflib
 import io
-import json
 import math
 import re
 from os import PathLike
@@ -96,41 +95,12 @@ def numbered_lines(text: str) -> Iterator[tuple[int, str]]:
             yield number, line
 
 
-class _DuplicateKey(Exception):
-    """A key given twice in one JSON object (not a ValueError, which `jsonl_records` hands to `loads_json`)."""
-
-    def __init__(self, key: str):
-        super().__init__(key)
-        self.key = key
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    record: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in record:
-            raise _DuplicateKey(key)
-        record[key] = value
-    return record
-
-
-def _no_constant(name: str) -> None:
-    """NaN and Infinity, which Python's json accepts: `loads_json` refuses them, with its message."""
-    raise ValueError(name)
-
-
 def jsonl_records(path: Path, expected: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) per non-blank line of a JSON-lines file. A key given twice in one object is
     refused (plain JSON readers keep the last one without a word; delrec refuses duplicate YAML keys too);
-    any other problem gets the message of every JSON file delrec reads (`delrec.io.loads_json`)."""
+    every problem gets the message of every JSON file delrec reads (`delrec.io.loads_json`)."""
     for number, line in numbered_lines(read_text(path, expected)):
-        try:
-            record = json.loads(line, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
-        except _DuplicateKey as exc:
-            raise DelrecError(f"{where(path, number)}: key {excerpt(exc.key, 60)} appears twice in one object; "
-                              "expected each key once (which value is meant?)") from None
-        except (ValueError, RecursionError):
-            loads_json(line, path, number)  # raises the located one-line error
-            raise
+        record = loads_json(line, path, number, unique_keys=True)
         if not isinstance(record, dict):
             raise DelrecError(f"{where(path, number)}: expected a JSON object, got {type(record).__name__}")
         yield number, record
