@@ -1,13 +1,17 @@
-"""DELRec with the real LLM on Last.fm (issue #13): does stage 2 learn, and does the distilled soft prompt help?
+"""DELRec with the real LLM on Last.fm (issue #13) and games (issue #31): does stage 2 learn, and does the distilled
+soft prompt help?
 
     .venv/bin/python benchmarks/delrec_real.py                  # every variant, ~2 hours on 2 cores
     .venv/bin/python benchmarks/delrec_real.py --variants popularity,sasrec,zero_shot
     .venv/bin/python benchmarks/delrec_real.py --rows 480       # a bigger stage-2 budget (those variants re-run)
+    .venv/bin/python benchmarks/delrec_real.py --dataset games --rows 3840 --variants lora_plain   # one variant
 
 Every step runs the shipped `delrec` commands and configs in a subprocess (log in the work folder),
-on LLaRA's Last.fm (../shared/data/lastfm: 122 test users, each with 20 fixed candidates) and the
-imported Gemma 3 270M (`--llm`; imported once into the work folder when absent). Variants, all
-ranked on the same 122 test candidate sets, nothing chosen on test:
+on LLaRA's Last.fm (../shared/data/lastfm: 122 test users, each with 20 fixed candidates) or, with
+`--dataset games`, LLMRank's Amazon Video Games (../shared/data/games: 50,546 users, 20 fixed candidates;
+`--test-users` of them, a seeded sample: `delrec rank --max_instances N --sample_seed S`, the same
+users for every variant), and the imported Gemma 3 270M (`--llm`; imported once into the work folder
+when absent). Variants, all ranked on the same test candidate sets, nothing chosen on test:
 
 - `popularity`, `sasrec`: the SR baselines (configs/sr/sasrec.yaml), scored on the candidates;
 - `zero_shot`: the pretrained LLM with the plain template, no training;
@@ -53,6 +57,14 @@ from delrec.report import NOISE_SE, above_chance
 
 ROOT = Path(__file__).resolve().parents[1]
 LASTFM = ROOT.parent / "shared" / "data" / "lastfm"
+# per dataset: raw data and its format, the domain wording, the stage configs, the default test sample
+DATASETS = {
+    "lastfm": {"label": "Last.fm", "issue": "#13", "input": LASTFM, "format": "rows", "domain": "artist",
+               "distill": "gemma-lastfm-distill.yaml", "finetune": "gemma-lastfm-finetune.yaml", "test_users": None},
+    "games": {"label": "games", "issue": "#31", "input": ROOT.parent / "shared" / "data" / "games",
+              "format": "recbole", "domain": "game", "distill": "gemma-games-distill.yaml",
+              "finetune": "gemma-games-finetune.yaml", "test_users": 1000},
+}
 CONFIGS = ROOT / "configs"
 WORK = ROOT / "benchmarks" / "out" / "delrec_real"
 RESULTS = ROOT / "benchmarks" / "results" / "delrec_real"
@@ -71,10 +83,17 @@ COMPARISONS = (("lora_plain", "zero_shot"), ("delrec", "lora_plain"), ("delrec",
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="lastfm",
+                   help="lastfm (122 test users) or games (a seeded sample of --test-users users)")
+    p.add_argument("--test-users", dest="test_users", type=int, default=None,
+                   help="test users ranked, a seeded sample (default: every one for lastfm, 1000 for games)")
+    p.add_argument("--sample-seed", dest="sample_seed", type=int, default=0, help="seed of the test-user sample")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, run in this order: {', '.join(VARIANTS)}")
     p.add_argument("--llm", type=Path, default=None,
                    help="the imported model folder (default: WORK/gemma, imported with `delrec llm import gemma-3-270m`)")
-    p.add_argument("--work", type=Path, default=WORK, help="work folder (kept: finished variants are reused)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="work folder (kept: finished variants are reused; default benchmarks/out/delrec_real, "
+                        "delrec_games for games)")
     p.add_argument("--rows", type=int, default=240, help="stage-2 training instances (seeded subsample), every LoRA variant")
     p.add_argument("--stage1-rows", dest="stage1_rows", type=int, default=128, help="stage-1 training instances per task")
     p.add_argument("--objective", choices=("answer", "listwise"), default="listwise", help="stage-2 loss")
@@ -91,12 +110,18 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-generate", dest="generate", action="store_false",
                    help="skip the generate read-out of the LLM variants")
-    p.add_argument("--results", type=Path, default=RESULTS,
+    p.add_argument("--results", type=Path, default=None,
                    help="results folder (one subfolder per variant); its name also names the JSON summary and the "
-                        "RESULTS.md block, so a run at another budget keeps the default run's results")
+                        "RESULTS.md block, so a run at another budget keeps the default run's results (default "
+                        "benchmarks/results/delrec_real, delrec_games for games)")
     p.add_argument("--json", type=Path, default=None, help="summary (default: RESULTS_FOLDER.json beside it)")
     p.add_argument("--markdown", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = p.parse_args(argv)
+    args.spec = DATASETS[args.dataset]
+    suffix = "" if args.dataset == "lastfm" else "_games"
+    args.work = args.work or WORK.with_name(f"delrec{suffix or '_real'}")
+    args.results = args.results or RESULTS.with_name(f"delrec{suffix or '_real'}")
+    args.test_users = args.test_users or args.spec["test_users"]
     args.json = args.json or args.results.parent / f"{args.results.name}.json"
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(args.variants) - set(VARIANTS))
@@ -153,11 +178,11 @@ def ensure_llm(args) -> Path:
 
 
 def ensure_data(args) -> Path:
-    folder = args.work / "data"
+    folder, source = args.work / "data", args.spec["input"]
     if not (folder / "meta.json").is_file():
-        if not LASTFM.is_dir():
-            raise SystemExit(f"Last.fm data not found at {LASTFM}")
-        delrec(["data", "prepare", "--format", "rows", "--input", str(LASTFM), "--out", str(folder)],
+        if not source.is_dir():
+            raise SystemExit(f"{args.spec['label']} data not found at {source}")
+        delrec(["data", "prepare", "--format", args.spec["format"], "--input", str(source), "--out", str(folder)],
                args.work / "log.txt", args.threads)
     return folder
 
@@ -183,7 +208,7 @@ def sr_variant(args, data: Path, name: str) -> dict:
     """Rank each test candidate set by the SR model's scores (ties: lower candidate index first, as `delrec rank`)."""
     import torch
 
-    from delrec.data.dataset import PreparedDataset
+    from delrec.data.dataset import PreparedDataset, sampled_indices
     from delrec.io import atomic_write, write_json
     from delrec.sr import load_model
 
@@ -192,6 +217,8 @@ def sr_variant(args, data: Path, name: str) -> dict:
     model = load_model(folder)
     model.eval()
     instances, candidates = dataset.instances("test"), dataset.candidates("test")
+    chosen = sampled_indices(len(instances), args.test_users, args.sample_seed)
+    instances, candidates = [instances[i] for i in chosen], [candidates[i] for i in chosen]
     rows = []
     with torch.inference_mode():
         for inst, cands in zip(instances, candidates):
@@ -235,7 +262,7 @@ def rank_variant(args, model: Path, data: Path, name: str, extra: list[str]) -> 
         work = args.work / name / f"rank-{readout}"
         shutil.rmtree(work, ignore_errors=True)
         delrec(["rank", "--model", str(model), "--data", str(data), "--split", "test", "--readout", readout,
-                "--dtype", "float32", "--device", "cpu", "--out", str(work), "--no_progress", *extra],
+                "--dtype", "float32", "--device", "cpu", "--out", str(work), "--no_progress", *sample(args), *extra],
                args.work / name / "log.txt", args.threads)
         target.mkdir(parents=True, exist_ok=True)
         for file in ("rankings.jsonl", "metrics.json"):
@@ -243,6 +270,18 @@ def rank_variant(args, model: Path, data: Path, name: str, extra: list[str]) -> 
     if not args.generate:
         shutil.rmtree(out / "generate", ignore_errors=True)
     return json.loads((out / "metrics.json").read_text())
+
+
+def test_sample(args) -> dict:
+    """The test users' sample in a step's settings (none for every user: the settings of earlier runs)."""
+    return {} if args.test_users is None else {"test_users": args.test_users, "sample_seed": args.sample_seed}
+
+
+def sample(args) -> list[str]:
+    """`delrec rank` options that rank the benchmark's test users (all of them without --test-users)."""
+    if args.test_users is None:
+        return []
+    return ["--max_instances", str(args.test_users), "--sample_seed", str(args.sample_seed)]
 
 
 def stage1(args, data: Path, llm: Path, sasrec: Path) -> Path:
@@ -255,7 +294,7 @@ def stage1(args, data: Path, llm: Path, sasrec: Path) -> Path:
                                        "valid_users": args.valid_users})
     if not step.done():
         step.start()
-        delrec(["llm", "distill-pattern", "--config", str(CONFIGS / "delrec" / "gemma-lastfm-distill.yaml"),
+        delrec(["llm", "distill-pattern", "--config", str(CONFIGS / "delrec" / args.spec["distill"]),
                 "--data", str(data), "--train_predictions", str(sasrec / "train.jsonl"),
                 "--valid_predictions", str(sasrec / "valid.jsonl"), "--out", str(step.folder),
                 "--model_name_or_path", str(llm), "--max_train_instances", str(args.stage1_rows),
@@ -277,7 +316,7 @@ def stage2(args, data: Path, llm: Path, name: str, soft: list[str]) -> Path:
         step.start()
         lr = ["--learning_rate", str(args.learning_rate)] if args.learning_rate else []
         # test is ranked afterwards by `delrec rank` (it writes the rankings), so the stage scores one test user
-        delrec(["llm", "finetune", "--config", str(CONFIGS / "delrec" / "gemma-lastfm-finetune.yaml"),
+        delrec(["llm", "finetune", "--config", str(CONFIGS / "delrec" / args.spec["finetune"]),
                 "--data", str(data), "--model_name_or_path", str(llm), "--out", str(step.folder), *soft,
                 "--objective", args.objective, "--max_train_instances", str(args.rows),
                 "--per_device_train_batch_size", str(args.batch), "--eval_steps", str(args.eval_steps),
@@ -296,12 +335,14 @@ def run_variant(args, name: str, data: Path) -> dict:
     result_settings = {"rows": args.rows, "objective": args.objective, "learning_rate": args.learning_rate,
                        "stage1_rows": args.stage1_rows, "stage1_objective": args.stage1_objective, "seed": args.seed,
                        "generate": args.generate,
-                       "valid_users": args.valid_users, "batch": args.batch, "eval_steps": args.eval_steps}
-    ranked = Step(args.results / name, result_settings if name != "zero_shot" else {"generate": args.generate})
+                       "valid_users": args.valid_users, "batch": args.batch, "eval_steps": args.eval_steps,
+                       **test_sample(args)}
+    ranked = Step(args.results / name, result_settings if name != "zero_shot"
+                  else {"generate": args.generate, **test_sample(args)})
     summary: dict = {}
     if name == "zero_shot":
         model = llm
-        extra = ["--template", "plain", "--domain", "artist"]
+        extra = ["--template", "plain", "--domain", args.spec["domain"]]
     else:
         soft = {"lora_plain": ["--soft_prompt", "none", "--template", "plain"],
                 "lora_random": ["--soft_prompt", "random", "--soft_prompt_tokens", "20", "--template", "lsr"],
@@ -463,19 +504,24 @@ def plot_curves(report: dict, path: Path) -> Path | None:
 
 def section(report: dict, results: Path) -> str:
     v, s = report["verdicts"], report["settings"]
+    spec = DATASETS[s.get("dataset", "lastfm")]
+    tested = next(iter(report["variants"].values()))["metrics"]["instances"] if report["variants"] else 0
+    sampled = f" (a seeded sample, seed {s['sample_seed']})" if s.get("test_users") else ""
     begin, end = marks(results)
     lines = [
         begin,
-        "## DELRec with the real LLM on Last.fm (issue #13)" + ("" if results == RESULTS else f": {s['rows']} stage-2 rows"),
+        f"## DELRec with the real LLM on {spec['label']} (issue {spec['issue']})"
+        + ("" if results.name in ("delrec_real", "delrec_games") else f": {s['rows']} stage-2 rows"),
         "",
         "Command: " + "; then ".join(f"`{c}`" for c in report.get("commands", [report["command"]])) + "  ",
         f"Date: {report['finished']} (UTC). Machine: {report['machine']['nproc']} CPUs ({report['machine']['cpu_model']}), "
         f"{s['threads']} torch threads, torch {report['machine']['torch']}.  ",
         f"LLM: Gemma 3 270M (imported GGUF, float32). Stage 2: LoRA r 8 all-linear "
-        f"(configs/delrec/gemma-lastfm-finetune.yaml), {s['rows']} training rows (seeded), batch {s['batch']}, "
+        f"(configs/delrec/{spec['finetune']}), {s['rows']} training rows (seeded), batch {s['batch']}, "
         f"{s['objective']} objective, checkpoint chosen on valid NDCG@5 ({s['valid_users']} valid users, every "
         f"{s['eval_steps']} steps); stage 1 (delrec only): {s['stage1_rows']} TA + {s['stage1_rows']} RPS rows, "
-        f"{s.get('stage1_objective', 'answer')} objective (configs/delrec/gemma-lastfm-distill.yaml). Test: 122 users, 20 fixed candidates, score read-out.",
+        f"{s.get('stage1_objective', 'answer')} objective (configs/delrec/{spec['distill']}). Test: {tested} users"
+        f"{sampled}, {report['num_candidates']} fixed candidates, score read-out.",
         "",
         "| variant | HR@1 | HR@5 | NDCG@5 | HR@1 vs chance (2 SE) |",
         "|---|---:|---:|---:|---|",
@@ -538,7 +584,8 @@ def main(argv=None) -> None:
     num_candidates = PreparedDataset.load(data).num_candidates
     report = {"benchmark": "delrec_real", "command": "python benchmarks/delrec_real.py " + " ".join(argv or sys.argv[1:]),
               "machine": machine(), "objective": args.objective, "num_candidates": num_candidates,
-              "settings": {k: getattr(args, k) for k in ("rows", "stage1_rows", "stage1_objective", "objective", "learning_rate", "batch",
+              "settings": {k: getattr(args, k) for k in ("dataset", "test_users", "sample_seed", "rows", "stage1_rows",
+                                                          "stage1_objective", "objective", "learning_rate", "batch",
                                                           "eval_steps", "valid_users", "threads", "seed", "generate")},
               "variants": {}, "seconds": {}}
     previous = json.loads(args.json.read_text()) if args.json.is_file() else {}

@@ -13,8 +13,10 @@ Variants (each path of each variant runs in a fresh process, so peak RSS is the 
   Gemma configs used: float32 weights, no autocast, transformers' default attention (SDPA).
 - `new`: this checkout with the library defaults: `mixed_precision: auto` (bfloat16 where this CPU measures it
   faster: frozen weights in bfloat16, LoRA matrices and soft rows in float32, the Trainer's autocast), eager
-  attention on CPU; scoring in float32 (the default: bfloat16 rankings agree too little), and once more with
-  `--dtype bfloat16` (`new-bf16`).
+  attention on CPU, training with compiled decoder layers where `torch_compile: auto` compiles them (the warm-up
+  step absorbs the compilation; its seconds are reported apart); scoring in float32 (the default: bfloat16 rankings agree too little), and once more with
+  `--dtype bfloat16` (`new-bf16`); the training paths once more without compiled layers (`new-eager`), so that what
+  compilation adds is measured side by side too.
 
 Paths, on LLaRA's Last.fm rows (`../shared/data/lastfm`, 20 fixed candidates), `--train-batch` examples a step,
 one untimed warm-up step: `scoring` (the first `--score-instances` test instances, plain template,
@@ -42,6 +44,7 @@ import contextlib
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -259,6 +262,12 @@ def time_training(model, tokenizer, dataset, args, settings: dict) -> dict:
         soft.freeze(model)
         model = apply_lora(model, LoraSettings(r=8, alpha=16, dropout=settings["lora_dropout"]))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+    if args.variant == "new":  # the stages' decision: compiled decoder layers where `torch_compile: auto` says so
+        from delrec.llm.training import TrainingSettings, compile_layers, compiles_layers
+
+        settings["compiled"] = compiles_layers(TrainingSettings(), model)
+        if settings["compiled"]:
+            compile_layers(model)
     model.train()
     answers, listwise = AnswerCollator(tokenizer.pad_token_id), ListwiseCollator(tokenizer)
     flops = FlopModel(model.config)
@@ -287,21 +296,27 @@ def time_training(model, tokenizer, dataset, args, settings: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss.item(), floor
 
-    step(0)  # warm-up
-    seconds, floor_flops, losses = 0.0, 0.0, []
+    started = time.perf_counter()
+    step(0)  # warm-up (and compilation, where the layers are compiled)
+    warmup_seconds = time.perf_counter() - started
+    step_seconds, floor_flops, losses = [], 0.0, []
     for index in range(1, steps + 1):
         synchronize(args.device)
         started = time.perf_counter()
         loss, floor = step(index)
         synchronize(args.device)
-        seconds += time.perf_counter() - started
+        step_seconds.append(time.perf_counter() - started)
         floor_flops += floor
         losses.append(round(loss, 4))
+    # the median step times the steps: one step stalled by a neighbour on the shared host (seen: -35%) moves it little
+    seconds = statistics.median(step_seconds) * steps
     profile = profiled(lambda: step(steps + 1), args) if args.profile else None
     real = sum(len(r["input_ids"]) for r in rows[batch:(steps + 1) * batch])
     padded = sum(max(len(r["input_ids"]) for r in rows[i * batch:(i + 1) * batch]) * batch for i in range(1, steps + 1))
     return {"items": steps * batch, "unit": "examples", "seconds": seconds, "floor_flops": floor_flops,
-            "losses": losses, "padding_share": round(1 - real / padded, 3), "profile": profile,
+            "losses": losses, "warmup_seconds": round(warmup_seconds, 1),
+            "step_seconds": [round(t, 2) for t in step_seconds],
+            "padding_share": round(1 - real / padded, 3), "profile": profile,
             "mean_tokens": round(real / (steps * batch), 1)}
 
 
@@ -437,6 +452,7 @@ def row(result: dict, variant: str, path: str, rate: float) -> dict:
             "peak_rss_gb": result["peak_rss_gb"],
             "weights": result["settings"]["weights"], "attention": result["settings"]["attention"],
             "autocast": result["settings"]["autocast"] and path != "scoring",  # scoring runs without autocast
+            "compiled": bool(result["settings"].get("compiled")), "warmup_seconds": result.get("warmup_seconds"),
             "lora_dropout": result["settings"].get("lora_dropout") if path.startswith("stage2") else None}
 
 
@@ -449,8 +465,9 @@ def markdown_section(report: dict) -> str:
         f"`{report['command']}` — {report['finished']} UTC, {m['cpu_model']}, {m['nproc']} cores, "
         f"{report['settings']['threads']} torch threads, torch {m['torch']}, transformers {m['transformers']}; "
         f"{report['wall_seconds'] / 60:.1f} min in all. `today` = the code of {report['baseline']} with float32 "
-        "weights; `new` = this code's defaults. Training: batch "
-        f"{report['settings']['train_batch']}, {report['settings']['train_steps']} timed steps after a warm-up, "
+        "weights; `new` = this code's defaults (`new-eager`: without compiled layers). Training: batch "
+        f"{report['settings']['train_batch']}, the median of {report['settings']['train_steps']} timed steps after a "
+        "warm-up, "
         "Last.fm `lsr` prompts with a 100-token soft prompt; scoring: "
         f"{report['settings']['score_instances']} Last.fm test instances (plain template, 20 candidates).",
         "",
@@ -458,16 +475,17 @@ def markdown_section(report: dict) -> str:
         + "; ".join(f"{d}: {r['mlp']} / {r['lm_head']}" for d, r in rates.items())
         + f". Floor = useful FLOPs (real tokens only) / {report['floor_gflops']} GFLOP/s, the best of them.",
         "",
-        "| path | variant | weights, attention, autocast (LoRA dropout) | measured /s | floor /s | measured / floor "
+        "| path | variant | weights, attention, autocast (LoRA dropout, compilation) | measured /s | floor /s | measured / floor "
         "| new / today "
         "| peak RSS GB |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     today = {r["path"]: r for r in rows if r["variant"] == "today"}
     for r in rows:
-        gain = f"{r['per_second'] / today[r['path']]['per_second']:.2f}x" if r["variant"] == "new" and \
+        gain = f"{r['per_second'] / today[r['path']]['per_second']:.2f}x" if r["variant"] in ("new", "new-eager") and \
             r["path"] in today else ""
         dropout = "" if r.get("lora_dropout") is None else f", LoRA dropout {r['lora_dropout']}"
+        dropout += f", compiled layers ({r['warmup_seconds']:.0f} s warm-up)" if r.get("compiled") else ""
         lines.append(f"| {r['path']} ({r['unit']}) | {r['variant']} | {r['weights']}, {r['attention']}, "
                      f"{'yes' if r['autocast'] else 'no'}{dropout} | {r['per_second']} | {r['floor_per_second']} | "
                      f"{r['ratio']:.2f}x | {gain} | {r['peak_rss_gb']} |")
@@ -525,7 +543,8 @@ def main() -> None:
     p.add_argument("--score-instances", type=int, default=24)
     p.add_argument("--agreement-instances", type=int, default=200)
     p.add_argument("--games", type=Path, default=ROOT / "runs" / "games", help="agreement: a prepared games folder")
-    p.add_argument("--train-steps", type=int, default=3, help="timed steps (one warm-up step more)")
+    p.add_argument("--train-steps", type=int, default=5,
+                   help="timed steps (one warm-up step more); their median times a step")
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=16, help="scoring: sequences per forward pass")
     p.add_argument("--threads", type=int, default=2)
@@ -576,10 +595,11 @@ def main() -> None:
     rates = gemm_rates(dtypes, flops.hidden, flops.intermediate, flops.vocab, args.device)
     peak = max(max(r.values()) for r in rates.values())
     print(f"GEMM GFLOP/s: {rates}; floor at {peak} GFLOP/s", flush=True)
-    trees = {"today": baseline_tree(args.baseline, args.out), "new": ROOT, "new-bf16": ROOT}
+    trees = {"today": baseline_tree(args.baseline, args.out), "new": ROOT, "new-bf16": ROOT, "new-eager": ROOT}
     rows, profiles, results = [], {}, {}
     for path in args.paths.split(","):
-        for variant in args.variants.split(",") + (["new-bf16"] if path == "scoring" else []):
+        extra = ["new-bf16"] if path == "scoring" else ["new-eager"] if "new" in args.variants.split(",") else []
+        for variant in args.variants.split(",") + extra:
             result = worker(args, variant, path, trees[variant])
             results[f"{variant}/{path}"] = {k: v for k, v in result.items() if k not in ("logprobs", "targets")}
             rows.append(row(result, variant, path, peak))

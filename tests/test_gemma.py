@@ -122,17 +122,18 @@ def test_zero_shot_ranking_on_the_real_model(gemma, gemma_data, tmp_path):
     assert 0 <= metrics["test"]["hr@1"] <= 1
 
 
-def test_prompts_longer_than_the_sliding_window_are_shortened_and_scored_exactly(base):
-    """Gemma's sliding layers cache the last 511 tokens: the HF backend's context is that, and a prompt that fits
+def test_prompts_longer_than_the_sliding_window_are_scored_exactly(base):
+    """Gemma's sliding layers see the last 512 tokens: packed scoring keeps the whole prompt cached and puts the
+    window into those layers' masks, so the HF backend takes Gemma's whole context and a prompt beyond the window
     scores as the reference read-out does (one full forward per candidate)."""
-    from delrec.llm.scoring import score_candidates, score_candidates_naive
+    from delrec.llm.scoring import score_candidates, score_candidates_naive, sliding_window
     from delrec.ranking.hf import HFBackend
 
     model, tokenizer = base
     backend = HFBackend(model, tokenizer)
-    assert backend.max_length == model.config.get_text_config().sliding_window - 1 == 511
-    prompt = " ".join([SENTENCE] * 31)  # about 500 tokens: just inside the window
-    assert 400 < len(encode_prompt(tokenizer, prompt)) < backend.max_length - 8
+    assert backend.max_length == model.config.get_text_config().max_position_embeddings
+    prompt = " ".join([SENTENCE] * 45)  # about 720 tokens: past the window
+    assert len(encode_prompt(tokenizer, prompt)) > sliding_window(model) + 100
     fast = score_candidates(model, tokenizer, [prompt], [["tomatoes", "a garden"]])[0].logprob
     slow = score_candidates_naive(model, tokenizer, [prompt], [["tomatoes", "a garden"]])[0].logprob
     assert fast == pytest.approx(slow, abs=1e-3)

@@ -40,8 +40,9 @@ def llama(tiny_llama):
     return HFBackend(model, tokenizer, batch_size=2)
 
 
-def run_rank(model, data, out, readout="score", max_instances=6, **options):
-    args = RankArguments(model=str(model), data=str(data), out=str(out), max_instances=max_instances, progress=False)
+def run_rank(model, data, out, readout="score", max_instances=6, sample_seed=None, **options):
+    args = RankArguments(model=str(model), data=str(data), out=str(out), max_instances=max_instances,
+                         sample_seed=sample_seed, progress=False)
     from delrec.ranking.hf import Options
 
     return rank(args, ReadoutConfig(readout=readout, **options), Options(device="cpu", batch_size=4))
@@ -257,6 +258,20 @@ def test_history_is_truncated_from_the_oldest_side_exactly_as_training_does(tiny
     assert metrics["truncated_prompts"] == sum(d > 0 for d in dropped)
     assert metrics["dropped_history_items"] == sum(dropped)
     assert [row["dropped_history"] for row in rows_of(tmp_path / "out")] == dropped
+
+
+def test_a_seeded_sample_ranks_the_same_users_as_a_teacher_export(tiny_llama, tiny_llm_data, tmp_path):
+    from delrec.distill.export import sampled_instances
+
+    instances = PreparedDataset.load(tiny_llm_data).instances("test")
+    run_rank(tiny_llama, tiny_llm_data, tmp_path / "a", max_instances=4, sample_seed=7)
+    run_rank(tiny_llama, tiny_llm_data, tmp_path / "b", "generate", max_instances=4, sample_seed=7)
+    ids = [row["id"] for row in rows_of(tmp_path / "a")]
+    assert ids == [row["id"] for row in rows_of(tmp_path / "b")]
+    assert ids == [inst.id for inst in sampled_instances(instances, 4, 7)] == sorted(ids)
+    assert ids != list(range(4))  # not the first four (this seed draws others)
+    run_rank(tiny_llama, tiny_llm_data, tmp_path / "c", max_instances=4, sample_seed=8)
+    assert [row["id"] for row in rows_of(tmp_path / "c")] != ids
 
 
 def test_colliding_titles_are_ranked_lower_index_first_and_reported(tiny_llama, tiny_llm_data, tmp_path):

@@ -15,6 +15,7 @@ from delrec.llm.scoring import (
     rank_candidates,
     score_candidates,
     score_candidates_naive,
+    sliding_window,
 )
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.tokenization import adds_bos, decode_completion, encode_completion, encode_pair, encode_prompt
@@ -132,11 +133,36 @@ def test_packed_candidates_equal_one_row_per_candidate_and_the_reference(attenti
 
     model, tokenizer = load_tiny(tiny_llm)
     model.config._attn_implementation = attention
-    assert scoring._packs_candidates(model)
+    assert scoring.packs_candidates(model)
     packed = score_candidates(model, tokenizer, PROMPTS, CANDIDATES, batch_size=2)
-    monkeypatch.setattr(scoring, "_packs_candidates", lambda model: False)
+    monkeypatch.setattr(scoring, "packs_candidates", lambda model: False)
     assert_same(score_candidates(model, tokenizer, PROMPTS, CANDIDATES, batch_size=2), packed)
     assert_same(packed, score_candidates_naive(model, tokenizer, PROMPTS, CANDIDATES))
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_prompts_longer_than_a_sliding_window_are_scored_exactly(attention, tiny_llm):
+    """Gemma 3's sliding layers see the last `window` tokens only: packed scoring keeps the whole prompt in the
+    cache and puts the window into those layers' masks, so a prompt longer than the window scores as one full forward
+    per candidate does (where the model applies its windows itself)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _, tokenizer = load_tiny(tiny_llm)
+    config = AutoConfig.for_model("gemma3_text", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                  sliding_window=6, layer_types=["sliding_attention", "full_attention",
+                                                                 "sliding_attention"],
+                                  max_position_embeddings=256, attn_implementation=attention)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert sliding_window(model) == 6 and max(len(encode_prompt(tokenizer, p)) for p in PROMPTS) > 3 * 6
+    packed = score_candidates(model, tokenizer, PROMPTS, CANDIDATES, batch_size=2)
+    assert_same(packed, score_candidates_naive(model, tokenizer, PROMPTS, CANDIDATES))
+    config.sliding_window = 1000  # the windows matter: the same weights without them score otherwise
+    unwindowed = AutoModelForCausalLM.from_config(config).eval()
+    unwindowed.load_state_dict(model.state_dict())
+    with pytest.raises(AssertionError):
+        assert_same(packed, score_candidates_naive(unwindowed, tokenizer, PROMPTS, CANDIDATES))
 
 
 def test_batch_size_does_not_change_the_numbers(tiny_llm):

@@ -40,6 +40,19 @@ class Instance:
     user: str | None = None
 
 
+def sampled_indices(total: int, count: int | None, seed: int | None) -> list[int]:
+    """Which of `total` instances a command takes, in dataset order: the first `count` with no seed, else `count`
+    drawn without replacement from a stream of (seed, total) alone, so that every command (ranking with any model or
+    backend, a teacher export) given the same seed and count takes the same users; all of them for count None."""
+    if count is None or count >= total:
+        return list(range(total))
+    if seed is None:
+        return list(range(count))
+    import numpy as np
+
+    return sorted(np.random.default_rng([seed, total]).choice(total, size=count, replace=False).tolist())
+
+
 def split_file(split: str) -> str:
     return f"{split}.jsonl"
 

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from delrec.config import SEED, at_least, between, check_fields
-from delrec.data.dataset import Instance, PreparedDataset
+from delrec.data.dataset import Instance, PreparedDataset, sampled_indices
 from delrec.distill.embedding import item_knn_hit_rate
 from delrec.distill.teacher import SPLIT, check_teacher_out, write_teacher
 from delrec.errors import DelrecError
@@ -201,10 +201,7 @@ def export_teacher(config: TeacherExportConfig, options=None) -> Path:
 
 def sampled_instances(instances: list[Instance], count: int | None, seed: int) -> list[Instance]:
     """`count` instances drawn without replacement (seeded), in dataset order; all of them for None."""
-    if count is None or count >= len(instances):
-        return instances
-    rng = np.random.default_rng([seed, len(instances)])  # its own stream: rerank's draws use `seed` alone
-    return [instances[i] for i in sorted(rng.choice(len(instances), size=count, replace=False).tolist())]
+    return [instances[i] for i in sampled_indices(len(instances), count, seed)]
 
 
 def is_sr_folder(path: str | Path) -> bool:

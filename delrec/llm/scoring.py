@@ -98,13 +98,19 @@ def candidate_log_likelihoods(
     (`delrec.llm.listwise`) ranks by exactly the quantity the read-out ranks by, through the same
     shared-prompt KV cache. `score_candidates` is this under inference mode, from text.
     """
+    from transformers import DynamicCache
+
     device = _device(model)
     head = LogProbHead.of(model)
     ids, prompt_mask = _pad(prompts, left=True, device=device)
     prompt_lengths = prompt_mask.sum(-1)
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
+    packs = packs_candidates(model)
+    # Packing keeps every prompt token in the cache (no layer drops what slides out of its window) and puts each
+    # sliding layer's window into its mask instead (`_packed_masks`), so prompts may be longer than the window.
+    full_cache = {"past_key_values": DynamicCache()} if packs and sliding_window(model) else {}
     last_hidden, cache = head.forward(input_ids=ids, attention_mask=prompt_mask, position_ids=positions,
-                                      use_cache=True, last_only=True)
+                                      use_cache=True, last_only=True, **full_cache)
     prompt_last = last_hidden[:, -1]  # every prompt ends at the last column
     prompt_normaliser = head.normaliser(prompt_last)
     cache_layers = [(layer[0], layer[1]) for layer in cache]
@@ -117,7 +123,7 @@ def candidate_log_likelihoods(
     owners = torch.tensor([owner for owner, _ in rows], device=device)
     first_ids = torch.tensor([cand[0] for _, cand in rows], device=device)
     first = head.target_logits(prompt_last[owners], first_ids) - prompt_normaliser[owners]
-    if _packs_candidates(model):
+    if packs:
         rest = _packed_continuation_logprobs(head, candidates, cache_layers, prompt_mask, prompt_lengths)
     else:  # a kernel that ignores custom masks (flash attention): one row per candidate, each with its own cache copy
         rest = torch.zeros(len(rows), device=device)
@@ -133,8 +139,34 @@ def candidate_log_likelihoods(
 PACKING_ATTENTION = ("eager", "sdpa")  # attention implementations that honour a custom 4D mask
 
 
-def _packs_candidates(model) -> bool:
+def packs_candidates(model) -> bool:
+    """Whether each prompt's candidates share one row behind a custom mask (eager and SDPA attention honour one),
+    which also lets prompts outrun a sliding window; other kernels get one row per candidate."""
     return getattr(model.config, "_attn_implementation", None) in PACKING_ATTENTION
+
+
+def sliding_window(model) -> int | None:
+    """The attention window of the model's sliding layers (Gemma 3: 5 of every 6 layers, 512 tokens), None without."""
+    config = getattr(model.config, "text_config", None) or model.config
+    window = getattr(config, "sliding_window", None)
+    return window if window and "sliding_attention" in (getattr(config, "layer_types", None) or ()) else None
+
+
+def _packed_masks(head: "LogProbHead", visible: torch.Tensor, key_positions: torch.Tensor,
+                  query_positions: torch.Tensor):
+    """The packed pass's mask as the attention kernel takes it: additive for eager, boolean for SDPA; for a model
+    with sliding layers, one per layer type, the sliding one also hiding keys a window or more behind the query
+    (transformers' rule: key position > query position - window)."""
+    window = sliding_window(head.model)
+    masks = {"full_attention": visible}
+    if window:
+        near = key_positions[:, None, :] > query_positions[:, :, None] - window
+        masks["sliding_attention"] = visible & near[:, None]
+    if head.model.config._attn_implementation == "eager":  # eager adds its mask to the scores
+        dtype = next(head.model.parameters()).dtype
+        masks = {kind: torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+                 for kind, mask in masks.items()}
+    return masks if window else masks["full_attention"]
 
 
 def _packed_continuation_logprobs(head: "LogProbHead", candidates, cache_layers, prompt_mask, prompt_lengths):
@@ -171,11 +203,12 @@ def _packed_continuation_logprobs(head: "LogProbHead", candidates, cache_layers,
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     own = (segment[:, :, None] == segment[:, None, :]) & causal & real[:, :, None]
     visible = torch.cat([prompt_mask.bool()[:, None, :].expand(-1, width, -1), own], dim=-1)[:, None]
-    if head.model.config._attn_implementation == "eager":  # eager adds its mask to the scores
-        dtype = next(head.model.parameters()).dtype
-        visible = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
-    cache = DynamicCache(ddp_cache_data=cache_layers, config=head.model.config)
-    hidden, _ = head.forward(input_ids=ids, attention_mask=visible, position_ids=prompt_lengths[:, None] + offsets,
+    query_positions = prompt_lengths[:, None] + offsets
+    prompt_positions = torch.arange(prompt_mask.shape[1], device=device) - (prompt_mask.shape[1] - prompt_lengths)[:, None]
+    masks = _packed_masks(head, visible, torch.cat([prompt_positions, query_positions], dim=1), query_positions)
+    # full layers only (no config): the prompt's cache is read as it is, whatever the model's layer types
+    cache = DynamicCache(ddp_cache_data=cache_layers)
+    hidden, _ = head.forward(input_ids=ids, attention_mask=masks, position_ids=query_positions,
                              past_key_values=cache, use_cache=True)
     token_logprobs = head.target_log_probs(hidden[real], targets[real])
     rest = torch.zeros(row, device=device, dtype=token_logprobs.dtype)

@@ -44,6 +44,7 @@ from delrec.llm.training import (
     TrainingSettings,
     apply_runtime,
     best_metric,
+    compiles_layers,
     main_process,
     model_description,
     on_cpu,
@@ -258,6 +259,7 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
         ),
         evaluator=evaluator("valid"),
         run_identity=run.identity,
+        torch_compile=compiles_layers(settings, model),
         soft_prompt_file=soft_file,
     )
     if soft is not None:

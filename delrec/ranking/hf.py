@@ -32,7 +32,7 @@ from delrec.config import at_least
 from delrec.llm.folder import load_delrec_model
 from delrec.device import resolve_device
 from delrec.llm.loading import TRUST_REMOTE_CODE_HELP, ModelConfig, load_model
-from delrec.llm.scoring import CandidateScores, score_candidates
+from delrec.llm.scoring import CandidateScores, packs_candidates, score_candidates, sliding_window
 from delrec.llm.tokenization import decode_completion, encode_completion, encode_prompt
 from delrec.ranking.base import Backend
 from delrec.ranking.models import ModelSpec
@@ -99,10 +99,10 @@ class HFBackend(Backend):
             getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
             or tokenizer.model_max_length
         )
-        window = getattr(config, "sliding_window", None)
-        if window and "sliding_attention" in (getattr(config, "layer_types", None) or ()):
-            # the KV cache of a sliding layer keeps the last window - 1 tokens, and shared-prompt scoring
-            # reads every prompt token from it: prompts lose their oldest history items to fit (counted)
+        window = sliding_window(model)
+        if window and not packs_candidates(model):
+            # an attention kernel without custom masks scores candidates through the model's own cache, whose
+            # sliding layers keep the last window - 1 tokens: prompts lose their oldest history items to fit (counted)
             self.max_length = min(self.max_length, window - 1)
 
     @property

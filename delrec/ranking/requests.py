@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from delrec.data.dataset import Instance, PreparedDataset
+from delrec.data.dataset import Instance, PreparedDataset, sampled_indices
 from delrec.errors import DelrecError
 from delrec.llm.hybrid import item_text
 from delrec.llm.tokenization import encode_prompt
@@ -45,13 +45,14 @@ def build_requests(
     max_length: int,
     answer_tokens: Callable[[Sequence[str]], int],
     max_instances: int | None = None,
+    sample_seed: int | None = None,
 ) -> list[RankingRequest]:
-    """Requests for the first `max_instances` instances of `split` (all when None), with its fixed
-    candidate sets; see `requests_for`."""
-    instances = dataset.instances(split)
-    count = len(instances) if max_instances is None else min(max_instances, len(instances))
-    return requests_for(instances[:count], dataset.candidates(split)[:count], dataset.titles, split, spec, template,
-                        tokenizer, max_length, answer_tokens)
+    """Requests for `max_instances` instances of `split` (all when None; the first ones, or a seeded sample with
+    `sample_seed`: `delrec.data.dataset.sampled_indices`), with their fixed candidate sets; see `requests_for`."""
+    instances, candidates = dataset.instances(split), dataset.candidates(split)
+    chosen = sampled_indices(len(instances), max_instances, sample_seed)
+    return requests_for([instances[i] for i in chosen], [candidates[i] for i in chosen], dataset.titles, split, spec,
+                        template, tokenizer, max_length, answer_tokens)
 
 
 def requests_for(

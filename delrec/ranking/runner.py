@@ -16,8 +16,8 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
-from delrec.config import at_least
-from delrec.data.dataset import CANDIDATE_SPLITS, PreparedDataset
+from delrec.config import SEED, at_least
+from delrec.data.dataset import CANDIDATE_SPLITS, PreparedDataset, sampled_indices
 from delrec.errors import DelrecError
 from delrec.headers import ALLOW_OTHER_DATASET_HELP
 from delrec.io import check_apart_from_inputs, check_own_folder, write_json
@@ -49,7 +49,14 @@ class RankArguments:
                   "OpenAI-compatible server (--base_url) serving --model."},
     )
     max_instances: int | None = field(
-        default=None, metadata={"help": "Rank only the split's first N instances.", "range": at_least(1)}
+        default=None, metadata={"help": "Rank only N of the split's instances: the first N, or a seeded sample of N "
+                                "with --sample_seed.", "range": at_least(1)}
+    )
+    sample_seed: int | None = field(
+        default=None,
+        metadata={"help": "With --max_instances: rank a random sample of N instances drawn with this seed (the same "
+                  "users for every model, backend and teacher export given the same seed) instead of the first N.",
+                  "range": SEED},
     )
     template: str | None = field(
         default=None, metadata={"help": "Prompt template (default: the model's delrec.json, else plain)."}
@@ -152,7 +159,8 @@ def _requests(args: RankArguments, readout: ReadoutConfig, dataset, spec, templa
     max_new_tokens = readout.max_new_tokens
     if generate and max_new_tokens is None:
         titles = dataset.titles
-        candidate_sets = dataset.candidates(args.split)[: args.max_instances]
+        every = dataset.candidates(args.split)
+        candidate_sets = [every[i] for i in sampled_indices(len(every), args.max_instances, args.sample_seed)]
         max_new_tokens = max(length(titles[i]) for items in candidate_sets for i in items) + GENERATION_MARGIN
 
     def answer_tokens(titles) -> int:
@@ -160,7 +168,8 @@ def _requests(args: RankArguments, readout: ReadoutConfig, dataset, spec, templa
         return max_new_tokens if generate else max(length(t) for t in titles)
 
     requests = build_requests(
-        dataset, args.split, spec, template, backend.tokenizer, backend.max_length, answer_tokens, args.max_instances
+        dataset, args.split, spec, template, backend.tokenizer, backend.max_length, answer_tokens, args.max_instances,
+        args.sample_seed,
     )
     if not requests:
         raise DelrecError(f"{dataset.path}: split '{args.split}' has no instances to rank")
