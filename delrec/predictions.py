@@ -1,6 +1,13 @@
 """The SR predictions file: JSON lines `{"id", "items", "scores"}` (+ `prefix_length`, `prefix_items`)
 and a sidecar `FILE.meta.json`. `delrec sr predict` writes it; the LLM stages and `delrec prompts`
 read it. It lives below both so that neither has to import the other.
+
+With `--user_states`, a third file `FILE.states.safetensors` holds what the SR model knows about each
+history of the split as numbers: `states` [rows, d], its representation of instance i's history (SASRec:
+the last position's final hidden state), and `item_table` [N, d], its output item embeddings, so that its
+score of item j for instance i is `states[i] @ item_table[j]` (every delrec SR model scores so, except
+the popularity baseline, which has no states). The LLM side reads the SR model's view of a user, or its
+order over any candidate set, from this file alone (`read_user_states`), never from SR code.
 """
 
 from __future__ import annotations
@@ -10,14 +17,18 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError, where
 from delrec.headers import FieldRule, Header, check_dataset, check_split, positive_int
 from delrec.io import read_json, read_jsonl
 
+if TYPE_CHECKING:
+    import torch
+
 PREDICTIONS_KIND = "delrec-predictions"
+USER_STATES_FORMAT = "delrec-user-states"
 PREDICTIONS_VERSION = 1
 SIDECAR = Header("delrec predictions sidecar", "kind", PREDICTIONS_KIND, PREDICTIONS_VERSION,
                  "re-run `delrec sr predict`", version_label="predictions format version",
@@ -39,6 +50,11 @@ def prefix_length(history: Sequence[int]) -> int:
 def meta_path(path: str | Path) -> Path:
     path = Path(path)
     return path.with_name(path.name + ".meta.json")
+
+
+def user_states_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".states.safetensors")
 
 
 def is_predictions_file(path: str | Path) -> bool:
@@ -130,3 +146,70 @@ def _checked_prefix(row: dict, instances, index: int, topk: int, n: int, path: P
         raise DelrecError(f"{where(path, line_no, 'prefix_items')}: expected at most {topk} distinct item ids in "
                           f"0..{n - 1}")
     return prefix
+
+
+@dataclass
+class UserStates:
+    """The SR model's representation of each history of a split (row i: instance i) and its output item table."""
+
+    states: torch.Tensor  # [rows, d] float32
+    item_table: torch.Tensor  # [N, d] float32
+    model_type: str
+
+    @property
+    def dim(self) -> int:
+        return self.states.shape[1]
+
+    def scores(self, rows: Sequence[int], items: Sequence[Sequence[int]]) -> torch.Tensor:
+        """The SR model's scores [len(rows), M] of `items[k]` (M items each) for instance `rows[k]`."""
+        import torch
+
+        vectors = self.item_table[torch.tensor(items, dtype=torch.long)]  # [R, M, d]
+        return torch.einsum("rd,rmd->rm", self.states[torch.tensor(rows, dtype=torch.long)], vectors)
+
+
+def read_user_states(path: str | Path, dataset: PreparedDataset, split: str) -> UserStates:
+    """The user states written with the predictions file `path` (`delrec sr predict --user_states`), checked against
+    its sidecar (checksum, shapes) and `dataset`'s `split`; `DelrecError` on any mismatch."""
+    from safetensors import SafetensorError, safe_open
+
+    from delrec.tensors import first_nonfinite
+
+    path = Path(path)
+    side = meta_path(path)
+    if not side.is_file():
+        raise DelrecError(f"{path}: no {side.name} beside it, so it is not a delrec predictions file; write one with "
+                          "`delrec sr predict --user_states`")
+    meta = SIDECAR.read(side)
+    check_dataset(meta, path, dataset, "predictions were made", f"re-run `delrec sr predict --data {dataset.path}`")
+    check_split(meta, path, split, "holds predictions")
+    recorded = meta.get("user_states")
+    again = f"re-run `delrec sr predict --split {split} --user_states`"
+    if not isinstance(recorded, dict):
+        raise DelrecError(f"{path}: written without user states, which this needs (the SR model's representation of "
+                          f"each history); {again}")
+    states_file = user_states_path(path)
+    if not states_file.is_file():
+        raise DelrecError(f"{states_file}: user-states file not found beside {path.name}; {again}")
+    if hashlib.sha256(states_file.read_bytes()).hexdigest() != recorded.get("sha256"):
+        raise DelrecError(f"{states_file}: content does not match {side.name} (edited, or from another run); {again}")
+    try:
+        with safe_open(str(states_file), framework="pt") as handle:
+            info = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in ("states", "item_table") if key in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise DelrecError(f"{states_file}: not a readable safetensors file ({exc}); {again}") from None
+    if info.get("format") != USER_STATES_FORMAT or len(tensors) != 2:
+        raise DelrecError(f"{states_file}: not a delrec user-states file (format '{USER_STATES_FORMAT}' with tensors "
+                          f"states and item_table); {again}")
+    states, table = tensors["states"], tensors["item_table"]
+    rows = len(dataset.instances(split))
+    if (states.ndim != 2 or table.ndim != 2 or states.shape[0] != rows or table.shape[0] != dataset.num_items
+            or states.shape[1] != table.shape[1] or not states.is_floating_point() or not table.is_floating_point()):
+        raise DelrecError(f"{states_file}: states {list(states.shape)} and item_table {list(table.shape)}, expected "
+                          f"[{rows}, d] and [{dataset.num_items}, d] floating-point tensors for the {split} split; "
+                          f"{again}")
+    bad = first_nonfinite([("states", states), ("item_table", table)])
+    if bad:
+        raise DelrecError(f"{states_file}: {bad[0]} holds {bad[1]} NaN or inf values; {again}")
+    return UserStates(states.float(), table.float(), str((meta.get("model") or {}).get("model_type")))

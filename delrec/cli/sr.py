@@ -149,6 +149,12 @@ class PredictArguments:
         metadata={"help": "Also write each row's top-K after the first half of its history (prefix_length, "
                   "prefix_items): DELRec stage 1's Temporal Analysis needs them."},
     )
+    user_states: bool = field(
+        default=False,
+        metadata={"help": "Also write FILE.states.safetensors: the model's representation of each history and its "
+                  "item table (their product is its score of any item), for the LLM variants that read the SR "
+                  "model's view of a user. Not for pop, which has none."},
+    )
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "cpu, cuda, or auto."})
     batch_size: int = field(default=1024, metadata={"help": "Histories scored per batch.", "range": at_least(1)})
 
@@ -159,11 +165,12 @@ def predict(argv, prog: str, description: str) -> int:
     from delrec.sr import load_model
     from delrec.io import check_output_file
     from delrec.device import resolve_device
-    from delrec.predictions import is_predictions_file, meta_path
+    from delrec.predictions import is_predictions_file, meta_path, user_states_path
     from delrec.sr.evaluate import write_predictions
 
     (args,) = parse_command([PredictArguments], argv, prog, description)
-    for path in (args.out, meta_path(args.out)):  # the file and its sidecar: both are replaced
+    outputs = [args.out, meta_path(args.out)] + ([user_states_path(args.out)] if args.user_states else [])
+    for path in outputs:  # the file and its sidecar (and states): all are replaced
         check_output_file(path, args.overwrite, lambda _: is_predictions_file(args.out),
                           {"dataset": args.data}, "a predictions file", read={"model": args.model})
     device = resolve_device(args.device)
@@ -171,9 +178,12 @@ def predict(argv, prog: str, description: str) -> int:
     dataset = PreparedDataset.load(args.data)
     if not 1 <= args.topk <= dataset.num_items:
         raise DelrecError(f"--topk {args.topk} must be between 1 and the catalogue size ({dataset.num_items} items)")
+    if args.user_states and model.model_type == "pop":
+        raise DelrecError(f"--user_states: {args.model} is a popularity model, which keeps no state per user; use an "
+                          "SR model such as sasrec, gru4rec or caser")
     meta = write_predictions(
         args.out, model, dataset, args.split, args.topk, not args.keep_history, args.batch_size, model_path=args.model,
-        prefix_predictions=args.prefix_predictions,
+        prefix_predictions=args.prefix_predictions, user_states=args.user_states,
     )
     keys = ("split", "topk", "rows", "exclude_history", "prefix_predictions")
     print(json.dumps({"out": args.out, **{k: meta[k] for k in keys}}, indent=2))

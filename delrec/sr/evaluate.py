@@ -36,9 +36,10 @@ from tqdm.auto import tqdm
 
 from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
-from delrec.io import atomic_write, write_json
+from delrec.io import atomic_write, safetensors_bytes, write_json
 from delrec.metrics import CANDIDATE_KEYS, DEFAULT_KS, RankingMetrics, exclude_history_, history_mask
-from delrec.predictions import PREDICTIONS_KIND, PREDICTIONS_VERSION, meta_path, prefix_length
+from delrec.predictions import (PREDICTIONS_KIND, PREDICTIONS_VERSION, USER_STATES_FORMAT, meta_path, prefix_length,
+                                user_states_path)
 from delrec.sr.base import SequentialRecommender, pad_histories
 
 CANDIDATE_KS = (1, 5)
@@ -269,8 +270,10 @@ def write_predictions(
     batch_size: int = EVAL_BATCH_SIZE,
     model_path: str | Path | None = None,
     prefix_predictions: bool = False,
+    user_states: bool = False,
 ) -> dict:
-    """Write the predictions file and its sidecar (each atomically); return the sidecar."""
+    """Write the predictions file and its sidecar (each atomically), with `user_states` also the states file
+    (`delrec.predictions`, "user states"); return the sidecar."""
     path = Path(path)
     digest = hashlib.sha256()
     count = 0
@@ -292,5 +295,30 @@ def write_predictions(
         "sha256": digest.hexdigest(),
         "model": {"model_type": model.model_type, "path": None if model_path is None else str(model_path)},
     }
+    if user_states:
+        data = user_states_bytes(model, [inst.history for inst in dataset.instances(split)], batch_size)
+        with atomic_write(user_states_path(path), "wb") as handle:
+            handle.write(data)
+        meta["user_states"] = {"file": user_states_path(path).name, "sha256": hashlib.sha256(data).hexdigest(),
+                               "dim": model.item_embeddings().shape[1]}
     write_json(meta_path(path), meta)
     return meta
+
+
+def user_states_bytes(model: SequentialRecommender, histories: Sequence[Sequence[int]], batch_size: int) -> bytes:
+    """The safetensors bytes of the model's state for each history (`encode`, rows in input order) and of its output
+    item table: `score_all` is exactly their product, so the file carries the model's scores for any item."""
+    device = _model_device(model)
+    states = None
+    with _EvalMode(model):
+        table = model.item_embeddings().detach().float().cpu().contiguous()
+        for rows in length_sorted_batches(histories, batch_size, model.context_length):
+            encoded = model.encode(_histories(model, [histories[i] for i in rows.tolist()], device)).float().cpu()
+            if states is None:
+                states = torch.empty(len(histories), encoded.shape[1])
+            states[rows] = encoded
+    if states is None:
+        states = torch.empty(0, table.shape[1])
+    check_finite_scores(model, states)
+    return safetensors_bytes({"states": states.contiguous(), "item_table": table},
+                             metadata={"format": USER_STATES_FORMAT, "model_type": model.model_type})
