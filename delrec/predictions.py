@@ -155,6 +155,7 @@ class UserStates:
     states: torch.Tensor  # [rows, d] float32
     item_table: torch.Tensor  # [N, d] float32
     model_type: str
+    sha256: str  # of the states file: what a cache or a trained folder records
 
     @property
     def dim(self) -> int:
@@ -212,4 +213,11 @@ def read_user_states(path: str | Path, dataset: PreparedDataset, split: str) -> 
     bad = first_nonfinite([("states", states), ("item_table", table)])
     if bad:
         raise DelrecError(f"{states_file}: {bad[0]} holds {bad[1]} NaN or inf values; {again}")
-    return UserStates(states.float(), table.float(), str((meta.get("model") or {}).get("model_type")))
+    return UserStates(states.float(), table.float(), str((meta.get("model") or {}).get("model_type")),
+                      recorded["sha256"])
+
+
+def sr_order(states: UserStates, row: int, candidates: Sequence[int]) -> list[int]:
+    """`candidates` in the SR model's order for instance `row`, best first (ties: the earlier candidate first)."""
+    scores = states.scores([row], [list(candidates)])[0].tolist()
+    return [candidates[j] for j in sorted(range(len(candidates)), key=lambda j: (-scores[j], j))]

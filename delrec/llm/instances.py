@@ -59,12 +59,13 @@ from delrec.errors import DelrecError
 from delrec.io import read_json, replace_directory, staged_directory, write_json
 from delrec.llm.hybrid import item_text
 from delrec.llm.tokenization import encode_completion, encode_pair, encode_prompt
+from delrec.predictions import sr_order
 from delrec.prompts import DEFAULT_SR_TOP, PromptTemplate, task_variables
 
 BUILDER_VERSION = 2  # 2: RPS names the SR model's ranks 2..h (all candidates), not 2..h+1
 STATS_FILE = "delrec_instances.json"
 # Which builder serves a template's task; `plain` is LSR without the soft prompt.
-TASK_OF_TEMPLATE = {"ta": "ta", "rps": "rps", "lsr": "lsr", "plain": "lsr"}
+TASK_OF_TEMPLATE = {"ta": "ta", "rps": "rps", "lsr": "lsr", "plain": "lsr", "sr_hint": "lsr"}
 _SALT = {"ta": 1, "rps": 2, "lsr": 3}
 _SPLIT_INDEX = {"train": 0, "valid": 1, "test": 2}
 
@@ -111,14 +112,15 @@ def build_instances(
     if template.requires_soft_prompt and options.soft_prompt is None:
         raise DelrecError(f"template {template.file} has a soft-prompt slot but no soft prompt was given")
     predictions = read_task_predictions(task, dataset, options.split, predictions_path)
-    key = _cache_key(dataset, template, options, tokenizer, predictions)
+    states = read_template_states(template, dataset, options.split, predictions_path)
+    key = _cache_key(dataset, template, options, tokenizer, predictions, states)
     folder = Path(cache_dir) / f"{template.name}-{options.split}-{key}" if cache_dir is not None else None
     if folder is not None and (folder / STATS_FILE).is_file():
         from datasets import load_from_disk
 
         return InstanceSet(load_from_disk(str(folder)), read_json(folder / STATS_FILE))
 
-    builder = _Builder(dataset, template, options, tokenizer, predictions)
+    builder = _Builder(dataset, template, options, tokenizer, predictions, states)
     result = builder.build()
     if folder is not None:
         with staged_directory(folder) as tmp:
@@ -150,13 +152,28 @@ def read_task_predictions(task: str, dataset: PreparedDataset, split: str, path)
     return predictions
 
 
-def _cache_key(dataset, template, options, tokenizer, predictions) -> str:
+def read_template_states(template: PromptTemplate, dataset: PreparedDataset, split: str, path):
+    """The SR model's user states an `sr_hint` template needs (it names the SR model's top-h among each instance's
+    candidates, from their scores); None for every other template."""
+    if template.task != "sr_hint":
+        return None
+    from delrec.predictions import read_user_states
+
+    if path is None:
+        raise DelrecError(f"template {template.file} names the SR model's top candidates, which needs its user states "
+                          f"for the {split} split; write them with `delrec sr predict --split {split} "
+                          "--user_states` and pass that predictions file")
+    return read_user_states(path, dataset, split)
+
+
+def _cache_key(dataset, template, options, tokenizer, predictions, states=None) -> str:
     payload = {
         "version": BUILDER_VERSION,
         "dataset": dataset.fingerprint,
         "template": [template.name, template.fingerprint],
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "predictions": None if predictions is None else predictions.meta.get("sha256"),
+        "user_states": None if states is None else states.sha256,
         "options": asdict(options),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -179,12 +196,13 @@ class _Builder:
     """Renders, tokenizes and length-checks one task's instances for one split."""
 
     def __init__(self, dataset: PreparedDataset, template: PromptTemplate, options: InstanceOptions, tokenizer,
-                 predictions):
+                 predictions, states=None):
         self.dataset = dataset
         self.template = template
         self.options = options
         self.tokenizer = tokenizer
         self.predictions = predictions
+        self.states = states  # sr_hint: the SR model's user states, which order each instance's candidates
         self.task = TASK_OF_TEMPLATE[template.task]
         self.titles = dataset.titles
         self.num_candidates = options.num_candidates or dataset.num_candidates
@@ -299,9 +317,13 @@ class _Builder:
             candidates = [inst.target] + self._sample(
                 rng, set(inst.history) | {inst.target}, self.num_candidates - 1)
             rng.shuffle(candidates)
+        hint = {}
+        if self.states is not None:
+            hint = {"sr_ranked": [self._shown(i) for i in sr_order(self.states, index, candidates)],
+                    "sr_top": self.options.sr_top}
         variables = task_variables(
             self.template.task, [self._shown(i) for i in inst.history], self.titles[inst.target],
-            candidates=[self._shown(i) for i in candidates], **self._common(),
+            candidates=[self._shown(i) for i in candidates], **self._common(), **hint,
         )
         return variables, candidates, inst.target
 

@@ -30,7 +30,7 @@ VARIABLES: dict[str, str] = {
     "next item; RPS: the SR model's top-1; TA: the hidden most recent history item)",
     "sr_model": "display name of the SR model whose pattern the soft prompt holds, e.g. SASRec",
     "sr_predictions": "list of the SR model's ranked predictions (titles), best first; in RPS the "
-    "ones after its top-1 (ranks 2..h+1), possibly empty",
+    "ones after its top-1 (ranks 2..h+1), possibly empty; in sr_hint its top-h among the candidates",
     "sr_prediction": "TA: the SR model's top-1 prediction after the full history (hidden item included)",
     "example_history": "TA: the first items of the same user's history, oldest first, without the "
     "example's hidden most recent item",
@@ -64,6 +64,8 @@ TASKS: dict[str, Task] = {
             {"history", "candidates", "sr_model", SOFT_SLOT, TARGET})),
         Task("plain", "candidate recommendation without a soft prompt (ablation)", False, frozenset(
             {"history", "candidates", TARGET})),
+        Task("sr_hint", "stage 2 with the SR model's top-h among the candidates named as text (hard-prompt baseline)",
+             False, frozenset({"history", "candidates", "sr_predictions", "sr_model", TARGET})),
         Task("teacher", "free generation of the next item, grounded to the catalogue (BIGRec-style teacher)",
              False, frozenset({"history", TARGET})),
     )

@@ -60,6 +60,8 @@ def task_variables(
         sr_ranked[0] (the SR model's top-1 after all n items), example_prediction as given.
     rps: target = sr_ranked[0], sr_predictions = sr_ranked[1 : sr_top] (ranks 2..h); candidates as given
         (they hold the SR top-h, filled at random up to C, so every item the prompt names is a candidate).
+    sr_hint: sr_predictions = sr_ranked[:sr_top], the SR model's top-h among the candidates (sr_ranked: the
+        candidates in the SR model's order).
     lsr / plain / teacher: history, candidates, target as given.
     """
     history = list(history)
@@ -82,6 +84,10 @@ def task_variables(
         if not sr_ranked:
             raise DelrecError("Recommendation Pattern Simulating needs the SR model's ranked predictions")
         values.update(target=sr_ranked[0], sr_predictions=list(sr_ranked[1:sr_top]))
+    elif task == "sr_hint":
+        if not sr_ranked:
+            raise DelrecError("an sr_hint prompt needs the SR model's ranking of the candidates")
+        values["sr_predictions"] = list(sr_ranked[:sr_top])
     provided = TASKS[task].provides if task in TASKS else frozenset(VARIABLES)
     return {k: v for k, v in values.items() if k in provided}
 
@@ -130,6 +136,12 @@ def preview_variables(
         cands = list(ranked) + fill[: max(0, dataset.num_candidates - len(ranked))]
         random.Random(inst.id).shuffle(cands)
         notes.append("RPS: answer = SR top-1; candidates = SR top-h + the instance's candidates as fill")
+    if template.task == "sr_hint":  # the candidates in the SR model's order (its predictions, then popularity)
+        order = list(predictions or []) + (pop if pop is not None else popularity_order(dataset))
+        position = {item: rank for rank, item in reversed(list(enumerate(order)))}
+        ranked = sorted(cands, key=lambda item: position.get(item, len(order)))
+        notes.append("sr_hint: the candidates in the SR predictions' order, then the training popularity order "
+                     "(training and ranking use the SR model's scores of every candidate: --user_states)")
     example_prediction = None
     if template.task == "ta":
         k = max(1, len(inst.history) // 2)
