@@ -20,7 +20,9 @@ when absent). Variants, all ranked on the same test candidate sets, nothing chos
 - `delrec`: stage 1 (configs/delrec/gemma-lastfm-distill.yaml, `--stage1-rows` per task) then stage 2
   with its soft prompt (lsr template);
 - `lora_hybrid`: stage 2 with LLaRA's hybrid prompt, no soft prompt: each history item and candidate
-  shown as its title + one token, SASRec's item embedding through a trained projector (`--item_tokens`).
+  shown as its title + one token, SASRec's item embedding through a trained projector (`--item_tokens`);
+- `sr_hint`: stage 2 with the `sr_hint` template, no soft prompt: the prompt names SASRec's top-3 among the
+  instance's candidates as text (`delrec sr predict --user_states`), the hard-prompt baseline of issue #31.
 
 The LoRA variants share the data subsample (`--rows`, seeded), steps, seed, learning rate
 and objective (`--objective`; listwise by default: benchmarks/RESULTS.md, "Stage-2 objectives");
@@ -69,15 +71,16 @@ CONFIGS = ROOT / "configs"
 WORK = ROOT / "benchmarks" / "out" / "delrec_real"
 RESULTS = ROOT / "benchmarks" / "results" / "delrec_real"
 SR_VARIANTS = ("popularity", "sasrec")
-LORA_VARIANTS = ("lora_plain", "delrec", "lora_random", "lora_hybrid")
+LORA_VARIANTS = ("lora_plain", "delrec", "lora_random", "lora_hybrid", "sr_hint")
 VARIANTS = (*SR_VARIANTS, "zero_shot", *LORA_VARIANTS)
 LABELS = {"popularity": "Popularity", "sasrec": "SASRec", "zero_shot": "Gemma 3 270M zero-shot",
           "lora_plain": "LoRA, no soft prompt", "lora_random": "LoRA + random soft prompt",
-          "delrec": "DELRec (stage-1 soft prompt + LoRA)", "lora_hybrid": "LoRA + hybrid item tokens (LLaRA)"}
+          "delrec": "DELRec (stage-1 soft prompt + LoRA)", "lora_hybrid": "LoRA + hybrid item tokens (LLaRA)",
+          "sr_hint": "LoRA + SASRec's top-3 named in the prompt (sr_hint)"}
 # (variant, reference): the paired comparisons the issue asks about
 COMPARISONS = (("lora_plain", "zero_shot"), ("delrec", "lora_plain"), ("delrec", "lora_random"),
                ("lora_random", "lora_plain"), ("lora_hybrid", "lora_plain"), ("delrec", "sasrec"),
-               ("lora_hybrid", "sasrec"))
+               ("lora_hybrid", "sasrec"), ("sr_hint", "lora_plain"), ("delrec", "sr_hint"), ("sr_hint", "sasrec"))
 
 
 def parse_args(argv=None):
@@ -277,6 +280,17 @@ def test_sample(args) -> dict:
     return {} if args.test_users is None else {"test_users": args.test_users, "sample_seed": args.sample_seed}
 
 
+def user_states(args, data: Path, sasrec: Path) -> dict[str, Path]:
+    """SASRec's predictions with user states for each split (`delrec sr predict --user_states`), written once."""
+    files = {}
+    for split in ("train", "valid", "test"):
+        files[split] = sasrec / f"{split}-states.jsonl"
+        if not files[split].is_file():
+            delrec(["sr", "predict", "--model", str(sasrec), "--data", str(data), "--split", split, "--user_states",
+                    "--device", "cpu", "--out", str(files[split])], args.work / "log.txt", args.threads)
+    return files
+
+
 def sample(args) -> list[str]:
     """`delrec rank` options that rank the benchmark's test users (all of them without --test-users)."""
     if args.test_users is None:
@@ -347,16 +361,21 @@ def run_variant(args, name: str, data: Path) -> dict:
         soft = {"lora_plain": ["--soft_prompt", "none", "--template", "plain"],
                 "lora_random": ["--soft_prompt", "random", "--soft_prompt_tokens", "20", "--template", "lsr"],
                 "delrec": ["--soft_prompt", "stage1", "--template", "lsr"],
-                "lora_hybrid": ["--soft_prompt", "none", "--template", "plain"]}[name]
+                "lora_hybrid": ["--soft_prompt", "none", "--template", "plain"],
+                "sr_hint": ["--soft_prompt", "none", "--template", "sr_hint"]}[name]
         if name == "lora_hybrid":
             soft = [*soft, "--item_tokens", str(sr_model(args, data, "sasrec"))]
+        if name == "sr_hint":
+            states = user_states(args, data, sr_model(args, data, "sasrec"))
+            soft = [*soft, *(f for split in ("train", "valid", "test")
+                             for f in (f"--{split}_predictions", str(states[split])))]
         if name == "delrec":
             first = stage1(args, data, llm, sr_model(args, data, "sasrec"))
             soft = [*soft, "--stage1", str(first)]
             summary["stage1"] = stage1_summary(first)
         model = stage2(args, data, llm, name, soft)
         summary["stage2"] = stage2_summary(model)
-        extra = []
+        extra = ["--predictions", soft[soft.index("--test_predictions") + 1]] if name == "sr_hint" else []
     if not ranked.done():
         rank_variant(args, model, data, name, extra)
         ranked.finish()

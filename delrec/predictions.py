@@ -161,6 +161,10 @@ class UserStates:
     def dim(self) -> int:
         return self.states.shape[1]
 
+    def item_table_digest(self) -> str:
+        """SHA-256 of the item table's float32 bytes: which SR model's scores these are, whichever split."""
+        return hashlib.sha256(self.item_table.contiguous().numpy().tobytes()).hexdigest()
+
     def scores(self, rows: Sequence[int], items: Sequence[Sequence[int]]) -> torch.Tensor:
         """The SR model's scores [len(rows), M] of `items[k]` (M items each) for instance `rows[k]`."""
         import torch

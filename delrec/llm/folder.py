@@ -44,6 +44,11 @@ def _is_item_tokens(value: Any) -> bool:
         positive_int(value.get(key)) for key in ("num_items", "sr_dim", "hidden", "first_token_id")))
 
 
+def _is_sr_hint(value: Any) -> bool:
+    return value is None or (isinstance(value, dict) and positive_int(value.get("sr_top"))
+                             and isinstance(value.get("item_table_sha256"), str))
+
+
 def _is_soft_prompt(value: Any) -> bool:
     return value is None or (isinstance(value, dict) and isinstance(value.get("name"), str)
                              and positive_int(value.get("num_tokens")))
@@ -67,6 +72,8 @@ HEADER = Header("DELRec LLM description", "kind", KIND, FORMAT_VERSION,
                     "domain": FieldRule(lambda value: value is None or isinstance(value, str), "null or a string"),
                     "item_tokens": FieldRule(_is_item_tokens, "null or an object with the SR model (sr_model) and "
                                              "positive num_items, sr_dim, hidden and first_token_id"),
+                    "sr_hint": FieldRule(_is_sr_hint, "null or an object with a positive sr_top and the SR model's "
+                                         "item_table_sha256"),
                     "soft_prompt": FieldRule(_is_soft_prompt, "null or an object with a name and a positive "
                                                               "num_tokens"),
                     "template": FieldRule(lambda value: value is None or _names_a_template(value), TEMPLATE_RECORD),

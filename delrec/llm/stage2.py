@@ -57,6 +57,7 @@ from delrec.llm.training import (
     write_metrics,
 )
 from delrec.metrics import CANDIDATE_KEYS
+from delrec.prompts import DEFAULT_SR_TOP
 
 STAGE = "finetune"
 DEFAULT_LEARNING_RATE = 2e-4
@@ -116,6 +117,21 @@ class FinetuneArguments:
     optim: str = field(
         default="adamw_torch",
         metadata={"help": "Optimizer name of transformers' TrainingArguments (e.g. paged_adamw_8bit for QLoRA)."},
+    )
+    train_predictions: str | None = field(
+        default=None,
+        metadata={"help": "template sr_hint: SR predictions of the train split written with `delrec sr predict "
+                  "--user_states` (the SR model's order of each instance's candidates comes from them)."},
+    )
+    valid_predictions: str | None = field(
+        default=None, metadata={"help": "template sr_hint: the same for the valid split (same SR model)."}
+    )
+    test_predictions: str | None = field(
+        default=None, metadata={"help": "template sr_hint: the same for the test split (same SR model)."}
+    )
+    sr_top: int = field(
+        default=DEFAULT_SR_TOP, metadata={"help": "template sr_hint: how many of the SR model's top candidates the "
+                                          "prompt names, best first.", "range": at_least(1)}
     )
     item_tokens: str | None = field(
         default=None,
@@ -195,6 +211,9 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
     _check_template(template, args.soft_prompt)
     domain = args.domain or (stage1 or {}).get("domain", "item")
     sr_name = stage1["soft_prompt"]["name"] if stage1 else args.soft_prompt_name
+    sr_hint = _sr_hint(args, template, dataset)
+    if sr_hint is not None and not stage1 and not args.sr_display_name:
+        sr_name = sr_hint["model_type"]  # the hints name the SR model that made them
     sr_display = args.sr_display_name or ((stage1 or {}).get("sr_model") or {}).get("display_name") \
         or display_name(sr_name)
     start_processes(model_config.device)
@@ -226,11 +245,13 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
             split=split, soft_prompt=soft.placeholder_text() if soft else None, sr_model=sr_display, domain=domain,
             num_candidates=args.num_candidates, max_instances=limit, seed=settings.seed,
             max_length=args.max_length, allow_truncation=args.allow_truncation, item_tokens=item_tokens is not None,
-            model_positions=max_positions(model),
+            model_positions=max_positions(model), sr_top=args.sr_top,
         )
 
+    predictions = {"train": args.train_predictions, "valid": args.valid_predictions, "test": args.test_predictions}
     with PartialState().main_process_first():
-        sets = {split: build_instances(dataset, template, options(split, limit), tokenizer, cache_dir=out / CACHE_DIR)
+        sets = {split: build_instances(dataset, template, options(split, limit), tokenizer, predictions[split],
+                                       cache_dir=out / CACHE_DIR)
                 for split, limit in (("train", args.max_train_instances), ("valid", args.eval_max_instances),
                                      ("test", args.test_max_instances))}
     tokens_only = ["input_ids", "completion_mask"]
@@ -302,6 +323,7 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
             "dataset": {"path": local_or_hub(str(dataset.path)), "fingerprint": dataset.fingerprint},
             "lora": {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": lora.target_modules},
             "item_tokens": item_tokens,
+            "sr_hint": sr_hint,
         })
     run.finish()
     return StageResult({"out": str(out), **summary}, trainer)
@@ -339,13 +361,37 @@ def _stage1_info(args: FinetuneArguments, dataset, model_config) -> dict | None:
     return info
 
 
+def _sr_hint(args: FinetuneArguments, template, dataset) -> dict | None:
+    """An sr_hint template's settings for delrec.json (sr_top, the SR model, a digest of its item table, which
+    `delrec rank` checks its own predictions against), from the three predictions files; None for other templates."""
+    from delrec.predictions import read_user_states
+
+    if template.task != "sr_hint":
+        return None
+    paths = {"train": args.train_predictions, "valid": args.valid_predictions, "test": args.test_predictions}
+    missing = [split for split, path in paths.items() if path is None]
+    if missing:
+        raise DelrecError(f"template '{template.name}' names the SR model's top candidates, which needs its user "
+                          f"states for every split: set {', '.join(f'{s}_predictions' for s in missing)} (`delrec sr "
+                          f"predict --split SPLIT --user_states`)")
+    states = {split: read_user_states(path, dataset, split) for split, path in paths.items()}
+    digests = {states[split].item_table_digest() for split in paths}
+    if len(digests) > 1:
+        raise DelrecError(f"{args.train_predictions}, {args.valid_predictions} and {args.test_predictions} come from "
+                          "different SR models (their item tables differ); predict every split with the same model")
+    return {"sr_top": args.sr_top, "model_type": states["train"].model_type, "item_table_sha256": digests.pop()}
+
+
 def _check_template(template, soft_prompt: str) -> None:
-    if template.task not in ("lsr", "plain"):
-        raise DelrecError(f"template '{template.name}' is for task '{template.task}'; stage 2 uses an lsr or plain "
-                          "template")
+    if template.task not in ("lsr", "plain", "sr_hint"):
+        raise DelrecError(f"template '{template.name}' is for task '{template.task}'; stage 2 uses an lsr, plain or "
+                          "sr_hint template")
     if template.requires_soft_prompt and soft_prompt == "none":
         raise DelrecError(f"template '{template.name}' has a soft-prompt slot but soft_prompt is none; use "
                           "template: plain, or soft_prompt: stage1 / random")
+    if template.task == "sr_hint" and soft_prompt != "none":
+        raise DelrecError(f"template '{template.name}' names the SR model's top candidates as text, with no soft "
+                          "prompt; set soft_prompt: none")
     if not template.requires_soft_prompt and soft_prompt != "none":
         raise DelrecError(f"template '{template.name}' has no soft-prompt slot, so the {soft_prompt} soft prompt "
                           "would be unused; use template: lsr, or soft_prompt: none")

@@ -26,7 +26,7 @@ from delrec.llm.folder import INFO_FILE
 from delrec.llm.loading import describe_non_model_folder
 from delrec.prompts import DEFAULT_DOMAIN, PromptTemplate, get_template
 
-RANKING_TASKS = ("lsr", "plain", "teacher")  # templates whose prompt is a history (+ candidates) to answer
+RANKING_TASKS = ("lsr", "plain", "sr_hint", "teacher")  # templates whose prompt is a history (+ candidates) to answer
 PLAIN_TEMPLATE = "plain"
 DEFAULT_SR_MODEL = "SASRec"
 SOFT_TOKEN = re.compile(r"<\|sp:[^|]*\|>")  # one placeholder token (delrec.llm.soft_prompt.soft_token)
@@ -45,6 +45,7 @@ class ModelSpec:
     trained_template_fingerprint: str | None = None  # as recorded at training time, when known
     trained_dataset_fingerprint: str | None = None  # the dataset stage 2 was trained on, when known
     item_tokens: bool = False  # history and candidates shown as "title <|item_k|>" (delrec.llm.hybrid; hf only)
+    sr_hint: dict | None = None  # sr_hint template: sr_top and the SR model's item_table_sha256, as trained
 
 
 def describe_model(path: str, template: str | None = None, domain: str | None = None) -> ModelSpec:
@@ -58,7 +59,8 @@ def describe_model(path: str, template: str | None = None, domain: str | None = 
     if folder.is_dir() and (folder / INFO_FILE).is_file():
         info = read_stage2(folder)
         return _spec(path, "stage2", prompt_settings(info), soft_prompt_text(info), template, domain,
-                     _dataset_fingerprint(info), item_tokens=bool(info.get("item_tokens")))
+                     _dataset_fingerprint(info), item_tokens=bool(info.get("item_tokens")),
+                     sr_hint=info.get("sr_hint"))
     if folder.is_dir():
         problem = describe_non_model_folder(folder)
         if problem:
@@ -72,7 +74,7 @@ def _dataset_fingerprint(info: dict | None) -> str | None:
 
 def _spec(
     path: str, kind: str, settings: dict, soft: str | None, template: str | None, domain: str | None,
-    dataset_fingerprint: str | None, item_tokens: bool = False,
+    dataset_fingerprint: str | None, item_tokens: bool = False, sr_hint: dict | None = None,
 ) -> ModelSpec:
     trained_template = template in (None, settings["template"])
     return ModelSpec(
@@ -86,6 +88,7 @@ def _spec(
         trained_template_fingerprint=settings["template_fingerprint"] if trained_template else None,
         trained_dataset_fingerprint=dataset_fingerprint,
         item_tokens=item_tokens,
+        sr_hint=sr_hint,
     )
 
 

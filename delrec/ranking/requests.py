@@ -20,7 +20,8 @@ from delrec.data.dataset import Instance, PreparedDataset, sampled_indices
 from delrec.errors import DelrecError
 from delrec.llm.hybrid import item_text
 from delrec.llm.tokenization import encode_prompt
-from delrec.prompts import PromptTemplate, task_variables
+from delrec.predictions import sr_order
+from delrec.prompts import DEFAULT_SR_TOP, PromptTemplate, task_variables
 from delrec.ranking.models import ModelSpec
 
 
@@ -46,13 +47,16 @@ def build_requests(
     answer_tokens: Callable[[Sequence[str]], int],
     max_instances: int | None = None,
     sample_seed: int | None = None,
+    states=None,
 ) -> list[RankingRequest]:
     """Requests for `max_instances` instances of `split` (all when None; the first ones, or a seeded sample with
-    `sample_seed`: `delrec.data.dataset.sampled_indices`), with their fixed candidate sets; see `requests_for`."""
+    `sample_seed`: `delrec.data.dataset.sampled_indices`), with their fixed candidate sets; see `requests_for`.
+    `states` (`delrec.predictions.UserStates` of the split) order each set for an sr_hint template."""
     instances, candidates = dataset.instances(split), dataset.candidates(split)
     chosen = sampled_indices(len(instances), max_instances, sample_seed)
+    orders = None if states is None else [sr_order(states, i, candidates[i]) for i in chosen]
     return requests_for([instances[i] for i in chosen], [candidates[i] for i in chosen], dataset.titles, split, spec,
-                        template, tokenizer, max_length, answer_tokens)
+                        template, tokenizer, max_length, answer_tokens, sr_orders=orders)
 
 
 def requests_for(
@@ -65,25 +69,34 @@ def requests_for(
     tokenizer,
     max_length: int,
     answer_tokens: Callable[[Sequence[str]], int],
+    sr_orders: Sequence[Sequence[int]] | None = None,
 ) -> list[RankingRequest]:
     """One request per instance with the candidates given (e.g. a teacher's re-rank lists), rendered
     and truncated from the oldest history item until prompt + answer fit `max_length` tokens.
 
     `answer_tokens(titles)` is how many tokens must fit after the prompt (the longest candidate for
-    scoring, the generation budget for free generation); `split` only names the split in errors.
+    scoring, the generation budget for free generation); `split` only names the split in errors. An sr_hint
+    template names the SR model's top candidates: `sr_orders` gives each instance's candidates in its order.
     """
+    if template.task == "sr_hint" and sr_orders is None:
+        raise DelrecError(f"template '{template.name}' names the SR model's top candidates, which this command "
+                          "cannot supply; rank such a model with `delrec rank --predictions FILE` (the split's "
+                          "predictions written with `delrec sr predict --user_states`)")
+    hint_top = (spec.sr_hint or {}).get("sr_top", DEFAULT_SR_TOP)
     def shown(item: int) -> str:
         """How the prompt names an item (as stage 2 did); the scored `titles` stay plain."""
         return item_text(titles[item], item) if spec.item_tokens else titles[item]
 
     requests = []
-    for inst, candidates in zip(instances, candidate_sets):
+    for number, (inst, candidates) in enumerate(zip(instances, candidate_sets)):
         cand_titles = tuple(titles[i] for i in candidates)
+        hint = {} if sr_orders is None else {"sr_ranked": [shown(i) for i in sr_orders[number]], "sr_top": hint_top}
 
         def render(dropped: int) -> str:
             values = task_variables(
                 template.task, [shown(i) for i in inst.history[dropped:]], titles[inst.target],
                 candidates=[shown(i) for i in candidates], sr_model=spec.sr_model, soft_prompt=spec.soft_prompt,
+                **hint,
             )
             return template.render(values, spec.domain, with_completion=False).prompt
 
