@@ -132,3 +132,18 @@ def test_stage2_needs_every_splits_user_states(tiny_llm_data, tiny_llama, states
     with pytest.raises(DelrecError, match="set valid_predictions, test_predictions"):
         finetune(args, ModelConfig(str(tiny_llama), dtype="float32", device="cpu"), LoraSettings(r=2, alpha=4),
                  TrainingSettings(**FAST))
+
+
+def test_requests_without_the_sr_models_order_are_refused(hinted, tiny_llm_data, tiny_llm):
+    """The teacher export ranks candidate sets of its own through `requests_for`, with no user states: an sr_hint
+    model is refused there in one line instead of being prompted without its hints."""
+    from delrec.ranking.models import describe_model, ranking_template
+    from delrec.ranking.requests import requests_for
+
+    _, tokenizer = load_tiny(tiny_llm)
+    dataset = PreparedDataset.load(tiny_llm_data)
+    spec = describe_model(str(hinted))
+    instances = dataset.instances("test")[:2]
+    with pytest.raises(DelrecError, match="names the SR model's top candidates, which this command cannot supply"):
+        requests_for(instances, [[0, 1, 2]] * 2, dataset.titles, "test", spec, ranking_template(spec), tokenizer, 512,
+                     lambda titles: 16)
