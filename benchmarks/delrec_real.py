@@ -62,10 +62,12 @@ LASTFM = ROOT.parent / "shared" / "data" / "lastfm"
 # per dataset: raw data and its format, the domain wording, the stage configs, the default test sample
 DATASETS = {
     "lastfm": {"label": "Last.fm", "issue": "#13", "input": LASTFM, "format": "rows", "domain": "artist",
-               "distill": "gemma-lastfm-distill.yaml", "finetune": "gemma-lastfm-finetune.yaml", "test_users": None},
+               "distill": "gemma-lastfm-distill.yaml", "finetune": "gemma-lastfm-finetune.yaml", "test_users": None,
+               "valid_users": "all", "rows": 240, "stage1_rows": 128, "eval_steps": 15},
     "games": {"label": "games", "issue": "#31", "input": ROOT.parent / "shared" / "data" / "games",
               "format": "recbole", "domain": "game", "distill": "gemma-games-distill.yaml",
-              "finetune": "gemma-games-finetune.yaml", "test_users": 1000},
+              "finetune": "gemma-games-finetune.yaml", "test_users": 1000, "valid_users": 400,
+              "rows": 3840, "stage1_rows": 1024, "eval_steps": 60},
 }
 CONFIGS = ROOT / "configs"
 WORK = ROOT / "benchmarks" / "out" / "delrec_real"
@@ -97,18 +99,23 @@ def parse_args(argv=None):
     p.add_argument("--work", type=Path, default=None,
                    help="work folder (kept: finished variants are reused; default benchmarks/out/delrec_real, "
                         "delrec_games for games)")
-    p.add_argument("--rows", type=int, default=240, help="stage-2 training instances (seeded subsample), every LoRA variant")
-    p.add_argument("--stage1-rows", dest="stage1_rows", type=int, default=128, help="stage-1 training instances per task")
+    p.add_argument("--rows", type=int, default=None,
+                   help="stage-2 training instances (seeded subsample), every LoRA variant (default: 240 for lastfm, "
+                        "3840 for games)")
+    p.add_argument("--stage1-rows", dest="stage1_rows", type=int, default=None,
+                   help="stage-1 training instances per task (default: 128 for lastfm, 1024 for games)")
     p.add_argument("--objective", choices=("answer", "listwise"), default="listwise", help="stage-2 loss")
     p.add_argument("--stage1-objective", dest="stage1_objective", choices=("answer", "listwise"), default="listwise",
                    help="stage-1 loss (delrec only; the answer LM loss left RPS and TA at chance: RESULTS.md)")
     p.add_argument("--learning-rate", dest="learning_rate", type=float, default=None,
                    help="stage-2 learning rate (default: the config's)")
     p.add_argument("--batch", type=int, default=8, help="stage-2 training batch")
-    p.add_argument("--eval-steps", dest="eval_steps", type=int, default=15, help="steps between valid evaluations")
-    p.add_argument("--valid-users", dest="valid_users", type=user_count, default="all",
-                   help="valid users scored per evaluation (default: all; 60 of Last.fm's 122 picked checkpoints by "
-                        "noise: RESULTS.md, 'Checkpoints chosen on every valid user')")
+    p.add_argument("--eval-steps", dest="eval_steps", type=int, default=None,
+                   help="steps between valid evaluations (default: 15 for lastfm, 60 for games)")
+    p.add_argument("--valid-users", dest="valid_users", type=user_count, default=None,
+                   help="valid users scored per evaluation, a seeded sample (default: all for lastfm, 400 for games; "
+                        "60 of Last.fm's 122 picked checkpoints by noise: RESULTS.md, 'Checkpoints chosen on every "
+                        "valid user')")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-generate", dest="generate", action="store_false",
@@ -125,6 +132,8 @@ def parse_args(argv=None):
     args.work = args.work or WORK.with_name(f"delrec{suffix or '_real'}")
     args.results = args.results or RESULTS.with_name(f"delrec{suffix or '_real'}")
     args.test_users = args.test_users or args.spec["test_users"]
+    for key in ("valid_users", "rows", "stage1_rows", "eval_steps"):  # the dataset's defaults
+        setattr(args, key, getattr(args, key) or args.spec[key])
     args.json = args.json or args.results.parent / f"{args.results.name}.json"
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(args.variants) - set(VARIANTS))
