@@ -544,12 +544,13 @@ def section(report: dict, results: Path) -> str:
         "Command: " + "; then ".join(f"`{c}`" for c in report.get("commands", [report["command"]])) + "  ",
         f"Date: {report['finished']} (UTC). Machine: {report['machine']['nproc']} CPUs ({report['machine']['cpu_model']}), "
         f"{s['threads']} torch threads, torch {report['machine']['torch']}.  ",
-        f"LLM: Gemma 3 270M (imported GGUF, float32). Stage 2: LoRA r 8 all-linear "
-        f"(configs/delrec/{spec['finetune']}), {s['rows']} training rows (seeded), batch {s['batch']}, "
-        f"{s['objective']} objective, checkpoint chosen on valid NDCG@5 ({s['valid_users']} valid users, every "
-        f"{s['eval_steps']} steps); stage 1 (delrec only): {s['stage1_rows']} TA + {s['stage1_rows']} RPS rows, "
-        f"{s.get('stage1_objective', 'answer')} objective (configs/delrec/{spec['distill']}). Test: {tested} users"
-        f"{sampled}, {report['num_candidates']} fixed candidates, score read-out.",
+        "LLM: Gemma 3 270M (imported GGUF, float32). " + (
+            f"Stage 2: LoRA r 8 all-linear (configs/delrec/{spec['finetune']}), {s['rows']} training rows (seeded), "
+            f"batch {s['batch']}, {s['objective']} objective, checkpoint chosen on valid NDCG@5 ({s['valid_users']} "
+            f"valid users, every {s['eval_steps']} steps); stage 1 (delrec only): {s['stage1_rows']} TA + "
+            f"{s['stage1_rows']} RPS rows, {s.get('stage1_objective', 'answer')} objective "
+            f"(configs/delrec/{spec['distill']}). " if set(LORA_VARIANTS) & set(report["variants"]) else "")
+        + f"Test: {tested} users{sampled}, {report['num_candidates']} fixed candidates, score read-out.",
         "",
         "| variant | HR@1 | HR@5 | NDCG@5 | HR@1 vs chance (2 SE) |",
         "|---|---:|---:|---:|---|",

@@ -35,12 +35,13 @@ CANDIDATES = [
 ]
 
 
-def assert_same(got: list[CandidateScores], expected: list[CandidateScores], tol: float = 1e-4) -> None:
+def assert_same(got: list[CandidateScores], expected: list[CandidateScores], tol: float = 1e-4,
+                rel: float = 0.0) -> None:
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         assert a.num_tokens == b.num_tokens
-        assert a.logprob == pytest.approx(b.logprob, abs=tol)
-        assert a.normalized == pytest.approx(b.normalized, abs=tol)
+        assert a.logprob == pytest.approx(b.logprob, abs=tol, rel=rel)
+        assert a.normalized == pytest.approx(b.normalized, abs=tol, rel=rel)
 
 
 def test_encode_pair_marks_exactly_the_completion(tiny_llm):
@@ -168,7 +169,9 @@ def test_prompts_longer_than_a_sliding_window_are_scored_exactly(attention, tiny
 def test_batch_size_does_not_change_the_numbers(tiny_llm):
     model, tokenizer = load_tiny(tiny_llm)
     one = score_candidates(model, tokenizer, PROMPTS, CANDIDATES, batch_size=1)
-    assert_same(score_candidates(model, tokenizer, PROMPTS, CANDIDATES, batch_size=16), one, tol=1e-5)
+    # float32 rounding only: another batch pads and blocks the products differently, and a title's log-likelihood
+    # sums its tokens' (a 10-token sum of -74 nats came out 2 ulps apart on the CI machine)
+    assert_same(score_candidates(model, tokenizer, PROMPTS, CANDIDATES, batch_size=16), one, tol=1e-5, rel=1e-6)
 
 
 def test_sum_is_the_log_softmax_of_one_full_forward_including_eos(tiny_llm):
