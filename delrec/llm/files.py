@@ -29,6 +29,7 @@ from delrec.tensors import first_nonfinite
 INFO_FILE = "delrec.json"  # what a stage folder is and how to load it (delrec.llm.folder)
 RUN_FILE = "run.json"  # the configuration a stage's run was started with (delrec.llm.training)
 SOFT_PROMPT_FILE = "soft_prompt.safetensors"  # the soft-prompt rows (delrec.llm.soft_prompt)
+USER_PROMPT_FILE = "user_prompt.safetensors"  # the per-user soft prompt's projector (delrec.llm.user_prompt)
 # what torch's zip writer raises when a write fails (a full disk): no errno, no file name
 TORCH_WRITE_FAILURE = re.compile(r"inline_container|PytorchStreamWriter")
 # how Rust's std::io::Error ends its message (safetensors, tokenizers): "No space left on device (os error 28)"

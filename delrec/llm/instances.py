@@ -11,6 +11,8 @@ Every instance becomes one row of a `datasets.Dataset` with the same columns wha
     input_ids       `encode_pair(prompt, completion)`: THE training tokenization
     completion_mask 1 on the answer's ids (EOS included): the loss is on the answer only
     history_shown   how many history items the prompt shows (fewer than the instance has if truncated)
+    user_state      (with `user_states` only) the SR model's state of the whole history, which a per-user soft
+                    prompt reads (`delrec.llm.user_prompt`)
 
 What each task asks (docs/methods.md#delrec-stage-1-pattern-distillation), built from a prepared dataset and an SR predictions file:
 
@@ -85,6 +87,7 @@ class InstanceOptions:
     max_length: int = 1024
     allow_truncation: bool = False
     item_tokens: bool = False  # LSR: each history and candidate title followed by its item token (delrec.llm.hybrid)
+    user_states: bool = False  # each row carries its SR user state (`user_state`), for a per-user soft prompt
     model_positions: int | None = None  # the model's max_position_embeddings: the longest instance it can read
 
 
@@ -112,7 +115,7 @@ def build_instances(
     if template.requires_soft_prompt and options.soft_prompt is None:
         raise DelrecError(f"template {template.file} has a soft-prompt slot but no soft prompt was given")
     predictions = read_task_predictions(task, dataset, options.split, predictions_path)
-    states = read_template_states(template, dataset, options.split, predictions_path)
+    states = read_template_states(template, dataset, options.split, predictions_path, options.user_states)
     key = _cache_key(dataset, template, options, tokenizer, predictions, states)
     folder = Path(cache_dir) / f"{template.name}-{options.split}-{key}" if cache_dir is not None else None
     if folder is not None and (folder / STATS_FILE).is_file():
@@ -152,15 +155,18 @@ def read_task_predictions(task: str, dataset: PreparedDataset, split: str, path)
     return predictions
 
 
-def read_template_states(template: PromptTemplate, dataset: PreparedDataset, split: str, path):
-    """The SR model's user states an `sr_hint` template needs (it names the SR model's top-h among each instance's
-    candidates, from their scores); None for every other template."""
-    if template.task != "sr_hint":
+def read_template_states(template: PromptTemplate, dataset: PreparedDataset, split: str, path,
+                         per_user: bool = False):
+    """The SR model's user states an `sr_hint` template (it names the SR model's top-h among each instance's
+    candidates, from their scores) or a per-user soft prompt (`per_user`) needs; None otherwise."""
+    if template.task != "sr_hint" and not per_user:
         return None
     from delrec.predictions import read_user_states
 
     if path is None:
-        raise DelrecError(f"template {template.file} names the SR model's top candidates, which needs its user states "
+        needs = ("names the SR model's top candidates" if template.task == "sr_hint"
+                 else "fills its soft-prompt slot per user")
+        raise DelrecError(f"template {template.file} {needs}, which needs the SR model's user states "
                           f"for the {split} split; write them with `delrec sr predict --split {split} "
                           "--user_states` and pass that predictions file")
     return read_user_states(path, dataset, split)
@@ -202,7 +208,7 @@ class _Builder:
         self.options = options
         self.tokenizer = tokenizer
         self.predictions = predictions
-        self.states = states  # sr_hint: the SR model's user states, which order each instance's candidates
+        self.states = states  # sr_hint: they order each instance's candidates; user_states: each row carries its own
         self.task = TASK_OF_TEMPLATE[template.task]
         self.titles = dataset.titles
         self.num_candidates = options.num_candidates or dataset.num_candidates
@@ -241,6 +247,8 @@ class _Builder:
                 too_long += 1
                 continue
             truncated += shortened
+            if self.options.user_states:
+                row["user_state"] = self.states.states[index].tolist()
             rows.append({"task": self.template.task, "id": inst.id, **row})
         if too_long:
             raise DelrecError(
@@ -318,7 +326,7 @@ class _Builder:
                 rng, set(inst.history) | {inst.target}, self.num_candidates - 1)
             rng.shuffle(candidates)
         hint = {}
-        if self.states is not None:
+        if self.template.task == "sr_hint":
             hint = {"sr_ranked": [self._shown(i) for i in sr_order(self.states, index, candidates)],
                     "sr_top": self.options.sr_top}
         variables = task_variables(

@@ -23,6 +23,7 @@ import torch
 
 from delrec.llm.scoring import candidate_log_likelihoods
 from delrec.llm.tokenization import encode_completion, encode_prompt
+from delrec.llm.user_prompt import with_user_states
 
 
 def listwise_loss(
@@ -57,7 +58,8 @@ class ListwiseCollator:
     """Rows with `prompt` (text), `candidates` (titles) and `answer` (the target's index) -> token ids.
 
     Encoded as the read-out encodes them (`delrec.llm.tokenization`), so the loss and the
-    evaluation score the same ids. With `tasks` (stage 1), also the index of each example's `task`."""
+    evaluation score the same ids. With `tasks` (stage 1), also the index of each example's `task`; rows that
+    carry a `user_state` (a per-user soft prompt) also give `user_states`."""
 
     tokenizer: object
     tasks: list[str] | None = None
@@ -70,4 +72,4 @@ class ListwiseCollator:
         }
         if self.tasks is not None:
             batch["task"] = torch.tensor([self.tasks.index(e["task"]) for e in examples], dtype=torch.long)
-        return batch
+        return with_user_states(batch, examples)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from delrec.errors import DelrecError
 from delrec.llm.tokenization import encode_completion, encode_pair, encode_prompt
+from delrec.llm.user_prompt import reading_states
 
 _PAD_ID = 0  # any id: padded positions are masked out and never scored
 LOGIT_CHUNK = 8192  # LM-head rows per block of the chunked log-softmax (measured best of 8k-32k on Gemma, CPU)
@@ -60,8 +61,12 @@ def score_candidates(
     *,
     batch_size: int = 16,
     progress: bool = False,
+    states: torch.Tensor | None = None,
 ) -> list[CandidateScores]:
     """Score `candidates[i]` as completions of `prompts[i]`; one `CandidateScores` per prompt.
+
+    `states` [len(prompts), d]: the SR model's state of each prompt's history, for a model that reads a per-user
+    soft prompt (`delrec.llm.user_prompt`).
 
     `batch_size` bounds the prompts in one forward pass (their candidates share their rows), and
     the candidate rows of a pass where the attention kernel cannot pack them (each such row holds a
@@ -80,9 +85,10 @@ def score_candidates(
     ) as bar:
         for start in range(0, len(order), batch_size):
             group = order[start : start + batch_size]
-            logprobs = candidate_log_likelihoods(
-                model, [prompt_ids[i] for i in group], [candidate_ids[i] for i in group], batch_size
-            )
+            with reading_states(model, None if states is None else states[group]):
+                logprobs = candidate_log_likelihoods(
+                    model, [prompt_ids[i] for i in group], [candidate_ids[i] for i in group], batch_size
+                )
             for i, values in zip(group, logprobs):
                 results[i] = CandidateScores(values.tolist(), [len(c) for c in candidate_ids[i]])
             bar.update(len(group))

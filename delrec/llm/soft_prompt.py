@@ -98,7 +98,7 @@ class SoftPrompt:
                 f"the tokenizer already holds soft prompt '{self.name}' ({held} tokens); "
                 "load it with SoftPrompt.load, or choose another name"
             )
-        pool = _real_token_ids(tokenizer, model.get_input_embeddings().num_embeddings)
+        pool = real_token_ids(tokenizer, model.get_input_embeddings().num_embeddings)
         if init == "vocab" and len(pool) < self.num_tokens:
             raise DelrecError(
                 f"soft prompt '{self.name}': {self.num_tokens} tokens need as many distinct vocabulary tokens "
@@ -138,6 +138,10 @@ class SoftPrompt:
             weight[self.token_ids] = rows.to(weight.device, weight.dtype)
             if self._master is not None:
                 self._master.copy_(rows)
+
+    def trained_parameters(self, model) -> list[torch.nn.Parameter]:
+        """Stage 1's parameters: the float32 master rows (`train_only_soft_prompt`)."""
+        return [self.train_only_soft_prompt(model)]
 
     def train_only_soft_prompt(self, model) -> torch.nn.Parameter:
         """Freeze every parameter and train a float32 master copy of this prompt's rows instead.
@@ -308,7 +312,7 @@ def _held_tokens(tokenizer, name: str) -> int:
     return sum(1 for token in tokenizer.added_tokens_encoder if token.startswith(prefix))
 
 
-def _real_token_ids(tokenizer, num_rows: int) -> torch.Tensor:
+def real_token_ids(tokenizer, num_rows: int) -> torch.Tensor:
     """Ids of ordinary vocabulary tokens (no special or added tokens) that have an embedding row."""
     added = set(tokenizer.added_tokens_decoder) | set(tokenizer.all_special_ids)
     return torch.tensor([i for i in range(min(len(tokenizer), num_rows)) if i not in added], dtype=torch.long)

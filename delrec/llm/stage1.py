@@ -113,11 +113,18 @@ class DistillArguments:
     weight_power: float = field(
         default=0.5, metadata={"help": "dynamic weighting: the exponent (DELRec: 0.5).", "range": above(0)}
     )
+    soft_prompt: Literal["global", "user"] = field(
+        default="global",
+        metadata={"help": "global: P vectors shared by every user (DELRec); user: P vectors per user, a trained "
+                  "projection of the SR model's state of the user's history (delrec.llm.user_prompt; both "
+                  "predictions files written with `delrec sr predict --user_states`)."},
+    )
     soft_prompt_tokens: int = field(
         default=100, metadata={"help": "P, the soft prompt's number of vectors.", "range": SOFT_PROMPT_TOKENS}
     )
     soft_prompt_init: Literal["vocab", "random"] = field(
-        default="vocab", metadata={"help": "Start from P distinct vocabulary embeddings (DELRec) or at random."}
+        default="vocab", metadata={"help": "Start from P distinct vocabulary embeddings (DELRec) or at random "
+                                   "(global only: a per-user prompt starts from vocabulary rows)."}
     )
     soft_prompt_name: str | None = field(
         default=None, metadata={"help": "Name of the soft prompt's tokens (default: the SR model type, e.g. sasrec)."}
@@ -170,6 +177,8 @@ class DistillArguments:
             raise ValueError(f"soft_prompt_tokens must be at least 1, got {self.soft_prompt_tokens}")
         if not self.weight_power > 0:
             raise ValueError(f"weight_power must be positive, got {self.weight_power}")
+        if self.soft_prompt == "user" and self.soft_prompt_init != "vocab":
+            raise ValueError("soft_prompt: user starts from vocabulary rows; leave soft_prompt_init at vocab")
 
 
 def dynamic_task_weights(grad_norms: torch.Tensor, present: torch.Tensor, power: float = 0.5) -> torch.Tensor:
@@ -185,13 +194,14 @@ class SoftPromptTrainer(DelrecTrainer):
     (`weight_ta`, `weight_rps`), averaged over the steps since the previous log line.
     """
 
-    def __init__(self, *args, soft_prompt, tasks: list[str], weighting: str, task_weights: list[float],
-                 weight_power: float, **kwargs):
+    def __init__(self, *args, soft_prompt, trained_parameters: list[torch.nn.Parameter], tasks: list[str],
+                 weighting: str, task_weights: list[float], weight_power: float, **kwargs):
         super().__init__(*args, **kwargs)
         if self.is_fsdp_enabled:
             raise DelrecError("stage 1 (distill-pattern) runs on one device or with DDP (accelerate_configs/"
                               "multi_gpu.yaml), not FSDP: it trains rows of the embedding matrix, which FSDP flattens")
-        self.soft_prompt = soft_prompt
+        self.soft_prompt = soft_prompt  # a SoftPrompt or a UserPrompt
+        self.trained_parameters = trained_parameters
         self.tasks = tasks
         self.weighting = weighting
         self.fixed_weights = torch.tensor(task_weights, dtype=torch.float32)
@@ -204,7 +214,7 @@ class SoftPromptTrainer(DelrecTrainer):
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             self.optimizer = torch.optim.AdamW(
-                [self.soft_prompt.master_rows], lr=self.args.learning_rate,
+                self.trained_parameters, lr=self.args.learning_rate,
                 betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon, weight_decay=0.0,
             )
             self.soft_prompt.check_optimizer(self.optimizer, self.model)
@@ -222,13 +232,14 @@ class SoftPromptTrainer(DelrecTrainer):
         context = {"task": task}
         if self.weighting == "dynamic" and model.training:
             self._backward_context = context  # the embedding hook picks it up during this forward pass
-        if "candidates" in inputs:
-            example_losses = listwise_loss(model, **inputs, batch_size=self.evaluator.batch_size,
-                                           length_normalized=self.evaluator.length_normalized, reduction="none")
-            units = torch.ones_like(example_losses)
-        else:
-            log_probs, keep = answer_log_probs(model, inputs)
-            example_losses, units = -log_probs.sum(1), keep.sum(1)
+        with self.reading_states(model, inputs):
+            if "candidates" in inputs:
+                example_losses = listwise_loss(model, **inputs, batch_size=self.evaluator.batch_size,
+                                               length_normalized=self.evaluator.length_normalized, reduction="none")
+                units = torch.ones_like(example_losses)
+            else:
+                log_probs, keep = answer_log_probs(model, inputs)
+                example_losses, units = -log_probs.sum(1), keep.sum(1)
         masks = [task == t for t in range(len(self.tasks))]
         loss_sums = torch.stack([example_losses[m].sum() for m in masks])
         counts = torch.stack([torch.stack([units[m].sum(), m.sum()]) for m in masks]).float()  # units, examples
@@ -279,7 +290,7 @@ class SoftPromptTrainer(DelrecTrainer):
         return grad * scale[task].to(grad.dtype)[:, None, None]
 
     def save_weights(self, output_dir: Path, state_dict) -> None:
-        """Nothing but the soft rows changed: no model weights are written."""
+        """Nothing but the soft prompt changed: no model weights are written."""
 
     def save_soft_prompt(self, output_dir: Path) -> None:
         self.soft_prompt.save(output_dir, self.model)
@@ -335,6 +346,7 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
     from delrec.llm.instances import InstanceOptions, build_instances, read_task_predictions
     from delrec.llm.loading import load_model, max_positions
     from delrec.llm.soft_prompt import SoftPrompt
+    from delrec.llm.user_prompt import UserPrompt
     from delrec.prompts import get_template
 
     started = time.perf_counter()
@@ -360,17 +372,23 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
     if run.finished is not None:
         return run.finished
 
+    states = _user_states(args, dataset) if args.soft_prompt == "user" else None
     precision = training_precision(settings, model_config.device)
     model, tokenizer = load_model(training_model_config(model_config, precision))
-    soft = SoftPrompt(sr_model["name"], args.soft_prompt_tokens).add_to(
-        model, tokenizer, init=args.soft_prompt_init, seed=settings.seed)
-    soft.train_only_soft_prompt(model)
+    if states is None:
+        soft = SoftPrompt(sr_model["name"], args.soft_prompt_tokens).add_to(
+            model, tokenizer, init=args.soft_prompt_init, seed=settings.seed)
+    else:
+        soft = UserPrompt(sr_model["name"], args.soft_prompt_tokens).add_to(
+            model, tokenizer, states.dim, states.item_table_digest(), seed=settings.seed)
+    trained_parameters = soft.trained_parameters(model)
 
     def options(split: str, limit: int | None) -> InstanceOptions:
         return InstanceOptions(
             split=split, soft_prompt=soft.placeholder_text(), sr_model=sr_model["display_name"], domain=args.domain,
             num_candidates=args.num_candidates, sr_top=args.sr_top, max_instances=limit, seed=settings.seed,
             max_length=args.max_length, allow_truncation=args.allow_truncation, model_positions=max_positions(model),
+            user_states=states is not None,
         )
 
     with PartialState().main_process_first():
@@ -380,6 +398,8 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
                                       args.valid_predictions, out / CACHE_DIR) for t in args.tasks]
     tokens_only = ["input_ids", "completion_mask", "task"]
     train_columns = tokens_only if args.objective == "answer" else [*LISTWISE_COLUMNS, "task"]
+    if states is not None:
+        train_columns = [*train_columns, "user_state"]
     train = concatenate_datasets([s.rows for s in train_sets]).select_columns(train_columns)
     valid = concatenate_datasets([s.rows for s in valid_sets])
 
@@ -399,6 +419,7 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
         run_identity=run.identity,
         torch_compile=compiles_layers(settings, model),
         soft_prompt=soft,
+        trained_parameters=trained_parameters,
         tasks=list(args.tasks),
         weighting=args.task_weighting,
         task_weights=args.task_weights,
@@ -427,7 +448,9 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
             "delrec_version": delrec.__version__,
             "base_model": model_description(model_config),
             "sr_model": sr_model,
-            "soft_prompt": {"name": soft.name, "num_tokens": soft.num_tokens, "init": args.soft_prompt_init},
+            "soft_prompt": {"name": soft.name, "num_tokens": soft.num_tokens, "init": args.soft_prompt_init,
+                            **({} if states is None else {"kind": "user",
+                                                          "item_table_sha256": soft.item_table_sha256})},
             "templates": {t: {"name": tp.name, "fingerprint": tp.fingerprint} for t, tp in templates.items()},
             "domain": args.domain,
             "dataset": {"path": local_or_hub(str(dataset.path)), "fingerprint": dataset.fingerprint},
@@ -437,6 +460,19 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
         })
     run.finish()
     return StageResult({"out": str(out), **summary}, trainer)
+
+
+def _user_states(args: DistillArguments, dataset):
+    """The train split's user states (a per-user prompt's input size and SR model), both splits checked to come
+    from one SR model."""
+    from delrec.predictions import read_user_states
+
+    train = read_user_states(args.train_predictions, dataset, "train")
+    valid = read_user_states(args.valid_predictions, dataset, "valid")
+    if train.item_table_digest() != valid.item_table_digest():
+        raise DelrecError(f"{args.train_predictions} and {args.valid_predictions} hold user states of different SR "
+                          "models (their item tables differ); predict both splits with the same model")
+    return train
 
 
 def _sr_model(train_meta: dict, valid_meta: dict, args: DistillArguments) -> dict:

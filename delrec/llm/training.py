@@ -52,6 +52,7 @@ from delrec.io import (check_parents_are_folders, is_occupied, read_json, replac
                        write_json)
 from delrec.llm.files import RUN_FILE, damaged_file, explained_write_errors
 from delrec.llm.folder import local_or_hub, model_fingerprint
+from delrec.llm.user_prompt import reading_states, with_user_states
 from delrec.metrics import RankingMetrics
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -324,7 +325,7 @@ class AnswerCollator:
                  "labels": labels}
         if self.tasks is not None:
             batch["task"] = torch.tensor([self.tasks.index(e["task"]) for e in examples], dtype=torch.long)
-        return batch
+        return with_user_states(batch, examples)
 
 
 def answer_log_probs(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,6 +395,8 @@ class CandidateEvaluator:
         self.candidates = list(rows["candidates"])
         self.answers = list(rows["answer"])
         self.tasks = list(rows["task"])
+        # a per-user soft prompt reads each row's SR state
+        self.states = torch.tensor(rows["user_state"]) if "user_state" in rows.column_names else None
         self.tokenizer = tokenizer
         self.summarize = summarize
         self.batch_size = batch_size
@@ -412,7 +415,7 @@ class CandidateEvaluator:
         padded = mine + [mine[-1] if mine else 0] * (share - len(mine))
         scores = score_candidates(
             model, self.tokenizer, [self.prompts[i] for i in padded], [self.candidates[i] for i in padded],
-            batch_size=self.batch_size,
+            batch_size=self.batch_size, states=None if self.states is None else self.states[padded],
         )
         local = []
         for index, score in zip(mine, scores):
@@ -473,9 +476,15 @@ class DelrecTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Mean negative log-likelihood of the answer tokens of the batch."""
-        log_probs, keep = answer_log_probs(model, inputs)
+        with self.reading_states(model, inputs):
+            log_probs, keep = answer_log_probs(model, inputs)
         loss = -log_probs.sum() / keep.sum().clamp(min=1)
         return (loss, None) if return_outputs else loss
+
+    def reading_states(self, model, inputs: dict):
+        """The batch's SR user states (popped from `inputs`), handed to a per-user soft prompt for the passes inside
+        (`delrec.llm.user_prompt`); nothing to do for a batch without them."""
+        return reading_states(self.accelerator.unwrap_model(model), inputs.pop("user_states", None))
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Rank the valid candidates (not the LM loss): the metric that picks the best checkpoint.

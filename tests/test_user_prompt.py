@@ -1,0 +1,158 @@
+"""The per-user soft prompt: P vectors projected from the SR model's state of each user's history.
+
+What a test here pins: the projection formula, that an untrained prompt is a global one, that prompts holding it
+are refused without states, that stage 1 trains the projector alone and writes it to reload exactly, and that it
+learns what a global prompt cannot (users whose prompts read the same but whose SR top-1 differ)."""
+
+import json
+
+import pytest
+import torch
+
+from delrec.data.dataset import PreparedDataset
+from delrec.errors import DelrecError
+from delrec.llm.files import USER_PROMPT_FILE
+from delrec.llm.listwise import listwise_loss
+from delrec.llm.scoring import score_candidates
+from delrec.llm.stage1 import distill_pattern
+from delrec.llm.tokenization import encode_completion, encode_prompt
+from delrec.llm.training import TrainingSettings
+from delrec.llm.user_prompt import PROJECTOR, UserPrompt, reading_states, read_file
+from delrec.predictions import read_user_states
+from delrec.sr import PopConfig, TrainConfig, train_sr
+from delrec.sr import load_model as load_sr
+from delrec.sr.evaluate import write_predictions
+from distill_fixtures import sr_model  # noqa: F401 (fixture)
+from llm_fixtures import load_tiny, tiny_llama, tiny_llm, tiny_llm_data  # noqa: F401 (fixtures)
+from test_delrec_training import FAST, model_config, stage1_args
+
+P = 3
+
+
+def attached(folder, state_dim=5, seed=0):
+    model, tokenizer = load_tiny(folder)
+    prompt = UserPrompt("sasrec", P).add_to(model, tokenizer, state_dim, "digest", seed=seed)
+    return model, tokenizer, prompt
+
+
+def test_the_vectors_follow_the_formula_and_an_untrained_prompt_is_a_global_one(tiny_llm):
+    model, tokenizer, prompt = attached(tiny_llm)
+    projector = getattr(model, PROJECTOR)
+    states = torch.randn(2, 5)
+    assert torch.equal(projector(states), projector.scale * projector.base.expand(2, -1, -1))  # W starts at zero
+    with torch.no_grad():
+        projector.weight.normal_()
+    normed = (states - states.mean(1, keepdim=True)) / (states.var(1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    expected = projector.scale * (projector.base + (normed @ projector.weight).view(2, P, -1) / 5)
+    assert torch.allclose(projector(states), expected, atol=1e-5)
+    # the wrapped embedding: user ids take row b's vectors, every other id is embedded as before
+    text = "A user" + prompt.placeholder_text() + " likes"
+    ids = torch.tensor([encode_prompt(tokenizer, text)] * 2)
+    at = torch.isin(ids, torch.tensor(prompt.token_ids))
+    assert at.sum() == 2 * P
+    plain = model.get_input_embeddings().embedding
+    with reading_states(model, states), torch.no_grad():
+        embedded = model.get_input_embeddings()(ids)
+        vectors = projector(states)
+    assert torch.equal(embedded[~at], plain(ids.masked_fill(at, 0))[~at])
+    for row in range(2):
+        assert torch.equal(embedded[row][at[row]], vectors[row].to(embedded.dtype))
+
+
+def test_prompts_holding_it_are_refused_without_one_state_per_prompt(tiny_llm):
+    model, tokenizer, prompt = attached(tiny_llm)
+    ids = torch.tensor([encode_prompt(tokenizer, prompt.placeholder_text() + " x")] * 2)
+    with pytest.raises(DelrecError, match=r"^the prompts hold a per-user soft prompt, which needs the SR model's state "
+                                          r"of each of the 2 prompts in this pass \(got none\)"):
+        model(input_ids=ids)
+    with reading_states(model, torch.zeros(3, 5)), pytest.raises(DelrecError, match=r"\(got 3\)"):
+        model(input_ids=ids)
+    plain, _ = load_tiny(tiny_llm)
+    with pytest.raises(DelrecError, match="reads no per-user soft prompt"), reading_states(plain, torch.zeros(2, 5)):
+        pass
+
+
+def test_it_learns_what_a_global_prompt_cannot(tiny_llm):
+    """Four users whose prompts are the same text but whose SR top-1 differ: a global prompt ranks them all alike
+    (at most one right); training the projector alone ranks every one right."""
+    torch.manual_seed(0)
+    model, tokenizer, prompt = attached(tiny_llm, state_dim=8)
+    titles = ["game 1", "game 2", "game 3", "game 4"]  # alike: their likelihoods differ by the prompt alone
+    text = "Recommendations by the SR model " + prompt.placeholder_text() + "\nCandidates: " + ", ".join(titles)
+    prompts = [encode_prompt(tokenizer, text)] * 4
+    candidates = [[encode_completion(tokenizer, t) for t in titles]] * 4
+    states, targets = torch.randn(4, 8), [0, 1, 2, 3]
+
+    def correct() -> int:
+        scores = score_candidates(model, tokenizer, [text] * 4, [titles] * 4, states=states)
+        return sum(max(range(4), key=lambda j: s.logprob[j]) == t for s, t in zip(scores, targets))
+
+    assert correct() <= 1  # W = 0: every user gets the same vectors, so the same ranking
+    parameters = prompt.trained_parameters(model)
+    optimizer = torch.optim.Adam(parameters, lr=3e-2)
+    for _ in range(60):
+        optimizer.zero_grad()
+        with reading_states(model, states):
+            loss = listwise_loss(model, prompts, candidates, targets)
+        loss.backward()
+        optimizer.step()
+    assert correct() == 4
+    assert all(not p.requires_grad for name, p in model.named_parameters() if not name.startswith(PROJECTOR))
+
+
+@pytest.fixture(scope="module")
+def states_files(sr_model, tiny_llm_data, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("user-states")
+    dataset, model = PreparedDataset.load(tiny_llm_data), load_sr(sr_model, "cpu")
+    for split in ("train", "valid", "test"):
+        write_predictions(folder / f"{split}.jsonl", model, dataset, split, 10, prefix_predictions=True,
+                          user_states=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def user_stage1(tiny_llm_data, tiny_llama, states_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("user-stage1") / "run"
+    result = distill_pattern(stage1_args(tiny_llm_data, states_files, out, soft_prompt="user", objective="listwise"),
+                             model_config(tiny_llama), TrainingSettings(**FAST))
+    return out, result
+
+
+def test_stage1_trains_the_projector_alone_and_reloads_it_exactly(user_stage1, tiny_llama, tiny_llm_data,
+                                                                   states_files):
+    out, result = user_stage1
+    trained = result.trainer.model
+    base, _ = load_tiny(tiny_llama)
+    parameters = dict(trained.named_parameters())
+    for name, before in base.named_parameters():
+        assert torch.equal(parameters[name.replace("embed_tokens.", "embed_tokens.embedding.")], before), name
+    metadata, tensors = read_file(out / USER_PROMPT_FILE)
+    projector = getattr(trained, PROJECTOR)
+    assert torch.equal(tensors["weight"], projector.weight.detach()) and projector.weight.abs().sum() > 0
+    dataset = PreparedDataset.load(tiny_llm_data)
+    digest = read_user_states(states_files / "train.jsonl", dataset, "train").item_table_digest()
+    info = json.loads((out / "delrec.json").read_text())
+    assert info["soft_prompt"] == {"name": "sasrec", "num_tokens": 4, "init": "vocab", "kind": "user",
+                                   "item_table_sha256": digest}
+    assert metadata["item_table_sha256"] == digest and not (out / "soft_prompt.safetensors").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["valid"]["rps_agreement"] <= 1
+    # a fresh base model with the saved prompt scores the valid instances exactly as the trained one
+    evaluator = result.trainer.evaluator
+    fresh, tokenizer = load_tiny(tiny_llama)
+    UserPrompt.load(out, fresh, tokenizer)
+    first = score_candidates(trained, tokenizer, evaluator.prompts, evaluator.candidates, states=evaluator.states)
+    again = score_candidates(fresh, tokenizer, evaluator.prompts, evaluator.candidates, states=evaluator.states)
+    assert first == again
+
+
+def test_stage1_without_user_states_says_how_to_write_them(tiny_llm_data, tiny_llama, tmp_path):
+    folder = tmp_path / "plain"
+    dataset = PreparedDataset.load(tiny_llm_data)
+    train_sr(tiny_llm_data, PopConfig(), TrainConfig(epochs=1, progress=False, device="cpu"), folder / "model")
+    pop = load_sr(folder / "model", "cpu")
+    for split in ("train", "valid"):
+        write_predictions(folder / f"{split}.jsonl", pop, dataset, split, 10, prefix_predictions=True)
+    with pytest.raises(DelrecError, match=r"train.jsonl: written without user states.*--user_states"):
+        distill_pattern(stage1_args(tiny_llm_data, folder, tmp_path / "out", soft_prompt="user"),
+                        model_config(tiny_llama), TrainingSettings(**FAST))
