@@ -11,14 +11,21 @@ import torch
 
 from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
+from delrec.llm.export import export_model
 from delrec.llm.files import USER_PROMPT_FILE
+from delrec.llm.folder import load_delrec_model
 from delrec.llm.listwise import listwise_loss
 from delrec.llm.scoring import score_candidates
+from delrec.llm.loading import LoraSettings
 from delrec.llm.stage1 import distill_pattern
+from delrec.llm.stage2 import FinetuneArguments, finetune
 from delrec.llm.tokenization import encode_completion, encode_prompt
 from delrec.llm.training import TrainingSettings
 from delrec.llm.user_prompt import PROJECTOR, UserPrompt, reading_states, read_file
 from delrec.predictions import read_user_states
+from delrec.ranking.base import ReadoutConfig
+from delrec.ranking.hf import Options as HFOptions
+from delrec.ranking.runner import RankArguments, rank
 from delrec.sr import PopConfig, TrainConfig, train_sr
 from delrec.sr import load_model as load_sr
 from delrec.sr.evaluate import write_predictions
@@ -156,3 +163,85 @@ def test_stage1_without_user_states_says_how_to_write_them(tiny_llm_data, tiny_l
     with pytest.raises(DelrecError, match=r"train.jsonl: written without user states.*--user_states"):
         distill_pattern(stage1_args(tiny_llm_data, folder, tmp_path / "out", soft_prompt="user"),
                         model_config(tiny_llama), TrainingSettings(**FAST))
+
+
+def splits(folder) -> dict:
+    return {f"{split}_predictions": str(folder / f"{split}.jsonl") for split in ("train", "valid", "test")}
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["frozen", "co-trained"])
+def user_stage2(request, user_stage1, tiny_llm_data, tiny_llama, states_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("user-stage2") / "run"
+    args = FinetuneArguments(data=str(tiny_llm_data), out=str(out), stage1=str(user_stage1[0]), objective="listwise",
+                             train_soft_prompt=request.param, max_train_instances=16, eval_max_instances=4,
+                             test_max_instances=6, max_length=512, **splits(states_files))
+    result = finetune(args, model_config(tiny_llama), LoraSettings(r=2, alpha=4, dropout=0.0),
+                      TrainingSettings(**{**FAST, "learning_rate": 1e-2}))
+    return request.param, out, result
+
+
+def test_stage2_freezes_or_co_trains_the_projector_and_reloads_it_exactly(user_stage2, user_stage1, tiny_llm_data,
+                                                                           states_files):
+    co_trained, out, result = user_stage2
+    _, stage1_tensors = read_file(user_stage1[0] / USER_PROMPT_FILE)
+    _, tensors = read_file(out / USER_PROMPT_FILE)
+    moved = not torch.equal(tensors["weight"], stage1_tensors["weight"])
+    assert moved == co_trained
+    trainable = [p.requires_grad for name, p in result.trainer.model.named_parameters() if PROJECTOR in name]
+    assert trainable and any(trainable) == co_trained
+    info = json.loads((out / "delrec.json").read_text())
+    assert info["soft_prompt"]["kind"] == "user" and info["soft_prompt"]["trained"] == co_trained
+    # the folder reloads to the same scores as the trained model, and `delrec rank` reads it with the test states
+    dataset = PreparedDataset.load(tiny_llm_data)
+    states = read_user_states(states_files / "test.jsonl", dataset, "test")
+    ranked = rank(RankArguments(model=str(out), data=str(tiny_llm_data), out=str(out.parent / "rank"), max_instances=6,
+                                predictions=str(states_files / "test.jsonl"), progress=False),
+                  ReadoutConfig(), HFOptions(device="cpu", batch_size=4))
+    loaded, tokenizer, _ = load_delrec_model(out, device="cpu", dtype="float32")
+    rows = [json.loads(line) for line in (out.parent / "rank" / "rankings.jsonl").read_text().splitlines()]
+    index = {inst.id: i for i, inst in enumerate(dataset.instances("test"))}
+    prompts = [r.prompt for r in rank_requests(out, tiny_llm_data, tokenizer, states)]
+    titles = [[dataset.titles[i] for i in dataset.candidates("test")[index[row["id"]]]] for row in rows]
+    chosen = states.states[[index[row["id"]] for row in rows]]
+    trained = score_candidates(result.trainer.model, tokenizer, prompts, titles, states=chosen)
+    again = score_candidates(loaded, tokenizer, prompts, titles, states=chosen)
+    assert torch.allclose(torch.tensor([s.logprob for s in trained]), torch.tensor([s.logprob for s in again]),
+                          atol=1e-5)
+    for row, scores in zip(rows, again):
+        assert sorted(row["logprob"], reverse=True) == pytest.approx(sorted(scores.logprob, reverse=True), abs=1e-4)
+    assert 0 <= ranked["test"]["hr@1"] <= 1
+
+
+def rank_requests(model, data, tokenizer, states):
+    from delrec.ranking.models import describe_model
+    from delrec.ranking.requests import build_requests
+    from delrec.prompts import get_template
+
+    spec = describe_model(str(model))
+    return build_requests(PreparedDataset.load(data), "test", spec, get_template(spec.template), tokenizer, 512,
+                          lambda titles: 16, 6, None, states)
+
+
+@pytest.mark.parametrize("case", ["no predictions", "export", "generate"])
+def test_what_cannot_read_a_per_user_prompt_refuses_it_in_one_line(case, user_stage2, tiny_llm_data, states_files,
+                                                                    tmp_path):
+    _, out, _ = user_stage2
+    if case == "export":
+        with pytest.raises(DelrecError, match=r"a per-user soft prompt needs the hf backend.*--predictions FILE"):
+            export_model(out, tmp_path / "merged")
+        return
+    args = RankArguments(model=str(out), data=str(tiny_llm_data), out=str(tmp_path / "rank"), max_instances=2,
+                         progress=False, **({} if case == "no predictions" else
+                                            {"predictions": str(states_files / "test.jsonl")}))
+    expected = {"no predictions": r"reads a per-user soft prompt: pass --predictions, the test split's predictions",
+                "generate": r"the generate read-out cannot hand each prompt its user state"}[case]
+    with pytest.raises(DelrecError, match=expected):
+        rank(args, ReadoutConfig(readout="score" if case == "no predictions" else "generate"),
+             HFOptions(device="cpu", batch_size=2))
+
+
+def test_co_training_needs_a_per_user_prompt(tiny_llm_data, tiny_llama, tmp_path):
+    args = FinetuneArguments(data=str(tiny_llm_data), out=str(tmp_path / "run"), soft_prompt="random",
+                             train_soft_prompt=True)
+    with pytest.raises(DelrecError, match=r"^train_soft_prompt co-trains a per-user soft prompt, and this run has none"):
+        finetune(args, model_config(tiny_llama), LoraSettings(r=2, alpha=4), TrainingSettings(**FAST))

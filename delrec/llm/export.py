@@ -28,11 +28,12 @@ import torch
 
 from delrec.errors import DelrecError
 from delrec.io import check_apart_from_inputs, is_occupied, read_json, replace_directory, staged_directory, write_json
-from delrec.llm.files import explained_write_errors
+from delrec.llm.files import USER_PROMPT_FILE, explained_write_errors
 from delrec.llm.folder import ADAPTER_CONFIG, INFO_FILE, load_delrec_model, read_info, same_base_model
 from delrec.llm.loading import DTYPES, TOKENIZER_FILES, WEIGHT_FILES, describe_non_model_folder, resolve_source
 from delrec.llm.soft_prompt import SOFT_PROMPT_FILE, SoftPrompt
 from delrec.llm.tokenization import encode_prompt
+from delrec.llm.user_prompt import UserPrompt
 from delrec.prompts.template import is_template_name
 
 EXPORT_KIND = "delrec-export"
@@ -98,7 +99,8 @@ def read_stage2(folder: str | Path) -> dict:
         ("tokenizer files", any((folder / n).is_file() for n in TOKENIZER_FILES)),
     ]
     if info.get("soft_prompt"):
-        pieces.append((f"the soft prompt ({SOFT_PROMPT_FILE})", (folder / SOFT_PROMPT_FILE).is_file()))
+        file = USER_PROMPT_FILE if user_prompt_record(info) else SOFT_PROMPT_FILE
+        pieces.append((f"the soft prompt ({file})", (folder / file).is_file()))
     missing = [name for name, present in pieces if not present]
     if missing:
         raise DelrecError(f"{folder}: incomplete DELRec stage-2 folder, missing {', '.join(missing)}")
@@ -108,7 +110,17 @@ def read_stage2(folder: str | Path) -> dict:
 def soft_prompt_text(info: dict) -> str | None:
     """The placeholder text of the soft prompt a DELRec folder's delrec.json names (None: it has none)."""
     soft = info.get("soft_prompt")
-    return SoftPrompt(soft["name"], int(soft["num_tokens"])).placeholder_text() if soft else None
+    if not soft:
+        return None
+    kind = UserPrompt if user_prompt_record(info) else SoftPrompt
+    return kind(soft["name"], int(soft["num_tokens"])).placeholder_text()
+
+
+def user_prompt_record(info: dict) -> dict | None:
+    """What a folder with a per-user soft prompt records of it (`item_table_sha256`: the SR model whose user states
+    it reads); None for a global soft prompt or none."""
+    soft = info.get("soft_prompt") or {}
+    return {"item_table_sha256": soft.get("item_table_sha256")} if soft.get("kind") == "user" else None
 
 
 def prompt_settings(info: dict) -> dict:
@@ -140,6 +152,10 @@ def export_model(
 
     source, out = Path(source), Path(out)
     info = read_stage2(source)
+    if user_prompt_record(info):
+        raise DelrecError(f"{source}: a per-user soft prompt needs the hf backend; its vectors are computed from each "
+                          "user's SR state, not held in vocabulary rows, so there is no plain folder to export: rank "
+                          "the stage-2 folder itself with `delrec rank --backend hf --predictions FILE`")
     if info.get("item_tokens"):
         raise DelrecError(f"{source}: hybrid item tokens need the hf backend; their embeddings come from the item "
                           "projector, not from vocabulary rows, so there is no plain folder to export: rank the "

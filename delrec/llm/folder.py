@@ -153,8 +153,8 @@ def read_info(folder: str | Path) -> dict[str, Any]:
 
 def load_delrec_model(folder: str | Path, device: str = "auto", dtype: str = "auto", base: str | None = None,
                       trust_remote_code: bool = False):
-    """Return `(model, tokenizer, info)`: the base model + soft-prompt rows (+ the stage-2 LoRA adapter and item
-    projector), in eval mode.
+    """Return `(model, tokenizer, info)`: the base model + soft-prompt rows or per-user projector (+ the stage-2 LoRA
+    adapter and item projector), in eval mode.
 
     `base` overrides the base model recorded in delrec.json (e.g. the same model at another path).
     `trust_remote_code` is the caller's (the user's) decision alone: a folder is data that anyone may have
@@ -164,6 +164,7 @@ def load_delrec_model(folder: str | Path, device: str = "auto", dtype: str = "au
     from delrec.llm import hybrid
     from delrec.llm.loading import ModelConfig, ensure_pad_token, load_model, load_tokenizer
     from delrec.llm.soft_prompt import SoftPrompt
+    from delrec.llm.user_prompt import UserPrompt
 
     folder = Path(folder)
     info = read_info(folder)
@@ -189,7 +190,9 @@ def load_delrec_model(folder: str | Path, device: str = "auto", dtype: str = "au
     tokenizer = load_tokenizer(str(folder), config.trust_remote_code)  # holds the soft-prompt tokens
     ensure_pad_token(model, tokenizer)
     soft = info.get("soft_prompt")
-    if soft:
+    if soft and soft.get("kind") == "user":  # a co-trained projector is then restored by the adapter
+        UserPrompt.load(folder, model, tokenizer)
+    elif soft:
         if not (folder / SOFT_PROMPT_FILE).is_file():
             raise DelrecError(f"{folder}: {INFO_FILE} names soft prompt '{soft['name']}' but {SOFT_PROMPT_FILE} "
                               "is missing")

@@ -11,6 +11,11 @@ With `item_tokens` (LLaRA's hybrid prompt, `delrec.llm.hybrid`), each history an
 followed by an item token embedded by a projector of the SR model's item embeddings; the projector
 trains with LoRA and is saved in the adapter (PEFT `modules_to_save`).
 
+With a per-user soft prompt from stage 1 (`delrec.llm.user_prompt`), each instance carries the SR
+model's state of its history (the three predictions files, written with `--user_states`); the
+projector stays frozen, or co-trains with LoRA (`train_soft_prompt`, PEFT `modules_to_save`), and
+`user_prompt.safetensors` takes the place of `soft_prompt.safetensors`.
+
 Saving: PEFT would write the whole resized embedding matrix (and LM head) into the adapter
 (`save_embedding_layers="auto"` sees the grown vocabulary); the adapter here holds the LoRA
 matrices only and the soft rows are written once, in `soft_prompt.safetensors`, beside it.
@@ -31,6 +36,7 @@ from typing import Literal
 import delrec
 from delrec.config import SOFT_PROMPT_TOKENS, WIDTH, at_least
 from delrec.errors import DelrecError
+from delrec.llm.files import SOFT_PROMPT_FILE, USER_PROMPT_FILE
 from delrec.llm.folder import local_or_hub, same_base_model
 from delrec.llm.listwise import LISTWISE_COLUMNS, ListwiseCollator, listwise_loss
 from delrec.llm.training import (
@@ -120,14 +126,20 @@ class FinetuneArguments:
     )
     train_predictions: str | None = field(
         default=None,
-        metadata={"help": "template sr_hint: SR predictions of the train split written with `delrec sr predict "
-                  "--user_states` (the SR model's order of each instance's candidates comes from them)."},
+        metadata={"help": "template sr_hint, or a per-user soft prompt: SR predictions of the train split written "
+                  "with `delrec sr predict --user_states` (the SR model's order of each instance's candidates, or "
+                  "the state its soft prompt is projected from)."},
     )
     valid_predictions: str | None = field(
-        default=None, metadata={"help": "template sr_hint: the same for the valid split (same SR model)."}
+        default=None, metadata={"help": "The same for the valid split (same SR model)."}
     )
     test_predictions: str | None = field(
-        default=None, metadata={"help": "template sr_hint: the same for the test split (same SR model)."}
+        default=None, metadata={"help": "The same for the test split (same SR model)."}
+    )
+    train_soft_prompt: bool = field(
+        default=False,
+        metadata={"help": "A per-user soft prompt from stage 1: co-train its projector with LoRA (default: frozen, "
+                  "as DELRec freezes its soft prompt). A global soft prompt always stays frozen."},
     )
     sr_top: int = field(
         default=DEFAULT_SR_TOP, metadata={"help": "template sr_hint: how many of the SR model's top candidates the "
@@ -160,15 +172,17 @@ class LoraTrainer(DelrecTrainer):
     """Saves the LoRA matrices only (no embedding layers) and a copy of the frozen soft-prompt file; with the
     listwise objective, batches come from `ListwiseCollator` and the loss is `listwise_loss`."""
 
-    def __init__(self, *args, soft_prompt_file: Path | None, **kwargs):
+    def __init__(self, *args, soft_prompt_file: Path | None, trained_prompt=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.soft_prompt_file = soft_prompt_file
+        self.trained_prompt = trained_prompt  # a per-user prompt whose projector co-trains with LoRA
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "candidates" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = listwise_loss(model, **inputs, batch_size=self.evaluator.batch_size,
-                             length_normalized=self.evaluator.length_normalized)
+        with self.reading_states(model, inputs):
+            loss = listwise_loss(model, **inputs, batch_size=self.evaluator.batch_size,
+                                 length_normalized=self.evaluator.length_normalized)
         return (loss, None) if return_outputs else loss
 
     def save_weights(self, output_dir: Path, state_dict) -> None:
@@ -176,7 +190,11 @@ class LoraTrainer(DelrecTrainer):
                                                                   save_embedding_layers=False)
 
     def save_soft_prompt(self, output_dir: Path) -> None:
-        if self.soft_prompt_file is not None:  # `output_dir` is a staging folder (`save_model`), never the source's
+        """The frozen soft prompt's file, copied; a co-trained per-user prompt as it is now (the adapter holds it too,
+        which is what reloads it with the best checkpoint and on resume)."""
+        if self.trained_prompt is not None:
+            self.trained_prompt.save(output_dir, self.accelerator.unwrap_model(self.model))
+        elif self.soft_prompt_file is not None:  # `output_dir` is a staging folder (`save_model`), not the source's
             shutil.copyfile(self.soft_prompt_file, output_dir / self.soft_prompt_file.name)
 
 
@@ -197,7 +215,8 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
     from delrec.llm.instances import InstanceOptions, build_instances
     from delrec.predictions import display_name
     from delrec.llm.loading import check_target_modules, load_model, max_positions
-    from delrec.llm.soft_prompt import SOFT_PROMPT_FILE, SoftPrompt
+    from delrec.llm.soft_prompt import SoftPrompt
+    from delrec.llm.user_prompt import PROJECTOR, UserPrompt
     from delrec.prompts import get_template
 
     started = time.perf_counter()
@@ -212,6 +231,7 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
     domain = args.domain or (stage1 or {}).get("domain", "item")
     sr_name = stage1["soft_prompt"]["name"] if stage1 else args.soft_prompt_name
     sr_hint = _sr_hint(args, template, dataset)
+    per_user = _per_user(args, stage1, dataset, item_table is not None)
     if sr_hint is not None and not stage1 and not args.sr_display_name:
         sr_name = sr_hint["model_type"]  # the hints name the SR model that made them
     sr_display = args.sr_display_name or ((stage1 or {}).get("sr_model") or {}).get("display_name") \
@@ -225,15 +245,17 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
     model, tokenizer = load_model(training_model_config(model_config, precision))
     check_target_modules(model, lora.target_modules)  # PEFT would fail deep in the Trainer's setup
     soft = None
-    if args.soft_prompt == "stage1":
+    if per_user:
+        soft = UserPrompt.load(args.stage1, model, tokenizer)
+    elif args.soft_prompt == "stage1":
         soft = SoftPrompt.load(args.stage1, model, tokenizer, num_tokens=stage1["soft_prompt"]["num_tokens"])
     elif args.soft_prompt == "random":
         soft = SoftPrompt(sr_name, args.soft_prompt_tokens).add_to(model, tokenizer, init="random", seed=settings.seed)
     soft_file = None
     if soft is not None:
-        soft_file = out / SOFT_PROMPT_FILE
+        soft_file = out / (USER_PROMPT_FILE if per_user else SOFT_PROMPT_FILE)
         if main_process():
-            soft.save(out, model)  # the frozen rows, written once (the adapter does not hold them)
+            soft.save(out, model)  # the rows (projector) it starts from, written once (the adapter does not hold them)
     item_tokens = None
     if item_table is not None:  # after the soft prompt: item tokens come after all of the tokenizer's tokens
         first = hybrid.attach(model, tokenizer, item_table, args.item_projector_hidden, seed=settings.seed)
@@ -245,7 +267,7 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
             split=split, soft_prompt=soft.placeholder_text() if soft else None, sr_model=sr_display, domain=domain,
             num_candidates=args.num_candidates, max_instances=limit, seed=settings.seed,
             max_length=args.max_length, allow_truncation=args.allow_truncation, item_tokens=item_tokens is not None,
-            model_positions=max_positions(model), sr_top=args.sr_top,
+            model_positions=max_positions(model), sr_top=args.sr_top, user_states=per_user,
         )
 
     predictions = {"train": args.train_predictions, "valid": args.valid_predictions, "test": args.test_predictions}
@@ -256,6 +278,8 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
                                      ("test", args.test_max_instances))}
     tokens_only = ["input_ids", "completion_mask"]
     train_columns = tokens_only if args.objective == "answer" else LISTWISE_COLUMNS
+    if per_user:
+        train_columns = [*train_columns, "user_state"]
 
     def evaluator(split: str) -> CandidateEvaluator:
         return CandidateEvaluator(sets[split].rows, tokenizer, stage2_metrics, settings.eval_batch_size,
@@ -274,16 +298,17 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
         peft_config=LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
             target_modules="all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules),
-            # PEFT trains the projector, saves it (SR table included) in every adapter file and reloads it with the
-            # best checkpoint and on resume
-            modules_to_save=[hybrid.PROJECTOR] if item_tokens else None,
+            # PEFT trains a projector, saves it (an item projector with its SR table) in every adapter file and
+            # reloads it with the best checkpoint and on resume
+            modules_to_save=([hybrid.PROJECTOR] if item_tokens else [PROJECTOR] if args.train_soft_prompt else None),
         ),
         evaluator=evaluator("valid"),
         run_identity=run.identity,
         torch_compile=compiles_layers(settings, model),
         soft_prompt_file=soft_file,
+        trained_prompt=soft if args.train_soft_prompt else None,
     )
-    if soft is not None:
+    if isinstance(soft, SoftPrompt):
         soft.freeze(trainer.model)  # refuses a LoRA on the embedding layer: the soft rows must not move
     train_started = time.perf_counter()
     trainer.train(resume_from_checkpoint=run.resume_from)
@@ -317,6 +342,8 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
             "soft_prompt": None if soft is None else {
                 "name": soft.name, "num_tokens": soft.num_tokens, "source": args.soft_prompt,
                 "stage1": local_or_hub(args.stage1) if args.stage1 else None,
+                **({"kind": "user", "item_table_sha256": soft.item_table_sha256, "trained": args.train_soft_prompt}
+                   if per_user else {}),
             },
             "template": {"name": template.name, "fingerprint": template.fingerprint},
             "domain": domain,
@@ -332,7 +359,6 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
 def _stage1_info(args: FinetuneArguments, dataset, model_config) -> dict | None:
     """The stage-1 folder's delrec.json, checked against this run (soft_prompt: stage1), else None."""
     from delrec.llm.folder import INFO_FILE, read_info
-    from delrec.llm.soft_prompt import SOFT_PROMPT_FILE
 
     if args.soft_prompt != "stage1":
         return None
@@ -341,8 +367,10 @@ def _stage1_info(args: FinetuneArguments, dataset, model_config) -> dict | None:
     if args.stage1 is None:
         raise DelrecError(f"soft_prompt: stage1 needs the stage-1 folder (stage1: FOLDER); {fix}")
     folder = Path(args.stage1)
-    if not (folder / SOFT_PROMPT_FILE).is_file() or not (folder / INFO_FILE).is_file():
-        raise DelrecError(f"{folder}: no stage-1 soft prompt ({SOFT_PROMPT_FILE} and {INFO_FILE}); {fix}")
+    if not (folder / INFO_FILE).is_file() or not any((folder / f).is_file() for f in (SOFT_PROMPT_FILE,
+                                                                                     USER_PROMPT_FILE)):
+        raise DelrecError(f"{folder}: no stage-1 soft prompt ({SOFT_PROMPT_FILE} or {USER_PROMPT_FILE}, and "
+                          f"{INFO_FILE}); {fix}")
     info = read_info(folder)
     if info.get("stage") != "distill-pattern" or not info.get("soft_prompt"):
         raise DelrecError(f"{folder}: a {info.get('stage')} folder, not a stage-1 soft prompt; {fix}")
@@ -361,25 +389,51 @@ def _stage1_info(args: FinetuneArguments, dataset, model_config) -> dict | None:
     return info
 
 
-def _sr_hint(args: FinetuneArguments, template, dataset) -> dict | None:
-    """An sr_hint template's settings for delrec.json (sr_top, the SR model, a digest of its item table, which
-    `delrec rank` checks its own predictions against), from the three predictions files; None for other templates."""
+def _per_user(args: FinetuneArguments, stage1: dict | None, dataset, item_tokens: bool) -> bool:
+    """Whether the stage-1 soft prompt is a per-user one; its user states are then checked: every split's, from the
+    SR model stage 1 read (the digest of its item table)."""
+    per_user = bool(stage1) and stage1["soft_prompt"].get("kind") == "user"
+    if args.train_soft_prompt and not per_user:
+        raise DelrecError("train_soft_prompt co-trains a per-user soft prompt, and this run has none (a global soft "
+                          "prompt stays frozen, as in DELRec); set soft_prompt: stage1 with a folder from "
+                          "`delrec llm distill-pattern --soft_prompt user`, or leave train_soft_prompt out")
+    if not per_user:
+        return False
+    if item_tokens:
+        raise DelrecError("a per-user soft prompt and item_tokens both replace the input-embedding layer; use one")
+    states = _states_of_every_split(args, dataset, "its soft prompt is projected from the SR model's user states")
+    if states["train"].item_table_digest() != stage1["soft_prompt"].get("item_table_sha256"):
+        raise DelrecError(f"{args.train_predictions}: made by another SR model than the one {args.stage1} was "
+                          "distilled from (their item tables differ); predict with that model")
+    return True
+
+
+def _states_of_every_split(args: FinetuneArguments, dataset, why: str) -> dict:
+    """The train, valid and test user states (`delrec.predictions.UserStates`), checked to come from one SR model."""
     from delrec.predictions import read_user_states
 
-    if template.task != "sr_hint":
-        return None
     paths = {"train": args.train_predictions, "valid": args.valid_predictions, "test": args.test_predictions}
     missing = [split for split, path in paths.items() if path is None]
     if missing:
-        raise DelrecError(f"template '{template.name}' names the SR model's top candidates, which needs its user "
-                          f"states for every split: set {', '.join(f'{s}_predictions' for s in missing)} (`delrec sr "
-                          f"predict --split SPLIT --user_states`)")
+        raise DelrecError(f"{why}, which needs them for every split: set "
+                          f"{', '.join(f'{s}_predictions' for s in missing)} (`delrec sr predict --split SPLIT "
+                          "--user_states`)")
     states = {split: read_user_states(path, dataset, split) for split, path in paths.items()}
-    digests = {states[split].item_table_digest() for split in paths}
-    if len(digests) > 1:
+    if len({states[split].item_table_digest() for split in paths}) > 1:
         raise DelrecError(f"{args.train_predictions}, {args.valid_predictions} and {args.test_predictions} come from "
                           "different SR models (their item tables differ); predict every split with the same model")
-    return {"sr_top": args.sr_top, "model_type": states["train"].model_type, "item_table_sha256": digests.pop()}
+    return states
+
+
+def _sr_hint(args: FinetuneArguments, template, dataset) -> dict | None:
+    """An sr_hint template's settings for delrec.json (sr_top, the SR model, a digest of its item table, which
+    `delrec rank` checks its own predictions against), from the three predictions files; None for other templates."""
+    if template.task != "sr_hint":
+        return None
+    states = _states_of_every_split(args, dataset, f"template '{template.name}' names the SR model's top "
+                                                   "candidates from its user states")
+    return {"sr_top": args.sr_top, "model_type": states["train"].model_type,
+            "item_table_sha256": states["train"].item_table_digest()}
 
 
 def _check_template(template, soft_prompt: str) -> None:

@@ -182,8 +182,15 @@ def read_out(
     """Ask `backend` for `config.readout` on `requests` and build their rows (generate: within `max_new_tokens`)."""
     prompts = [r.prompt for r in requests]
     titles = [list(r.titles) for r in requests]
+    per_user = requests[0].user_state is not None if requests else False
+    if per_user and config.readout != "score":
+        raise DelrecError(f"the {config.readout} read-out cannot hand each prompt its user state, which a per-user "
+                          "soft prompt reads; use --readout score")
     if config.readout == "score":
-        scores = backend.score(prompts, titles)
+        import torch
+
+        states = {"states": torch.tensor([r.user_state for r in requests])} if per_user else {}
+        scores = backend.score(prompts, titles, **states)
         for request, result in zip(requests, scores):
             refuse_non_finite(backend, request, enumerate(result.logprob))
         return [_score_row(r, s, config.length_normalized) for r, s in zip(requests, scores)]

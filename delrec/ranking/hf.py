@@ -113,8 +113,11 @@ class HFBackend(Backend):
         return {"device": str(self.device), "dtype": str(self.model.dtype).removeprefix("torch."),
                 "batch_size": self.batch_size}
 
-    def score(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[CandidateScores]:
-        return score_candidates(self.model, self.tokenizer, prompts, candidates, batch_size=self.batch_size)
+    def score(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
+              states: torch.Tensor | None = None) -> list[CandidateScores]:
+        """`states`: each prompt's SR user state, for a model with a per-user soft prompt (this backend only)."""
+        return score_candidates(self.model, self.tokenizer, prompts, candidates, batch_size=self.batch_size,
+                                states=states)
 
     def constrained(
         self, prompts: Sequence[str], candidates: Sequence[Sequence[str]], num_beams: int

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Literal
 
 from delrec.errors import DelrecError
-from delrec.llm.export import is_export, prompt_settings, read_export, read_stage2, soft_prompt_text
+from delrec.llm.export import (is_export, prompt_settings, read_export, read_stage2, soft_prompt_text,
+                               user_prompt_record)
 from delrec.llm.folder import INFO_FILE
 from delrec.llm.loading import describe_non_model_folder
 from delrec.prompts import DEFAULT_DOMAIN, PromptTemplate, get_template
@@ -46,6 +47,7 @@ class ModelSpec:
     trained_dataset_fingerprint: str | None = None  # the dataset stage 2 was trained on, when known
     item_tokens: bool = False  # history and candidates shown as "title <|item_k|>" (delrec.llm.hybrid; hf only)
     sr_hint: dict | None = None  # sr_hint template: sr_top and the SR model's item_table_sha256, as trained
+    user_prompt: dict | None = None  # a per-user soft prompt: the SR model's item_table_sha256 (hf backend only)
 
 
 def describe_model(path: str, template: str | None = None, domain: str | None = None) -> ModelSpec:
@@ -60,7 +62,7 @@ def describe_model(path: str, template: str | None = None, domain: str | None = 
         info = read_stage2(folder)
         return _spec(path, "stage2", prompt_settings(info), soft_prompt_text(info), template, domain,
                      _dataset_fingerprint(info), item_tokens=bool(info.get("item_tokens")),
-                     sr_hint=info.get("sr_hint"))
+                     sr_hint=info.get("sr_hint"), user_prompt=user_prompt_record(info))
     if folder.is_dir():
         problem = describe_non_model_folder(folder)
         if problem:
@@ -75,6 +77,7 @@ def _dataset_fingerprint(info: dict | None) -> str | None:
 def _spec(
     path: str, kind: str, settings: dict, soft: str | None, template: str | None, domain: str | None,
     dataset_fingerprint: str | None, item_tokens: bool = False, sr_hint: dict | None = None,
+    user_prompt: dict | None = None,
 ) -> ModelSpec:
     trained_template = template in (None, settings["template"])
     return ModelSpec(
@@ -89,6 +92,7 @@ def _spec(
         trained_dataset_fingerprint=dataset_fingerprint,
         item_tokens=item_tokens,
         sr_hint=sr_hint,
+        user_prompt=user_prompt,
     )
 
 

@@ -35,6 +35,7 @@ class RankingRequest:
     titles: tuple[str, ...]
     target: int
     dropped_history: int  # oldest history items left out so the prompt fits the context
+    user_state: tuple[float, ...] | None = None  # the SR model's state of the history, for a per-user soft prompt
 
 
 def build_requests(
@@ -51,12 +52,15 @@ def build_requests(
 ) -> list[RankingRequest]:
     """Requests for `max_instances` instances of `split` (all when None; the first ones, or a seeded sample with
     `sample_seed`: `delrec.data.dataset.sampled_indices`), with their fixed candidate sets; see `requests_for`.
-    `states` (`delrec.predictions.UserStates` of the split) order each set for an sr_hint template."""
+    `states` (`delrec.predictions.UserStates` of the split) order each set for an sr_hint template, or give each
+    request its user state for a model with a per-user soft prompt."""
     instances, candidates = dataset.instances(split), dataset.candidates(split)
     chosen = sampled_indices(len(instances), max_instances, sample_seed)
-    orders = None if states is None else [sr_order(states, i, candidates[i]) for i in chosen]
+    hinted, per_user = states is not None and template.task == "sr_hint", states is not None and spec.user_prompt
+    orders = [sr_order(states, i, candidates[i]) for i in chosen] if hinted else None
+    user_states = [tuple(states.states[i].tolist()) for i in chosen] if per_user else None
     return requests_for([instances[i] for i in chosen], [candidates[i] for i in chosen], dataset.titles, split, spec,
-                        template, tokenizer, max_length, answer_tokens, sr_orders=orders)
+                        template, tokenizer, max_length, answer_tokens, sr_orders=orders, user_states=user_states)
 
 
 def requests_for(
@@ -70,18 +74,24 @@ def requests_for(
     max_length: int,
     answer_tokens: Callable[[Sequence[str]], int],
     sr_orders: Sequence[Sequence[int]] | None = None,
+    user_states: Sequence[tuple[float, ...]] | None = None,
 ) -> list[RankingRequest]:
     """One request per instance with the candidates given (e.g. a teacher's re-rank lists), rendered
     and truncated from the oldest history item until prompt + answer fit `max_length` tokens.
 
     `answer_tokens(titles)` is how many tokens must fit after the prompt (the longest candidate for
     scoring, the generation budget for free generation); `split` only names the split in errors. An sr_hint
-    template names the SR model's top candidates: `sr_orders` gives each instance's candidates in its order.
+    template names the SR model's top candidates: `sr_orders` gives each instance's candidates in its order. A model
+    with a per-user soft prompt reads each instance's SR state: `user_states`.
     """
     if template.task == "sr_hint" and sr_orders is None:
         raise DelrecError(f"template '{template.name}' names the SR model's top candidates, which this command "
                           "cannot supply; rank such a model with `delrec rank --predictions FILE` (the split's "
                           "predictions written with `delrec sr predict --user_states`)")
+    if spec.user_prompt and user_states is None:
+        raise DelrecError(f"{spec.path} reads a per-user soft prompt, made from the SR model's state of each history, "
+                          "which this command cannot supply; rank it with `delrec rank --predictions FILE` (the "
+                          "split's predictions written with `delrec sr predict --user_states`)")
     hint_top = (spec.sr_hint or {}).get("sr_top", DEFAULT_SR_TOP)
     def shown(item: int) -> str:
         """How the prompt names an item (as stage 2 did); the scored `titles` stay plain."""
@@ -107,7 +117,8 @@ def requests_for(
                 f"{split} instance {inst.id}: even with no history the prompt and answer exceed the model's "
                 f"{max_length} tokens; use a model with a longer context or a shorter template"
             )
-        requests.append(RankingRequest(inst.id, render(dropped), tuple(candidates), cand_titles, inst.target, dropped))
+        requests.append(RankingRequest(inst.id, render(dropped), tuple(candidates), cand_titles, inst.target, dropped,
+                                       None if user_states is None else user_states[number]))
     return requests
 
 

@@ -63,8 +63,9 @@ class RankArguments:
     )
     predictions: str | None = field(
         default=None,
-        metadata={"help": "sr_hint template: the ranked split's SR predictions written with `delrec sr predict "
-                  "--user_states` (by the SR model the LLM was fine-tuned with): the prompt names its top candidates."},
+        metadata={"help": "sr_hint template, or a model with a per-user soft prompt: the ranked split's SR predictions "
+                  "written with `delrec sr predict --user_states` (by the SR model the LLM was fine-tuned with): the "
+                  "prompt names its top candidates, or the soft prompt is made from its user states."},
     )
     domain: str | None = field(
         default=None,
@@ -141,22 +142,24 @@ def rank(args: RankArguments, readout: ReadoutConfig, options=None) -> dict:
     return metrics
 
 
-def hint_states(args: RankArguments, spec, template, dataset):
-    """The user states an sr_hint template reads (`--predictions`), checked to come from the SR model the LLM was
-    fine-tuned with; None for other templates, which refuse `--predictions` rather than ignore it."""
+def sr_states(args: RankArguments, spec, template, dataset):
+    """The user states an sr_hint template or a per-user soft prompt reads (`--predictions`), checked to come from
+    the SR model the LLM was fine-tuned with; None for other models, which refuse `--predictions` rather than
+    ignore it."""
     from delrec.predictions import read_user_states
 
-    if template.task != "sr_hint":
+    reader = ("template '" + template.name + "' names the SR model's top candidates" if template.task == "sr_hint"
+              else f"{spec.path} reads a per-user soft prompt" if spec.user_prompt else None)
+    if reader is None:
         if args.predictions is not None:
             raise DelrecError(f"--predictions: template '{template.name}' does not read SR predictions (only sr_hint "
-                              "templates do); leave it out")
+                              "templates and models with a per-user soft prompt do); leave it out")
         return None
     if args.predictions is None:
-        raise DelrecError(f"template '{template.name}' names the SR model's top candidates: pass --predictions, the "
-                          f"{args.split} split's predictions written with `delrec sr predict --split {args.split} "
-                          "--user_states`")
+        raise DelrecError(f"{reader}: pass --predictions, the {args.split} split's predictions written with "
+                          f"`delrec sr predict --split {args.split} --user_states`")
     states = read_user_states(args.predictions, dataset, args.split)
-    trained = (spec.sr_hint or {}).get("item_table_sha256")
+    trained = (spec.sr_hint or spec.user_prompt or {}).get("item_table_sha256")
     if trained is not None and states.item_table_digest() != trained:
         raise DelrecError(f"{args.predictions}: made by another SR model than the one {spec.path} was fine-tuned "
                           "with (their item tables differ); predict with that model")
@@ -196,7 +199,7 @@ def _requests(args: RankArguments, readout: ReadoutConfig, dataset, spec, templa
 
     requests = build_requests(
         dataset, args.split, spec, template, backend.tokenizer, backend.max_length, answer_tokens, args.max_instances,
-        args.sample_seed, hint_states(args, spec, template, dataset),
+        args.sample_seed, sr_states(args, spec, template, dataset),
     )
     if not requests:
         raise DelrecError(f"{dataset.path}: split '{args.split}' has no instances to rank")
