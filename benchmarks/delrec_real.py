@@ -22,7 +22,10 @@ when absent). Variants, all ranked on the same test candidate sets, nothing chos
 - `lora_hybrid`: stage 2 with LLaRA's hybrid prompt, no soft prompt: each history item and candidate
   shown as its title + one token, SASRec's item embedding through a trained projector (`--item_tokens`);
 - `sr_hint`: stage 2 with the `sr_hint` template, no soft prompt: the prompt names SASRec's top-3 among the
-  instance's candidates as text (`delrec sr predict --user_states`), the hard-prompt baseline of issue #31.
+  instance's candidates as text (`delrec sr predict --user_states`), the hard-prompt baseline of issue #31;
+- `user`, `user_trained`: stage 1 with a per-user soft prompt (`--soft_prompt user`: P vectors projected from
+  SASRec's state of each history, the same stage-1 budget as `delrec`), then stage 2 with its projector frozen
+  (`user`) or co-trained with LoRA (`user_trained`, `--train_soft_prompt true`); ranked with the test states.
 
 The LoRA variants share the data subsample (`--rows`, seeded), steps, seed, learning rate
 and objective (`--objective`; listwise by default: benchmarks/RESULTS.md, "Stage-2 objectives");
@@ -73,16 +76,20 @@ CONFIGS = ROOT / "configs"
 WORK = ROOT / "benchmarks" / "out" / "delrec_real"
 RESULTS = ROOT / "benchmarks" / "results" / "delrec_real"
 SR_VARIANTS = ("popularity", "sasrec")
-LORA_VARIANTS = ("lora_plain", "delrec", "lora_random", "lora_hybrid", "sr_hint")
+LORA_VARIANTS = ("lora_plain", "delrec", "lora_random", "lora_hybrid", "sr_hint", "user", "user_trained")
+PER_USER = ("user", "user_trained")
 VARIANTS = (*SR_VARIANTS, "zero_shot", *LORA_VARIANTS)
 LABELS = {"popularity": "Popularity", "sasrec": "SASRec", "zero_shot": "Gemma 3 270M zero-shot",
           "lora_plain": "LoRA, no soft prompt", "lora_random": "LoRA + random soft prompt",
           "delrec": "DELRec (stage-1 soft prompt + LoRA)", "lora_hybrid": "LoRA + hybrid item tokens (LLaRA)",
-          "sr_hint": "LoRA + SASRec's top-3 named in the prompt (sr_hint)"}
+          "sr_hint": "LoRA + SASRec's top-3 named in the prompt (sr_hint)",
+          "user": "per-user soft prompt (frozen) + LoRA", "user_trained": "per-user soft prompt co-trained with LoRA"}
 # (variant, reference): the paired comparisons the issue asks about
 COMPARISONS = (("lora_plain", "zero_shot"), ("delrec", "lora_plain"), ("delrec", "lora_random"),
                ("lora_random", "lora_plain"), ("lora_hybrid", "lora_plain"), ("delrec", "sasrec"),
-               ("lora_hybrid", "sasrec"), ("sr_hint", "lora_plain"), ("delrec", "sr_hint"), ("sr_hint", "sasrec"))
+               ("lora_hybrid", "sasrec"), ("sr_hint", "lora_plain"), ("delrec", "sr_hint"), ("sr_hint", "sasrec"),
+               ("user", "delrec"), ("user", "sr_hint"), ("user", "lora_plain"), ("user_trained", "user"),
+               ("user_trained", "delrec"), ("user_trained", "sr_hint"), ("user", "sasrec"))
 
 
 def parse_args(argv=None):
@@ -290,13 +297,15 @@ def test_sample(args) -> dict:
 
 
 def user_states(args, data: Path, sasrec: Path) -> dict[str, Path]:
-    """SASRec's predictions with user states for each split (`delrec sr predict --user_states`), written once."""
+    """SASRec's predictions with user states (and prefix predictions, which stage 1's TA reads) for each split
+    (`delrec sr predict --user_states --prefix_predictions`), written once."""
     files = {}
     for split in ("train", "valid", "test"):
         files[split] = sasrec / f"{split}-states.jsonl"
         if not files[split].is_file():
             delrec(["sr", "predict", "--model", str(sasrec), "--data", str(data), "--split", split, "--user_states",
-                    "--device", "cpu", "--out", str(files[split])], args.work / "log.txt", args.threads)
+                    "--prefix_predictions", "--device", "cpu", "--out", str(files[split])], args.work / "log.txt",
+                   args.threads)
     return files
 
 
@@ -307,24 +316,29 @@ def sample(args) -> list[str]:
     return ["--max_instances", str(args.test_users), "--sample_seed", str(args.sample_seed)]
 
 
-def stage1(args, data: Path, llm: Path, sasrec: Path) -> Path:
-    for split in ("train", "valid"):
-        predictions = sasrec / f"{split}.jsonl"
-        if not predictions.is_file():
-            delrec(["sr", "predict", "--model", str(sasrec), "--data", str(data), "--split", split,
-                    "--prefix_predictions", "--out", str(predictions)], args.work / "log.txt", args.threads)
-    step = Step(args.work / "stage1", {"rows": args.stage1_rows, "objective": args.stage1_objective, "seed": args.seed,
-                                       "valid_users": args.valid_users})
+def stage1(args, data: Path, llm: Path, sasrec: Path, per_user: bool = False) -> Path:
+    """The stage-1 soft prompt: DELRec's global one, or a per-user one (`per_user`, from SASRec's user states)."""
+    if per_user:
+        predictions = user_states(args, data, sasrec)
+    else:
+        predictions = {split: sasrec / f"{split}.jsonl" for split in ("train", "valid")}
+        for split, path in predictions.items():
+            if not path.is_file():
+                delrec(["sr", "predict", "--model", str(sasrec), "--data", str(data), "--split", split,
+                        "--prefix_predictions", "--out", str(path)], args.work / "log.txt", args.threads)
+    step = Step(args.work / ("stage1-user" if per_user else "stage1"),
+                {"rows": args.stage1_rows, "objective": args.stage1_objective, "seed": args.seed,
+                 "valid_users": args.valid_users})
     if not step.done():
         step.start()
         delrec(["llm", "distill-pattern", "--config", str(CONFIGS / "delrec" / args.spec["distill"]),
-                "--data", str(data), "--train_predictions", str(sasrec / "train.jsonl"),
-                "--valid_predictions", str(sasrec / "valid.jsonl"), "--out", str(step.folder),
+                "--data", str(data), "--train_predictions", str(predictions["train"]),
+                "--valid_predictions", str(predictions["valid"]), "--out", str(step.folder),
                 "--model_name_or_path", str(llm), "--max_train_instances", str(args.stage1_rows),
-                "--objective", args.stage1_objective,
+                "--objective", args.stage1_objective, "--soft_prompt", "user" if per_user else "global",
                 "--eval_max_instances", eval_limit(args), "--seed", str(args.seed),
                 "--num_threads", str(args.threads), "--progress", "false"],
-               args.work / "stage1.log", args.threads)
+               step.folder.parent / f"{step.folder.name}.log", args.threads)
         step.finish()
     return step.folder
 
@@ -333,7 +347,8 @@ def stage2(args, data: Path, llm: Path, name: str, soft: list[str]) -> Path:
     settings = {"rows": args.rows, "objective": args.objective, "learning_rate": args.learning_rate,
                 "batch": args.batch, "eval_steps": args.eval_steps, "valid_users": args.valid_users,
                 "seed": args.seed, "soft": soft,
-                **({"stage1_rows": args.stage1_rows, "stage1_objective": args.stage1_objective} if name == "delrec" else {})}
+                **({"stage1_rows": args.stage1_rows, "stage1_objective": args.stage1_objective}
+                   if name in ("delrec", *PER_USER) else {})}
     step = Step(args.work / name / "stage2", settings)
     if not step.done():
         step.start()
@@ -371,20 +386,22 @@ def run_variant(args, name: str, data: Path) -> dict:
                 "lora_random": ["--soft_prompt", "random", "--soft_prompt_tokens", "20", "--template", "lsr"],
                 "delrec": ["--soft_prompt", "stage1", "--template", "lsr"],
                 "lora_hybrid": ["--soft_prompt", "none", "--template", "plain"],
-                "sr_hint": ["--soft_prompt", "none", "--template", "sr_hint"]}[name]
+                "sr_hint": ["--soft_prompt", "none", "--template", "sr_hint"],
+                "user": ["--soft_prompt", "stage1", "--template", "lsr"],
+                "user_trained": ["--soft_prompt", "stage1", "--template", "lsr", "--train_soft_prompt", "true"]}[name]
         if name == "lora_hybrid":
             soft = [*soft, "--item_tokens", str(sr_model(args, data, "sasrec"))]
-        if name == "sr_hint":
+        if name in ("sr_hint", *PER_USER):
             states = user_states(args, data, sr_model(args, data, "sasrec"))
             soft = [*soft, *(f for split in ("train", "valid", "test")
                              for f in (f"--{split}_predictions", str(states[split])))]
-        if name == "delrec":
-            first = stage1(args, data, llm, sr_model(args, data, "sasrec"))
+        if name in ("delrec", *PER_USER):
+            first = stage1(args, data, llm, sr_model(args, data, "sasrec"), per_user=name in PER_USER)
             soft = [*soft, "--stage1", str(first)]
             summary["stage1"] = stage1_summary(first)
         model = stage2(args, data, llm, name, soft)
         summary["stage2"] = stage2_summary(model)
-        extra = ["--predictions", soft[soft.index("--test_predictions") + 1]] if name == "sr_hint" else []
+        extra = ["--predictions", soft[soft.index("--test_predictions") + 1]] if name in ("sr_hint", *PER_USER) else []
     if not ranked.done():
         rank_variant(args, model, data, name, extra)
         ranked.finish()
