@@ -66,11 +66,12 @@ LASTFM = ROOT.parent / "shared" / "data" / "lastfm"
 DATASETS = {
     "lastfm": {"label": "Last.fm", "issue": "#13", "input": LASTFM, "format": "rows", "domain": "artist",
                "distill": "gemma-lastfm-distill.yaml", "finetune": "gemma-lastfm-finetune.yaml", "test_users": None,
-               "valid_users": "all", "rows": 240, "stage1_rows": 128, "eval_steps": 15},
+               "valid_users": "all", "rows": 240, "stage1_rows": 128, "eval_steps": 15,
+               "micro_batch": 8},
     "games": {"label": "games", "issue": "#31", "input": ROOT.parent / "shared" / "data" / "games",
               "format": "recbole", "domain": "game", "distill": "gemma-games-distill.yaml",
               "finetune": "gemma-games-finetune.yaml", "test_users": 1000, "valid_users": 400,
-              "rows": 3840, "stage1_rows": 1024, "eval_steps": 60},
+              "rows": 3840, "stage1_rows": 1024, "eval_steps": 96, "micro_batch": 2},
 }
 CONFIGS = ROOT / "configs"
 WORK = ROOT / "benchmarks" / "out" / "delrec_real"
@@ -116,7 +117,11 @@ def parse_args(argv=None):
                    help="stage-1 loss (delrec only; the answer LM loss left RPS and TA at chance: RESULTS.md)")
     p.add_argument("--learning-rate", dest="learning_rate", type=float, default=None,
                    help="stage-2 learning rate (default: the config's)")
-    p.add_argument("--batch", type=int, default=8, help="stage-2 training batch")
+    p.add_argument("--batch", type=int, default=8, help="stage-2 training batch (rows per optimizer step)")
+    p.add_argument("--micro-batch", dest="micro_batch", type=int, default=None,
+                   help="rows per forward pass, the rest by gradient accumulation (default: 8 for lastfm, 2 for games: "
+                        "eager attention keeps B x heads x T^2 probabilities per layer for backward, and 8 games "
+                        "prompts of ~470 tokens took 21 GB and 9 s per row, 2 of them 4.6 GB and 2.7 s per row)")
     p.add_argument("--eval-steps", dest="eval_steps", type=int, default=None,
                    help="steps between valid evaluations (default: 15 for lastfm, 60 for games)")
     p.add_argument("--valid-users", dest="valid_users", type=user_count, default=None,
@@ -139,8 +144,10 @@ def parse_args(argv=None):
     args.work = args.work or WORK.with_name(f"delrec{suffix or '_real'}")
     args.results = args.results or RESULTS.with_name(f"delrec{suffix or '_real'}")
     args.test_users = args.test_users or args.spec["test_users"]
-    for key in ("valid_users", "rows", "stage1_rows", "eval_steps"):  # the dataset's defaults
+    for key in ("valid_users", "rows", "stage1_rows", "eval_steps", "micro_batch"):  # the dataset's defaults
         setattr(args, key, getattr(args, key) or args.spec[key])
+    if args.batch % args.micro_batch:
+        p.error(f"--batch {args.batch} must be a multiple of --micro-batch {args.micro_batch}")
     args.json = args.json or args.results.parent / f"{args.results.name}.json"
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(args.variants) - set(VARIANTS))
@@ -345,7 +352,8 @@ def stage1(args, data: Path, llm: Path, sasrec: Path, per_user: bool = False) ->
 
 def stage2(args, data: Path, llm: Path, name: str, soft: list[str]) -> Path:
     settings = {"rows": args.rows, "objective": args.objective, "learning_rate": args.learning_rate,
-                "batch": args.batch, "eval_steps": args.eval_steps, "valid_users": args.valid_users,
+                "batch": args.batch, "micro_batch": args.micro_batch, "eval_steps": args.eval_steps,
+                "valid_users": args.valid_users,
                 "seed": args.seed, "soft": soft,
                 **({"stage1_rows": args.stage1_rows, "stage1_objective": args.stage1_objective}
                    if name in ("delrec", *PER_USER) else {})}
@@ -357,7 +365,8 @@ def stage2(args, data: Path, llm: Path, name: str, soft: list[str]) -> Path:
         delrec(["llm", "finetune", "--config", str(CONFIGS / "delrec" / args.spec["finetune"]),
                 "--data", str(data), "--model_name_or_path", str(llm), "--out", str(step.folder), *soft,
                 "--objective", args.objective, "--max_train_instances", str(args.rows),
-                "--per_device_train_batch_size", str(args.batch), "--eval_steps", str(args.eval_steps),
+                "--per_device_train_batch_size", str(args.micro_batch),
+                "--gradient_accumulation_steps", str(args.batch // args.micro_batch), "--eval_steps", str(args.eval_steps),
                 "--eval_max_instances", eval_limit(args), "--test_max_instances", "1",
                 "--logging_steps", "5", "--seed", str(args.seed), "--num_threads", str(args.threads),
                 "--progress", "false", *lr], args.work / name / "log.txt", args.threads)

@@ -1,7 +1,8 @@
 """DELRec stage 1: distil an SR model's recommendation pattern into a soft prompt (METHODS.md, "DELRec").
 
 The LLM is frozen; only one soft prompt (P added tokens named after the SR model, shared by both
-tasks) trains, on Temporal Analysis (TA) and Recommendation Pattern Simulating (RPS) instances
+tasks; with `soft_prompt: user`, P vectors per user projected from the SR model's state of the
+history, `delrec.llm.user_prompt`, of which only the projector trains) trains, on Temporal Analysis (TA) and Recommendation Pattern Simulating (RPS) instances
 built from the SR model's predictions (`delrec.llm.instances`). The loss is either DELRec's, the LM
 loss on the answer tokens only (`objective: answer`, a token mean), or the title-listwise one
 (`objective: listwise`, `delrec.llm.listwise`: a softmax cross-entropy over the candidates'
