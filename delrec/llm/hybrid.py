@@ -135,20 +135,18 @@ class ItemProjector(nn.Module):
         return hidden @ self.weight_out + self.bias_out
 
 
-class HybridEmbedding(nn.Module):
-    """The model's input-embedding module, with ids from `first_token_id` on embedded by the item projector.
+class ProjectedEmbedding(nn.Module):
+    """An input-embedding module that embeds some ids through a projector held by the causal LM (attribute
+    `projector_name`), every other id through the wrapped module. The projector is found on the model at each call,
+    so PEFT's wrapper around it (a trained copy) is what runs. `weight` is the wrapped table, so tied LM heads,
+    devices and the soft prompt's row operations see the usual matrix. Subclasses: item tokens (here) and the
+    per-user soft prompt (`delrec.llm.user_prompt`)."""
 
-    Item ids are looked up as id 0 (any valid id) and replaced by `model.item_projector(id - first)`,
-    cast to the embedding dtype; every other id gives exactly the wrapped module's output (Gemma's
-    sqrt(d) scaling included). The projector is found on the model at each call, so PEFT's wrapper
-    around it (the trained copy) is what runs. `weight` is the wrapped table, so tied LM heads,
-    devices and the soft prompt's row operations see the usual matrix.
-    """
+    projector_name: str
 
-    def __init__(self, embedding: nn.Module, first_token_id: int, model: nn.Module):
+    def __init__(self, embedding: nn.Module, model: nn.Module):
         super().__init__()
         self.embedding = embedding
-        self.first_token_id = first_token_id
         self._model = weakref.ref(model)  # not a submodule: the projector's parameters belong to the model
 
     @property
@@ -165,7 +163,19 @@ class HybridEmbedding(nn.Module):
 
     @property
     def projector(self) -> nn.Module:
-        return getattr(self._model(), PROJECTOR)
+        return getattr(self._model(), self.projector_name)
+
+
+class HybridEmbedding(ProjectedEmbedding):
+    """Ids from `first_token_id` on are item tokens: looked up as id 0 (any valid id) and replaced by
+    `model.item_projector(id - first)`, cast to the embedding dtype; every other id gives exactly the wrapped
+    module's output (Gemma's sqrt(d) scaling included)."""
+
+    projector_name = PROJECTOR
+
+    def __init__(self, embedding: nn.Module, first_token_id: int, model: nn.Module):
+        super().__init__(embedding, model)
+        self.first_token_id = first_token_id
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         items = input_ids >= self.first_token_id

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import weakref
 from pathlib import Path
 
 import torch
@@ -36,6 +35,7 @@ from torch import nn
 from delrec.errors import DelrecError
 from delrec.io import atomic_write, safetensors_bytes
 from delrec.llm.files import USER_PROMPT_FILE
+from delrec.llm.hybrid import ProjectedEmbedding
 from delrec.llm.soft_prompt import NAME_PATTERN, real_token_ids
 from delrec.tensors import first_nonfinite
 
@@ -70,37 +70,20 @@ class UserProjector(nn.Module):
         return self.scale * (self.base + offsets)
 
 
-class UserPromptEmbedding(nn.Module):
+class UserPromptEmbedding(ProjectedEmbedding):
     """The model's input-embedding module, with the P user-prompt ids embedded from the batch's states.
 
     Ids `first_token_id .. first_token_id + P - 1` are looked up as id 0 (any valid id) and replaced by
-    `model.user_projector(states)[row, j]`; every other id gives exactly the wrapped module's output. The
-    projector is found on the model at each call, so PEFT's wrapper around it (a co-trained copy) is what runs.
+    `model.user_projector(states)[row, j]`; every other id gives exactly the wrapped module's output.
     """
 
+    projector_name = PROJECTOR
+
     def __init__(self, embedding: nn.Module, first_token_id: int, num_tokens: int, model: nn.Module):
-        super().__init__()
-        self.embedding = embedding
+        super().__init__(embedding, model)
         self.first_token_id = first_token_id
         self.num_tokens = num_tokens
-        self._model = weakref.ref(model)  # not a submodule: the projector belongs to the model
         self.states: torch.Tensor | None = None  # set for one forward pass by `reading_states`
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.embedding.weight
-
-    @property
-    def num_embeddings(self) -> int:
-        return self.embedding.num_embeddings
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.embedding.embedding_dim
-
-    @property
-    def projector(self) -> nn.Module:
-        return getattr(self._model(), PROJECTOR)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         slots = input_ids - self.first_token_id
