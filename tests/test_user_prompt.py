@@ -245,3 +245,24 @@ def test_co_training_needs_a_per_user_prompt(tiny_llm_data, tiny_llama, tmp_path
                              train_soft_prompt=True)
     with pytest.raises(DelrecError, match=r"^train_soft_prompt co-trains a per-user soft prompt, and this run has none"):
         finetune(args, model_config(tiny_llama), LoraSettings(r=2, alpha=4), TrainingSettings(**FAST))
+
+
+@pytest.mark.parametrize("case", ["rerank", "no predictions", "grounding"])
+def test_the_teacher_export_reranks_with_each_users_state(case, user_stage2, sr_model, tiny_llm_data, states_files,
+                                                           tmp_path):
+    from delrec.distill.export import TeacherExportConfig, export_teacher
+
+    _, out, _ = user_stage2
+    config = TeacherExportConfig(model=str(out), data=str(tiny_llm_data), out=str(tmp_path / "teacher"),
+                                 mode="grounding" if case == "grounding" else "rerank", sr_model=str(sr_model),
+                                 topk=3, sr_topm=4, num_random=2, max_instances=5, progress=False,
+                                 predictions=None if case == "no predictions" else str(states_files / "train.jsonl"))
+    if case != "rerank":
+        expected = {"no predictions": r"reads a per-user soft prompt: pass --predictions, the train split's",
+                    "grounding": r"only --mode rerank hands each prompt"}[case]
+        with pytest.raises(DelrecError, match=expected):
+            export_teacher(config, HFOptions(device="cpu", batch_size=4))
+        return
+    folder = export_teacher(config, HFOptions(device="cpu", batch_size=4))
+    teacher = json.loads((folder / "teacher.json").read_text())
+    assert teacher["source"]["kind"] == "llm-rerank" and teacher["source"]["model"]["soft_prompt"]

@@ -135,6 +135,12 @@ class TeacherExportConfig:
         default=None, metadata={"help": "grounding: generation budget (default: the longest item title + 8 tokens).",
                                 "range": at_least(1)}
     )
+    predictions: str | None = field(
+        default=None,
+        metadata={"help": "rerank with a model that reads a per-user soft prompt: the train split's SR predictions "
+                  "written with `delrec sr predict --split train --user_states` (by the SR model it was trained "
+                  "with), each prompt's user state."},
+    )
     sr_batch_size: int = field(default=1024, metadata={"help": "Histories per SR model batch.", "range": at_least(1)})
     seed: int = field(
         default=0, metadata={"help": "Seed of the --max_instances subset and of rerank's random items and order.",
@@ -279,6 +285,29 @@ def _check_room(instances: Sequence[Instance], num_items: int, needed: int, excl
 # ----------------------------------------------------------------------------- LLM teachers
 
 
+def _user_states(config: TeacherExportConfig, spec, dataset: PreparedDataset, instances, mode: str):
+    """Each instance's SR user state [R, d] for a model with a per-user soft prompt (`--predictions`), checked to
+    come from the SR model it was trained with; None for other models, which refuse `--predictions`."""
+    from delrec.predictions import read_user_states
+
+    if not spec.user_prompt:
+        if config.predictions is not None:
+            raise DelrecError(f"--predictions: {spec.path} reads no per-user soft prompt; leave it out")
+        return None
+    if mode != "rerank":
+        raise DelrecError(f"{spec.path} reads a per-user soft prompt, which only --mode rerank hands each prompt (by "
+                          "its user state); use --mode rerank")
+    if config.predictions is None:
+        raise DelrecError(f"{spec.path} reads a per-user soft prompt: pass --predictions, the train split's "
+                          "predictions written with `delrec sr predict --split train --user_states`")
+    states = read_user_states(config.predictions, dataset, SPLIT)
+    if states.item_table_digest() != spec.user_prompt.get("item_table_sha256"):
+        raise DelrecError(f"{config.predictions}: made by another SR model than the one {spec.path} was trained with "
+                          "(their item tables differ); predict with that model")
+    row = {inst.id: index for index, inst in enumerate(dataset.instances(SPLIT))}
+    return states.states[[row[inst.id] for inst in instances]]
+
+
 def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instances, mode: str, options) -> _Ranked:
     from delrec.ranking.base import backend_module
     from delrec.ranking.models import check_soft_tokens, check_trained_dataset, describe_model, ranking_template
@@ -294,6 +323,7 @@ def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instance
     if mode == "grounding" and template.task != GROUNDING_TASK:
         raise DelrecError(f"--mode grounding renders a template without candidates (task '{GROUNDING_TASK}', e.g. "
                           f"--template {GROUNDING_TASK}); '{template.name}' is a '{template.task}' template")
+    user_states = _user_states(config, spec, dataset, instances, mode)
     exclude = not config.keep_history
     candidate_sets, rerank_source, sr_seconds = None, {}, 0.0
     if mode == "rerank":
@@ -319,7 +349,8 @@ def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instance
         if mode == "grounding":
             items, scores, counts = ground(config, dataset, instances, spec, template, backend, embeddings)
         elif mode == "rerank":
-            items, scores, counts = rerank(config, dataset, instances, candidate_sets, spec, template, backend)
+            items, scores, counts = rerank(config, dataset, instances, candidate_sets, spec, template, backend,
+                                           user_states=user_states)
         else:
             items, scores, counts = None, None, {}
         seconds = time.perf_counter() - began + sr_seconds  # the SR candidates are part of the teacher's cost

@@ -18,7 +18,8 @@ embedding rows (the LM head keeps its size); the input-embedding module is wrapp
 (`UserPromptEmbedding`) so that token j of batch row b is embedded as v_j(states[b]), every other id
 exactly as before. The states of a batch are handed to the wrapper for one forward pass
 (`reading_states`): the collators put each row's state beside its ids, the trainers and the read-out
-pass them on. The projector is the causal LM's attribute `user_projector` (plain parameters, so LoRA's
+pass them on (`delrec rank --predictions`, `delrec teacher export --mode rerank --predictions`). The
+projector is the causal LM's attribute `user_projector` (plain parameters, so LoRA's
 `all-linear` leaves it alone; PEFT's `modules_to_save` co-trains it in stage 2). A merged export has
 no room for a function of the user, so it is refused (`delrec.llm.export`).
 """

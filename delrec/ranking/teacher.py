@@ -75,8 +75,10 @@ def ground(config, dataset, instances, spec, template, backend, title_embeddings
     return items, distances, counts
 
 
-def rerank(config, dataset, instances, candidate_sets, spec, template, backend, split: str = "train"):
-    """The LLM's title log-likelihoods over each instance's candidates; the best K kept."""
+def rerank(config, dataset, instances, candidate_sets, spec, template, backend, split: str = "train",
+           user_states: torch.Tensor | None = None):
+    """The LLM's title log-likelihoods over each instance's candidates; the best K kept. `user_states` [R, d]: each
+    instance's SR state, for a model with a per-user soft prompt (hf backend)."""
 
     titles = dataset.titles
     lengths: dict[str, int] = {}
@@ -92,9 +94,12 @@ def rerank(config, dataset, instances, candidate_sets, spec, template, backend, 
     scores = torch.empty(len(instances), k)
     counts = {"truncated_prompts": 0, "dropped_history_items": 0}
     for start, chunk in _chunks(instances, backend.chunk_size, config.progress, "rerank"):
+        states = None if user_states is None else user_states[start : start + len(chunk)]
         requests = requests_for(chunk, candidate_sets[start : start + len(chunk)], titles, split, spec, template,
-                                backend.tokenizer, backend.max_length, answer_tokens)
-        results = backend.score([r.prompt for r in requests], [list(r.titles) for r in requests])
+                                backend.tokenizer, backend.max_length, answer_tokens,
+                                user_states=None if states is None else [tuple(v) for v in states.tolist()])
+        results = backend.score([r.prompt for r in requests], [list(r.titles) for r in requests],
+                                **({} if states is None else {"states": states}))
         for request, result in zip(requests, results):
             refuse_non_finite(backend, request, enumerate(result.logprob))
         for row, (request, result, order) in enumerate(zip(requests, results, rank_candidates(results, False))):
