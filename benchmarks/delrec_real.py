@@ -440,8 +440,17 @@ def contains_metrics(rankings: Path, data: Path) -> dict:
 
 
 def stage1_summary(folder: Path) -> dict:
+    """What stage 1 logged, with issue #31's goal (a): valid RPS agreement above chance by two standard errors."""
     m = json.loads((folder / "metrics.json").read_text())
-    return {key: m.get(key) for key in ("valid", "valid_before_training", "global_step", "train_seconds")}
+    summary = {key: m.get(key) for key in ("valid", "valid_before_training", "global_step", "train_seconds")}
+    summary["curve"] = {"valid_rps_agreement": [[h["step"], h["eval_rps_agreement"]] for h in history(folder)
+                                                if "eval_rps_agreement" in h]}
+    valid = m.get("valid") or {}
+    rps = [stats["instances"] for stats in (m.get("instances") or {}).get("valid", []) if stats.get("task") == "rps"]
+    if rps and "rps_agreement" in valid:
+        above, margin = above_chance(valid["rps_agreement"], valid["rps_chance"], rps[0])
+        summary["rps_verdict"] = {"n": rps[0], "margin": margin, "above": above}
+    return summary
 
 
 def stage2_summary(folder: Path) -> dict:
@@ -450,15 +459,20 @@ def stage2_summary(folder: Path) -> dict:
             "global_step": m["global_step"], "train_seconds": m["train_seconds"], "curve": learning_curve(folder)}
 
 
-def learning_curve(folder: Path) -> dict:
-    """Training loss and valid NDCG@5 by step, from the last checkpoint's trainer_state.json."""
+def history(folder: Path) -> list[dict]:
+    """The log history of a stage's last checkpoint (trainer_state.json); empty without one."""
     states = sorted((folder / "checkpoints").glob("checkpoint-*/trainer_state.json"),
                     key=lambda p: int(p.parent.name.split("-")[1]))
-    if not states:
+    return json.loads(states[-1].read_text())["log_history"] if states else []
+
+
+def learning_curve(folder: Path) -> dict:
+    """Training loss and valid NDCG@5 by step."""
+    logged = history(folder)
+    if not logged:
         return {}
-    history = json.loads(states[-1].read_text())["log_history"]
-    return {"loss": [[h["step"], h["loss"]] for h in history if "loss" in h],
-            "valid_ndcg@5": [[h["step"], h["eval_ndcg@5"]] for h in history if "eval_ndcg@5" in h]}
+    return {"loss": [[h["step"], h["loss"]] for h in logged if "loss" in h],
+            "valid_ndcg@5": [[h["step"], h["eval_ndcg@5"]] for h in logged if "eval_ndcg@5" in h]}
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -556,6 +570,13 @@ def plot_curves(report: dict, path: Path) -> Path | None:
     return path
 
 
+def rps_verdict(verdict: dict | None) -> str:
+    if not verdict:
+        return ""
+    return (f" RPS agreement {'above' if verdict['above'] else 'NOT above'} chance by two standard errors "
+            f"(margin {verdict['margin']:.3f}, {verdict['n']} valid users).")
+
+
 def section(report: dict, results: Path) -> str:
     v, s = report["verdicts"], report["settings"]
     spec = DATASETS[s.get("dataset", "lastfm")]
@@ -619,7 +640,10 @@ def section(report: dict, results: Path) -> str:
                          f"(before {before.get('rps_agreement', float('nan')):.3f}, chance "
                          f"{after.get('rps_chance', float('nan')):.3f}), TA accuracy {after.get('ta_accuracy', float('nan')):.3f} "
                          f"(before {before.get('ta_accuracy', float('nan')):.3f}, chance {after.get('ta_chance', float('nan')):.3f}); "
-                         f"{s1['global_step']} steps, {s1['train_seconds']:.0f} s.")
+                         f"{s1['global_step']} steps, {s1['train_seconds']:.0f} s." + rps_verdict(s1.get("rps_verdict"))
+                         + " Valid RPS agreement by step: " + ", ".join(
+                             f"{step}: {value:.3f}" for step, value in s1.get("curve", {}).get("valid_rps_agreement", []))
+                         + ".")
         if "stage2" in result:
             s2 = result["stage2"]
             lines.append(f"Stage 2 ({LABELS[name]}), valid NDCG@5 {s2['valid_before_training']['ndcg@5']:.3f} before -> "
