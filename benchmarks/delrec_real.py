@@ -186,8 +186,16 @@ class Step:
         return ((self.folder / self.done_file).is_file() and saved.is_file()
                 and json.loads(saved.read_text()) == self.settings)
 
-    def start(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+    def start(self, resumable: bool = False) -> None:
+        """Start afresh; a `resumable` step (a training stage, which resumes from its last checkpoint) keeps the
+        folder a run with the same settings started (`FOLDER.started.json` beside it), so an interrupted run goes on
+        where it stopped."""
+        started = self.folder.with_name(f"{self.folder.name}.started.json")
+        if not (resumable and started.is_file() and json.loads(started.read_text()) == self.settings):
+            shutil.rmtree(self.folder, ignore_errors=True)
+        if resumable:
+            started.parent.mkdir(parents=True, exist_ok=True)
+            started.write_text(json.dumps(self.settings, indent=2) + "\n")
 
     def finish(self) -> None:
         (self.folder / "settings.json").write_text(json.dumps(self.settings, indent=2) + "\n")
@@ -337,7 +345,7 @@ def stage1(args, data: Path, llm: Path, sasrec: Path, per_user: bool = False) ->
                 {"rows": args.stage1_rows, "objective": args.stage1_objective, "seed": args.seed,
                  "valid_users": args.valid_users})
     if not step.done():
-        step.start()
+        step.start(resumable=True)
         delrec(["llm", "distill-pattern", "--config", str(CONFIGS / "delrec" / args.spec["distill"]),
                 "--data", str(data), "--train_predictions", str(predictions["train"]),
                 "--valid_predictions", str(predictions["valid"]), "--out", str(step.folder),
@@ -359,7 +367,7 @@ def stage2(args, data: Path, llm: Path, name: str, soft: list[str]) -> Path:
                    if name in ("delrec", *PER_USER) else {})}
     step = Step(args.work / name / "stage2", settings)
     if not step.done():
-        step.start()
+        step.start(resumable=True)
         lr = ["--learning_rate", str(args.learning_rate)] if args.learning_rate else []
         # test is ranked afterwards by `delrec rank` (it writes the rankings), so the stage scores one test user
         delrec(["llm", "finetune", "--config", str(CONFIGS / "delrec" / args.spec["finetune"]),
