@@ -11,7 +11,9 @@ accuracy) read. The two task losses (each over its own instances in the batch) a
 
 - fixed weights (`task_weights`, normalised over the tasks present in the batch), or
 - DELRec's dynamic weights, recomputed every step: w_t ∝ (1 / ||∇_softprompt L_t||)^power
-  (power 0.5), normalised to sum 1 (`dynamic_task_weights`).
+  (power 0.5), normalised to sum 1 (`dynamic_task_weights`). They are computed per forward batch
+  (`per_device_train_batch_size` on every process): with gradient accumulation, each micro-batch
+  weighs its own tasks, so keep the batch in one pass where the weights matter.
 
 How the dynamic weights cost no extra backward pass: examples of different tasks never interact
 in a forward pass, so the gradient reaching the input embeddings of a TA example is the gradient
