@@ -60,6 +60,7 @@ AGREE_BEGIN, AGREE_END = "<!-- real_llm_agreement -->", "<!-- /real_llm_agreemen
 PATHS = ("scoring", "stage1-answer", "stage1-listwise", "stage2-answer", "stage2-listwise")
 DEFAULT_BASELINE = "f743908"  # main before issue #30
 SOFT_TOKENS = 100
+PROMPT_LIMIT = 1024  # longest prompt + answer, in tokens
 SHAPES = {  # random-weight models of these shapes when real weights are not at hand (speed does not need them)
     "gemma-3-270m": dict(model_type="gemma3_text", hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
                          num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
@@ -336,14 +337,15 @@ def profiled(run, args, top: int = 10) -> list[dict]:
 
 def requests(model_path, dataset, tokenizer, count: int, splits: tuple[str, ...] = ("test",)):
     """The first `count` instances of `splits` that fit the model's context, in turn (Last.fm has 122 test users:
-    valid fills up to 200; a games instance whose 20 titles alone overflow Gemma's 511-token window is skipped)."""
+    valid fills up to 200), prompt + answer within PROMPT_LIMIT tokens as `delrec rank` shortens them (packed scoring
+    keeps sliding windows in its masks, so Gemma's 512-token window no longer caps them)."""
     from delrec.errors import DelrecError
     from delrec.llm.tokenization import encode_completion
     from delrec.prompts import get_template
     from delrec.ranking.models import describe_model
     from delrec.ranking.requests import requests_for
 
-    spec, template, longest = describe_model(str(model_path)), get_template("plain"), prompt_limit(model_path)
+    spec, template, longest = describe_model(str(model_path)), get_template("plain"), PROMPT_LIMIT
     found = []
     for split in splits:
         instances, candidates = dataset.instances(split), dataset.candidates(split)
@@ -357,18 +359,6 @@ def requests(model_path, dataset, tokenizer, count: int, splits: tuple[str, ...]
             except DelrecError:
                 continue
     return found
-
-
-def prompt_limit(model_path, limit: int = 1024) -> int:
-    """Longest prompt + answer: 1024, or less under a sliding window (its cache keeps window - 1 tokens, as the hf
-    backend's `max_length` says), so that long histories are shortened as `delrec rank` shortens them."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path)
-    config = getattr(config, "text_config", config)
-    window = getattr(config, "sliding_window", None)
-    sliding = window and "sliding_attention" in (getattr(config, "layer_types", None) or ())
-    return min(limit, window - 1) if sliding else limit
 
 
 # ----------------------------------------------------------------------------- agreement
