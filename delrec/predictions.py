@@ -86,13 +86,7 @@ def read_predictions(path: str | Path, dataset: PreparedDataset, split: str) -> 
     side = meta_path(path)
     if not path.is_file():
         raise DelrecError(f"{path}: predictions file not found; write one with `delrec sr predict`")
-    if not side.is_file():
-        raise DelrecError(f"{path}: no {side.name} beside it, so it is not a delrec predictions file; "
-                          "write one with `delrec sr predict`")
-    meta = SIDECAR.read(side)
-    check_dataset(meta, path, dataset, "predictions were made",
-                  f"re-run `delrec sr predict --data {dataset.path}`")
-    check_split(meta, path, split, "holds predictions")
+    meta = _sidecar(path, dataset, split, "`delrec sr predict`")
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
         raise DelrecError(f"{path}: content does not match its {side.name} (edited, or from another run); "
@@ -173,6 +167,18 @@ class UserStates:
         return torch.einsum("rd,rmd->rm", self.states[torch.tensor(rows, dtype=torch.long)], vectors)
 
 
+def _sidecar(path: Path, dataset: PreparedDataset, split: str, command: str) -> dict:
+    """The sidecar of predictions file `path`, checked to be of `dataset`'s `split`."""
+    side = meta_path(path)
+    if not side.is_file():
+        raise DelrecError(f"{path}: no {side.name} beside it, so it is not a delrec predictions file; write one with "
+                          f"{command}")
+    meta = SIDECAR.read(side)
+    check_dataset(meta, path, dataset, "predictions were made", f"re-run `delrec sr predict --data {dataset.path}`")
+    check_split(meta, path, split, "holds predictions")
+    return meta
+
+
 def read_user_states(path: str | Path, dataset: PreparedDataset, split: str) -> UserStates:
     """The user states written with the predictions file `path` (`delrec sr predict --user_states`), checked against
     its sidecar (checksum, shapes) and `dataset`'s `split`; `DelrecError` on any mismatch."""
@@ -182,12 +188,7 @@ def read_user_states(path: str | Path, dataset: PreparedDataset, split: str) -> 
 
     path = Path(path)
     side = meta_path(path)
-    if not side.is_file():
-        raise DelrecError(f"{path}: no {side.name} beside it, so it is not a delrec predictions file; write one with "
-                          "`delrec sr predict --user_states`")
-    meta = SIDECAR.read(side)
-    check_dataset(meta, path, dataset, "predictions were made", f"re-run `delrec sr predict --data {dataset.path}`")
-    check_split(meta, path, split, "holds predictions")
+    meta = _sidecar(path, dataset, split, "`delrec sr predict --user_states`")
     recorded = meta.get("user_states")
     again = f"re-run `delrec sr predict --split {split} --user_states`"
     if not isinstance(recorded, dict):
