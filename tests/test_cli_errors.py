@@ -103,8 +103,8 @@ def recbole_folder(t: Path, inter: str) -> Path:
 
 
 def prompts_folder(t: Path, file: str, old: str | None = None, new: str = "") -> Path:
-    """A copy of the shipped prompts/ with `old` replaced by `new` in `file` (all of it when `old` is None)."""
-    folder = shutil.copytree(REPO / "prompts", t / "prompts")
+    """A copy of the shipped templates with `old` replaced by `new` in `file` (all of it when `old` is None)."""
+    folder = shutil.copytree(REPO / "delrec" / "prompts" / "templates", t / "prompts")
     text = (folder / file).read_text(encoding="utf-8")
     assert old is None or old in text
     write(folder / file, new if old is None else text.replace(old, new))

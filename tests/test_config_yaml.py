@@ -74,12 +74,12 @@ def test_cli_refuses_the_billion_laughs_with_exit_2_and_one_short_line(tmp_path,
 
 
 def test_prompt_files_refuse_alias_bombs(tmp_path, capsys):
-    folder = shutil.copytree(REPO / "prompts", tmp_path / "prompts")
+    folder = shutil.copytree(REPO / "delrec" / "prompts" / "templates", tmp_path / "prompts")
     write(folder / "domains.yaml", BILLION_LAUGHS)
     assert main(["prompts", "list", "--prompts_dir", str(folder)]) == 2
     assert "domains.yaml:5: invalid YAML (aliases" in one_short_line(capsys.readouterr().err)
 
-    folder = shutil.copytree(REPO / "prompts", tmp_path / "again")
+    folder = shutil.copytree(REPO / "delrec" / "prompts" / "templates", tmp_path / "again")
     text = (folder / "plain.jinja").read_text(encoding="utf-8")
     header = "".join(f"x{i}: &x{i} [" + ",".join([f"*x{i - 1}" if i else "1"] * 9) + "]\n" for i in range(9))
     write(folder / "plain.jinja", text.replace("task: plain\n", "task: plain\n" + header))
@@ -134,7 +134,7 @@ def test_cli_refuses_a_duplicate_key_before_writing_anything(tmp_path, capsys):
 
 
 def test_prompt_files_refuse_duplicate_keys(tmp_path, capsys):
-    folder = shutil.copytree(REPO / "prompts", tmp_path / "prompts")
+    folder = shutil.copytree(REPO / "delrec" / "prompts" / "templates", tmp_path / "prompts")
     text = (folder / "plain.jinja").read_text(encoding="utf-8")
     write(folder / "plain.jinja", text.replace("requires_soft_prompt: false\n",
                                                "requires_soft_prompt: false\nrequires_soft_prompt: true\n"))
@@ -151,7 +151,7 @@ def test_prompt_files_refuse_duplicate_keys(tmp_path, capsys):
 
 
 def test_every_shipped_yaml_file_reads_with_the_strict_loader():
-    files = [*REPO.glob("configs/*/*.yaml"), *REPO.glob("delrec/configs/*.yaml"), REPO / "prompts" / "domains.yaml"]
+    files = [*REPO.glob("configs/*/*.yaml"), *REPO.glob("delrec/configs/*.yaml"), REPO / "delrec" / "prompts" / "templates" / "domains.yaml"]
     assert len(files) > 20
     for path in files:
         assert isinstance(parse_yaml(path.read_text(encoding="utf-8"), path), dict), path

@@ -1,4 +1,4 @@
-"""Prompt templates: the shipped prompts/ lint clean, render correctly, and bad templates fail clearly."""
+"""Prompt templates: the shipped templates lint clean, render correctly, and bad templates fail clearly."""
 
 import shutil
 from pathlib import Path
@@ -13,7 +13,7 @@ from delrec.data.synthetic import make_synthetic
 from delrec.errors import DelrecError
 from delrec.llm.loading import load_tokenizer
 
-SHIPPED = Path(__file__).resolve().parents[1] / "prompts"  # the repository's templates, not the package
+SHIPPED = Path(__file__).resolve().parents[1] / "delrec" / "prompts" / "templates"  # the checkout's templates
 SOFT = prompts.soft_prompt_placeholder(4)
 
 GOOD_HEADER = """{# delrec
@@ -340,3 +340,17 @@ def test_cli_bad_folder_exit_2_one_line(tmp_path, capsys):
     assert "no template 'nope'" in capsys.readouterr().err
     assert main(["prompts", "list", "--prompts_dir", str(tmp_path / "missing")]) == 2
     assert "prompt template folder not found; pass --prompts_dir DIR" in capsys.readouterr().err
+
+
+def test_copy_gives_an_editable_folder_and_never_writes_into_an_occupied_one(tmp_path, capsys):
+    from delrec.cli import main
+
+    assert main(["prompts", "copy", str(tmp_path / "mine")]) == 0
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == sorted(p.name for p in SHIPPED.iterdir())
+    assert prompts.lint(tmp_path / "mine") == []
+    (tmp_path / "mine" / "plain.jinja").write_text("edited")
+    capsys.readouterr()
+    assert main(["prompts", "copy", str(tmp_path / "mine")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{tmp_path / 'mine'} already exists and is not empty; copy the "
+                                                    "templates into a new folder")
+    assert (tmp_path / "mine" / "plain.jinja").read_text() == "edited"

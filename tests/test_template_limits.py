@@ -23,7 +23,7 @@ from delrec.data.synthetic import make_synthetic
 from delrec.errors import DelrecError
 from delrec.prompts.sandbox import MAX_STEPS
 
-SHIPPED = Path(__file__).resolve().parents[1] / "prompts"
+SHIPPED = Path(__file__).resolve().parents[1] / "delrec" / "prompts" / "templates"
 ANCHOR = "{{ history | numbered }}\n"  # a line of the shipped plain.jinja; test lines go right after it
 VALUES = {"history": ["Alpha", "Beta"], "candidates": ["Gamma"], "target": "Gamma"}
 
@@ -35,7 +35,7 @@ def dataset(tmp_path_factory):
 
 
 def folder_with(tmp_path: Path, line: str) -> tuple[Path, int]:
-    """A copy of the shipped prompts/ whose plain.jinja has `line` added to its prompt block, and that line's number."""
+    """A copy of the shipped templates whose plain.jinja has `line` added to its prompt block, and that line's number."""
     folder = shutil.copytree(SHIPPED, tmp_path / "prompts")
     text = (folder / "plain.jinja").read_text(encoding="utf-8")
     assert ANCHOR in text

@@ -38,6 +38,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("prompts", "list"): ("delrec.cli.prompts", "list_templates", "list the prompt templates and their variables"),
     ("prompts", "render"): ("delrec.cli.prompts", "render", "render a template on a dataset instance"),
     ("prompts", "lint"): ("delrec.cli.prompts", "lint", "check every template parses, declares and fits"),
+    ("prompts", "copy"): ("delrec.cli.prompts", "copy", "copy the shipped templates into a folder of yours to edit"),
     ("rank",): ("delrec.cli.rank", "rank", "rank a split's fixed candidates with an LLM (score, constrained, generate)"),
     ("export",): ("delrec.cli.rank", "export", "merge a DELRec stage-2 folder into a plain Hugging Face model folder"),
     ("teacher", "export"): ("delrec.cli.teacher", "export",

@@ -1,4 +1,5 @@
-"""`delrec prompts list | render | lint`: the prompt engineer's view of `prompts/`."""
+"""`delrec prompts list | render | lint | copy`: the prompt engineer's view of the template folder (the shipped
+delrec/prompts/templates/, or --prompts_dir / $DELREC_PROMPTS_DIR)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,15 @@ PREDICTION_KEYS = ("items", "ranked", "ranking", "topk", "predictions")
 @dataclass
 class FolderArguments:
     prompts_dir: str | None = field(
-        default=None, metadata={"help": "Template folder (default: $DELREC_PROMPTS_DIR, else the repository's prompts/)."}
+        default=None, metadata={"help": "Template folder (default: $DELREC_PROMPTS_DIR, else the shipped delrec/prompts/templates/)."}
     )
+
+
+@dataclass
+class CopyArguments:
+    out: str = field(metadata={"help": "A new folder to copy the shipped templates into (also accepted as the "
+                               "first positional argument); edit them there and pass --prompts_dir OUT or set "
+                               "DELREC_PROMPTS_DIR=OUT."})
 
 
 @dataclass
@@ -63,6 +71,26 @@ class LintArguments:
         default=3, metadata={"help": "RPS: h, the SR model's top-h shown (the top-1 is the answer, ranks 2..h the "
                              "predictions).", "range": at_least(1)}
     )
+
+
+def copy(argv, prog: str, description: str) -> int:
+    """Copy the shipped templates to a folder of the user's: the place to edit them in an installed package."""
+    import shutil
+
+    from delrec.io import is_occupied, replace_directory, staged_directory
+    from delrec.prompts import shipped_prompts_dir
+
+    if argv and not argv[0].startswith("-"):
+        argv = ["--out", argv[0], *argv[1:]]
+    (args,) = parse_command([CopyArguments], argv, prog, description)
+    out = Path(args.out)
+    if is_occupied(out):
+        raise DelrecError(f"{out} already exists and is not empty; copy the templates into a new folder")
+    with staged_directory(out) as staged:  # all files or none: a full disk leaves no half copy behind
+        shutil.copytree(shipped_prompts_dir(), staged, dirs_exist_ok=True)
+        replace_directory(staged, out)
+    print(f"copied the templates to {out}; use them with --prompts_dir {out} or DELREC_PROMPTS_DIR={out}")
+    return 0
 
 
 def list_templates(argv, prog: str, description: str) -> int:

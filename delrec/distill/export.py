@@ -63,7 +63,7 @@ from delrec.io import check_apart_from_inputs, read_json
 from delrec.sr.evaluate import top_k
 
 MODES = ("auto", "sr", "grounding", "rerank", "embeddings")
-GROUNDING_TASK = "teacher"  # the template task without candidates (prompts/teacher.jinja)
+GROUNDING_TASK = "teacher"  # the template task without candidates (teacher.jinja)
 KNN_K = 20  # the item-kNN check of a teacher's embeddings: top-20, as the students' test metrics
 
 
@@ -129,7 +129,7 @@ class TeacherExportConfig:
     )
     prompts_dir: str | None = field(
         default=None,
-        metadata={"help": "Template folder (default: $DELREC_PROMPTS_DIR, else the repository's prompts/)."},
+        metadata={"help": "Template folder (default: $DELREC_PROMPTS_DIR, else the shipped delrec/prompts/templates/)."},
     )
     max_new_tokens: int | None = field(
         default=None, metadata={"help": "grounding: generation budget (default: the longest item title + 8 tokens).",

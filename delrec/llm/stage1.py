@@ -135,10 +135,10 @@ class DistillArguments:
     sr_display_name: str | None = field(
         default=None, metadata={"help": "How the templates name the SR model (default: e.g. SASRec)."}
     )
-    ta_template: str = field(default="ta", metadata={"help": "Template of the TA task (prompts/NAME.jinja)."})
+    ta_template: str = field(default="ta", metadata={"help": "Template of the TA task (NAME.jinja of the template folder)."})
     rps_template: str = field(default="rps", metadata={"help": "Template of the RPS task."})
-    prompts_dir: str | None = field(default=None, metadata={"help": "Template folder (default: the repository's prompts/)."})
-    domain: str = field(default="item", metadata={"help": "Wording of prompts/domains.yaml (item, movie, game, artist, ...)."})
+    prompts_dir: str | None = field(default=None, metadata={"help": "Template folder (default: $DELREC_PROMPTS_DIR, else the shipped delrec/prompts/templates/)."})
+    domain: str = field(default="item", metadata={"help": "Wording of domains.yaml in the template folder (item, movie, game, artist, ...)."})
     num_candidates: int | None = field(
         default=None, metadata={"help": "RPS candidates per instance, C (default: the dataset's candidate count).",
                                 "range": at_least(2)}

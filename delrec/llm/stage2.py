@@ -95,9 +95,9 @@ class FinetuneArguments:
     sr_display_name: str | None = field(
         default=None, metadata={"help": "How the template names the SR model (default: from the stage-1 folder)."}
     )
-    prompts_dir: str | None = field(default=None, metadata={"help": "Template folder (default: the repository's prompts/)."})
+    prompts_dir: str | None = field(default=None, metadata={"help": "Template folder (default: $DELREC_PROMPTS_DIR, else the shipped delrec/prompts/templates/)."})
     domain: str | None = field(
-        default=None, metadata={"help": "Wording of prompts/domains.yaml (default: the stage-1 run's, else item)."}
+        default=None, metadata={"help": "Wording of domains.yaml in the template folder (default: the stage-1 run's, else item)."}
     )
     num_candidates: int | None = field(
         default=None, metadata={"help": "Candidates drawn per TRAINING instance (default: the dataset's C).",

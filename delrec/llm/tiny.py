@@ -39,7 +39,7 @@ SIZES = {
 BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
 HISTORY_SEPARATOR = "; "
 BUILD_INFO_FILE = "build_info.json"
-# Wording of recommendation prompts, so the tokenizer has merges for it even without prompts/.
+# Wording of recommendation prompts, so the tokenizer has merges for it even without the template folder.
 FALLBACK_PROMPT_TEXT = """\
 You are a recommender system. The user has watched, played, listened to or bought these items, \
 from the oldest to the most recent: {history}. The most recent item is {item}.
@@ -94,7 +94,7 @@ class TinyLLMConfig:
                   "range": between(1, 1024)},
     )
     prompts_dir: str | None = field(
-        default=None, metadata={"help": "Prompt templates folder whose text trains the tokenizer (default: the repository's prompts/)."}
+        default=None, metadata={"help": "Prompt templates folder whose text trains the tokenizer (default: $DELREC_PROMPTS_DIR, else the shipped delrec/prompts/templates/)."}
     )
 
     def __post_init__(self):

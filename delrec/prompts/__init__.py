@@ -1,7 +1,7 @@
-"""Prompt templates: loading, checking and rendering the files in `prompts/`.
+"""Prompt templates: loading, checking and rendering the files in `delrec/prompts/templates/`.
 
-Prompt engineers edit `prompts/*.jinja` and `prompts/domains.yaml`, never code; see
-`prompts/README.md` for the file format. In short, a template is Jinja2 (strict undefined) with
+Prompt engineers edit `delrec/prompts/templates/*.jinja` and its `domains.yaml`, never code; see
+`delrec/prompts/templates/README.md` for the file format. In short, a template is Jinja2 (strict undefined) with
 
     {# delrec
     task: lsr                         # which contract it follows (default: the file name)
@@ -38,7 +38,8 @@ from delrec.prompts.linting import TemplateReport, lint, lint_report
 from delrec.prompts.rendering import (
     PromptTemplate, RenderedPrompt, TokenCount, count_tokens, numbered, soft_prompt_placeholder,
 )
-from delrec.prompts.template import get_template, list_templates, load_domains, prompts_dir, render, template_names
+from delrec.prompts.template import (get_template, list_templates, load_domains, prompts_dir, render,
+                                     shipped_prompts_dir, template_names)
 from delrec.prompts.variables import (
     popularity_order, preview_variables, task_variables, template_corpus, worst_case_variables,
 )
@@ -48,6 +49,6 @@ __all__ = [
     "LIST_VARIABLES", "SOFT_SLOT", "SOFT_TOKEN_FORMAT", "TARGET", "TASKS", "TEMPLATE_SUFFIX", "VARIABLES", "Task",
     "TemplateReport", "lint", "lint_report",
     "PromptTemplate", "RenderedPrompt", "TokenCount", "count_tokens", "numbered", "soft_prompt_placeholder",
-    "get_template", "list_templates", "load_domains", "prompts_dir", "render", "template_names",
+    "get_template", "list_templates", "load_domains", "prompts_dir", "render", "shipped_prompts_dir", "template_names",
     "popularity_order", "preview_variables", "task_variables", "template_corpus", "worst_case_variables",
 ]

@@ -73,7 +73,7 @@ def _read_header(path: Path, source: str) -> tuple[dict[str, Any] | None, list[s
     match = _HEADER.match(source)
     if not match:
         return None, [f"{where(path, 1)}: missing header; start the file with a '{{# delrec' comment "
-                      "declaring task, description, requires_soft_prompt and variables (see prompts/README.md)"]
+                      "declaring task, description, requires_soft_prompt and variables (see delrec/prompts/templates/README.md)"]
     header_line = match.group("lead").count("\n") + 2
     try:
         loaded = parse_yaml(match.group("body"), path, first_line=header_line, what="header YAML")

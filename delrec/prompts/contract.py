@@ -2,7 +2,7 @@
 and which of them each task provides.
 
 Kept in one place so the checks can tell a typo (not a known variable) from a variable that the
-task's code does not provide, and so the code and `prompts/README.md` name the same things.
+task's code does not provide, and so the code and `delrec/prompts/templates/README.md` name the same things.
 """
 
 from __future__ import annotations

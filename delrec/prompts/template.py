@@ -19,14 +19,20 @@ from delrec.prompts.contract import DEFAULT_DOMAIN, DOMAINS_FILE, ENV_VAR, TEMPL
 from delrec.prompts.rendering import PromptTemplate, RenderedPrompt
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-# delrec/prompts/template.py -> the repository root, which holds the shipped prompts/ folder
-_SHIPPED = Path(__file__).resolve().parents[2] / "prompts"
+
+
+def shipped_prompts_dir() -> Path:
+    """The templates shipped inside the package (delrec/prompts/templates: package data, in a checkout and in an
+    installed wheel alike)."""
+    from importlib.resources import files
+
+    return Path(str(files("delrec.prompts").joinpath("templates")))
 
 
 def prompts_dir(folder: str | os.PathLike | None = None) -> Path:
-    """The template folder: `folder`, else $DELREC_PROMPTS_DIR, else the repository's prompts/."""
+    """The template folder: `folder`, else $DELREC_PROMPTS_DIR, else the shipped templates (`shipped_prompts_dir`)."""
     if folder is None:
-        folder = os.environ.get(ENV_VAR) or _SHIPPED
+        folder = os.environ.get(ENV_VAR) or shipped_prompts_dir()
     path = Path(folder)
     if not path.is_dir():
         raise DelrecError(

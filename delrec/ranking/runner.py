@@ -73,7 +73,7 @@ class RankArguments:
     )
     prompts_dir: str | None = field(
         default=None,
-        metadata={"help": "Template folder (default: $DELREC_PROMPTS_DIR, else the repository's prompts/)."},
+        metadata={"help": "Template folder (default: $DELREC_PROMPTS_DIR, else the shipped delrec/prompts/templates/)."},
     )
     allow_other_dataset: bool = field(default=False, metadata={"help": ALLOW_OTHER_DATASET_HELP})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
