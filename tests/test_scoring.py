@@ -89,7 +89,7 @@ def test_chunked_head_is_used_when_exact_and_transformed_logits_fall_back(tiny_l
             self.linear = linear
 
         def forward(self, hidden):
-            return 3.0 * torch.tanh(self.linear(hidden) / 3.0)
+            return 0.5 * torch.tanh(self.linear(hidden) / 0.5)  # a cap well inside the logits: a clear change
 
     model.set_output_embeddings(SoftCapped(model.get_output_embeddings()))
     assert not LogProbHead.of(model).plain
