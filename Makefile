@@ -53,7 +53,7 @@ demo: $(STAMP)
 	$(VENV)/bin/delrec demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "slow or not slow"  # every test; `pytest` alone skips the slow ones
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -87,6 +87,7 @@ def test_real_lastfm_prepares_with_the_documented_counts(tmp_path):
     check_candidates(ds)
 
 
+@pytest.mark.slow  # prepares the 50,546-user games data (~8 s)
 def test_real_games_prepares_with_the_documented_counts(tmp_path):
     from delrec.data.loaders import load_raw
     from delrec.data.prepare import prepare_dataset

@@ -273,6 +273,7 @@ def test_stage1_resumes_where_it_stopped(tiny_llm_data, tiny_llama, predictions,
                         model_config(tiny_llama), TrainingSettings(**constant))
 
 
+@pytest.mark.slow  # a subprocess through `accelerate launch` (~10 s)
 def test_accelerate_launch_runs_stage2_on_cpu(tiny_llm_data, tiny_llama, tmp_path):
     config = tmp_path / "finetune.yaml"
     config.write_text("\n".join([

@@ -99,6 +99,7 @@ def test_a_checkpoint_cut_short_by_a_kill_is_skipped(tmp_path):
     assert last_complete_checkpoint(tmp_path / "missing") is None
 
 
+@pytest.mark.slow  # two stage-2 subprocesses (~7 s)
 def test_stage2_killed_after_its_first_checkpoint_resumes_to_the_same_adapter(tiny_llm_data, tiny_llama, tmp_path):
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     flags = ["--data", str(tiny_llm_data), "--model_name_or_path", str(tiny_llama), "--soft_prompt", "random",

@@ -82,6 +82,7 @@ IN_PROCESS = ["--backend", "vllm", "--device", "cpu", "--dtype", ENGINE["dtype"]
               "--kv_cache_memory_bytes", str(ENGINE["kv_cache_memory_bytes"])]
 
 
+@pytest.mark.slow  # starts a vLLM server (~25 s) and ranks through it
 @pytest.mark.parametrize("readout", ["score", "constrained", "generate"])
 def test_the_server_ranks_as_the_in_process_engine(readout, server, export_llama, tiny_llm_data, tmp_path):
     options = ["--readout", readout] + (["--num_beams", "3"] if readout == "constrained" else [])
