@@ -27,7 +27,6 @@ from ranking import machine  # benchmarks/ is on sys.path when a benchmark runs 
 from results_section import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
-BEGIN, END = "<!-- step_memory -->", "<!-- /step_memory -->"
 
 
 def measure(args) -> dict:
@@ -49,7 +48,7 @@ def measure(args) -> dict:
                               allow_truncation=True, model_positions=max_positions(model))
     rows = build_instances(PreparedDataset.load(args.data), get_template("plain"), options, tokenizer).rows
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
-    collate = ListwiseCollator(tokenizer)
+    collate = ListwiseCollator(tokenizer, negatives=args.negatives, seed=0)
 
     def step(start: int) -> None:
         loss = listwise_loss(model, **collate([rows[i] for i in range(start, start + args.micro_batch)]))
@@ -60,7 +59,7 @@ def measure(args) -> dict:
     for start in range(0, args.rows, args.micro_batch):
         step(start)
     seconds = time.perf_counter() - started
-    return {"micro_batch": args.micro_batch, "rows": args.rows, "dtype": dtype,
+    return {"micro_batch": args.micro_batch, "negatives": args.negatives, "rows": args.rows, "dtype": dtype,
             "seconds_per_row": round(seconds / args.rows, 3),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}
 
@@ -72,18 +71,23 @@ def main() -> None:
                    help="a prepared dataset folder (default: the games harness's)")
     p.add_argument("--micro-batches", default="1,2,4", help="rows per forward pass, each in a fresh process")
     p.add_argument("--rows", type=int, default=8, help="timed rows per size (a multiple of every micro-batch)")
+    p.add_argument("--negatives", type=int, default=None,
+                   help="score the target + this many of the other candidates (a sampled softmax; default: all)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "step_memory.json")
+    p.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/step_memory[-negN].json")
     p.add_argument("--markdown", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     p.add_argument("--micro-batch", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
+    suffix = f"-neg{args.negatives}" if args.negatives else ""
+    args.json = args.json or ROOT / "benchmarks" / "results" / f"step_memory{suffix}.json"
     if args.micro_batch:
         print(json.dumps(measure(args)))
         return
     results = []
     for size in [int(s) for s in args.micro_batches.split(",")]:
         command = [sys.executable, __file__, "--model", str(args.model), "--data", str(args.data), "--rows",
-                   str(args.rows), "--threads", str(args.threads), "--micro-batch", str(size)]
+                   str(args.rows), "--threads", str(args.threads), "--micro-batch", str(size),
+                   *(["--negatives", str(args.negatives)] if args.negatives else [])]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             results.append({"micro_batch": size, "failed": done.returncode, "stderr": done.stderr[-300:]})
@@ -94,16 +98,19 @@ def main() -> None:
     report = {"date": stamp, "machine": machine(), "model": str(args.model), "data": str(args.data), "results": results}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
-    lines = [BEGIN, "## Stage-2 listwise step: memory and speed by rows per forward pass (issue #31)", "",
-             f"`.venv/bin/python benchmarks/step_memory.py --micro-batches {args.micro_batches} --rows {args.rows}` "
+    begin, end = f"<!-- step_memory{suffix} -->", f"<!-- /step_memory{suffix} -->"
+    scored = f", {args.negatives} sampled negatives" if args.negatives else ""
+    lines = [begin, f"## Stage-2 listwise step: memory and speed by rows per forward pass{scored} (issue #31)", "",
+             f"`.venv/bin/python benchmarks/step_memory.py --micro-batches {args.micro_batches} --rows {args.rows}"
+             + (f" --negatives {args.negatives}" if args.negatives else "") + "` "
              f"({stamp}; {report['machine']['cpu_model']}, {report['machine']['nproc']} cores, torch "
              f"{report['machine']['torch']}; data {args.data.name}, Gemma 3 270M + LoRA r 8).", "",
              "| rows per pass | s per row | peak RSS (GB) |", "|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['micro_batch']} | " + (f"{r['seconds_per_row']} | {r['peak_rss_gb']} |" if "failed" not in r
                                                   else f"failed (exit {r['failed']}) | |"))
-    lines += ["", "The games LoRA runs take 2 rows per pass and accumulate 4 (8 rows a step).", END]
-    write_section(args.markdown, "\n".join(lines) + "\n", BEGIN, END)
+    lines += ["", "The games LoRA runs take 2 rows per pass and accumulate 4 (8 rows a step).", end]
+    write_section(args.markdown, "\n".join(lines) + "\n", begin, end)
     print("\n".join(lines[4:-1]))
 
 

@@ -81,3 +81,25 @@ def test_a_few_steps_teach_the_tiny_model_to_rank_a_small_set(tiny_llm):
     after = rank_candidates(score_candidates(model, tokenizer, PROMPTS, CANDIDATES), normalize=False)
     assert [order[0] for order in after] == targets
     assert loss.item() < 0.1
+
+
+def test_sampled_negatives_score_the_target_and_k_others_drawn_per_row(tiny_llm):
+    """With `negatives` k the loss is the softmax over the target and k of the other shown candidates: the same
+    loss as a row whose candidates are just those, drawn per row id (seeded) and kept in their shown order."""
+    model, tokenizer = load_tiny(tiny_llm)
+    model.eval()
+    titles = [f"Game {name}" for name in "ABCDEFGH"]
+    rows = [{"id": i, "prompt": PROMPTS[i % 2], "candidates": titles, "answer": i % 8} for i in range(6)]
+    sampled = ListwiseCollator(tokenizer, negatives=3, seed=7)
+    kept = [sampled.scored_candidates(r) for r in rows]
+    assert all(len(k) == 4 and r["answer"] in k and k == sorted(k) for r, k in zip(rows, kept))
+    assert kept == [ListwiseCollator(tokenizer, negatives=3, seed=7).scored_candidates(r) for r in rows]  # seeded
+    assert len({tuple(k) for k in kept}) > 1  # drawn per row
+    assert kept != [ListwiseCollator(tokenizer, negatives=3, seed=8).scored_candidates(r) for r in rows]
+    subset = [{**r, "candidates": [titles[j] for j in k], "answer": k.index(r["answer"])} for r, k in zip(rows, kept)]
+    with torch.no_grad():
+        got = listwise_loss(model, **sampled(rows))
+        expected = listwise_loss(model, **ListwiseCollator(tokenizer)(subset))
+    assert torch.allclose(got, expected)
+    every = ListwiseCollator(tokenizer, negatives=7)  # k >= C - 1: every candidate, the full softmax
+    assert every.scored_candidates(rows[0]) == list(range(8))

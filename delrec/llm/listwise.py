@@ -8,7 +8,9 @@ C candidates by log P(title | prompt). The listwise loss trains that ranking dir
     L   = -log softmax(s / tau)[target]
 
 so the negatives (the other candidates, titles of the same catalogue) are pushed down as the
-target is pushed up, which is close to DELRec's original verbalizer classification over titles.
+target is pushed up (with `negatives` k, a sampled softmax over the target and k of the others,
+drawn per row: fewer title tokens to score, the same prompt), which is close to DELRec's original
+verbalizer classification over titles.
 One prompt pass per instance serves all C candidates through the shared KV cache of the read-out
 (`delrec.llm.scoring.candidate_log_likelihoods`), so a step costs about one prompt plus C short
 titles, not C prompts (docs/methods.md#model-and-loss).
@@ -19,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from delrec.llm.scoring import candidate_log_likelihoods
@@ -63,13 +66,28 @@ class ListwiseCollator:
 
     tokenizer: object
     tasks: list[str] | None = None
+    negatives: int | None = None  # score the target + this many other candidates, drawn per row (sampled softmax)
+    seed: int = 0
 
     def __call__(self, examples: list[dict]) -> dict:
+        scored = [self.scored_candidates(e) for e in examples]
         batch = {
             "prompts": [encode_prompt(self.tokenizer, e["prompt"]) for e in examples],
-            "candidates": [[encode_completion(self.tokenizer, c) for c in e["candidates"]] for e in examples],
-            "targets": [int(e["answer"]) for e in examples],
+            "candidates": [[encode_completion(self.tokenizer, e["candidates"][j]) for j in kept]
+                           for e, kept in zip(examples, scored)],
+            "targets": [kept.index(int(e["answer"])) for e, kept in zip(examples, scored)],
         }
         if self.tasks is not None:
             batch["task"] = torch.tensor([self.tasks.index(e["task"]) for e in examples], dtype=torch.long)
         return with_user_states(batch, examples)
+
+    def scored_candidates(self, example: dict) -> list[int]:
+        """Indices of the candidates the loss scores, in their shown order: all of them, or with `negatives` the
+        target and `negatives` others drawn without replacement, seeded by (seed, the row's id): the prompt still
+        shows every candidate, only fewer titles are scored."""
+        count, answer = len(example["candidates"]), int(example["answer"])
+        if self.negatives is None or self.negatives >= count - 1:
+            return list(range(count))
+        others = [j for j in range(count) if j != answer]
+        drawn = np.random.default_rng([self.seed, int(example["id"])]).choice(others, self.negatives, replace=False)
+        return sorted([answer, *drawn.tolist()])
