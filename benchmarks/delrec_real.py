@@ -67,11 +67,11 @@ DATASETS = {
     "lastfm": {"label": "Last.fm", "issue": "#13", "input": LASTFM, "format": "rows", "domain": "artist",
                "distill": "gemma-lastfm-distill.yaml", "finetune": "gemma-lastfm-finetune.yaml", "test_users": None,
                "valid_users": "all", "rows": 240, "stage1_rows": 128, "eval_steps": 15,
-               "micro_batch": 8},
+               "micro_batch": 8, "listwise_negatives": None},
     "games": {"label": "games", "issue": "#31", "input": ROOT.parent / "shared" / "data" / "games",
               "format": "recbole", "domain": "game", "distill": "gemma-games-distill.yaml",
               "finetune": "gemma-games-finetune.yaml", "test_users": 1000, "valid_users": 400,
-              "rows": 3840, "stage1_rows": 1024, "eval_steps": 96, "micro_batch": 2},
+              "rows": 3840, "stage1_rows": 1024, "eval_steps": 96, "micro_batch": 2, "listwise_negatives": 7},
 }
 CONFIGS = ROOT / "configs"
 WORK = ROOT / "benchmarks" / "out" / "delrec_real"
@@ -122,6 +122,10 @@ def parse_args(argv=None):
                    help="rows per forward pass, the rest by gradient accumulation (default: 8 for lastfm, 2 for games: "
                         "eager attention keeps B x heads x T^2 probabilities per layer for backward, and 8 games "
                         "prompts of ~470 tokens took 21 GB and 9 s per row, 2 of them 4.6 GB and 2.7 s per row)")
+    p.add_argument("--listwise-negatives", dest="listwise_negatives", type=int, default=None,
+                   help="stage-2 listwise loss over the target and this many of the other candidates, drawn per row "
+                        "(default: all for lastfm, 7 of 19 for games: 1.85 s a row against 2.68, chosen on valid: "
+                        "RESULTS.md, 'Sampled negatives on games'); 0: all")
     p.add_argument("--eval-steps", dest="eval_steps", type=int, default=None,
                    help="steps between valid evaluations (default: 15 for lastfm, 60 for games)")
     p.add_argument("--valid-users", dest="valid_users", type=user_count, default=None,
@@ -146,6 +150,9 @@ def parse_args(argv=None):
     args.test_users = args.test_users or args.spec["test_users"]
     for key in ("valid_users", "rows", "stage1_rows", "eval_steps", "micro_batch"):  # the dataset's defaults
         setattr(args, key, getattr(args, key) or args.spec[key])
+    if args.listwise_negatives is None:
+        args.listwise_negatives = args.spec["listwise_negatives"]
+    args.listwise_negatives = args.listwise_negatives or None  # 0: every candidate
     if args.batch % args.micro_batch:
         p.error(f"--batch {args.batch} must be a multiple of --micro-batch {args.micro_batch}")
     args.json = args.json or args.results.parent / f"{args.results.name}.json"
@@ -363,12 +370,14 @@ def stage2(args, data: Path, llm: Path, name: str, soft: list[str]) -> Path:
                 "batch": args.batch, "micro_batch": args.micro_batch, "eval_steps": args.eval_steps,
                 "valid_users": args.valid_users,
                 "seed": args.seed, "soft": soft,
+                **({"listwise_negatives": args.listwise_negatives} if args.listwise_negatives else {}),
                 **({"stage1_rows": args.stage1_rows, "stage1_objective": args.stage1_objective}
                    if name in ("delrec", *PER_USER) else {})}
     step = Step(args.work / name / "stage2", settings)
     if not step.done():
         step.start(resumable=True)
         lr = ["--learning_rate", str(args.learning_rate)] if args.learning_rate else []
+        negatives = ["--listwise_negatives", str(args.listwise_negatives)] if args.listwise_negatives else []
         # test is ranked afterwards by `delrec rank` (it writes the rankings), so the stage scores one test user
         delrec(["llm", "finetune", "--config", str(CONFIGS / "delrec" / args.spec["finetune"]),
                 "--data", str(data), "--model_name_or_path", str(llm), "--out", str(step.folder), *soft,
@@ -377,7 +386,7 @@ def stage2(args, data: Path, llm: Path, name: str, soft: list[str]) -> Path:
                 "--gradient_accumulation_steps", str(args.batch // args.micro_batch), "--eval_steps", str(args.eval_steps),
                 "--eval_max_instances", eval_limit(args), "--test_max_instances", "1",
                 "--logging_steps", "5", "--seed", str(args.seed), "--num_threads", str(args.threads),
-                "--progress", "false", *lr], args.work / name / "log.txt", args.threads)
+                "--progress", "false", *lr, *negatives], args.work / name / "log.txt", args.threads)
         step.finish()
     return step.folder
 
@@ -391,6 +400,7 @@ def run_variant(args, name: str, data: Path) -> dict:
                        "stage1_rows": args.stage1_rows, "stage1_objective": args.stage1_objective, "seed": args.seed,
                        "generate": args.generate,
                        "valid_users": args.valid_users, "batch": args.batch, "eval_steps": args.eval_steps,
+                       **({"listwise_negatives": args.listwise_negatives} if args.listwise_negatives else {}),
                        **test_sample(args)}
     ranked = Step(args.results / name, result_settings if name != "zero_shot"
                   else {"generate": args.generate, **test_sample(args)})
@@ -601,7 +611,9 @@ def section(report: dict, results: Path) -> str:
         f"{s['threads']} torch threads, torch {report['machine']['torch']}.  ",
         "LLM: Gemma 3 270M (imported GGUF, float32). " + (
             f"Stage 2: LoRA r 8 all-linear (configs/delrec/{spec['finetune']}), {s['rows']} training rows (seeded), "
-            f"batch {s['batch']}, {s['objective']} objective, checkpoint chosen on valid NDCG@5 ({s['valid_users']} "
+            f"batch {s['batch']}, {s['objective']} objective"
+            + (f" (the target and {s['listwise_negatives']} sampled other candidates a row)"
+               if s.get("listwise_negatives") else "") + f", checkpoint chosen on valid NDCG@5 ({s['valid_users']} "
             f"valid users, every {s['eval_steps']} steps); stage 1 (delrec only): {s['stage1_rows']} TA + "
             f"{s['stage1_rows']} RPS rows, {s.get('stage1_objective', 'answer')} objective "
             f"(configs/delrec/{spec['distill']}). " if set(LORA_VARIANTS) & set(report["variants"]) else "")
@@ -672,8 +684,9 @@ def main(argv=None) -> None:
     report = {"benchmark": "delrec_real", "command": "python benchmarks/delrec_real.py " + " ".join(argv or sys.argv[1:]),
               "machine": machine(), "objective": args.objective, "num_candidates": num_candidates,
               "settings": {k: getattr(args, k) for k in ("dataset", "test_users", "sample_seed", "rows", "stage1_rows",
-                                                          "stage1_objective", "objective", "learning_rate", "batch",
-                                                          "eval_steps", "valid_users", "threads", "seed", "generate")},
+                                                          "stage1_objective", "objective", "listwise_negatives",
+                                                          "learning_rate", "batch", "eval_steps", "valid_users",
+                                                          "threads", "seed", "generate")},
               "variants": {}, "seconds": {}}
     previous = json.loads(args.json.read_text()) if args.json.is_file() else {}
     for name in VARIANTS:  # variants not run now keep their earlier summary, if their results are still there

@@ -294,6 +294,22 @@ def test_accelerate_launch_runs_stage2_on_cpu(tiny_llm_data, tiny_llama, tmp_pat
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
+def test_stage2_listwise_negatives_scores_the_target_and_k_others_per_row(tiny_llm_data, tiny_llama, tmp_path):
+    """`listwise_negatives` reaches the collator the trainer batches with: each row scores 1 + k candidates, among
+    them its target, while the prompt still shows all of them."""
+    args = FinetuneArguments(data=str(tiny_llm_data), out=str(tmp_path / "run"), soft_prompt="none",
+                             max_train_instances=8, eval_max_instances=4, test_max_instances=4, max_length=512,
+                             objective="listwise", listwise_negatives=2)
+    trainer = finetune(args, model_config(tiny_llama), LoraSettings(r=2, alpha=4, dropout=0.0),
+                       TrainingSettings(**{**FAST, "max_steps": 1})).trainer
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    batch = trainer.data_collator(rows)
+    assert [len(c) for c in batch["candidates"]] == [3] * 4
+    for row, target, scored in zip(rows, batch["targets"], batch["candidates"]):
+        kept = trainer.data_collator.scored_candidates(row)
+        assert kept[target] == row["answer"] and len(row["candidates"]) > 3
+
+
 @pytest.mark.slow  # about 70 s on 2 cores per objective
 @pytest.mark.parametrize("objective", ["answer", "listwise"])
 def test_stage2_on_synthetic_data_beats_chance_on_valid(objective, tmp_path):

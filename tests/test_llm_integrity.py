@@ -406,3 +406,20 @@ def test_a_stage_folder_whose_base_was_moved_names_the_record_and_the_path(stage
     err = one_line_error(capsys, rank(folder, tiny_llm_data, tmp_path / "ranks"))
     assert f"{folder / 'delrec.json'} field 'base_model': the base model {gone} it was trained on is not there" in err
     assert not (tmp_path / "ranks").exists()
+
+
+def test_a_checkpoint_written_before_an_option_existed_resumes_while_the_option_is_unset(tmp_path):
+    """Adding `listwise_negatives` to stage 2 changed every run's identity hash, so the checkpoints of runs started
+    before it (hours of games LoRA) could not be resumed; options are compared by name, a missing one as unset."""
+    from delrec.errors import DelrecError
+    from delrec.llm.training import RUN_IDENTITY_FILE, _check_identity, run_identity
+
+    before = {"seed": 0, "objective": "listwise", "out": "a"}
+    checkpoint = tmp_path / "checkpoint-96"
+    checkpoint.mkdir()
+    (checkpoint / RUN_IDENTITY_FILE).write_text(json.dumps(run_identity("finetune", before)))
+    now = run_identity("finetune", {**before, "listwise_negatives": None})
+    assert now["sha256"] != json.loads((checkpoint / RUN_IDENTITY_FILE).read_text())["sha256"]
+    _check_identity(checkpoint, now, "remedy")  # accepted
+    with pytest.raises(DelrecError, match="written by a run with listwise_negatives = None, not 7; remedy"):
+        _check_identity(checkpoint, run_identity("finetune", {**before, "listwise_negatives": 7}), "remedy")

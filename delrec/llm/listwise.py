@@ -53,7 +53,7 @@ def listwise_loss(
 
 
 # The dataset columns `ListwiseCollator` reads; input_ids stays too: TRL takes a dataset with it as already tokenized.
-LISTWISE_COLUMNS = ["input_ids", "prompt", "candidates", "answer"]
+LISTWISE_COLUMNS = ["input_ids", "prompt", "candidates", "answer", "id"]  # id seeds the sampled negatives
 
 
 @dataclass

@@ -160,6 +160,12 @@ class FinetuneArguments:
                   "the candidates' title log-likelihoods, the quantity the read-out ranks by (one prompt pass "
                   "per instance scores all candidates)."},
     )
+    listwise_negatives: int | None = field(
+        default=None,
+        metadata={"help": "objective: listwise: score the target and this many other candidates per row, drawn anew "
+                  "for each row (a sampled softmax; the prompt still shows them all): fewer title passes per step. "
+                  "Default: every candidate.", "range": at_least(1)},
+    )
 
     def __post_init__(self):
         if self.soft_prompt_tokens < 1:
@@ -294,7 +300,7 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
         eval_dataset=sets["valid"].rows.select_columns(tokens_only),
         processing_class=tokenizer,
         data_collator=(AnswerCollator(tokenizer.pad_token_id) if args.objective == "answer"
-                       else ListwiseCollator(tokenizer)),
+                       else ListwiseCollator(tokenizer, negatives=args.listwise_negatives, seed=settings.seed)),
         peft_config=LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
             target_modules="all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules),

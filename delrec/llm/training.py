@@ -741,7 +741,8 @@ def check_resumable(checkpoint: Path, identity: dict[str, Any]) -> None:
 def _check_identity(checkpoint: Path, identity: dict[str, Any], remedy: str) -> None:
     """Refuse a checkpoint written by another run (copied in from another folder, seed, stage...): resuming it
     would continue that run under this one's name, or fail deep in the Trainer. One written before delrec recorded
-    the identity is accepted, as before."""
+    the identity is accepted, as before; so is one whose options differ only by options it did not know, left unset
+    here (an option added to delrec later, whose unset value keeps what the run did)."""
     file = checkpoint / RUN_IDENTITY_FILE
     if not file.is_file():
         return
@@ -752,8 +753,11 @@ def _check_identity(checkpoint: Path, identity: dict[str, Any], remedy: str) -> 
     if recorded.get("stage") != identity["stage"]:
         which = f"a {recorded.get('stage')} run, not this {identity['stage']} run"
     else:
-        which = (f"a run with {first_difference(recorded.get('config') or {}, identity['config'], frozenset())}"
-                 if recorded.get("config") != identity["config"] else "another run")
+        config = recorded.get("config")
+        difference = first_difference(config, identity["config"], frozenset()) if isinstance(config, dict) else None
+        if isinstance(config, dict) and difference is None:
+            return
+        which = f"a run with {difference}" if difference else "another run"
     raise DelrecError(f"{file}: this checkpoint was written by {which}; {remedy}")
 
 
