@@ -476,7 +476,8 @@ def _stage_details(results: Results) -> list[str]:
     for name, entry in _outputs(results, "students").get("runs", {}).items():
         m = read_json(_file(run, entry["folder"], "metrics.json"))
         lines.append(f"- **students / {name}** ({_student_label(entry, entry['model_type'])}): {m['epochs_run']} "
-                     f"epochs, best epoch {m['best_epoch']} by valid NDCG@10 ({m['valid']['ndcg@10']:.4f}).")
+                     f"epochs, best epoch {m['best_epoch']} by valid NDCG@10 ({m['valid']['ndcg@10']:.4f})"
+                     + _weight_search_clause(m["distillation"].get("weight_search")) + ".")
     latency = results.latency
     if latency:
         student = latency["student"]
@@ -488,6 +489,14 @@ def _stage_details(results: Results) -> list[str]:
                      f"{llm_t['users']} training instances during its export; ratio {latency['ratio']:,.0f}x")
         lines.append(text + ".")
     return lines
+
+
+def _weight_search_clause(search: dict | None) -> str:
+    """The distillation weight the student kept, of those it tried, and why."""
+    if not search:
+        return ""
+    tried = ", ".join(f"x{r['scale']:g} ({r['valid']:.4f})" for r in search["runs"])
+    return f"; distillation weight x{search['chosen']:g} kept, of {tried} by valid {search['metric']}: {search['why']}"
 
 
 def _timings(results: Results) -> str:

@@ -20,7 +20,8 @@ from delrec.sr import ItemEmbedding, SASRecConfig, TrainConfig, evaluate_model, 
 SMALL = SASRecConfig(hidden_size=16, num_layers=1, num_heads=1, inner_size=32, dropout=0.1, max_length=16)
 FLAGS = ["--model", "sasrec", "--hidden_size", "16", "--num_layers", "1", "--num_heads", "1", "--inner_size", "32",
          "--max_length", "16", "--epochs", "2", "--lr", "0.01", "--batch_size", "32", "--no_progress",
-         "--num_threads", "1"]
+         "--num_threads", "1", "--weight_search", "1"]  # the papers' fixed weights; the search has its own tests
+PAPERS = [1.0]
 
 
 def run(args):
@@ -76,7 +77,8 @@ def test_each_method_trains_writes_metrics_and_a_student_that_reloads(setup, met
 
 def test_embedding_distillation_saves_a_plain_student_with_identical_scores(setup, tmp_path):
     result = train_student(setup["dataset"], SMALL, TrainConfig(epochs=1, progress=False), [setup["teacher"]],
-                           "dllm2rec", DLLM2RecConfig(), tmp_path / "ed", embedding_distillation=True)
+                           "dllm2rec", DLLM2RecConfig(), tmp_path / "ed", embedding_distillation=True,
+                           weight_search=PAPERS)
     assert type(result.model.item_embedding) is ItemEmbedding  # baked
     reloaded = load_model(tmp_path / "ed")
     histories = pad_histories([inst.history for inst in setup["dataset"].instances("test")], reloaded.pad_id)
@@ -124,7 +126,8 @@ def test_distillation_pulls_the_student_towards_the_teachers_lists(setup, tmp_pa
         return sum(len(set(r["items"]) & set(favourites.tolist())) for r in rows) / (10 * len(rows))
 
     alone = train_student(dataset, SMALL, options, [], "none", None, tmp_path / "alone")
-    distilled = train_student(dataset, SMALL, options, [folder], method, config, tmp_path / method)
+    distilled = train_student(dataset, SMALL, options, [folder], method, config, tmp_path / method,
+                              weight_search=PAPERS)
     assert share_in_top10(distilled) > share_in_top10(alone) + 0.3
 
 
@@ -137,6 +140,7 @@ def test_distillation_pulls_the_student_towards_the_teachers_lists(setup, tmp_pa
     (["--method", "rd", "--teacher", "{root}/missing"], "teacher folder not found"),
     (["--method", "bogus", "--teacher", "{teacher}"], "unknown distillation method 'bogus'"),
     (["--method", "rd", "--teacher", "{teacher}", "--gamma_position", "0.5"], "unrecognized arguments"),
+    (["--teacher", "{teacher}", "--weight_search", "0", "-1"], "weight_search must be at least 0.0, got -1.0"),
 ])
 def test_bad_input_exits_2_with_one_line(setup, capsys, extra, message):
     paths = {k: str(setup[k]) for k in ("teacher", "short", "foreign", "root")}
@@ -196,7 +200,7 @@ def test_a_subset_teacher_distils_its_instances_and_leaves_the_others_to_the_stu
     assert zero.item() == 0.0 and zero.requires_grad
 
     result = train_student(dataset, SMALL, TrainConfig(epochs=1, lr=0.01, batch_size=32, progress=False),
-                           [subset], "dllm2rec", config, setup["root"] / "student-half")
+                           [subset], "dllm2rec", config, setup["root"] / "student-half", weight_search=PAPERS)
     assert result.metrics["distillation"]["teachers"][0]["instances"] == len(half)
 
 
@@ -218,5 +222,58 @@ def test_an_embeddings_only_teacher_serves_embedding_distillation_alone(setup, c
     assert "hold item embeddings only" in capsys.readouterr().err
     combined = train_student(dataset, SMALL, TrainConfig(epochs=1, lr=0.01, batch_size=32, progress=False),
                              [setup["teacher"], folder], "dllm2rec", DLLM2RecConfig(), setup["root"] / "student-both",
-                             embedding_distillation=True)
+                             embedding_distillation=True, weight_search=PAPERS)
     assert combined.metrics["distillation"]["teachers"][1]["instances"] == 0
+
+
+SEARCH_FLAGS = FLAGS[:-2]  # the default weight search
+
+
+def best_valid_ndcg(folder: Path) -> float:
+    return max(json.loads(line)["valid"]["ndcg@10"] for line in (folder / "log.jsonl").read_text().splitlines())
+
+
+def test_the_weight_search_keeps_the_best_valid_scale_and_its_zero_is_the_student_alone(setup, capsys):
+    """One student per scale; OUT is the one with the best valid NDCG@10 (ties: the smaller scale), and scale 0 is
+    exactly `--method none`: the same seed, the same numbers."""
+    data, out = str(setup["dataset"].path), setup["root"] / "search"
+    assert run(["student", "train", "--data", data, *SEARCH_FLAGS, "--teacher", str(setup["teacher"]),
+                "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    search = json.loads((out / "metrics.json").read_text())["distillation"]["weight_search"]
+    assert search["scales"] == [0.0, 0.5, 1.0] and search["metric"] == "ndcg@10"
+    valid = {s: best_valid_ndcg(out / "weight_search" / f"scale-{s:g}") for s in search["scales"]}
+    assert [run_["valid"] for run_ in search["runs"]] == [valid[s] for s in search["scales"]]
+    assert search["chosen"] == max(search["scales"], key=lambda s: (valid[s], -s)) == printed["weight_scale"]
+    chosen = json.loads((out / "weight_search" / f"scale-{search['chosen']:g}" / "metrics.json").read_text())
+    assert evaluate_model(load_model(out), setup["dataset"])["test"] == chosen["test"]
+
+    alone = setup["root"] / "search-alone"
+    assert run(["student", "train", "--data", data, *SEARCH_FLAGS, "--method", "none", "--out", str(alone)]) == 0
+    zero = json.loads((out / "weight_search" / "scale-0" / "metrics.json").read_text())
+    assert zero["valid"] == json.loads((alone / "metrics.json").read_text())["valid"]
+    assert zero["distillation"]["method"] == "none" and zero["distillation"]["teachers"] == []
+    one = json.loads((out / "weight_search" / "scale-1" / "metrics.json").read_text())
+    assert one["distillation"]["method_config"]["lambda_d"] == DLLM2RecConfig().lambda_d
+    half = json.loads((out / "weight_search" / "scale-0.5" / "metrics.json").read_text())
+    assert half["distillation"]["method_config"]["lambda_d"] == 0.5 * DLLM2RecConfig().lambda_d
+
+
+def test_a_harmful_teacher_is_left_out_by_the_weight_search(setup, tmp_path):
+    """A teacher of random lists, weighted heavily, makes the distilled students worse on valid: the search keeps the
+    student alone, whose test numbers OUT then holds (the demo's student fell 26% below alone with the fixed
+    weight)."""
+    dataset = setup["dataset"]
+    ids = torch.tensor([inst.id for inst in dataset.instances("train") if inst.history])
+    generator = torch.Generator().manual_seed(0)
+    items = torch.stack([torch.randperm(dataset.num_items, generator=generator)[:10] for _ in ids])
+    scores = torch.arange(10, 0, -1, dtype=torch.float32).expand(len(ids), 10)
+    noise = write_teacher(tmp_path / "noise", dataset, ids, items, scores.contiguous(), "score", None, {"kind": "test"})
+    result = train_student(dataset, SMALL, TrainConfig(epochs=2, lr=0.01, batch_size=32, progress=False), [noise],
+                           "dllm2rec", DLLM2RecConfig(lambda_d=5.0), tmp_path / "out")
+    search = result.metrics["distillation"]["weight_search"]
+    valid = {run_["scale"]: run_["valid"] for run_ in search["runs"]}
+    assert valid[1.0] < valid[0.0] and search["chosen"] == 0.0, search
+    alone = json.loads((tmp_path / "out" / "weight_search" / "scale-0" / "metrics.json").read_text())
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["test"] == alone["test"]
+    assert search["why"] == "the student alone had the best valid ndcg@10"

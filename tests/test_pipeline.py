@@ -109,6 +109,9 @@ def test_a_full_run_writes_every_stage_the_report_and_plots(finished_run):
     assert "HR@10" in table and "NDCG@5" in table and "top-10 ms/user" in table
     assert "## Timings per stage" in report and "| stage2 " in report and "synthetic_users: 60" in report
     assert "chance" in report and "Latency: the student ranks" in report
+    search = json.loads((run / "students" / "distilled" / "metrics.json").read_text())["distillation"]["weight_search"]
+    tried = ", ".join(f"x{r['scale']:g} ({r['valid']:.4f})" for r in search["runs"])
+    assert f"distillation weight x{search['chosen']:g} kept, of {tried} by valid ndcg@10: {search['why']}" in report
     assert "the rank stage scores its test users" in report and "test HR@1 1.000 on 1 users" not in report
     for name in ("llm", "sasrec"):  # both teachers' embeddings get the item-kNN check, and the report says it
         knn = json.loads((run / "teacher" / name / "teacher.json").read_text())["source"]["embedding_knn"]

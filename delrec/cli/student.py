@@ -69,8 +69,10 @@ def train(argv, prog: str, description: str) -> int:
         raise DelrecError(f"--model {args.model}: a student is one of {', '.join(STUDENT_MODELS)}")
     result = train_student(
         args.data, model_config, config, student.teacher, student.method, method_config[0] if method_config else None,
-        args.out, student.embedding_distillation, student.ed_weight,
+        args.out, student.embedding_distillation, student.ed_weight, student.weight_search,
     )
+    search = result.metrics["distillation"].get("weight_search")
     print(train_summary(result, args.model, method=student.method, teachers=student.teacher,
-                        embedding_distillation=student.embedding_distillation))
+                        embedding_distillation=student.embedding_distillation,
+                        **({"weight_scale": search["chosen"], "weight_search": search["why"]} if search else {})))
     return 0

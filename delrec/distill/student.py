@@ -33,6 +33,12 @@ method's K) before training. The run's settings recorded in the checkpoint inclu
 its configuration and a digest of each teacher's contents, so resuming an OUT with other
 teachers or weights is refused.
 metrics.json is `delrec sr train`'s plus a "distillation" entry describing the same.
+
+The weights are chosen on validation (`weight_search`, default 0, 0.5 and 1 times the papers' weights:
+the method's and ed_weight): one student per scale in OUT/weight_search/scale-S, the best valid
+NDCG@10 copied into OUT, the search recorded in metrics.json ("distillation" / "weight_search"). Scale
+0 is the student alone, so a teacher that does not help on validation is not used; `weight_search: [1]`
+is the papers' fixed weights in one run.
 """
 
 from __future__ import annotations
@@ -40,13 +46,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import torch
 
-from delrec.config import above, check_fields
+from delrec.config import above, at_least, check_fields
 from delrec.data.dataset import PreparedDataset
 from delrec.distill.dllm2rec import DLLM2RecConfig, dllm2rec_loss, dllm2rec_weights
 from delrec.distill.embedding import install_collaborative_embedding
@@ -57,7 +66,7 @@ from delrec.distill.teacher import RANKINGS_FILE, Teacher, load_teacher
 from delrec.errors import DelrecError
 from delrec.io import write_json
 from delrec.sr.base import SequentialRecommender, model_class_for_config
-from delrec.sr.trainer import TrainBatch, TrainConfig, TrainResult, train_sr
+from delrec.sr.trainer import SELECTION_METRIC, TrainBatch, TrainConfig, TrainResult, train_sr
 
 
 @dataclass
@@ -81,11 +90,20 @@ class StudentConfig:
         default=0.2, metadata={"help": "alpha of the embedding distillation (official code 0.2; paper 0.2-0.3).",
                                "range": above(0)}
     )
+    weight_search: list[float] = field(
+        default_factory=lambda: list(DEFAULT_WEIGHT_SEARCH),
+        metadata={"help": "Scales of the distillation weights (the method's weight and ed_weight) tried, one student "
+                  "each; the one with the best valid NDCG@10 is kept (0: the student alone, so a weak teacher cannot "
+                  "make it worse; ties go to the smaller scale). 1 alone: the papers' fixed weights, one run.",
+                  "range": at_least(0.0)},
+    )
 
     def __post_init__(self):
         check_fields(self)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not self.weight_search:
+            raise ValueError("weight_search needs at least one scale (1: the papers' fixed weights)")
 
 
 # --- the methods: config class and the term added to each batch's loss ---------------------------
@@ -140,14 +158,17 @@ def _rrd_term(config: RRDConfig, batch: StudentBatch) -> torch.Tensor:
 class Method:
     config_class: type
     term: Callable[[Any, StudentBatch], torch.Tensor]  # the weighted loss term of one batch
+    weight: str  # the config field that weighs the term (scaled by `weight_search`)
 
 
 METHODS: dict[str, Method | None] = {
-    "dllm2rec": Method(DLLM2RecConfig, _dllm2rec_term),
-    "rd": Method(RDConfig, _rd_term),
-    "rrd": Method(RRDConfig, _rrd_term),
+    "dllm2rec": Method(DLLM2RecConfig, _dllm2rec_term, "lambda_d"),
+    "rd": Method(RDConfig, _rd_term, "rd_weight"),
+    "rrd": Method(RRDConfig, _rrd_term, "rrd_weight"),
     "none": None,
 }
+DEFAULT_WEIGHT_SEARCH = (0.0, 0.5, 1.0)
+SEARCH_DIR = "weight_search"  # OUT/weight_search/scale-S: one student per scale; OUT holds the chosen one
 
 
 def method_config_class(method: str) -> type | None:
@@ -222,9 +243,10 @@ def train_student(
     out: str | Path = "runs/student",
     embedding_distillation: bool = False,
     ed_weight: float = 0.2,
+    weight_search: Sequence[float] = DEFAULT_WEIGHT_SEARCH,
 ) -> TrainResult:
     """Train (or resume) a student in OUT; see the module docstring. `method_config` defaults to
-    the method's config class with its defaults."""
+    the method's config class with its defaults; `weight_search` as `StudentConfig.weight_search`."""
     config_class = method_config_class(method)
     if method_config is None and config_class is not None:
         method_config = config_class()
@@ -261,23 +283,70 @@ def train_student(
                           f"(item_embeddings.safetensors); re-export the teacher with embeddings or drop "
                           f"--embedding_distillation")
 
-    settings = {  # what the checkpoint's configuration check compares (folders may move)
-        "method": method,
-        "method_config": None if method_config is None else dataclasses.asdict(method_config),
-        "embedding_distillation": embedding_distillation,
-        "ed_weight": ed_weight if embedding_distillation else None,
-        "teachers": [{"digest": teacher_digest(t, embedding_distillation), "topk": t.topk, "score_kind": t.score_kind,
-                      "instances": 0 if t.instance_ids is None else len(t.instance_ids)} for t in loaded],
+    scales = sorted({float(scale) for scale in weight_search}) if teachers else [1.0]
+    if any(scale < 0 or not math.isfinite(scale) for scale in scales) or not scales:
+        raise DelrecError(f"--weight_search {' '.join(map(str, weight_search))}: expected one or more scales >= 0")
+
+    def train_at(scale: float, folder: Path) -> TrainResult:
+        """One student with the distillation weights times `scale` (0: the student alone, no teacher term)."""
+        scaled_method = METHODS[method] if scale > 0 and config_class is not None else None
+        scaled_config = (None if scaled_method is None else dataclasses.replace(
+            method_config, **{scaled_method.weight: getattr(method_config, scaled_method.weight) * scale}))
+        with_embeddings = embedding_distillation and scale > 0
+        settings = {  # what the checkpoint's configuration check compares (folders may move)
+            "method": method if scale > 0 else "none",
+            "method_config": None if scaled_config is None else dataclasses.asdict(scaled_config),
+            "embedding_distillation": with_embeddings,
+            "ed_weight": ed_weight * scale if with_embeddings else None,
+            "teachers": [{"digest": teacher_digest(t, embedding_distillation), "topk": t.topk,
+                          "score_kind": t.score_kind, "instances": 0 if t.instance_ids is None else len(t.instance_ids)}
+                         for t in loaded] if scale > 0 else [],
+        }
+        extra_loss = None if scaled_method is None else DistillationLoss(teacher, scaled_method, scaled_config)
+        model_hook = None
+        if with_embeddings:
+            model_hook = functools.partial(install_collaborative_embedding, teacher_embeddings=teacher.embeddings,
+                                           alpha=ed_weight * scale, blocks=teacher.embedding_blocks)
+        result = train_sr(dataset, model_config, train_config, folder, extra_loss=extra_loss, model_hook=model_hook,
+                          extra_settings=settings)
+        result.metrics["distillation"] = {**settings, "scale": scale, "teachers": [
+            {**entry, "folder": str(t.folder), "source": t.info.get("source")}
+            for entry, t in zip(settings["teachers"], loaded)]}
+        write_json(folder / "metrics.json", result.metrics)
+        return result
+
+    out = Path(out)
+    if len(scales) == 1:
+        return train_at(scales[0], out)
+    results = {scale: train_at(scale, out / SEARCH_DIR / f"scale-{scale:g}") for scale in scales}
+    valid = {scale: best_valid(result) for scale, result in results.items()}
+    chosen = max(scales, key=lambda scale: (valid[scale], -scale))  # ties: the smaller scale
+    result = results[chosen]
+    result.metrics["distillation"]["weight_search"] = {
+        "scales": scales, "chosen": chosen, "metric": SELECTION_METRIC,  # chosen on valid; test for the record
+        "runs": [{"scale": scale, "valid": valid[scale], "test": results[scale].metrics["test"][SELECTION_METRIC],
+                  "best_epoch": results[scale].best_epoch, "folder": f"{SEARCH_DIR}/scale-{scale:g}"}
+                 for scale in scales],
+        "why": ("the student alone had the best valid " + SELECTION_METRIC if chosen == 0 else
+                f"scale {chosen:g} had the best valid {SELECTION_METRIC}, {valid[chosen] - valid[0.0]:+.4f} over the "
+                "student alone" if 0.0 in valid else f"scale {chosen:g} had the best valid {SELECTION_METRIC}"),
     }
-    extra_loss = None if config_class is None else DistillationLoss(teacher, METHODS[method], method_config)
-    model_hook = None
-    if embedding_distillation:
-        model_hook = functools.partial(install_collaborative_embedding, teacher_embeddings=teacher.embeddings,
-                                       alpha=ed_weight, blocks=teacher.embedding_blocks)
-    result = train_sr(dataset, model_config, train_config, out, extra_loss=extra_loss, model_hook=model_hook,
-                      extra_settings=settings)
-    result.metrics["distillation"] = {**settings, "teachers": [
-        {**entry, "folder": str(t.folder), "source": t.info.get("source")} for entry, t in zip(settings["teachers"], loaded)
-    ]}
-    write_json(Path(out) / "metrics.json", result.metrics)
+    promote(out / SEARCH_DIR / f"scale-{chosen:g}", out)
+    write_json(out / "metrics.json", result.metrics)
+    result.out = out
     return result
+
+
+def best_valid(result: TrainResult) -> float:
+    """The valid selection metric of the epoch a run kept."""
+    return max(entry["valid"][SELECTION_METRIC] for entry in result.log)
+
+
+def promote(chosen: Path, out: Path) -> None:
+    """The chosen student's files (not its checkpoint) copied into OUT, each replaced atomically, so OUT is a plain
+    student folder (`delrec serve OUT`) and the search's runs stay beside it to resume."""
+    for source in sorted(chosen.iterdir()):
+        if source.is_file():
+            staging = out / f".{source.name}.tmp"
+            shutil.copyfile(source, staging)
+            os.replace(staging, out / source.name)

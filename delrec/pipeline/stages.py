@@ -262,9 +262,12 @@ def stage_students(ctx: Context) -> dict:
             train_student(ctx.layout.dataset, model_config, section.get(TrainConfig),
                           [ctx.layout.teacher(t) for t in student.teacher], student.method,
                           entry.get(method_class) if method_class else None, out,
-                          embedding_distillation=student.embedding_distillation, ed_weight=student.ed_weight)
+                          embedding_distillation=student.embedding_distillation, ed_weight=student.ed_weight,
+                          weight_search=student.weight_search)
+        search = read_json(out / "metrics.json")["distillation"].get("weight_search")
         runs[name] = {"model_type": model_type, "method": student.method, "teachers": list(student.teacher),
-                      "embedding_distillation": student.embedding_distillation, "folder": ctx.layout.relative(out)}
+                      "embedding_distillation": student.embedding_distillation, "folder": ctx.layout.relative(out),
+                      **({"weight_search": search} if search else {})}
     return {"runs": runs}
 
 
