@@ -58,7 +58,7 @@ from pathlib import Path
 from distill import log, machine, rel  # benchmarks/ is on sys.path when a benchmark runs as a script
 from results_section import write_section
 from delrec.metrics import instance_metrics, metrics_from_ranked_lists
-from delrec.report import NOISE_SE, above_chance
+from delrec.report import above_chance, paired_difference
 
 ROOT = Path(__file__).resolve().parents[1]
 LASTFM = ROOT.parent / "shared" / "data" / "lastfm"
@@ -531,13 +531,8 @@ def against_chance(metrics: dict, base: dict, n: int) -> dict:
 def paired(a: dict[int, int], b: dict[int, int], key: str) -> dict:
     """Mean per-instance difference a - b over the shared instances, and NOISE_SE standard errors of it."""
     ids = sorted(set(a) & set(b))
-    diffs = [per_instance(a[i])[key] - per_instance(b[i])[key] for i in ids]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else float("inf")
-    margin = NOISE_SE * sd / math.sqrt(n)
-    verdict = "better" if mean > margin else "worse" if mean < -margin else "within noise"
-    return {"difference": mean, "margin": margin, "n": n, "verdict": verdict}
+    result = paired_difference([per_instance(a[i])[key] for i in ids], [per_instance(b[i])[key] for i in ids])
+    return {"difference": result.difference, "margin": result.margin, "n": result.n, "verdict": result.verdict}
 
 
 def verdicts(report: dict, num_candidates: int, results: Path) -> dict:

@@ -26,7 +26,9 @@ same seed, epochs and batches in every variant; best epoch on VALID NDCG@10, tes
    embeddings of the LLM teacher); + SASRec teacher (DLLM2Rec + embeddings); + LLM and SASRec
    together (both folders: rankings combined per instance, embeddings concatenated).
    Verdicts: test NDCG@20 gain over the student alone, with a two-standard-error band from the
-   per-user NDCG@20 differences (paired, same users).
+   per-user NDCG@20 differences (paired, same users). The papers' fixed weights by default;
+   `--weight-search 0 0.5 1 --json benchmarks/results/distill_real-weight-search.json` has every
+   student choose its weight on valid, as `delrec student train` does by default (issue #32).
 
 Latency (`--latency-dataset`): top-20 for the first `--latency-users` test users by the
 student (torch alone, eager and compiled ahead of time by `delrec sr compile`; one user per call, and
@@ -43,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -59,7 +60,6 @@ from delrec.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "out" / "distill_real"
-MARK_BEGIN, MARK_END = "<!-- distill_real -->", "<!-- /distill_real -->"
 TOPK, SR_TOPM, NUM_RANDOM, LATENCY_K = 10, 20, 10, 20
 ZERO_SHOT_RANKER = "zero-shot (--llm), template teacher"  # records without a `model` predate --rank-llm
 # variant -> (label, teachers, method, embedding distillation)
@@ -119,23 +119,16 @@ def knn_clause(knn: dict | None) -> str:
 def per_user_ndcg(model_dir: Path, dataset, k: int = 20) -> list[float]:
     """NDCG@k of each test user under full ranking (history excluded), for paired standard errors."""
     from delrec.sr import load_model
-    from delrec.sr.evaluate import top_items
+    from delrec.sr.evaluate import per_instance_full
 
-    instances = dataset.instances("test")
-    ranked = top_items(load_model(model_dir), [inst.history for inst in instances], k, True, 1024)
-    values = []
-    for inst, kept in zip(instances, ranked):
-        items = [i for i, _ in kept]
-        values.append(1.0 / math.log2(items.index(inst.target) + 2) if inst.target in items else 0.0)
-    return values
+    return per_instance_full(load_model(model_dir), dataset.instances("test"), k)[f"ndcg@{k}"].tolist()
 
 
 def paired_gain(values: list[float], base: list[float]) -> dict:
-    diffs = [a - b for a, b in zip(values, base)]
-    mean = sum(diffs) / len(diffs)
-    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
-    verdict = "better" if mean > 2 * se else "worse" if mean < -2 * se else "within noise"
-    return {"mean_diff": round(mean, 6), "two_se": round(2 * se, 6), "verdict": verdict}
+    from delrec.report import paired_difference
+
+    paired = paired_difference(values, base)
+    return {"mean_diff": round(paired.difference, 6), "two_se": round(paired.margin, 6), "verdict": paired.verdict}
 
 
 def train_sr_teacher(name: str, dataset, args) -> dict:
@@ -164,10 +157,13 @@ def train_variant(name: str, dataset, args, variant: str, teacher_folders: list[
     started = time.perf_counter()
     result = train_student(dataset, SASRecConfig(**STUDENT),
                            train_config(args, budget["student_epochs"], budget["batch"], "bce"),
-                           teacher_folders, method, None, out, embedding_distillation=embedding)
-    log(f"  test NDCG@20 {result.metrics['test']['ndcg@20']:.4f} (best epoch {result.best_epoch})")
+                           teacher_folders, method, None, out, embedding_distillation=embedding,
+                           weight_search=args.weight_search)
+    search = result.metrics["distillation"].get("weight_search")
+    log(f"  test NDCG@20 {result.metrics['test']['ndcg@20']:.4f} (best epoch {result.best_epoch}"
+        + (f", weight x{search['chosen']:g} kept on valid" if search else "") + ")")
     return {"label": label, "teachers": teachers, "method": method, "embedding_distillation": embedding,
-            **run_summary(result, started)}
+            **run_summary(result, started), **({"weight_search": search} if search else {})}
 
 
 def run_dataset(name: str, args, llm: Path) -> dict:
@@ -346,11 +342,20 @@ def run_latency(name: str, args, llm: Path) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-def markdown_section(report: dict) -> str:
+def marks(json_path: Path) -> tuple[str, str]:
+    """The RESULTS.md block a results file owns: `<!-- distill_real -->` for the default one."""
+    return f"<!-- {json_path.stem} -->", f"<!-- /{json_path.stem} -->"
+
+
+def markdown_section(report: dict, json_path: Path) -> str:
     m = report["machine"]
+    scales = report["settings"].get("weight_search", [1.0])
+    searched = len(scales) > 1
+    begin, end = marks(json_path)
     lines = [
-        MARK_BEGIN,
-        "## The real LLM as teacher: Gemma 3 270M -> SASRec students (issue #14)",
+        begin,
+        "## The real LLM as teacher: Gemma 3 270M -> SASRec students (issue #14)"
+        + (": distillation weight chosen on valid (issue #32)" if searched else ""),
         "",
         "Commands (in order; later runs redo their datasets and keep the others): "
         + "; ".join(f"`{c}`" for c in report.get("commands", [report["command"]])) + "  ",
@@ -365,7 +370,10 @@ def markdown_section(report: dict) -> str:
         "over all items + item table, every instance. "
         "Students: SASRec 32x1, BCE with one negative, same seed and epochs in every variant; best epoch on VALID "
         "NDCG@10; full ranking, history excluded. Verdict: paired per-user test NDCG@20 difference against the "
-        "student alone, outside two standard errors or not.",
+        "student alone, outside two standard errors or not. "
+        + (f"Distillation weights: x{', x'.join(f'{s:g}' for s in scales)} the papers' (the method's weight and "
+           "ed_weight; x0 = the student alone), one student each, the best valid NDCG@10 kept (`weight_search`)."
+           if searched else "Distillation weights: the papers' (fixed)."),
         "",
     ]
     for name, record in report["datasets"].items():
@@ -379,19 +387,23 @@ def markdown_section(report: dict) -> str:
                   f"{rank['target_in_topk']:.1%}, among the re-ranked candidates {rank['target_in_candidates']:.1%}). "
                   f"Ranking teacher: {rank.get('model', ZERO_SHOT_RANKER)}.",
                   "",
-                  "| student | test HR@20 | test NDCG@20 | NDCG@20 gain | paired diff ± 2 SE | verdict | best epoch |",
-                  "|---|---:|---:|---:|---:|---|---:|"]
+                  "| student | test HR@20 | test NDCG@20 | NDCG@20 gain | paired diff ± 2 SE | verdict | best epoch |"
+                  + (" weight kept (valid NDCG@10 per scale) |" if searched else ""),
+                  "|---|---:|---:|---:|---:|---|---:|" + ("---|" if searched else "")]
         for variant, run in record["runs"].items():
             if variant == "sasrec-model":
                 lines.append(f"| ({run['label']}) | {run['test']['hr@20']:.4f} | {run['test']['ndcg@20']:.4f} | | | | "
-                             f"{run['best_epoch']} |")
+                             f"{run['best_epoch']} |" + (" |" if searched else ""))
                 continue
             gain = run.get("gain_test_ndcg@20")
             paired = run.get("paired")
             gain_text = "" if gain is None else f"{gain:+.1%}"
             paired_text = f"{paired['mean_diff']:+.4f} ± {paired['two_se']:.4f}" if paired else ""
+            search = run.get("weight_search")
+            tried = ", ".join(f"x{r['scale']:g}: {r['valid']:.4f}" for r in search["runs"]) if search else ""
+            kept = (f" x{search['chosen']:g} ({tried}) |" if search else " |") if searched else ""
             lines.append(f"| {run['label']} | {run['test']['hr@20']:.4f} | {run['test']['ndcg@20']:.4f} | {gain_text} | "
-                         f"{paired_text} | {paired['verdict'] if paired else ''} | {run['best_epoch']} |")
+                         f"{paired_text} | {paired['verdict'] if paired else ''} | {run['best_epoch']} |" + kept)
         lines.append("")
     lat = report.get("latency")
     if lat:
@@ -418,7 +430,7 @@ def markdown_section(report: dict) -> str:
                          + " | ".join(f"{lat['ratios'][f'{mode}/{kind}']:,.0f}x" for kind in STUDENT_PATHS
                                       if kind in per) + " |")
         lines.append("")
-    lines += [report["verdict"], "", MARK_END]
+    lines += [report["verdict"], "", end]
     return "\n".join(lines) + "\n"
 
 
@@ -477,7 +489,11 @@ def parse_args(argv=None):
                         "SASRec teacher and a student first when the work folder lacks them)")
     p.add_argument("--keep-other-datasets", dest="keep_other_datasets", action="store_true",
                    help="keep the finished datasets of --json that this run does not redo")
-    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "distill_real.json")
+    p.add_argument("--weight-search", dest="weight_search", type=float, nargs="+", default=[1.0],
+                   help="scales of the papers' distillation weights each student tries, the best valid NDCG@10 kept "
+                        "(`delrec student train --weight_search`; default 1: the papers' fixed weights, one run)")
+    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "distill_real.json",
+                   help="results file; its name also names the RESULTS.md block (another name keeps the default's)")
     p.add_argument("--markdown", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = p.parse_args(argv)
     args.dataset_names = [n for n in args.datasets.split(",") if n]
@@ -515,7 +531,8 @@ def main(argv=None) -> int:
               "settings": {"llm": rel(llm), "dtype": args.dtype, "rerank_instances": args.rerank_instances,
                            "rank_llm": {n: rel(f) for n, f in args.rank_llm.items()},
                            "threads": args.threads, "seed": args.seed, "teacher_model": TEACHER,
-                           "student_model": STUDENT, "variants": args.variants},
+                           "student_model": STUDENT, "variants": args.variants,
+                           "weight_search": args.weight_search},
               "datasets": {}}
     if args.keep_other_datasets and args.json.is_file():  # e.g. re-run games only, keep Last.fm's finished rows
         previous = json.loads(args.json.read_text())
@@ -534,7 +551,7 @@ def main(argv=None) -> int:
     report["wall_minutes"] = round((time.perf_counter() - started) / 60, 2)
     report["verdict"] = verdict(report)
     write_json(args.json, report)
-    write_section(args.markdown, markdown_section(report), MARK_BEGIN, MARK_END)
+    write_section(args.markdown, markdown_section(report, args.json), *marks(args.json))
     print(report["verdict"])
     return 0
 

@@ -78,12 +78,12 @@ def user_metrics(row: dict) -> dict:
 
 
 def paired(a: list[float], b: list[float]) -> dict:
-    diffs = [x - y for x, y in zip(a, b)]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
-    return {"bf16": round(sum(a) / n, 4), "float32": round(sum(b) / n, 4), "diff": round(mean, 4),
-            "se": round(se, 4), "within_2se": abs(mean) <= 2 * se, "detectable": round(2 * se, 4)}
+    from delrec.report import NOISE_SE, paired_difference
+
+    result = paired_difference(a, b)
+    return {"bf16": round(sum(a) / result.n, 4), "float32": round(sum(b) / result.n, 4),
+            "diff": round(result.difference, 4), "se": round(result.margin / NOISE_SE, 4),
+            "within_2se": result.verdict == "within noise", "detectable": round(result.margin, 4)}
 
 
 def main() -> None:

@@ -46,6 +46,9 @@ class Row:
     full: dict | None = None
     ms_per_user: float | None = None
     instances: int | None = None
+    per_user: list[float] | None = None  # students: NDCG@full_k of each user of the split, for paired verdicts
+    llm_taught: bool = False  # students: distilled from an LLM teacher (the loop's last arrow)
+    weight_search: dict | None = None  # students: the distillation weight kept on valid
 
 
 @dataclass
@@ -61,6 +64,7 @@ class Results:
     users: int | None = None  # instances of that split
     latency: dict | None = None
     verdicts: list[str] = field(default_factory=list)
+    arrows: list[str] = field(default_factory=list)  # what each arrow of the loop added, the report's first lines
 
 
 def _outputs(results: Results, stage: str) -> dict:
@@ -156,16 +160,32 @@ def collect(run: str | Path, full_k: int = 20) -> Results:
         results.rows.append(Row(label, "llm", _pick(metrics[split], CANDIDATE_KEYS), None,
                                 latency["llm"]["ms_per_user"] if timed else None, metrics["instances"]))
     timed_student = (latency.get("student") or {}).get("name")
+    teachers = _outputs(results, "teacher").get("teachers", {})
     for name, entry in _outputs(results, "students").get("runs", {}).items():
         metrics = read_json(_file(run, entry["folder"], "metrics.json"))
         results.rows.append(Row(_student_label(entry, entry["model_type"]), "student",
                                 _pick(metrics["candidates"][split], CANDIDATE_KEYS), _pick(metrics[split], full_keys),
-                                latency["student"]["ms_per_user"] if name == timed_student else None))
+                                latency["student"]["ms_per_user"] if name == timed_student else None,
+                                per_user=_per_user_ndcg(run, entry["folder"], data, split, full_k),
+                                llm_taught=any((teachers.get(t) or {}).get("mode") not in (None, "sr")
+                                               for t in entry["teachers"]),
+                                weight_search=metrics["distillation"].get("weight_search")))
     if results.candidates and data:
         results.rows.append(Row("random (chance level)", "chance", _candidate_chance(results.candidates),
                                 _full_chance(run, data, split, full_k)))
     results.verdicts = _verdicts(results)
+    results.arrows = _arrows(results)
     return results
+
+
+def _per_user_ndcg(run: Path, folder: str, data: dict, split: str, k: int) -> list[float]:
+    """A student's NDCG@k per user of `split` (full ranking, history excluded, as its metrics.json)."""
+    from delrec.data.dataset import PreparedDataset
+    from delrec.sr import load_model
+    from delrec.sr.evaluate import per_instance_full
+
+    dataset = PreparedDataset.load(run / data["dataset"])
+    return per_instance_full(load_model(run / folder, "cpu"), dataset.instances(split), k)[f"ndcg@{k}"].tolist()
 
 
 # ----------------------------------------------------------------------------- verdicts
@@ -189,6 +209,82 @@ def above_chance(rate: float, chance: float, n: int) -> tuple[bool, float]:
     return rate - chance > margin, margin
 
 
+def _alone(results: Results) -> Row | None:
+    return next((r for r in results.rows if r.kind == "student" and r.label.endswith(" alone")), None)
+
+
+def _student_gain(row: Row, alone: Row, k: int, split: str) -> str:
+    """A student against the student alone: NDCG@k, its relative gain and the paired per-user verdict."""
+    base, value = alone.full[f"ndcg@{k}"], row.full[f"ndcg@{k}"]
+    gain = (value - base) / base * 100 if base > 0 else float("nan")
+    paired = paired_difference(row.per_user, alone.per_user)
+    return (f"NDCG@{k} {value:.4f} vs {base:.4f} alone ({gain:+.1f}%); paired per-user difference "
+            f"{paired.difference:+.4f} is {'within' if paired.verdict == 'within noise' else 'beyond'} the noise of "
+            f"{paired.n} {split} users (2 standard errors {paired.margin:.4f})")
+
+
+def _arrows(results: Results) -> list[str]:
+    """Per arrow of the loop, what it added, each against two standard errors of its own sample: SR -> soft prompt
+    (stage 1's valid RPS agreement against chance), soft prompt -> LLM (the same LLM with and without it, paired on
+    the rank stage's users), LLM -> student (each LLM-taught student against the student alone, paired per user)."""
+    lines = []
+    stage1 = _outputs(results, "stage1").get("folder")
+    if stage1:
+        m = read_json(_file(results.run, stage1, "metrics.json"))
+        after, before = m.get("valid") or {}, m.get("valid_before_training") or {}
+        counts = {entry["task"]: entry["instances"] for entry in m["instances"]["valid"]}
+        if "rps_agreement" in after:
+            above, margin = above_chance(after["rps_agreement"], after["rps_chance"], counts["rps"])
+            lines.append(f"SR -> soft prompt (stage 1): the LLM reading the soft prompt agrees with the SR model's top-1 "
+                         f"on {after['rps_agreement']:.3f} of {counts['rps']} valid instances (before training "
+                         f"{before.get('rps_agreement', float('nan')):.3f}, chance {after['rps_chance']:.3f}): "
+                         + ("the pattern reached the soft prompt" if above else "NOT distinguishable from chance")
+                         + f" (2 standard errors = {margin:.3f}).")
+    runs = _outputs(results, "rank").get("runs", {})
+    with_soft, without = runs.get("stage1/hf"), runs.get("none/hf")
+    if with_soft and without:
+        a = _per_instance_ndcg5(_file(results.run, with_soft["folder"], "rankings.jsonl"))
+        b = _per_instance_ndcg5(_file(results.run, without["folder"], "rankings.jsonl"))
+        paired = paired_difference(a.tolist(), b.tolist())
+        verdict = {"better": "helped", "worse": "hurt"}.get(paired.verdict, "made no measurable difference")
+        lines.append(f"Soft prompt -> LLM (stage 2): the distilled soft prompt, against none (same LLM, same stage-2 "
+                     f"budget), {verdict}: paired NDCG@5 difference {paired.difference:+.3f}, 2 standard errors "
+                     f"{paired.margin:.3f}, {paired.n} {results.split} instances.")
+    alone = _alone(results)
+    for row in results.rows:
+        if row.kind == "student" and row.llm_taught and alone is not None:
+            search = row.weight_search
+            kept = (f"; the distillation weight kept on valid: x{search['chosen']:g} ({search['why']})"
+                    if search else "")
+            lines.append(f"LLM -> student: {row.label}: {_student_gain(row, alone, results.full_k, results.split)}"
+                         f"{kept}.")
+    return lines
+
+
+@dataclass
+class Paired:
+    """A paired difference a - b over the same instances: its mean, NOISE_SE standard errors of it (the margin, and
+    the smallest difference the sample could tell from zero) and the verdict against that margin."""
+
+    difference: float
+    margin: float
+    n: int
+
+    @property
+    def verdict(self) -> str:
+        return "better" if self.difference > self.margin else "worse" if self.difference < -self.margin \
+            else "within noise"
+
+
+def paired_difference(a, b) -> Paired:
+    """`Paired` of two equal-length sequences of per-instance values (same instances, same order)."""
+    diffs = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n if n else float("nan")
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else float("inf")
+    return Paired(mean, NOISE_SE * sd / math.sqrt(n) if n else float("inf"), n)
+
+
 def _verdicts(results: Results) -> list[str]:
     lines = []
     chance = _candidate_chance(results.candidates)["hr@1"] if results.candidates else None
@@ -199,32 +295,11 @@ def _verdicts(results: Results) -> list[str]:
         lines.append(f"{row.label}: HR@1 {row.candidates['hr@1']:.3f} vs chance {chance:.3f} over {row.instances} "
                      f"instances: {'above chance' if above else 'NOT distinguishable from chance'} "
                      f"(2 standard errors = {margin:.3f}).")
-    runs = _outputs(results, "rank").get("runs", {})
-    with_soft, without = runs.get("stage1/hf"), runs.get("none/hf")
-    if with_soft and without:
-        a = _per_instance_ndcg5(_file(results.run, with_soft["folder"], "rankings.jsonl"))
-        b = _per_instance_ndcg5(_file(results.run, without["folder"], "rankings.jsonl"))
-        diff = a - b
-        se = float(diff.std(unbiased=True)) / math.sqrt(len(diff)) if len(diff) > 1 else float("inf")
-        mean = float(diff.mean())
-        verdict = ("helped" if mean > NOISE_SE * se else "hurt" if mean < -NOISE_SE * se
-                   else "made no measurable difference")
-        lines.append(f"Distilled soft prompt vs none (same LLM, same stage-2 budget): it {verdict} (paired NDCG@5 "
-                     f"difference {mean:+.3f}, 2 standard errors {NOISE_SE * se:.3f}, {len(diff)} instances).")
     k = results.full_k
-    alone = next((r for r in results.rows if r.kind == "student" and r.label.endswith(" alone")), None)
-    users = results.users
+    alone = _alone(results)
     for row in results.rows:
-        if row.kind != "student" or row is alone or alone is None or not users:
-            continue
-        base, value = alone.full[f"ndcg@{k}"], row.full[f"ndcg@{k}"]
-        gain = (value - base) / base * 100 if base > 0 else float("nan")
-        p1, p2 = alone.full[f"hr@{k}"], row.full[f"hr@{k}"]
-        se = math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / users)
-        significant = abs(p2 - p1) > NOISE_SE * se
-        lines.append(f"{row.label}: NDCG@{k} {value:.4f} vs {base:.4f} alone ({gain:+.1f}%); HR@{k} difference "
-                     f"{p2 - p1:+.3f} is {'beyond' if significant else 'within'} the noise of {users} "
-                     f"{results.split} users (2 standard errors {NOISE_SE * se:.3f}).")
+        if row.kind == "student" and row is not alone and alone is not None:
+            lines.append(f"{row.label}: {_student_gain(row, alone, k, results.split)}.")
     ratio = (results.latency or {}).get("ratio")
     if ratio:
         lines.append(f"Latency: the student ranks the whole catalogue {ratio:,.0f}x faster per user than the LLM "
@@ -529,6 +604,10 @@ def write_report(run: str | Path, full_k: int = 20) -> list[Path]:
     config = (run / CONFIG_COPY).read_text(encoding="utf-8") if (run / CONFIG_COPY).is_file() else ""
     lines = [
         f"# delrec run report: {run.name}",
+        "",
+        "What each arrow of the loop added, each against two standard errors of its own sample:",
+        "",
+        *([f"- {line}" for line in results.arrows] or ["- (no arrow of the loop ran)"]),
         "",
         f"Config `{summary.get('config', '?')}`, run folder `{run}`, delrec {summary.get('delrec_version', '?')}, "
         f"started {str(summary.get('started', '?'))[:19].replace('T', ' ')} UTC on {platform.node() or 'this machine'} "

@@ -245,3 +245,25 @@ def test_generation_metrics():
     assert generation_metrics([None], [1]) == {"hr@1": 0.0, "valid_ratio": 0.0, "hr@1_given_valid": None}
     with pytest.raises(ValueError):
         generation_metrics([1], [1, 2])
+
+
+def test_per_instance_full_ranking_averages_to_evaluate_full(tmp_path):
+    """The per-user values paired tests are built on are the ones `evaluate_full` averages, user by user."""
+    from delrec.data.prepare import prepare_dataset
+    from delrec.data.preprocess import PreprocessConfig
+    from delrec.data.synthetic import make_synthetic
+    from delrec.sr import SASRecConfig, TrainConfig, train_sr
+    from delrec.sr.evaluate import evaluate_full, per_instance_full
+
+    dataset = prepare_dataset(make_synthetic(num_users=80, num_items=30, min_length=5, max_length=10, seed=1),
+                              PreprocessConfig(num_candidates=5), tmp_path / "data")
+    model = train_sr(dataset, SASRecConfig(hidden_size=8, num_layers=1, num_heads=1, inner_size=16, max_length=10),
+                     TrainConfig(epochs=1, progress=False), tmp_path / "m").model
+    instances = dataset.instances("test")
+    values = per_instance_full(model, instances, 10, batch_size=7)  # several length-sorted batches, reordered back
+    assert values["ndcg@10"].shape == (len(instances),)
+    expected = evaluate_full(model, instances, ks=(10,))
+    assert float(values["ndcg@10"].mean()) == pytest.approx(expected["ndcg@10"], abs=1e-12)
+    assert float(values["hr@10"].mean()) == pytest.approx(expected["hr@10"], abs=1e-12)
+    one = per_instance_full(model, instances[3:4], 10)["ndcg@10"]
+    assert float(one[0]) == pytest.approx(float(values["ndcg@10"][3]), abs=1e-12)

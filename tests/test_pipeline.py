@@ -102,6 +102,10 @@ def test_a_full_run_writes_every_stage_the_report_and_plots(finished_run):
 
     report = (run / "report.md").read_text()
     table = (run / "report" / "table.md").read_text()
+    first = report.split("\n\n")[2].splitlines()  # after the title and the sentence that introduces them
+    assert [line.split(":")[0] for line in first] == ["- SR -> soft prompt (stage 1)", "- Soft prompt -> LLM (stage 2)",
+                                                      "- LLM -> student"], first
+    assert "student SASRec + DLLM2Rec (teacher: llm)" in first[2] and "distillation weight kept on valid" in first[2]
     assert table in report
     for label in ("Popularity", "SASRec", "LLM + distilled soft prompt (DELRec)", "LLM, no soft prompt",
                   "student SASRec alone", "student SASRec + DLLM2Rec (teacher: llm)", "random (chance level)"):

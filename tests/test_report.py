@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from delrec.report import Results, Row, _verdicts, above_chance
+from delrec.report import Results, Row, _arrows, _verdicts, above_chance
 
 
 def test_above_chance_uses_two_binomial_standard_errors_at_the_chance_level():
@@ -31,20 +31,25 @@ def test_the_llm_verdict_compares_hr1_with_chance_over_its_instances(tmp_path, h
                     "(2 standard errors = 0.044).")
 
 
-def student_results(tmp_path, alone_hr: float, distilled_hr: float, users: int) -> Results:
-    rows = [Row("student SASRec alone", "student", full={"hr@10": alone_hr, "ndcg@10": 0.1}),
-            Row("student SASRec + DLLM2Rec", "student", full={"hr@10": distilled_hr, "ndcg@10": 0.12})]
-    return Results(tmp_path, 10, {}, rows=rows, users=users)
+def student_results(tmp_path, wins: int) -> Results:
+    """10 users: NDCG@10 0.5 each alone; the distilled student 1.0 on `wins` of them, 0.5 on the others."""
+    alone, distilled = [0.5] * 10, [1.0 if i < wins else 0.5 for i in range(10)]
+    rows = [Row("student SASRec alone", "student", full={"ndcg@10": 0.5}, per_user=alone),
+            Row("student SASRec + DLLM2Rec", "student", full={"ndcg@10": sum(distilled) / 10}, per_user=distilled)]
+    return Results(tmp_path, 10, {}, rows=rows, users=10)
 
 
-@pytest.mark.parametrize("distilled, noise", [(0.32, "within"), (0.33, "beyond")])
-def test_a_students_gain_counts_only_beyond_two_standard_errors_of_the_difference(tmp_path, distilled, noise):
-    # se = sqrt((p1 (1 - p1) + p2 (1 - p2)) / users): 0.32 -> 2 se = 0.1229 > 0.12; 0.33 -> 2 se = 0.1235 < 0.13
-    two_se = 2 * math.sqrt((0.2 * 0.8 + distilled * (1 - distilled)) / 100)
-    assert two_se == pytest.approx({0.32: 0.122898, 0.33: 0.123467}[distilled], abs=1e-6)
-    [line] = _verdicts(student_results(tmp_path, 0.2, distilled, 100))
-    assert line == (f"student SASRec + DLLM2Rec: NDCG@10 0.1200 vs 0.1000 alone (+20.0%); HR@10 difference "
-                    f"{distilled - 0.2:+.3f} is {noise} the noise of 100 test users (2 standard errors {two_se:.3f}).")
+@pytest.mark.parametrize("wins, noise", [(4, "beyond"), (3, "within")])
+def test_a_students_gain_counts_only_beyond_two_standard_errors_of_the_paired_difference(tmp_path, wins, noise):
+    # differences 0.5 on `wins` users, 0 elsewhere: mean 0.05 wins, sd 0.5 sqrt(10 / 9 p (1 - p)) with p = wins / 10,
+    # so 2 se = sqrt(p (1 - p) / 9): 4 wins -> 0.1633 < 0.2; 3 wins -> 0.1528 > 0.15
+    p = wins / 10
+    two_se = math.sqrt(p * (1 - p) / 9)
+    assert two_se == pytest.approx({4: 0.163299, 3: 0.152753}[wins], abs=1e-6)
+    [line] = _verdicts(student_results(tmp_path, wins))
+    assert line == (f"student SASRec + DLLM2Rec: NDCG@10 {0.5 + p / 2:.4f} vs 0.5000 alone ({p * 100:+.1f}%); paired "
+                    f"per-user difference {p / 2:+.4f} is {noise} the noise of 10 test users (2 standard errors "
+                    f"{two_se:.4f}).")
 
 
 def write_rankings(path, hits: list[bool]) -> None:
@@ -66,6 +71,38 @@ def test_the_soft_prompt_verdict_is_a_paired_test_over_the_same_instances(tmp_pa
     write_rankings(tmp_path / "with", better if sign > 0 else [False] * 10)
     write_rankings(tmp_path / "without", [False] * 10 if sign > 0 else better)
     records = {"rank": {"outputs": {"runs": {"stage1/hf": {"folder": "with"}, "none/hf": {"folder": "without"}}}}}
-    [line] = _verdicts(Results(tmp_path, 10, records))
-    assert line == (f"Distilled soft prompt vs none (same LLM, same stage-2 budget): it {verdict} (paired NDCG@5 "
-                    f"difference {sign * p:+.3f}, 2 standard errors {two_se:.3f}, 10 instances).")
+    [line] = _arrows(Results(tmp_path, 10, records))
+    assert line == (f"Soft prompt -> LLM (stage 2): the distilled soft prompt, against none (same LLM, same stage-2 "
+                    f"budget), {verdict}: paired NDCG@5 difference {sign * p:+.3f}, 2 standard errors {two_se:.3f}, "
+                    "10 test instances.")
+
+
+def test_paired_difference_is_the_mean_difference_against_two_standard_errors():
+    from delrec.report import paired_difference
+
+    small = paired_difference([1, 0, 1, 1], [0, 0, 1, 0])  # diffs 1, 0, 0, 1: sd sqrt(1/3), se sqrt(1/3) / 2
+    assert small.difference == 0.5 and small.n == 4
+    assert small.margin == pytest.approx(2 * math.sqrt(1 / 3) / 2) and small.verdict == "within noise"
+    large = paired_difference([1, 0, 1, 1] * 25, [0, 0, 1, 0] * 25)
+    assert large.margin == pytest.approx(2 * math.sqrt(25 / 99) / 10) and large.verdict == "better"
+    assert paired_difference([0, 0, 1, 0] * 25, [1, 0, 1, 1] * 25).verdict == "worse"
+    with pytest.raises(ValueError):
+        paired_difference([1, 0], [1])
+
+
+def test_the_first_arrow_is_stage1s_rps_agreement_against_chance(tmp_path):
+    """0.2 agreement over 100 valid instances, chance 0.05: 2 se = 2 sqrt(0.05 0.95 / 100) = 0.0436 < 0.15."""
+    folder = tmp_path / "stage1" / "soft-prompt"
+    folder.mkdir(parents=True)
+    metrics = {"valid": {"rps_agreement": 0.2, "rps_chance": 0.05},
+               "valid_before_training": {"rps_agreement": 0.06, "rps_chance": 0.05},
+               "instances": {"valid": [{"task": "ta", "instances": 100}, {"task": "rps", "instances": 100}]}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    records = {"stage1": {"outputs": {"folder": "stage1/soft-prompt"}}}
+    [line] = _arrows(Results(tmp_path, 10, records))
+    assert line == ("SR -> soft prompt (stage 1): the LLM reading the soft prompt agrees with the SR model's top-1 on "
+                    "0.200 of 100 valid instances (before training 0.060, chance 0.050): the pattern reached the soft "
+                    "prompt (2 standard errors = 0.044).")
+    metrics["valid"]["rps_agreement"] = 0.09
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    assert "NOT distinguishable from chance" in _arrows(Results(tmp_path, 10, records))[0]

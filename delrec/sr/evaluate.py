@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
 from delrec.io import atomic_write, safetensors_bytes, write_json
-from delrec.metrics import CANDIDATE_KEYS, DEFAULT_KS, RankingMetrics, exclude_history_, history_mask
+from delrec.metrics import (CANDIDATE_KEYS, DEFAULT_KS, RankingMetrics, exclude_history_, history_mask, instance_metrics,
+                            target_rank_counts)
 from delrec.predictions import (PREDICTIONS_KIND, PREDICTIONS_VERSION, USER_STATES_FORMAT, meta_path, prefix_length,
                                 user_states_path)
 from delrec.sr.base import SequentialRecommender, pad_histories
@@ -137,6 +138,24 @@ def evaluate_full(
     for rows, scores, mask in iter_full_scores(model, histories, batch_size, exclude_history):
         metrics.update(scores, targets[rows].to(scores.device), mask)
     return metrics.compute()
+
+
+def per_instance_full(
+    model: SequentialRecommender,
+    instances,
+    k: int,
+    batch_size: int = EVAL_BATCH_SIZE,
+    exclude_history: bool = True,
+) -> dict[str, torch.Tensor]:
+    """HR@k and NDCG@k of each instance (float64 [n], in `instances`' order), ranking all N items: the values
+    `evaluate_full` averages, kept per instance for paired standard errors between two models on the same users."""
+    histories = [inst.history for inst in instances]
+    targets = torch.tensor([inst.target for inst in instances], dtype=torch.long)
+    greater, ties = torch.zeros(len(instances), dtype=torch.long), torch.zeros(len(instances), dtype=torch.long)
+    for rows, scores, mask in iter_full_scores(model, histories, batch_size, exclude_history):
+        counts = target_rank_counts(scores, targets[rows].to(scores.device), mask)
+        greater[rows], ties[rows] = counts[0].cpu(), counts[1].cpu()
+    return instance_metrics(greater, ties, ks=(k,), metrics=("hr", "ndcg"))
 
 
 def evaluate_candidates(
