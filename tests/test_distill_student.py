@@ -277,3 +277,8 @@ def test_a_harmful_teacher_is_left_out_by_the_weight_search(setup, tmp_path):
     alone = json.loads((tmp_path / "out" / "weight_search" / "scale-0" / "metrics.json").read_text())
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["test"] == alone["test"]
     assert search["why"] == "the student alone had the best valid ndcg@10"
+    logs = {f: f.read_text() for f in sorted((tmp_path / "out" / "weight_search").glob("*/log.jsonl"))}
+    again = train_student(dataset, SMALL, TrainConfig(epochs=2, lr=0.01, batch_size=32, progress=False), [noise],
+                          "dllm2rec", DLLM2RecConfig(lambda_d=5.0), tmp_path / "out")  # resumes: nothing retrains
+    assert again.metrics["distillation"]["weight_search"] == search and again.metrics["test"] == alone["test"]
+    assert {f: f.read_text() for f in logs} == logs
