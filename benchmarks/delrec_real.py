@@ -58,7 +58,7 @@ from pathlib import Path
 from distill import log, machine, rel  # benchmarks/ is on sys.path when a benchmark runs as a script
 from results_section import write_section
 from delrec.metrics import instance_metrics, metrics_from_ranked_lists
-from delrec.report import above_chance, paired_difference
+from delrec.metrics import above_chance, paired_difference
 
 ROOT = Path(__file__).resolve().parents[1]
 LASTFM = ROOT.parent / "shared" / "data" / "lastfm"

@@ -27,7 +27,7 @@ the first 1,000 test users, on this machine, with `--threads` torch threads:
   1,000 (`sr.evaluate.top_k`), best of 3 timed runs after a warm-up;
 - LLM teacher: the tiny local LLM (`delrec llm build-tiny`, random weights, hidden 128, 2 layers;
   built once into benchmarks/out/distill/<dataset>/tiny-llm) with the HF backend and BIGRec
-  grounding as the teacher export runs it (`delrec.distill.export`): greedy generation from the
+  grounding as the teacher export runs it (`delrec.distill.teacher_export`): greedy generation from the
   `teacher` prompt, the generated text's last-layer last-token hidden state, L2 distance to every
   item title's embedding, top-20. The title embeddings are computed once beforehand (timed apart:
   a server would precompute them). A random model never emits EOS, so every generation runs the
@@ -130,7 +130,7 @@ def train_config(args, epochs: int, batch: int, loss: str):
 
 
 def run_dataset(name: str, args) -> dict:
-    from delrec.distill.export import TeacherExportConfig, export_teacher
+    from delrec.distill.teacher_export import TeacherExportConfig, export_teacher
     from delrec.distill.student import train_student
     from delrec.sr import SASRecConfig, train_sr
 
@@ -202,8 +202,8 @@ def student_latency(student_dir: Path, instances, repeats: int = 3) -> dict:
 
 def llm_latency(dataset, instances, work: Path, args) -> dict:
     from delrec.cli import main as delrec
-    from delrec.distill.export import GROUNDING_TASK, TeacherExportConfig
-    from delrec.ranking.teacher import embed_texts, ground
+    from delrec.distill.teacher_export import GROUNDING_TASK, TeacherExportConfig
+    from delrec.ranking.teacher_signals import embed_texts, ground
     from delrec.ranking.base import backend_module
     from delrec.ranking.models import describe_model, ranking_template
 

@@ -14,7 +14,7 @@ Per dataset (`--datasets`), the data and the SR teacher and student settings of
 benchmarks/distill.py (teacher SASRec 64x2 CE; student SASRec 32x1, BCE with one negative, the
 same seed, epochs and batches in every variant; best epoch on VALID NDCG@10, test scored once):
 
-1. LLM teachers, with `delrec.distill.export.export_teacher`:
+1. LLM teachers, with `delrec.distill.teacher_export.export_teacher`:
    - `llm-emb`: `--mode embeddings`, every item title embedded (last layer, last token); and
      `llm-emb-mean` the same from the middle layer, mean-pooled (the alternative to BIGRec's choice);
    - `llm-rank`: `--mode rerank` over a seeded subset of `--rerank-instances` training instances:
@@ -94,7 +94,7 @@ def hf_options(args):
 
 
 def export(args, llm: Path, dataset, out: Path, **settings) -> tuple[Path, dict]:
-    from delrec.distill.export import TeacherExportConfig, export_teacher
+    from delrec.distill.teacher_export import TeacherExportConfig, export_teacher
 
     began = time.perf_counter()
     shutil.rmtree(out, ignore_errors=True)
@@ -125,7 +125,7 @@ def per_user_ndcg(model_dir: Path, dataset, k: int = 20) -> list[float]:
 
 
 def paired_gain(values: list[float], base: list[float]) -> dict:
-    from delrec.report import paired_difference
+    from delrec.metrics import paired_difference
 
     paired = paired_difference(values, base)
     return {"mean_diff": round(paired.difference, 6), "two_se": round(paired.margin, 6), "verdict": paired.verdict}
@@ -167,7 +167,7 @@ def train_variant(name: str, dataset, args, variant: str, teacher_folders: list[
 
 
 def run_dataset(name: str, args, llm: Path) -> dict:
-    from delrec.distill.export import TeacherExportConfig, export_teacher
+    from delrec.distill.teacher_export import TeacherExportConfig, export_teacher
 
     dataset, how = ensure_data(name)
     work = WORK / name
@@ -262,8 +262,8 @@ def _timed(run) -> float:
 def llm_latency(args, llm: Path, dataset, instances, work: Path) -> dict:
     import torch
 
-    from delrec.distill.export import GROUNDING_TASK, TeacherExportConfig, rerank_candidates
-    from delrec.ranking.teacher import embed_texts, ground, rerank
+    from delrec.distill.teacher_export import GROUNDING_TASK, TeacherExportConfig, rerank_candidates
+    from delrec.ranking.teacher_signals import embed_texts, ground, rerank
     from delrec.llm.tokenization import encode_completion, encode_prompt
     from delrec.ranking.base import backend_module
     from delrec.ranking.models import describe_model, ranking_template

@@ -5,7 +5,7 @@
 
 Decoder LLMs often give better text embeddings when the text sits in a prompt that asks for a summary
 (PromptEOL: `This sentence : "X" means in one word:"`). For each wrapper in WRAPPERS, every title of the
-catalogue is wrapped and embedded with `delrec.ranking.teacher.embed_texts` at two read-outs: the last layer at
+catalogue is wrapped and embedded with `delrec.ranking.teacher_signals.embed_texts` at two read-outs: the last layer at
 the last token (`delrec teacher export`'s default, BIGRec's) and the middle layer averaged over the tokens. Each
 table is then judged by `delrec.distill.embedding.item_knn_hit_rate` (the 20 items nearest to the last history
 item, history excluded), on a seeded `--users` training instances (far less noise than a small valid split) and
@@ -45,7 +45,7 @@ def readouts(num_layers: int) -> dict[str, tuple[int, str]]:
 
 def run_dataset(name: str, args, model, tokenizer) -> dict:
     from delrec.distill.embedding import item_knn_hit_rate
-    from delrec.ranking.teacher import embed_texts
+    from delrec.ranking.teacher_signals import embed_texts
 
     dataset, _ = ensure_data(name)
     splits = {"train": dataset.instances("train"), "valid": dataset.instances("valid")}

@@ -33,7 +33,7 @@ PRECISIONS = {"no": "float32", "bf16": "auto"}  # mixed_precision -> dtype (auto
 def train(model: str, data: Path, out: Path, precision: str, steps: int, batch: int) -> float:
     from delrec.llm.loading import LoraSettings, ModelConfig
     from delrec.llm.stage2 import FinetuneArguments, finetune
-    from delrec.llm.training import TrainingSettings
+    from delrec.llm.trainer import TrainingSettings
 
     started = time.perf_counter()
     args = FinetuneArguments(data=str(data), out=str(out), soft_prompt="none", template="plain", domain="artist",
@@ -78,7 +78,7 @@ def user_metrics(row: dict) -> dict:
 
 
 def paired(a: list[float], b: list[float]) -> dict:
-    from delrec.report import NOISE_SE, paired_difference
+    from delrec.metrics import NOISE_SE, paired_difference
 
     result = paired_difference(a, b)
     return {"bf16": round(sum(a) / result.n, 4), "float32": round(sum(b) / result.n, 4),

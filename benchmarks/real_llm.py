@@ -157,7 +157,7 @@ def variant_settings(variant: str, device: str) -> dict:
         return {"train_dtype": "float32", "score_dtype": "float32", "attention": None, "autocast": False,
                 "lora_dropout": 0.05}  # the Gemma configs' LoRA dropout at the baseline
     from delrec.llm.loading import ModelConfig
-    from delrec.llm.training import TrainingSettings, training_model_config, training_precision
+    from delrec.llm.trainer import TrainingSettings, training_model_config, training_precision
 
     precision = training_precision(TrainingSettings(), device)
     config = training_model_config(ModelConfig("model", dtype="auto", device=device), precision)
@@ -245,7 +245,7 @@ def time_training(model, tokenizer, dataset, args, settings: dict) -> dict:
     from delrec.llm.listwise import ListwiseCollator, listwise_loss
     from delrec.llm.loading import LoraSettings, apply_lora
     from delrec.llm.soft_prompt import SoftPrompt
-    from delrec.llm.training import AnswerCollator, answer_log_probs
+    from delrec.llm.trainer import AnswerCollator, answer_log_probs
 
     stage, objective = args.path.split("-")
     soft = SoftPrompt("sasrec", SOFT_TOKENS).add_to(model, tokenizer)
@@ -264,7 +264,7 @@ def time_training(model, tokenizer, dataset, args, settings: dict) -> dict:
         model = apply_lora(model, LoraSettings(r=8, alpha=16, dropout=settings["lora_dropout"]))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
     if args.variant == "new":  # the stages' decision: compiled decoder layers where `torch_compile: auto` says so
-        from delrec.llm.training import TrainingSettings, compile_layers, compiles_layers
+        from delrec.llm.trainer import TrainingSettings, compile_layers, compiles_layers
 
         settings["compiled"] = compiles_layers(TrainingSettings(), model)
         if settings["compiled"]:

@@ -37,7 +37,9 @@ This module depends on torch, numpy and the standard library only, so any part o
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -260,3 +262,39 @@ def generation_metrics(matched: Sequence[int | None], targets: Sequence[int]) ->
     correct = sum(m is not None and m == t for m, t in zip(matched, targets))
     return {"hr@1": correct / len(targets), "valid_ratio": valid / len(targets),
             "hr@1_given_valid": correct / valid if valid else None}
+
+
+# --- significance: is a difference beyond the noise of its sample? ------------------------------------
+
+NOISE_SE = 2.0  # a difference counts when it exceeds this many standard errors (about 95%)
+
+
+def above_chance(rate: float, chance: float, n: int) -> tuple[bool, float]:
+    """Whether a hit rate over n instances exceeds its chance level by more than the noise, and that margin
+    (NOISE_SE binomial standard errors at the chance level)."""
+    margin = NOISE_SE * math.sqrt(chance * (1 - chance) / n)
+    return rate - chance > margin, margin
+
+
+@dataclass
+class Paired:
+    """A paired difference a - b over the same instances: its mean, NOISE_SE standard errors of it (the margin, and
+    the smallest difference the sample could tell from zero) and the verdict against that margin."""
+
+    difference: float
+    margin: float
+    n: int
+
+    @property
+    def verdict(self) -> str:
+        return "better" if self.difference > self.margin else "worse" if self.difference < -self.margin \
+            else "within noise"
+
+
+def paired_difference(a, b) -> Paired:
+    """`Paired` of two equal-length sequences of per-instance values (same instances, same order)."""
+    diffs = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n if n else float("nan")
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else float("inf")
+    return Paired(mean, NOISE_SE * sd / math.sqrt(n) if n else float("inf"), n)

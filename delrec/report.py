@@ -18,13 +18,12 @@ instances, so a tiny model at chance level is reported as such.
 
 from __future__ import annotations
 
-import math
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from delrec.io import atomic_write, read_json, read_jsonl
-from delrec.metrics import CANDIDATE_KEYS
+from delrec.metrics import CANDIDATE_KEYS, above_chance, paired_difference
 from delrec.pipeline.layout import CONFIG_COPY, REPORT_FILE, RUN_FILE, STAGE_FILE, STAGES, TRAINER_LOG
 from delrec.predictions import display_name
 
@@ -33,7 +32,6 @@ TABLE_FILE = "table.md"
 METHOD_NAMES = {"dllm2rec": "DLLM2Rec", "rd": "RD", "rrd": "RRD"}
 VARIANT_NAMES = {"stage1": "LLM + distilled soft prompt (DELRec)", "none": "LLM, no soft prompt (plain prompt)",
                  "random": "LLM + random soft prompt"}
-NOISE_SE = 2.0  # a difference counts when it exceeds this many standard errors (about 95%)
 
 
 @dataclass
@@ -202,13 +200,6 @@ def _per_instance_ndcg5(path: Path):
     return instance_metrics(greater, [0] * len(greater), ks=(5,), metrics=("ndcg",))["ndcg@5"]
 
 
-def above_chance(rate: float, chance: float, n: int) -> tuple[bool, float]:
-    """Whether a hit rate over n instances exceeds its chance level by more than the noise, and that margin
-    (NOISE_SE binomial standard errors at the chance level)."""
-    margin = NOISE_SE * math.sqrt(chance * (1 - chance) / n)
-    return rate - chance > margin, margin
-
-
 def _alone(results: Results) -> Row | None:
     return next((r for r in results.rows if r.kind == "student" and r.label.endswith(" alone")), None)
 
@@ -259,30 +250,6 @@ def _arrows(results: Results) -> list[str]:
             lines.append(f"LLM -> student: {row.label}: {_student_gain(row, alone, results.full_k, results.split)}"
                          f"{kept}.")
     return lines
-
-
-@dataclass
-class Paired:
-    """A paired difference a - b over the same instances: its mean, NOISE_SE standard errors of it (the margin, and
-    the smallest difference the sample could tell from zero) and the verdict against that margin."""
-
-    difference: float
-    margin: float
-    n: int
-
-    @property
-    def verdict(self) -> str:
-        return "better" if self.difference > self.margin else "worse" if self.difference < -self.margin \
-            else "within noise"
-
-
-def paired_difference(a, b) -> Paired:
-    """`Paired` of two equal-length sequences of per-instance values (same instances, same order)."""
-    diffs = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
-    n = len(diffs)
-    mean = sum(diffs) / n if n else float("nan")
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else float("inf")
-    return Paired(mean, NOISE_SE * sd / math.sqrt(n) if n else float("inf"), n)
 
 
 def _verdicts(results: Results) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from delrec.distill.export import TeacherExportConfig, export_teacher
+from delrec.distill.teacher_export import TeacherExportConfig, export_teacher
 from delrec.sr import SASRecConfig, TrainConfig, train_sr
 from llm_fixtures import tiny_llm_data_path
 

@@ -23,7 +23,7 @@ from delrec.data.preprocess import PreprocessConfig
 from delrec.data.synthetic import make_synthetic
 from delrec.llm.gguf_import import INSTALL_HINT, PACKAGED_MODELS
 from delrec.llm.loading import LoraSettings, ModelConfig
-from delrec.llm.training import TrainingSettings
+from delrec.llm.trainer import TrainingSettings
 
 NAME = "gemma-3-270m"
 SOFT_TOKENS = 4

@@ -2,7 +2,7 @@
 
 A stage-2 folder is written the way `delrec llm finetune` writes one (delrec.llm.stage2): the
 base's tokenizer with the soft-prompt tokens, `soft_prompt.safetensors`, a PEFT LoRA adapter
-saved with `save_embedding_layers=False`, and a delrec.json (`delrec.llm.folder.write_info`).
+saved with `save_embedding_layers=False`, and a delrec.json (`delrec.llm.stage_folder.write_info`).
 Training is replaced by random perturbations of the soft rows and of LoRA's B matrices (zero at
 initialisation), so the adapter and the soft prompt both change the logits, in a second.
 Built once per session; tests must not modify them.
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from delrec.data.dataset import PreparedDataset
-from delrec.llm.export import export_model
-from delrec.llm.folder import model_fingerprint, write_info
+from delrec.llm.merge import export_model
+from delrec.llm.stage_folder import model_fingerprint, write_info
 from delrec.llm.loading import LoraSettings, apply_lora
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.prompts import get_template

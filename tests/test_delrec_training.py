@@ -17,14 +17,14 @@ from safetensors import safe_open
 from delrec.cli import main
 from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
-from delrec.llm.folder import load_delrec_model
+from delrec.llm.stage_folder import load_delrec_model
 from delrec.llm.listwise import listwise_loss
 from delrec.llm.loading import LoraSettings, ModelConfig
 from delrec.llm.scoring import score_candidates
 from delrec.llm.soft_prompt import SOFT_PROMPT_FILE
 from delrec.llm.stage1 import DistillArguments, distill_pattern, dynamic_task_weights
 from delrec.llm.stage2 import FinetuneArguments, finetune
-from delrec.llm.training import TrainingSettings, answer_log_probs
+from delrec.llm.trainer import TrainingSettings, answer_log_probs
 from delrec.sr import PopConfig, TrainConfig, load_model, train_sr, write_predictions
 from llm_fixtures import load_tiny, tiny_llama, tiny_llm_data, tiny_qwen2  # noqa: F401 (fixtures)
 
@@ -343,7 +343,7 @@ def test_stage2_on_synthetic_data_beats_chance_on_valid(objective, tmp_path):
 def test_the_training_loss_is_the_read_out_log_likelihood_whatever_the_padding(tiny_llama, tiny_llm_data):
     """answer_log_probs on a left-padded batch = each answer's score_candidates log-likelihood, alone."""
     from delrec.llm.instances import InstanceOptions, build_instances
-    from delrec.llm.training import AnswerCollator
+    from delrec.llm.trainer import AnswerCollator
     from delrec.prompts import get_template
 
     model, tokenizer = load_tiny(tiny_llama)

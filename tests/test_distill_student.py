@@ -14,7 +14,7 @@ from delrec.distill.dllm2rec import DLLM2RecConfig
 from delrec.distill.rd import RDConfig
 from delrec.distill.rrd import RRDConfig
 from delrec.distill.student import train_student
-from delrec.distill.teacher import write_teacher
+from delrec.distill.teacher_folder import write_teacher
 from delrec.sr import ItemEmbedding, SASRecConfig, TrainConfig, evaluate_model, load_model, pad_histories, predict, train_sr
 
 SMALL = SASRecConfig(hidden_size=16, num_layers=1, num_heads=1, inner_size=32, dropout=0.1, max_length=16)
@@ -174,7 +174,7 @@ def test_example_configs_run(setup, name):
 def test_a_subset_teacher_distils_its_instances_and_leaves_the_others_to_the_students_own_loss(setup):
     """The term on a batch = the method's mean over the covered instances x their share of the batch."""
     from delrec.distill.student import METHODS, DistillationLoss
-    from delrec.distill.teacher import load_teacher
+    from delrec.distill.teacher_folder import load_teacher
     from delrec.sr import build_model
     from delrec.sr.trainer import TrainBatch
 
@@ -205,7 +205,7 @@ def test_a_subset_teacher_distils_its_instances_and_leaves_the_others_to_the_stu
 
 
 def test_an_embeddings_only_teacher_serves_embedding_distillation_alone(setup, capsys):
-    from delrec.distill.teacher import load_teacher
+    from delrec.distill.teacher_folder import load_teacher
 
     dataset = setup["dataset"]
     embeddings = load_teacher(setup["teacher"], dataset).embeddings

@@ -16,7 +16,7 @@ from delrec.data.preprocess import PreprocessConfig
 from delrec.data.synthetic import make_synthetic
 from delrec.distill import TeacherExportConfig, export_teacher, load_teacher, write_teacher
 from delrec.distill.embedding import item_knn_hit_rate, standardized
-from delrec.ranking.teacher import embed_texts
+from delrec.ranking.teacher_signals import embed_texts
 from delrec.errors import DelrecError
 from delrec.io import read_json, write_json
 from delrec.llm.scoring import score_candidates

@@ -13,7 +13,7 @@ import torch
 from delrec.cli import main
 from delrec.data.dataset import PreparedDataset
 from delrec.io import read_json
-from delrec.llm.folder import load_delrec_model
+from delrec.llm.stage_folder import load_delrec_model
 from delrec.llm.scoring import score_candidates
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.prompts import get_template

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from delrec.cli import main
 from delrec.io import read_json, read_jsonl
-from delrec.llm.folder import load_delrec_model
+from delrec.llm.stage_folder import load_delrec_model
 from delrec.llm.gguf_import import IMPORT_FILE, PACKAGED_MODELS
 from delrec.llm.loading import load_model, resolve_source
 from delrec.llm.soft_prompt import SOFT_PROMPT_FILE, SoftPrompt

@@ -18,13 +18,13 @@ from delrec.cli import main
 from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
 from delrec.llm import hybrid
-from delrec.llm.folder import load_delrec_model
+from delrec.llm.stage_folder import load_delrec_model
 from delrec.llm.instances import InstanceOptions, build_instances
 from delrec.llm.loading import LoraSettings, ModelConfig, embeddings_tied
 from delrec.llm.scoring import score_candidates
 from delrec.llm.soft_prompt import SOFT_PROMPT_FILE
 from delrec.llm.stage2 import FinetuneArguments, finetune
-from delrec.llm.training import TrainingSettings
+from delrec.llm.trainer import TrainingSettings
 from delrec.prompts import get_template
 from delrec.ranking.models import ModelSpec, describe_model
 from delrec.ranking.requests import build_requests
@@ -339,7 +339,7 @@ def test_a_hybrid_stage2_folder_reranks_as_a_teacher_with_its_item_tokens(traine
     import dataclasses
 
     from delrec.distill import load_teacher
-    from delrec.distill.export import TeacherExportConfig, export_teacher, rerank_candidates, sampled_instances
+    from delrec.distill.teacher_export import TeacherExportConfig, export_teacher, rerank_candidates, sampled_instances
     from delrec.ranking.requests import requests_for
 
     out, sr_folder, result = trained

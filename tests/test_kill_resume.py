@@ -23,7 +23,7 @@ from delrec.cli import main
 from delrec.data.prepare import prepare_dataset
 from delrec.data.preprocess import PreprocessConfig
 from delrec.data.synthetic import make_synthetic
-from delrec.llm.training import last_complete_checkpoint
+from delrec.llm.trainer import last_complete_checkpoint
 from llm_fixtures import tiny_llama, tiny_llm_data  # noqa: F401 (fixtures)
 
 SCRIPT = Path(sys.executable).with_name("delrec")

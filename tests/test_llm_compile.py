@@ -1,13 +1,13 @@
-"""Compiled decoder layers (`torch_compile`, delrec.llm.training.compile_layers): the same losses and gradients as
+"""Compiled decoder layers (`torch_compile`, delrec.llm.trainer.compile_layers): the same losses and gradients as
 eager execution, the same saved weights, and auto compiling only where it pays (a large model on CPU)."""
 
 import pytest
 import torch
 
 from delrec.errors import DelrecError
-from delrec.llm import training
+from delrec.llm import trainer
 from delrec.llm.loading import LoraSettings, ModelConfig, apply_lora, load_model
-from delrec.llm.training import TrainingSettings, compile_layers, compiles_layers
+from delrec.llm.trainer import TrainingSettings, compile_layers, compiles_layers
 from llm_fixtures import tiny_llama  # noqa: F401 (fixture)
 
 
@@ -54,11 +54,11 @@ def test_auto_compiles_large_models_on_cpu_where_a_compiler_is_installed(tiny_ll
     auto = TrainingSettings()
     assert not compiles_layers(auto, model)  # a tiny model: compilation would never pay back
     assert compiles_layers(TrainingSettings(torch_compile="yes"), model)
-    monkeypatch.setattr(training, "COMPILE_MIN_PARAMETERS", 0)
-    monkeypatch.setattr(training.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(trainer, "COMPILE_MIN_PARAMETERS", 0)
+    monkeypatch.setattr(trainer.shutil, "which", lambda name: f"/usr/bin/{name}")
     assert compiles_layers(auto, model)
     assert not compiles_layers(TrainingSettings(torch_compile="no"), model)
-    monkeypatch.setattr(training.shutil, "which", lambda name: None)
+    monkeypatch.setattr(trainer.shutil, "which", lambda name: None)
     assert not compiles_layers(auto, model)  # inductor's CPU backend needs a C++ compiler
 
 

@@ -412,7 +412,7 @@ def test_a_checkpoint_written_before_an_option_existed_resumes_while_the_option_
     """Adding `listwise_negatives` to stage 2 changed every run's identity hash, so the checkpoints of runs started
     before it (hours of games LoRA) could not be resumed; options are compared by name, a missing one as unset."""
     from delrec.errors import DelrecError
-    from delrec.llm.training import RUN_IDENTITY_FILE, _check_identity, run_identity
+    from delrec.llm.trainer import RUN_IDENTITY_FILE, _check_identity, run_identity
 
     before = {"seed": 0, "objective": "listwise", "out": "a"}
     checkpoint = tmp_path / "checkpoint-96"

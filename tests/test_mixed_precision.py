@@ -13,7 +13,7 @@ from delrec.errors import DelrecError
 from delrec.llm.loading import LoraSettings, ModelConfig
 from delrec.llm.stage1 import distill_pattern
 from delrec.llm.stage2 import FinetuneArguments, finetune
-from delrec.llm.training import TrainingSettings, training_model_config, training_precision
+from delrec.llm.trainer import TrainingSettings, training_model_config, training_precision
 from llm_fixtures import tiny_llama, tiny_llm_data  # noqa: F401 (fixtures)
 from test_delrec_training import FAST, predictions, stage1_args  # noqa: F401 (fixtures)
 

@@ -149,7 +149,7 @@ def command_variants():
     """(command words, config dataclasses) of every command, one variant per model, method and backend."""
     from delrec.cli import data, llm, prompts, rank, serve, sr, student, teacher
     from delrec.data.preprocess import PreprocessConfig
-    from delrec.distill.export import TeacherExportConfig
+    from delrec.distill.teacher_export import TeacherExportConfig
     from delrec.distill.student import METHODS
     from delrec.ranking.base import BACKENDS, ReadoutConfig, backend_module
     from delrec.ranking.runner import RankArguments

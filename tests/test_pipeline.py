@@ -273,10 +273,10 @@ def test_the_builtin_demo_config_plans_every_stage(tmp_path, capsys):
 
 def test_the_builtin_demo_config_validates_into_the_options_its_yaml_sets():
     from delrec.data.preprocess import PreprocessConfig
-    from delrec.distill.export import TeacherExportConfig
+    from delrec.distill.teacher_export import TeacherExportConfig
     from delrec.distill.student import StudentConfig
     from delrec.llm.loading import LoraSettings
-    from delrec.llm.training import TrainingSettings
+    from delrec.llm.trainer import TrainingSettings
     from delrec.sr.trainer import TrainConfig
 
     with resources.as_file(builtin_demo_config()) as path:

@@ -89,7 +89,7 @@ def test_readouts_write_valid_rankings_and_their_metrics(readout, tiny_llama, ti
 
 
 def test_score_readout_equals_the_scoring_module(stage2_llama, tiny_llm_data, tmp_path):
-    from delrec.llm.folder import load_delrec_model
+    from delrec.llm.stage_folder import load_delrec_model
 
     metrics = run_rank(stage2_llama, tiny_llm_data, tmp_path, length_normalized=True)
     rows = rows_of(tmp_path)
@@ -261,7 +261,7 @@ def test_history_is_truncated_from_the_oldest_side_exactly_as_training_does(tiny
 
 
 def test_a_seeded_sample_ranks_the_same_users_as_a_teacher_export(tiny_llama, tiny_llm_data, tmp_path):
-    from delrec.distill.export import sampled_instances
+    from delrec.distill.teacher_export import sampled_instances
 
     instances = PreparedDataset.load(tiny_llm_data).instances("test")
     run_rank(tiny_llama, tiny_llm_data, tmp_path / "a", max_instances=4, sample_seed=7)

@@ -78,7 +78,7 @@ def test_the_soft_prompt_verdict_is_a_paired_test_over_the_same_instances(tmp_pa
 
 
 def test_paired_difference_is_the_mean_difference_against_two_standard_errors():
-    from delrec.report import paired_difference
+    from delrec.metrics import paired_difference
 
     small = paired_difference([1, 0, 1, 1], [0, 0, 1, 0])  # diffs 1, 0, 0, 1: sd sqrt(1/3), se sqrt(1/3) / 2
     assert small.difference == 0.5 and small.n == 4

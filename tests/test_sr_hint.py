@@ -13,7 +13,7 @@ from delrec.sr import load_model
 from delrec.sr.evaluate import write_predictions
 from delrec.llm.loading import LoraSettings, ModelConfig
 from delrec.llm.stage2 import FinetuneArguments, finetune
-from delrec.llm.training import TrainingSettings
+from delrec.llm.trainer import TrainingSettings
 from delrec.ranking.hf import Options
 from delrec.ranking.base import ReadoutConfig
 from delrec.ranking.runner import RankArguments, rank
@@ -80,7 +80,7 @@ def rank_hinted(model, data, out, **options):
 
 def test_a_hinted_model_records_its_sr_model_and_ranks_with_the_same_ones_hints(hinted, states_files, tiny_llm_data,
                                                                                 tmp_path):
-    from delrec.llm.folder import read_info
+    from delrec.llm.stage_folder import read_info
 
     recorded = read_info(hinted)["sr_hint"]
     dataset = PreparedDataset.load(tiny_llm_data)

@@ -11,16 +11,16 @@ import torch
 
 from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
-from delrec.llm.export import export_model
+from delrec.llm.merge import export_model
 from delrec.llm.files import USER_PROMPT_FILE
-from delrec.llm.folder import load_delrec_model
+from delrec.llm.stage_folder import load_delrec_model
 from delrec.llm.listwise import listwise_loss
 from delrec.llm.scoring import score_candidates
 from delrec.llm.loading import LoraSettings
 from delrec.llm.stage1 import distill_pattern
 from delrec.llm.stage2 import FinetuneArguments, finetune
 from delrec.llm.tokenization import encode_completion, encode_prompt
-from delrec.llm.training import TrainingSettings
+from delrec.llm.trainer import TrainingSettings
 from delrec.llm.user_prompt import PROJECTOR, UserPrompt, reading_states, read_file
 from delrec.predictions import read_user_states
 from delrec.ranking.base import ReadoutConfig
@@ -250,7 +250,7 @@ def test_co_training_needs_a_per_user_prompt(tiny_llm_data, tiny_llama, tmp_path
 @pytest.mark.parametrize("case", ["rerank", "no predictions", "grounding"])
 def test_the_teacher_export_reranks_with_each_users_state(case, user_stage2, sr_model, tiny_llm_data, states_files,
                                                            tmp_path):
-    from delrec.distill.export import TeacherExportConfig, export_teacher
+    from delrec.distill.teacher_export import TeacherExportConfig, export_teacher
 
     _, out, _ = user_stage2
     config = TeacherExportConfig(model=str(out), data=str(tiny_llm_data), out=str(tmp_path / "teacher"),

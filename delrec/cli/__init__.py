@@ -40,7 +40,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("prompts", "lint"): ("delrec.cli.prompts", "lint", "check every template parses, declares and fits"),
     ("prompts", "copy"): ("delrec.cli.prompts", "copy", "copy the shipped templates into a folder of yours to edit"),
     ("rank",): ("delrec.cli.rank", "rank", "rank a split's fixed candidates with an LLM (score, constrained, generate)"),
-    ("export",): ("delrec.cli.rank", "export", "merge a DELRec stage-2 folder into a plain Hugging Face model folder"),
+    ("export",): ("delrec.cli.export", "export", "merge a DELRec stage-2 folder into a plain Hugging Face model folder"),
     ("teacher", "export"): ("delrec.cli.teacher", "export",
                             "write a teacher folder (top-K rankings + item embeddings) from an LLM or SR model"),
     ("student", "train"): ("delrec.cli.student", "train",

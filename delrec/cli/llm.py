@@ -53,7 +53,7 @@ def build_tiny(argv, prog: str, description: str) -> int:
 def distill_classes() -> list[type]:
     from delrec.llm.loading import ModelConfig
     from delrec.llm.stage1 import DistillArguments
-    from delrec.llm.training import TrainingSettings
+    from delrec.llm.trainer import TrainingSettings
 
     return [DistillArguments, ModelConfig, TrainingSettings]
 
@@ -61,7 +61,7 @@ def distill_classes() -> list[type]:
 def finetune_classes() -> list[type]:
     from delrec.llm.loading import LoraSettings, ModelConfig
     from delrec.llm.stage2 import FinetuneArguments
-    from delrec.llm.training import TrainingSettings
+    from delrec.llm.trainer import TrainingSettings
 
     return [FinetuneArguments, ModelConfig, LoraSettings, TrainingSettings]
 
@@ -91,14 +91,14 @@ def finetune(argv, prog: str, description: str) -> int:
 
 
 def end_processes() -> None:
-    from delrec.llm.training import end_processes as leave
+    from delrec.llm.trainer import end_processes as leave
 
     leave()
 
 
 def _print(summary: dict) -> None:
     """The run's headline (metrics and timings; per-split instance counts stay in metrics.json)."""
-    from delrec.llm.training import main_process
+    from delrec.llm.trainer import main_process
 
     if main_process():
         print(json.dumps({k: v for k, v in summary.items() if k != "instances"}, indent=2))

@@ -1,6 +1,6 @@
 """`delrec teacher export`: a model folder + a prepared dataset -> a teacher folder.
 
-Options come from `delrec.distill.export.TeacherExportConfig` + the chosen LLM backend's
+Options come from `delrec.distill.teacher_export.TeacherExportConfig` + the chosen LLM backend's
 `Options` (device, dtype, batch size; `--backend` is read first, as `delrec rank` does), so
 every option is a flag and a YAML key. An SR model runs on the same `--device`.
 """
@@ -16,15 +16,15 @@ from delrec.llm.loading import progress_bars
 def export_classes(argv) -> list[type]:
     """The config dataclasses of `delrec teacher export ARGV`: the backend's options depend on `--backend`."""
     from delrec.cli.rank import DEFAULT_BACKEND
-    from delrec.distill.export import TeacherExportConfig
+    from delrec.distill.teacher_export import TeacherExportConfig
     from delrec.ranking.base import backend_module
 
     return [TeacherExportConfig, backend_module(preparsed_option(argv, "backend", DEFAULT_BACKEND)).Options]
 
 
 def export(argv, prog: str, description: str) -> int:
-    from delrec.distill.export import export_teacher
-    from delrec.distill.teacher import INFO_FILE
+    from delrec.distill.teacher_export import export_teacher
+    from delrec.distill.teacher_folder import INFO_FILE
     from delrec.io import read_json
 
     argv = list(argv)

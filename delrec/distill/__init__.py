@@ -16,12 +16,12 @@ stack); `export.py` imports the LLM stack only when an LLM teacher is exported.
 """
 
 from delrec.distill.ensemble import combine_teachers
-from delrec.distill.export import TeacherExportConfig, export_teacher
+from delrec.distill.teacher_export import TeacherExportConfig, export_teacher
 from delrec.distill.dllm2rec import DLLM2RecConfig
 from delrec.distill.rd import RDConfig
 from delrec.distill.rrd import RRDConfig
 from delrec.distill.student import StudentConfig, train_student
-from delrec.distill.teacher import Teacher, load_teacher, write_teacher
+from delrec.distill.teacher_folder import Teacher, load_teacher, write_teacher
 
 __all__ = [
     "DLLM2RecConfig", "RDConfig", "RRDConfig", "StudentConfig", "Teacher", "TeacherExportConfig", "combine_teachers",

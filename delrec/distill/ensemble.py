@@ -41,7 +41,7 @@ import time
 
 import torch
 
-from delrec.distill.teacher import Teacher, check_topk, teacher_info
+from delrec.distill.teacher_folder import Teacher, check_topk, teacher_info
 from delrec.errors import DelrecError
 
 EPSILON = 1e-8

@@ -62,7 +62,7 @@ from delrec.distill.embedding import install_collaborative_embedding
 from delrec.distill.ensemble import combine_teachers
 from delrec.distill.rd import RDConfig, items_mask, rd_loss, rd_weights, sample_excluding
 from delrec.distill.rrd import RRDConfig, rrd_loss, sample_uninteresting
-from delrec.distill.teacher import RANKINGS_FILE, Teacher, load_teacher
+from delrec.distill.teacher_folder import RANKINGS_FILE, Teacher, load_teacher
 from delrec.errors import DelrecError
 from delrec.io import write_json
 from delrec.sr.base import SequentialRecommender, model_class_for_config

@@ -26,8 +26,8 @@ from delrec.errors import DelrecError
 from delrec.io import read_json
 from delrec.tensors import first_nonfinite
 
-INFO_FILE = "delrec.json"  # what a stage folder is and how to load it (delrec.llm.folder)
-RUN_FILE = "run.json"  # the configuration a stage's run was started with (delrec.llm.training)
+INFO_FILE = "delrec.json"  # what a stage folder is and how to load it (delrec.llm.stage_folder)
+RUN_FILE = "run.json"  # the configuration a stage's run was started with (delrec.llm.trainer)
 SOFT_PROMPT_FILE = "soft_prompt.safetensors"  # the soft-prompt rows (delrec.llm.soft_prompt)
 USER_PROMPT_FILE = "user_prompt.safetensors"  # the per-user soft prompt's projector (delrec.llm.user_prompt)
 # what torch's zip writer raises when a write fails (a full disk): no errno, no file name

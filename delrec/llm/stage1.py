@@ -56,9 +56,9 @@ import torch
 import delrec
 from delrec.config import SOFT_PROMPT_TOKENS, above, at_least
 from delrec.errors import DelrecError
-from delrec.llm.folder import local_or_hub
+from delrec.llm.stage_folder import local_or_hub
 from delrec.llm.listwise import LISTWISE_COLUMNS, ListwiseCollator, listwise_loss
-from delrec.llm.training import (
+from delrec.llm.trainer import (
     CACHE_DIR,
     AnswerCollator,
     CHECKPOINTS_DIR,
@@ -345,7 +345,7 @@ def distill_pattern(args: DistillArguments, model_config, settings: TrainingSett
     from datasets import concatenate_datasets
 
     from delrec.data.dataset import PreparedDataset
-    from delrec.llm.folder import write_info
+    from delrec.llm.stage_folder import write_info
     from delrec.llm.instances import InstanceOptions, build_instances, read_task_predictions
     from delrec.llm.loading import load_model, max_positions
     from delrec.llm.soft_prompt import SoftPrompt

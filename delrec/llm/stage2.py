@@ -20,7 +20,7 @@ Saving: PEFT would write the whole resized embedding matrix (and LM head) into t
 (`save_embedding_layers="auto"` sees the grown vocabulary); the adapter here holds the LoRA
 matrices only and the soft rows are written once, in `soft_prompt.safetensors`, beside it.
 
-Output folder (`delrec.llm.folder`): adapter_config.json + adapter_model.safetensors,
+Output folder (`delrec.llm.stage_folder`): adapter_config.json + adapter_model.safetensors,
 soft_prompt.safetensors, tokenizer, delrec.json, metrics.json (valid and test candidate metrics),
 checkpoints/ and cache/. `load_delrec_model(OUT)` rebuilds base + soft rows + adapter.
 """
@@ -37,9 +37,9 @@ import delrec
 from delrec.config import SOFT_PROMPT_TOKENS, WIDTH, at_least
 from delrec.errors import DelrecError
 from delrec.llm.files import SOFT_PROMPT_FILE, USER_PROMPT_FILE
-from delrec.llm.folder import local_or_hub, same_base_model
+from delrec.llm.stage_folder import local_or_hub, same_base_model
 from delrec.llm.listwise import LISTWISE_COLUMNS, ListwiseCollator, listwise_loss
-from delrec.llm.training import (
+from delrec.llm.trainer import (
     CACHE_DIR,
     AnswerCollator,
     CHECKPOINTS_DIR,
@@ -217,7 +217,7 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
 
     from delrec.data.dataset import PreparedDataset
     from delrec.llm import hybrid
-    from delrec.llm.folder import write_info
+    from delrec.llm.stage_folder import write_info
     from delrec.llm.instances import InstanceOptions, build_instances
     from delrec.predictions import display_name
     from delrec.llm.loading import check_target_modules, load_model, max_positions
@@ -364,7 +364,7 @@ def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSett
 
 def _stage1_info(args: FinetuneArguments, dataset, model_config) -> dict | None:
     """The stage-1 folder's delrec.json, checked against this run (soft_prompt: stage1), else None."""
-    from delrec.llm.folder import INFO_FILE, read_info
+    from delrec.llm.stage_folder import INFO_FILE, read_info
 
     if args.soft_prompt != "stage1":
         return None

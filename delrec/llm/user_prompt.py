@@ -21,7 +21,7 @@ exactly as before. The states of a batch are handed to the wrapper for one forwa
 pass them on (`delrec rank --predictions`, `delrec teacher export --mode rerank --predictions`). The
 projector is the causal LM's attribute `user_projector` (plain parameters, so LoRA's
 `all-linear` leaves it alone; PEFT's `modules_to_save` co-trains it in stage 2). A merged export has
-no room for a function of the user, so it is refused (`delrec.llm.export`).
+no room for a function of the user, so it is refused (`delrec.llm.merge`).
 """
 
 from __future__ import annotations

@@ -234,7 +234,7 @@ def _llm_sections(source: _Source) -> dict[str, Section]:
     from delrec.llm.stage1 import DistillArguments
     from delrec.llm.stage2 import FinetuneArguments
     from delrec.llm.tiny import TinyLLMConfig
-    from delrec.llm.training import TrainingSettings
+    from delrec.llm.trainer import TrainingSettings
 
     return {
         "llm": parse_options([LLMOptions, TinyLLMConfig, ModelConfig], source.section("llm"), source.where("llm"),
@@ -302,7 +302,7 @@ def _teachers(source: _Source, sr_models: dict[str, Section], variants: list[str
 
 def _teacher(entry: dict, where: str, sr_models: dict[str, Section], variants: list[str]) -> Section:
     """One entry of section `teacher`: `delrec teacher export` keys plus its backend's options."""
-    from delrec.distill.export import TeacherExportConfig
+    from delrec.distill.teacher_export import TeacherExportConfig
     from delrec.ranking.base import BACKENDS, backend_module
 
     backend = str(entry.get("backend", "hf"))
@@ -368,7 +368,7 @@ def _student_run(entry: dict, where: str, teachers: dict[str, Section]) -> Secti
 
 def _latency_section(source: _Source, student_runs: dict[str, Section], teachers: dict[str, Section]) -> Section:
     """Section `latency`: its student must be a `students.runs` entry, its teacher an LLM one."""
-    from delrec.distill.export import TeacherExportConfig
+    from delrec.distill.teacher_export import TeacherExportConfig
 
     where = source.where("latency")
     section = parse_options([LatencyOptions], source.section("latency"), where)

@@ -168,7 +168,7 @@ def _train_llm(train: Callable[[], Any], out: Path) -> None:
 
 def stage_stage1(ctx: Context) -> dict:
     from delrec.llm.stage1 import DistillArguments, distill_pattern
-    from delrec.llm.training import TrainingSettings
+    from delrec.llm.trainer import TrainingSettings
 
     section = ctx.config.sections["stage1"]
     out = ctx.layout.stage1
@@ -183,7 +183,7 @@ def stage_stage1(ctx: Context) -> dict:
 def stage_stage2(ctx: Context) -> dict:
     from delrec.llm.loading import LoraSettings
     from delrec.llm.stage2 import FinetuneArguments, finetune
-    from delrec.llm.training import TrainingSettings
+    from delrec.llm.trainer import TrainingSettings
 
     section = ctx.config.sections["stage2"]
     variants = {}
@@ -212,7 +212,7 @@ def stage_rank(ctx: Context) -> dict:
         for backend, backend_section in ctx.config.rank_backends.items():
             model = ctx.layout.stage2(variant)
             if backend == "vllm":  # vLLM serves the merged export, no delrec code
-                from delrec.llm.export import export_model
+                from delrec.llm.merge import export_model
 
                 if not _done(ctx.layout.export(variant), "delrec.json"):
                     export_model(model, ctx.layout.export(variant), dtype=options.export_dtype, overwrite=True)
@@ -227,8 +227,8 @@ def stage_rank(ctx: Context) -> dict:
 
 
 def stage_teacher(ctx: Context) -> dict:
-    from delrec.distill.export import TeacherExportConfig, export_teacher
-    from delrec.distill.teacher import INFO_FILE
+    from delrec.distill.teacher_export import TeacherExportConfig, export_teacher
+    from delrec.distill.teacher_folder import INFO_FILE
     from delrec.ranking.base import backend_module
 
     teachers = {}
@@ -274,8 +274,8 @@ def stage_students(ctx: Context) -> dict:
 def stage_latency(ctx: Context) -> dict:
     """Top-K over the whole catalogue for N users: the student vs the LLM teacher (`delrec.pipeline.latency`)."""
     from delrec.data.dataset import PreparedDataset
-    from delrec.distill.export import TeacherExportConfig
-    from delrec.distill.teacher import INFO_FILE
+    from delrec.distill.teacher_export import TeacherExportConfig
+    from delrec.distill.teacher_folder import INFO_FILE
     from delrec.sr import load_model
 
     options = ctx.config.sections["latency"].get(LatencyOptions)

@@ -29,7 +29,7 @@ from typing import Literal, Sequence
 import torch
 
 from delrec.config import at_least
-from delrec.llm.folder import load_delrec_model
+from delrec.llm.stage_folder import load_delrec_model
 from delrec.device import resolve_device
 from delrec.llm.loading import TRUST_REMOTE_CODE_HELP, ModelConfig, load_model
 from delrec.llm.scoring import CandidateScores, packs_candidates, score_candidates, sliding_window

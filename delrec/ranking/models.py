@@ -2,7 +2,7 @@
 
 Three kinds, told apart from the files alone (no weights are read, so a backend can refuse a
 folder before it loads anything):
-- `stage2`: a DELRec stage-2 folder (`delrec.llm.folder`: LoRA adapter, tokenizer, delrec.json and,
+- `stage2`: a DELRec stage-2 folder (`delrec.llm.stage_folder`: LoRA adapter, tokenizer, delrec.json and,
   unless it is the plain-template ablation, the soft prompt), loaded with `load_delrec_model`;
 - `export`: the plain folder `delrec export` writes from one (delrec.json of kind delrec-export);
 - `plain`: any other Hugging Face causal LM (folder or hub id), prompted with a template that
@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Literal
 
 from delrec.errors import DelrecError
-from delrec.llm.export import (is_export, prompt_settings, read_export, read_stage2, soft_prompt_text,
+from delrec.llm.merge import (is_export, prompt_settings, read_export, read_stage2, soft_prompt_text,
                                user_prompt_record)
-from delrec.llm.folder import INFO_FILE
+from delrec.llm.stage_folder import INFO_FILE
 from delrec.llm.loading import describe_non_model_folder
 from delrec.prompts import DEFAULT_DOMAIN, PromptTemplate, get_template
 

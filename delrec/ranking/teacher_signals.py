@@ -1,11 +1,11 @@
-"""The LLM's read-outs as a teacher's signals, for `delrec teacher export` (delrec.distill.export).
+"""The LLM's read-outs as a teacher's signals, for `delrec teacher export` (delrec.distill.teacher_export).
 
 - `ground`: BIGRec grounding: greedy generation of a title, embedded, every item ranked by L2 distance
   to the same embedding of its title;
 - `rerank`: the title log-likelihoods of given candidates (the backends' `score`), the best K kept;
 - `embed_texts`: a hidden state of each text (the item embeddings of every LLM teacher).
 
-`config` is any object with the teacher export's options (`delrec.distill.export.TeacherExportConfig`):
+`config` is any object with the teacher export's options (`delrec.distill.teacher_export.TeacherExportConfig`):
 `topk`, `keep_history`, `progress`, `max_new_tokens`, `embedding_layer`, `embedding_pooling`.
 They live in the ranking layer because they drive a ranking backend; distillation reaches the
 LLM only through here.

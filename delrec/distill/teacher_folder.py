@@ -261,7 +261,7 @@ def _read_tensors(path: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]
     missing = [name for name in names if name not in tensors]
     if missing:
         raise DelrecError(f"{path}: no tensor {', '.join(repr(m) for m in missing)} (it holds "
-                          f"{', '.join(sorted(tensors)) or 'nothing'}); see delrec.distill.teacher for the format")
+                          f"{', '.join(sorted(tensors)) or 'nothing'}); see delrec.distill.teacher_folder for the format")
     return tensors
 
 

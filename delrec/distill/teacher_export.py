@@ -56,7 +56,7 @@ import torch
 from delrec.config import SEED, at_least, between, check_fields
 from delrec.data.dataset import Instance, PreparedDataset, sampled_indices
 from delrec.distill.embedding import item_knn_hit_rate
-from delrec.distill.teacher import SPLIT, check_teacher_out, write_teacher
+from delrec.distill.teacher_folder import SPLIT, check_teacher_out, write_teacher
 from delrec.errors import DelrecError
 from delrec.headers import ALLOW_OTHER_DATASET_HELP
 from delrec.io import check_apart_from_inputs, read_json
@@ -311,7 +311,7 @@ def _user_states(config: TeacherExportConfig, spec, dataset: PreparedDataset, in
 def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instances, mode: str, options) -> _Ranked:
     from delrec.ranking.base import backend_module
     from delrec.ranking.models import check_soft_tokens, check_trained_dataset, describe_model, ranking_template
-    from delrec.ranking.teacher import embed_texts, ground, rerank
+    from delrec.ranking.teacher_signals import embed_texts, ground, rerank
 
     if mode in ("grounding", "embeddings") and config.backend != "hf":
         raise DelrecError(f"--mode {mode} needs the LLM's hidden states, which only the hf backend gives; use "

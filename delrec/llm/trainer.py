@@ -51,7 +51,7 @@ from delrec.errors import DelrecError
 from delrec.io import (check_parents_are_folders, is_occupied, read_json, replace_directory, staged_directory,
                        write_json)
 from delrec.llm.files import RUN_FILE, damaged_file, explained_write_errors
-from delrec.llm.folder import local_or_hub, model_fingerprint
+from delrec.llm.stage_folder import local_or_hub, model_fingerprint
 from delrec.llm.user_prompt import reading_states, with_user_states
 from delrec.metrics import RankingMetrics
 

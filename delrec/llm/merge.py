@@ -29,7 +29,7 @@ import torch
 from delrec.errors import DelrecError
 from delrec.io import check_apart_from_inputs, is_occupied, read_json, replace_directory, staged_directory, write_json
 from delrec.llm.files import USER_PROMPT_FILE, explained_write_errors
-from delrec.llm.folder import ADAPTER_CONFIG, INFO_FILE, load_delrec_model, read_info, same_base_model
+from delrec.llm.stage_folder import ADAPTER_CONFIG, INFO_FILE, load_delrec_model, read_info, same_base_model
 from delrec.llm.loading import DTYPES, TOKENIZER_FILES, WEIGHT_FILES, describe_non_model_folder, resolve_source
 from delrec.llm.soft_prompt import SOFT_PROMPT_FILE, SoftPrompt
 from delrec.llm.tokenization import encode_prompt
