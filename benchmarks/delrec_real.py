@@ -55,7 +55,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from distill import log, machine, rel  # benchmarks/ is on sys.path when a benchmark runs as a script
+from common import log, machine, rel  # benchmarks/ is on sys.path when a benchmark runs as a script
 from results_section import write_section
 from delrec.metrics import instance_metrics, metrics_from_ranked_lists
 from delrec.metrics import above_chance, paired_difference
@@ -523,7 +523,7 @@ def chance(num_candidates: int) -> dict[str, float]:
 
 
 def against_chance(metrics: dict, base: dict, n: int) -> dict:
-    """HR@1 against chance: the binomial margin of NOISE_SE standard errors at the chance rate (delrec.report)."""
+    """HR@1 against chance: the binomial margin of NOISE_SE standard errors at the chance rate (delrec.metrics)."""
     above, margin = above_chance(metrics["hr@1"], base["hr@1"], n)
     return {"hr@1": metrics["hr@1"], "chance": base["hr@1"], "margin": margin, "above": above}
 

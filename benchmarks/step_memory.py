@@ -23,7 +23,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ranking import machine  # benchmarks/ is on sys.path when a benchmark runs as a script
+from common import llm_machine as machine  # benchmarks/ is on sys.path when a benchmark runs as a script
 from results_section import write_section
 
 ROOT = Path(__file__).resolve().parent.parent

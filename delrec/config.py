@@ -108,6 +108,16 @@ DROPOUT = Bounds(0, 1, high_open=True)
 """A dropout rate: 1 would drop everything."""
 
 
+Device = Literal["auto", "cpu", "cuda"]
+
+
+def device_option(default: Device = "auto", *, what: str = "Where to run",
+                  auto: str = "CUDA if available, else CPU") -> Any:
+    """The one declaration of a command's `device` option (annotated `Device`): the choices `delrec.device.resolve_device` takes,
+    the default the command needs (serving and merging default to the CPU) and, where it differs, what auto means."""
+    return dataclasses.field(default=default, metadata={"help": f"{what}: cpu, cuda, or auto ({auto})."})
+
+
 def shorten(text: str, limit: int = MAX_SHOWN) -> str:
     """`text` cut to `limit` characters, saying how long it was."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
@@ -262,6 +272,11 @@ def _coerce(value: Any, action: argparse.Action, source: str) -> Any:
     """Convert a YAML value the way argparse would convert the same value given as a flag."""
     if value is None:
         return None
+    if action.type is key_value:
+        if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+            raise DelrecError(f"{source}: key '{action.dest}' expects a mapping of option names to values, got "
+                              f"{excerpt(value)}")
+        return value
     if action.nargs in ("+", "*") or isinstance(action.nargs, int):
         items = value if isinstance(value, list) else [value]
         return [_coerce_scalar(item, action, source) for item in items]
@@ -317,6 +332,25 @@ def boolean(text: str | bool) -> bool:
     if lowered in ("no", "false", "f", "n", "0"):
         return False
     raise argparse.ArgumentTypeError(f"expected a truth value (true/false, yes/no, 1/0), got '{text}'")
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """One `NAME=VALUE` of a mapping option on the command line, the value read as YAML (`bias=all`, `use_rslora=true`,
+    `adam_beta2=0.95`)."""
+    name, sep, value = str(text).partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got '{text}'")
+    return name, parse_yaml(value, "a command-line value") if value else None
+
+
+key_value.__name__ = "NAME=VALUE"
+
+
+class _MappingAction(argparse.Action):
+    """A mapping option's `NAME=VALUE` pairs as one dict (they replace a mapping the config file gave)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, dict(values))
 
 
 def _choice(choices: tuple) -> Any:
@@ -404,7 +438,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     takes `none`.
     """
     hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
+    # the command's own options first, then the shared groups it inherits (keyword-only, e.g. PromptsFolder)
+    for field in sorted(dataclasses.fields(cls), key=lambda f: f.kw_only is True):
         if not field.init:
             continue
         names = [f"--{field.name}"] + ([f"--{field.name.replace('_', '-')}"] if "_" in field.name else [])
@@ -420,6 +455,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs.pop("required", None)
         elif typing.get_origin(kind) is list:
             kwargs.update(type=typing.get_args(kind)[0], nargs="+")
+        elif typing.get_origin(kind) is dict:  # NAME=VALUE ...; a mapping in YAML
+            kwargs.update(type=key_value, nargs="+", metavar="NAME=VALUE", action=_MappingAction)
         else:
             kwargs["type"] = _or_none(kind) if _is_optional(hints[field.name]) else kind
         bounds = field.metadata.get("range")

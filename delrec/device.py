@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -36,6 +37,21 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise DelrecError(f"unknown device '{name}'; expected auto, cpu, cuda or cuda:N") from None
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None = None):
+    """Run the block with `n` torch CPU threads (0 or None: the current count), then put back the count it found.
+
+    Why: tests and the pipeline run several commands in one process, so a command's thread count must not leak into
+    the next; the count is put back even where the block itself changed it, or raised."""
+    threads = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,4 +1,9 @@
-"""Shared test helpers: one torch thread per test module, and where the real datasets live.
+"""Shared test helpers: one torch thread per test module, where the real datasets live, and the fixture modules.
+
+The fixture modules (`pytest_plugins` below) are registered once here, for every test module: a test names a
+fixture (`tiny_llama`, `sr_model`, `stage2_llama`, `gemma`, ...) as an argument and imports nothing. Import
+from them only the plain helpers and constants a test calls (`load_tiny`, `TINY_SASREC`, ...). They import
+their heavy modules lazily, so registering them costs a single-file run nothing.
 
 `DELREC_CPU_BFLOAT16=0`: LLM stages and backends on `auto` would pick bfloat16 on a CPU that measures it
 faster and float32 elsewhere; the suite pins float32 so that its results do not depend on the CPU, and tests
@@ -13,6 +18,16 @@ import pytest
 import torch
 
 from delrec.data.dataset import META_FILE, dataset_files, fingerprint_files
+
+pytest_plugins = [
+    "llm_fixtures",  # tiny LLMs, their dataset, popularity predictions
+    "ranking_fixtures",  # DELRec stage-2 folders and exports on the tiny LLMs
+    "distill_fixtures",  # a tiny SASRec and its teacher folder
+    "sr_fixtures",  # a synthetic dataset for the SR command-line tests
+    "pipeline_fixtures",  # one finished `delrec run` on synthetic data
+    "gemma_fixtures",  # the real Gemma 3 270M and its DELRec folders
+    "vllm_fixtures",  # the vLLM engine environment
+]
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 os.environ["DELREC_CPU_BFLOAT16"] = "0"  # also for the subprocesses tests start

@@ -1,9 +1,9 @@
 """A small SR model and its teacher folder on the tiny-LLM synthetic dataset, for the distillation tests.
 
-Import the fixtures into a test module (`from distill_fixtures import sr_model, sr_teacher`, plus
-`tiny_llm_data` from llm_fixtures). The dataset is `llm_fixtures`' (40 items, 80 users), so SR and
-LLM teachers of the same instances can be combined. Built once per session, in about a second;
-tests must not modify them (copy a folder to edit it).
+Registered for every test module by tests/conftest.py: a test names `sr_model` or `sr_teacher` as an
+argument. The dataset is `llm_fixtures`' `tiny_llm_data` (40 items, 80 users), so SR and LLM teachers of
+the same instances can be combined. Built once per session, in about a second; tests must not modify
+them (copy a folder to edit it).
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ import pytest
 
 from delrec.distill.teacher_export import TeacherExportConfig, export_teacher
 from delrec.sr import SASRecConfig, TrainConfig, train_sr
-from llm_fixtures import tiny_llm_data_path
 
 TINY_SASREC = SASRecConfig(hidden_size=16, num_layers=1, num_heads=1, inner_size=32, dropout=0.1, max_length=20)
-_built: dict[str, Path] = {}
 
 
 def train_tiny_sasrec(data: Path, out: Path, epochs: int = 4) -> Path:
@@ -33,28 +31,13 @@ def write_sr_teacher(data: Path, model: Path, out: Path, topk: int = 10) -> Path
                                               progress=False))
 
 
-def sr_model_path(tmp_path_factory) -> Path:
-    if "sr_model" not in _built:
-        out = tmp_path_factory.mktemp("distill") / "sasrec"
-        _built["sr_model"] = train_tiny_sasrec(tiny_llm_data_path(tmp_path_factory), out)
-    return _built["sr_model"]
-
-
-def sr_teacher_path(tmp_path_factory) -> Path:
-    if "sr_teacher" not in _built:
-        out = tmp_path_factory.mktemp("distill") / "teacher-sasrec"
-        _built["sr_teacher"] = write_sr_teacher(tiny_llm_data_path(tmp_path_factory), sr_model_path(tmp_path_factory),
-                                                out)
-    return _built["sr_teacher"]
-
-
 @pytest.fixture(scope="session")
-def sr_model(tmp_path_factory) -> Path:
+def sr_model(tiny_llm_data, tmp_path_factory) -> Path:
     """A trained tiny SASRec folder on `tiny_llm_data`."""
-    return sr_model_path(tmp_path_factory)
+    return train_tiny_sasrec(tiny_llm_data, tmp_path_factory.mktemp("distill") / "sasrec")
 
 
 @pytest.fixture(scope="session")
-def sr_teacher(tmp_path_factory) -> Path:
+def sr_teacher(tiny_llm_data, sr_model, tmp_path_factory) -> Path:
     """The top-10 teacher folder of `sr_model` on `tiny_llm_data` (with item embeddings)."""
-    return sr_teacher_path(tmp_path_factory)
+    return write_sr_teacher(tiny_llm_data, sr_model, tmp_path_factory.mktemp("distill") / "teacher-sasrec")

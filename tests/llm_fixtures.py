@@ -1,9 +1,11 @@
-"""Session-wide tiny LLM folders (a Llama with an untied head, a Qwen2 with tied embeddings).
+"""Session-wide tiny LLM folders (a Llama with an untied head, a Qwen2 with tied embeddings), their data, and a
+popularity model's predictions on that data (stage 1's input).
 
-Import the fixtures into a test module (`from llm_fixtures import tiny_llama, tiny_qwen2, tiny_llm`).
-The folders are built once per test session, whichever modules import them, from a small
-synthetic dataset (`tiny_llm_data`) with a few pre-training steps: about a second each on 2 cores.
-Tests must not modify them; load a fresh model per test (`load_tiny`).
+Registered for every test module by tests/conftest.py (`pytest_plugins`): a test names `tiny_llama`,
+`tiny_qwen2`, `tiny_llm`, `tiny_llm_data` or `tiny_pop` as an argument, nothing to import. The folders are
+built once per test session, whichever modules ask, from a small synthetic dataset (`tiny_llm_data`) with
+a few pre-training steps: about a second each on 2 cores. Tests must not modify them; load a fresh model
+per test (`load_tiny`).
 """
 
 from __future__ import annotations
@@ -18,51 +20,57 @@ from delrec.data.synthetic import make_synthetic
 from delrec.llm.tiny import TinyLLMConfig, build_tiny_llm
 
 ARCHS = ("llama", "qwen2")
-_built: dict[str, Path] = {}  # one build per session even when several modules import the fixtures
 
 
-def _folder(name: str, tmp_path_factory, make) -> Path:
-    if name not in _built:
-        path = tmp_path_factory.mktemp("tiny-llm") / name
-        make(path)
-        _built[name] = path
-    return _built[name]
-
-
-def tiny_llm_data_path(tmp_path_factory) -> Path:
-    def make(path):
-        raw = make_synthetic(num_users=80, num_items=40, min_length=5, max_length=12, seed=0)
-        prepare_dataset(raw, PreprocessConfig(num_candidates=8), path)
-
-    return _folder("data", tmp_path_factory, make)
-
-
-def tiny_llm_path(arch: str, tmp_path_factory) -> Path:
-    data = tiny_llm_data_path(tmp_path_factory)
+def build_tiny(arch: str, data: Path, tmp_path_factory) -> Path:
     config = TinyLLMConfig(arch=arch, pretrain_steps=4, batch_size=4, block_size=64, max_position_embeddings=512)
-    return _folder(arch, tmp_path_factory, lambda path: build_tiny_llm(data, path, config, progress=False))
+    path = tmp_path_factory.mktemp("tiny-llm") / arch
+    build_tiny_llm(data, path, config, progress=False)
+    return path
+
+
+def write_pop_predictions(data: Path, out: Path) -> Path:
+    """A popularity model on `data` (`out/model`) and its top-10 train and valid predictions with prefix
+    predictions (`out/train.jsonl`, `out/valid.jsonl`): what stage 1 reads, in a second."""
+    from delrec.data.dataset import PreparedDataset
+    from delrec.sr import PopConfig, TrainConfig, load_model, train_sr, write_predictions
+
+    train_sr(data, PopConfig(), TrainConfig(epochs=1, progress=False, device="cpu"), out / "model")
+    model, dataset = load_model(out / "model", "cpu"), PreparedDataset.load(data)
+    for split in ("train", "valid"):
+        write_predictions(out / f"{split}.jsonl", model, dataset, split, 10, prefix_predictions=True)
+    return out
 
 
 @pytest.fixture(scope="session")
 def tiny_llm_data(tmp_path_factory) -> Path:
     """A prepared synthetic dataset folder (40 items, 8 candidates)."""
-    return tiny_llm_data_path(tmp_path_factory)
+    raw = make_synthetic(num_users=80, num_items=40, min_length=5, max_length=12, seed=0)
+    path = tmp_path_factory.mktemp("tiny-llm") / "data"
+    prepare_dataset(raw, PreprocessConfig(num_candidates=8), path)
+    return path
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> Path:
-    return tiny_llm_path("llama", tmp_path_factory)
+def tiny_llama(tiny_llm_data, tmp_path_factory) -> Path:
+    return build_tiny("llama", tiny_llm_data, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen2(tmp_path_factory) -> Path:
-    return tiny_llm_path("qwen2", tmp_path_factory)
+def tiny_qwen2(tiny_llm_data, tmp_path_factory) -> Path:
+    return build_tiny("qwen2", tiny_llm_data, tmp_path_factory)
 
 
 @pytest.fixture(scope="session", params=ARCHS)
-def tiny_llm(request, tmp_path_factory) -> Path:
-    """Each tiny LLM folder in turn: tests using it run once per architecture."""
-    return tiny_llm_path(request.param, tmp_path_factory)
+def tiny_llm(request) -> Path:
+    """Each tiny LLM folder in turn (`tiny_llama`, `tiny_qwen2`): tests using it run once per architecture."""
+    return request.getfixturevalue(f"tiny_{request.param}")
+
+
+@pytest.fixture(scope="session")
+def tiny_pop(tiny_llm_data, tmp_path_factory) -> Path:
+    """A popularity model (`model/`) and its train/valid predictions with prefix predictions on `tiny_llm_data`."""
+    return write_pop_predictions(tiny_llm_data, tmp_path_factory.mktemp("pop"))
 
 
 def load_tiny(folder: Path):

@@ -5,11 +5,13 @@ base's tokenizer with the soft-prompt tokens, `soft_prompt.safetensors`, a PEFT 
 saved with `save_embedding_layers=False`, and a delrec.json (`delrec.llm.stage_folder.write_info`).
 Training is replaced by random perturbations of the soft rows and of LoRA's B matrices (zero at
 initialisation), so the adapter and the soft prompt both change the logits, in a second.
-Built once per session; tests must not modify them.
+Built once per session, whichever modules ask (the fixtures are registered by tests/conftest.py); tests
+must not modify them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -21,10 +23,9 @@ from delrec.llm.stage_folder import model_fingerprint, write_info
 from delrec.llm.loading import LoraSettings, apply_lora
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.prompts import get_template
-from llm_fixtures import load_tiny, tiny_llm_data_path, tiny_llm_path
+from llm_fixtures import load_tiny
 
 SOFT_TOKENS = 6
-_built: dict[str, Path] = {}
 
 
 def make_stage2(base: Path, data: Path, out: Path, soft_tokens: int | None = SOFT_TOKENS, seed: int = 0) -> Path:
@@ -38,7 +39,7 @@ def make_stage2(base: Path, data: Path, out: Path, soft_tokens: int | None = SOF
         rows = soft.rows(model)
         soft.set_rows(model, rows + 0.5 * rows.std() * torch.randn(rows.shape, generator=generator))
         soft.save(out, model)
-    lora = LoraSettings(r=4, alpha=8, dropout=0.0)
+    lora = LoraSettings(r=4, lora_alpha=8, lora_dropout=0.0)
     peft_model = apply_lora(model, lora)
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
@@ -58,32 +59,42 @@ def make_stage2(base: Path, data: Path, out: Path, soft_tokens: int | None = SOF
         "template": {"name": template.name, "fingerprint": template.fingerprint},
         "domain": "item",
         "dataset": {"path": str(dataset.path), "fingerprint": dataset.fingerprint},
-        "lora": {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": lora.target_modules},
+        "lora": dataclasses.asdict(lora),
     })
     return out
 
 
-def stage2_path(arch: str, tmp_path_factory, soft: bool = True) -> Path:
-    name = f"stage2-{arch}" + ("" if soft else "-plain")
-    if name not in _built:
-        base, data = tiny_llm_path(arch, tmp_path_factory), tiny_llm_data_path(tmp_path_factory)
-        _built[name] = make_stage2(base, data, tmp_path_factory.mktemp("stage2") / name, SOFT_TOKENS if soft else None)
-    return _built[name]
+def _stage2(base: Path, data: Path, tmp_path_factory, name: str, soft: bool = True) -> Path:
+    return make_stage2(base, data, tmp_path_factory.mktemp("stage2") / name, SOFT_TOKENS if soft else None)
 
 
-def export_path(arch: str, tmp_path_factory) -> Path:
-    name = f"export-{arch}"
-    if name not in _built:
-        _built[name] = tmp_path_factory.mktemp("export") / name
-        export_model(stage2_path(arch, tmp_path_factory), _built[name])
-    return _built[name]
+def _export(stage2: Path, tmp_path_factory, name: str) -> Path:
+    out = tmp_path_factory.mktemp("export") / name
+    export_model(stage2, out)
+    return out
 
 
 @pytest.fixture(scope="session")
-def stage2_llama(tmp_path_factory) -> Path:
-    return stage2_path("llama", tmp_path_factory)
+def stage2_llama(tiny_llama, tiny_llm_data, tmp_path_factory) -> Path:
+    return _stage2(tiny_llama, tiny_llm_data, tmp_path_factory, "stage2-llama")
 
 
 @pytest.fixture(scope="session")
-def export_llama(tmp_path_factory) -> Path:
-    return export_path("llama", tmp_path_factory)
+def stage2_qwen2(tiny_qwen2, tiny_llm_data, tmp_path_factory) -> Path:
+    return _stage2(tiny_qwen2, tiny_llm_data, tmp_path_factory, "stage2-qwen2")
+
+
+@pytest.fixture(scope="session")
+def stage2_llama_plain(tiny_llama, tiny_llm_data, tmp_path_factory) -> Path:
+    """The plain-template ablation: LoRA only, no soft prompt."""
+    return _stage2(tiny_llama, tiny_llm_data, tmp_path_factory, "stage2-llama-plain", soft=False)
+
+
+@pytest.fixture(scope="session")
+def export_llama(stage2_llama, tmp_path_factory) -> Path:
+    return _export(stage2_llama, tmp_path_factory, "export-llama")
+
+
+@pytest.fixture(scope="session")
+def export_qwen2(stage2_qwen2, tmp_path_factory) -> Path:
+    return _export(stage2_qwen2, tmp_path_factory, "export-qwen2")

@@ -30,9 +30,7 @@ from delrec.data.prepare import prepare_dataset
 from delrec.data.preprocess import PreprocessConfig
 from delrec.data.synthetic import make_synthetic
 from delrec.sr import PopConfig, TrainConfig, load_model, train_sr, write_predictions
-from distill_fixtures import TINY_SASREC, sr_model, sr_teacher, write_sr_teacher  # noqa: F401 (fixtures)
-from llm_fixtures import tiny_llama, tiny_llm_data  # noqa: F401 (fixtures)
-from ranking_fixtures import stage2_llama  # noqa: F401 (fixtures)
+from distill_fixtures import TINY_SASREC, write_sr_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")

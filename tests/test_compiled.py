@@ -22,8 +22,6 @@ from delrec.sr import CaserConfig, GRU4RecConfig, SASRecConfig, build_model, loa
 from delrec.sr import compiled as compiled_module
 from delrec.sr.compiled import CompiledTopK, compile_top_k, package_path
 from delrec.sr.evaluate import top_items
-from distill_fixtures import sr_model  # noqa: F401 (fixtures)
-from llm_fixtures import tiny_llm_data  # noqa: F401 (fixtures)
 
 pytestmark = [
     pytest.mark.slow,

@@ -11,24 +11,18 @@ from delrec.llm.loading import load_tokenizer
 from delrec.llm.tokenization import encode_prompt
 from delrec.prompts import get_template
 from delrec.predictions import read_predictions
-from delrec.sr import PopConfig, TrainConfig, load_model, train_sr, write_predictions
+from delrec.sr import load_model, write_predictions
 from delrec.sr.evaluate import predict
-from llm_fixtures import tiny_llama, tiny_llm_data  # noqa: F401 (fixtures)
 
 SOFT = "<|sp:pop:0|><|sp:pop:1|>"
 
 
 @pytest.fixture(scope="module")
-def sr(tiny_llm_data, tmp_path_factory):
-    """A popularity model's predictions (with prefix predictions) for train and valid: instant, and a real file."""
-    folder = tmp_path_factory.mktemp("pop")
-    train_sr(tiny_llm_data, PopConfig(), TrainConfig(epochs=1, progress=False, device="cpu"), folder / "model")
-    model = load_model(folder / "model", "cpu")
-    dataset = PreparedDataset.load(tiny_llm_data)
-    for split in ("train", "valid"):
-        write_predictions(folder / f"{split}.jsonl", model, dataset, split, 10, prefix_predictions=True)
-    write_predictions(folder / "plain.jsonl", model, dataset, "train", 10)
-    return folder
+def plain(tiny_llm_data, tiny_pop, tmp_path_factory):
+    """The same model's train predictions without prefix predictions."""
+    path = tmp_path_factory.mktemp("pop-plain") / "plain.jsonl"
+    write_predictions(path, load_model(tiny_pop / "model", "cpu"), PreparedDataset.load(tiny_llm_data), "train", 10)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -43,27 +37,28 @@ def build(data, name, split, tokenizer, predictions=None, cache=None, **options)
                            tokenizer, predictions, cache)
 
 
-def test_prefix_predictions_are_the_top_k_of_the_first_half(tiny_llm_data, sr):
+def test_prefix_predictions_are_the_top_k_of_the_first_half(tiny_llm_data, tiny_pop, plain):
     dataset = PreparedDataset.load(tiny_llm_data)
-    predictions = read_predictions(sr / "train.jsonl", dataset, "train")
-    model = load_model(sr / "model", "cpu")
+    predictions = read_predictions(tiny_pop / "train.jsonl", dataset, "train")
+    model = load_model(tiny_pop / "model", "cpu")
     instances = dataset.instances("train")
     assert predictions.meta["prefix_predictions"] and len(predictions.prefix_items) == len(instances)
     # the prefix rows equal ordinary predictions for a dataset whose histories are the prefixes
     halves = [inst.history[: len(inst.history) // 2] for inst in instances]
-    rows = json.loads((sr / "train.jsonl").read_text().splitlines()[3])
+    rows = json.loads((tiny_pop / "train.jsonl").read_text().splitlines()[3])
     assert rows["prefix_length"] == len(halves[3])
     assert rows["prefix_items"] == predictions.prefix_items[3]
     assert not set(predictions.prefix_items[3]) & set(halves[3])
-    assert read_predictions(sr / "plain.jsonl", dataset, "train").prefix_items is None
+    assert read_predictions(plain, dataset, "train").prefix_items is None
     full = next(row for row in predict(model, dataset, "train", 10) if row["id"] == 3)
     assert full["items"] == predictions.items[3] and "prefix_items" not in full
 
 
-def test_builders_are_deterministic_and_cached(tiny_llm_data, sr, tokenizer, tmp_path):
+def test_builders_are_deterministic_and_cached(tiny_llm_data, tiny_pop, tokenizer, tmp_path):
     first = {}
-    for name, split, predictions in [("ta", "train", sr / "train.jsonl"), ("rps", "train", sr / "train.jsonl"),
-                                     ("lsr", "train", None), ("lsr", "valid", None), ("plain", "valid", None)]:
+    pop_train = tiny_pop / "train.jsonl"
+    for name, split, predictions in [("ta", "train", pop_train), ("rps", "train", pop_train), ("lsr", "train", None),
+                                     ("lsr", "valid", None), ("plain", "valid", None)]:
         a = build(tiny_llm_data, name, split, tokenizer, predictions, tmp_path / "a", seed=3, max_instances=20)
         b = build(tiny_llm_data, name, split, tokenizer, predictions, tmp_path / "b", seed=3, max_instances=20)
         again = build(tiny_llm_data, name, split, tokenizer, predictions, tmp_path / "a", seed=3, max_instances=20)
@@ -78,7 +73,7 @@ def test_builders_are_deterministic_and_cached(tiny_llm_data, sr, tokenizer, tmp
     dataset = PreparedDataset.load(tiny_llm_data)
     titles = dataset.titles
     train = dataset.instances("train")
-    predictions = read_predictions(sr / "train.jsonl", dataset, "train")
+    predictions = read_predictions(tiny_pop / "train.jsonl", dataset, "train")
     for row in first[("rps", "train")]:
         inst, ranked = train[row["id"]], predictions.items[row["id"]]
         assert row["completion"] == titles[ranked[0]] == row["candidates"][row["answer"]]
@@ -107,7 +102,7 @@ def test_builders_are_deterministic_and_cached(tiny_llm_data, sr, tokenizer, tmp
         assert row["input_ids"][-1] == tokenizer.eos_token_id
 
 
-def test_too_long_instances_are_refused_or_truncated_from_the_oldest_side(tiny_llm_data, sr, tokenizer):
+def test_too_long_instances_are_refused_or_truncated_from_the_oldest_side(tiny_llm_data, tiny_pop, tokenizer):
     full = build(tiny_llm_data, "lsr", "valid", tokenizer)
     longest = full.stats["longest_tokens"]
     limit = longest - 10
@@ -124,19 +119,19 @@ def test_too_long_instances_are_refused_or_truncated_from_the_oldest_side(tiny_l
             assert "\n".join(f"{j}. {t}" for j, t in enumerate(kept, 1)) in after["prompt"]  # the newest items stay
             assert f". {history[0]}\n" not in after["prompt"].split("Candidate")[0]
     with pytest.raises(DelrecError, match="too short for ta prompts even with no history shown"):
-        build(tiny_llm_data, "ta", "train", tokenizer, sr / "train.jsonl", max_length=20, allow_truncation=True)
+        build(tiny_llm_data, "ta", "train", tokenizer, tiny_pop / "train.jsonl", max_length=20, allow_truncation=True)
 
 
-def test_bad_predictions_are_refused(tiny_llm_data, sr, tokenizer, tmp_path):
+def test_bad_predictions_are_refused(tiny_llm_data, tiny_pop, plain, tokenizer, tmp_path):
     with pytest.raises(DelrecError, match="has no prefix predictions.*--prefix_predictions"):
-        build(tiny_llm_data, "ta", "train", tokenizer, sr / "plain.jsonl")
+        build(tiny_llm_data, "ta", "train", tokenizer, plain)
     with pytest.raises(DelrecError, match="holds predictions for split 'train', expected 'valid'"):
-        build(tiny_llm_data, "rps", "valid", tokenizer, sr / "train.jsonl")
+        build(tiny_llm_data, "rps", "valid", tokenizer, tiny_pop / "train.jsonl")
     with pytest.raises(DelrecError, match="need the SR model's predictions for the train split"):
         build(tiny_llm_data, "rps", "train", tokenizer)
     other = tmp_path / "other.jsonl"
-    other.write_text((sr / "train.jsonl").read_text())
-    meta = json.loads((sr / "train.jsonl.meta.json").read_text())
+    other.write_text((tiny_pop / "train.jsonl").read_text())
+    meta = json.loads((tiny_pop / "train.jsonl.meta.json").read_text())
     (tmp_path / "other.jsonl.meta.json").write_text(json.dumps({**meta, "dataset_fingerprint": "f" * 16}))
     with pytest.raises(DelrecError, match="predictions were made on dataset ffff"):
         build(tiny_llm_data, "rps", "train", tokenizer, other)

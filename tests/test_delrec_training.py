@@ -25,24 +25,12 @@ from delrec.llm.soft_prompt import SOFT_PROMPT_FILE
 from delrec.llm.stage1 import DistillArguments, distill_pattern, dynamic_task_weights
 from delrec.llm.stage2 import FinetuneArguments, finetune
 from delrec.llm.trainer import TrainingSettings, answer_log_probs
-from delrec.sr import PopConfig, TrainConfig, load_model, train_sr, write_predictions
-from llm_fixtures import load_tiny, tiny_llama, tiny_llm_data, tiny_qwen2  # noqa: F401 (fixtures)
+from llm_fixtures import load_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 P = 4
 FAST = dict(per_device_train_batch_size=4, max_steps=4, eval_steps=2, logging_steps=2, progress=False,
             eval_batch_size=32, warmup_steps=0.0)
-
-
-@pytest.fixture(scope="module")
-def predictions(tiny_llm_data, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pop")
-    train_sr(tiny_llm_data, PopConfig(), TrainConfig(epochs=1, progress=False, device="cpu"), folder / "model")
-    model = load_model(folder / "model", "cpu")
-    dataset = PreparedDataset.load(tiny_llm_data)
-    for split in ("train", "valid"):
-        write_predictions(folder / f"{split}.jsonl", model, dataset, split, 10, prefix_predictions=True)
-    return folder
 
 
 def stage1_args(data, predictions, out, **overrides):
@@ -58,9 +46,9 @@ def model_config(folder) -> ModelConfig:
 
 
 @pytest.fixture(scope="module")
-def stage1(tiny_llm_data, tiny_llama, predictions, tmp_path_factory):
+def stage1(tiny_llm_data, tiny_llama, tiny_pop, tmp_path_factory):
     out = tmp_path_factory.mktemp("stage1") / "run"
-    result = distill_pattern(stage1_args(tiny_llm_data, predictions, out), model_config(tiny_llama),
+    result = distill_pattern(stage1_args(tiny_llm_data, tiny_pop, out), model_config(tiny_llama),
                              TrainingSettings(**FAST))
     return out, result
 
@@ -70,7 +58,7 @@ def stage2(tiny_llm_data, tiny_llama, stage1, tmp_path_factory):
     out = tmp_path_factory.mktemp("stage2") / "run"
     args = FinetuneArguments(data=str(tiny_llm_data), out=str(out), stage1=str(stage1[0]), max_train_instances=24,
                              eval_max_instances=6, test_max_instances=8, max_length=512)
-    result = finetune(args, model_config(tiny_llama), LoraSettings(r=2, alpha=4, dropout=0.0),
+    result = finetune(args, model_config(tiny_llama), LoraSettings(r=2, lora_alpha=4, lora_dropout=0.0),
                       TrainingSettings(**{**FAST, "learning_rate": 1e-2}))
     return out, result
 
@@ -124,9 +112,9 @@ def test_stage1_trains_only_the_soft_rows_and_writes_a_small_folder(stage1, tiny
 
 
 @pytest.fixture(scope="module")
-def stage1_listwise(tiny_llm_data, tiny_llama, predictions, tmp_path_factory):
+def stage1_listwise(tiny_llm_data, tiny_llama, tiny_pop, tmp_path_factory):
     out = tmp_path_factory.mktemp("stage1-listwise") / "run"
-    return distill_pattern(stage1_args(tiny_llm_data, predictions, out, objective="listwise"),
+    return distill_pattern(stage1_args(tiny_llm_data, tiny_pop, out, objective="listwise"),
                            model_config(tiny_llama), TrainingSettings(**FAST))
 
 
@@ -256,12 +244,12 @@ def test_stage2_refuses_a_soft_prompt_of_another_dataset_or_model(stage1, tiny_l
         finetune(args, model_config(tiny_qwen2), LoraSettings(r=2), TrainingSettings(**FAST))
 
 
-def test_stage1_resumes_where_it_stopped(tiny_llm_data, tiny_llama, predictions, tmp_path):
+def test_stage1_resumes_where_it_stopped(tiny_llm_data, tiny_llama, tiny_pop, tmp_path):
     common = dict(task_weighting="fixed", tasks=["rps"], task_weights=[1.0])
     constant = {**FAST, "lr_scheduler_type": "constant"}  # the schedule must not depend on max_steps here
-    straight = distill_pattern(stage1_args(tiny_llm_data, predictions, tmp_path / "a", **common),
+    straight = distill_pattern(stage1_args(tiny_llm_data, tiny_pop, tmp_path / "a", **common),
                                model_config(tiny_llama), TrainingSettings(**constant))
-    halves = stage1_args(tiny_llm_data, predictions, tmp_path / "b", **common)
+    halves = stage1_args(tiny_llm_data, tiny_pop, tmp_path / "b", **common)
     distill_pattern(halves, model_config(tiny_llama), TrainingSettings(**{**constant, "max_steps": 2}))
     resumed = distill_pattern(halves, model_config(tiny_llama), TrainingSettings(**constant))
     assert resumed.trainer.state.global_step == 4
@@ -269,7 +257,7 @@ def test_stage1_resumes_where_it_stopped(tiny_llm_data, tiny_llama, predictions,
     weights = [r.trainer.model.get_input_embeddings().weight[ids] for r in (straight, resumed)]
     assert torch.allclose(*weights, atol=1e-6)
     with pytest.raises(DelrecError, match="was started with sr_top = 3, not 5; cannot resume"):
-        distill_pattern(stage1_args(tiny_llm_data, predictions, tmp_path / "b", sr_top=5, **common),
+        distill_pattern(stage1_args(tiny_llm_data, tiny_pop, tmp_path / "b", sr_top=5, **common),
                         model_config(tiny_llama), TrainingSettings(**constant))
 
 
@@ -300,7 +288,7 @@ def test_stage2_listwise_negatives_scores_the_target_and_k_others_per_row(tiny_l
     args = FinetuneArguments(data=str(tiny_llm_data), out=str(tmp_path / "run"), soft_prompt="none",
                              max_train_instances=8, eval_max_instances=4, test_max_instances=4, max_length=512,
                              objective="listwise", listwise_negatives=2)
-    trainer = finetune(args, model_config(tiny_llama), LoraSettings(r=2, alpha=4, dropout=0.0),
+    trainer = finetune(args, model_config(tiny_llama), LoraSettings(r=2, lora_alpha=4, lora_dropout=0.0),
                        TrainingSettings(**{**FAST, "max_steps": 1})).trainer
     rows = [trainer.train_dataset[i] for i in range(4)]
     batch = trainer.data_collator(rows)
@@ -333,7 +321,7 @@ def test_stage2_on_synthetic_data_beats_chance_on_valid(objective, tmp_path):
                              test_max_instances=50, max_length=512, objective=objective)
     settings = TrainingSettings(per_device_train_batch_size=8, max_steps=200, eval_steps=200, logging_steps=50,
                                 learning_rate=5e-3, warmup_steps=0.1, eval_batch_size=64, progress=False)
-    summary = finetune(args, model_config(tmp_path / "llm"), LoraSettings(r=8, alpha=16), settings).summary
+    summary = finetune(args, model_config(tmp_path / "llm"), LoraSettings(r=8, lora_alpha=16), settings).summary
     n, chance = summary["instances"]["valid"]["instances"], summary["valid"]["chance@1"]
     assert n == 400 and chance == pytest.approx(1 / 8)
     assert summary["valid"]["hr@1"] > chance + 2 * math.sqrt(chance * (1 - chance) / n)
@@ -359,9 +347,9 @@ def test_the_training_loss_is_the_read_out_log_likelihood_whatever_the_padding(t
     assert keep.sum(1).tolist() == [s.num_tokens[0] for s in expected]
 
 
-def test_stage1_with_tied_embeddings_moves_only_the_soft_rows(tiny_llm_data, tiny_qwen2, predictions, tmp_path):
+def test_stage1_with_tied_embeddings_moves_only_the_soft_rows(tiny_llm_data, tiny_qwen2, tiny_pop, tmp_path):
     """Qwen2 ties the LM head to the input embeddings: the soft rows are both, and nothing else moves."""
-    result = distill_pattern(stage1_args(tiny_llm_data, predictions, tmp_path / "qwen", eval_max_instances=2),
+    result = distill_pattern(stage1_args(tiny_llm_data, tiny_pop, tmp_path / "qwen", eval_max_instances=2),
                              model_config(tiny_qwen2), TrainingSettings(**{**FAST, "max_steps": 2}))
     base, _ = load_tiny(tiny_qwen2)
     model = result.trainer.model

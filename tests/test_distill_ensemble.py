@@ -9,8 +9,6 @@ from delrec.data.dataset import PreparedDataset
 from delrec.distill import Teacher, combine_teachers, load_teacher, write_teacher
 from delrec.distill.teacher_folder import teacher_info
 from delrec.errors import DelrecError
-from distill_fixtures import sr_teacher  # noqa: F401 (fixtures)
-from llm_fixtures import tiny_llm_data  # noqa: F401 (fixtures)
 
 N = 12
 

@@ -24,9 +24,7 @@ from delrec.metrics import history_mask
 from delrec.prompts import get_template, task_variables
 from delrec.ranking.hf import HFBackend, Options
 from delrec.sr import load_model
-from distill_fixtures import sr_model, sr_teacher  # noqa: F401 (fixtures)
-from llm_fixtures import load_tiny, tiny_llama, tiny_llm_data  # noqa: F401 (fixtures)
-from ranking_fixtures import stage2_llama  # noqa: F401 (fixtures)
+from llm_fixtures import load_tiny
 
 
 @pytest.fixture(scope="module")

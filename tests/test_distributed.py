@@ -20,9 +20,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from delrec.data.dataset import PreparedDataset
-from delrec.sr import PopConfig, TrainConfig, load_model, train_sr, write_predictions
-from llm_fixtures import tiny_llama, tiny_llm_data  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow  # about 30 s per test on 2 cores
 
@@ -35,16 +32,6 @@ COMMON = ["max_train_instances: 16", "eval_max_instances: 8", "max_steps: 4", "e
 # (differences 0); valid and test metrics identical in both. The tolerances leave a margin of about 20x.
 LOG_TOLERANCE = 2e-5
 WEIGHT_TOLERANCE = 1e-6
-
-
-@pytest.fixture(scope="module")
-def predictions(tiny_llm_data, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pop")
-    train_sr(tiny_llm_data, PopConfig(), TrainConfig(epochs=1, progress=False, device="cpu"), folder / "model")
-    model, dataset = load_model(folder / "model", "cpu"), PreparedDataset.load(tiny_llm_data)
-    for split in ("train", "valid"):
-        write_predictions(folder / f"{split}.jsonl", model, dataset, split, 10, prefix_predictions=True)
-    return folder
 
 
 def launch(script: str, config: list[str], out: Path, processes: int, batch: int, accumulation: int = 1) -> Path:
@@ -98,10 +85,10 @@ def assert_same_run(two: Path, one: Path, weights_file: str) -> None:
         assert torch.allclose(tensors[0][key], tensors[1][key], rtol=0, atol=WEIGHT_TOLERANCE), key
 
 
-def test_stage1_with_two_processes_matches_one_process_with_the_whole_batch(tiny_llm_data, tiny_llama, predictions,
+def test_stage1_with_two_processes_matches_one_process_with_the_whole_batch(tiny_llm_data, tiny_llama, tiny_pop,
                                                                            tmp_path):
     config = [f"data: {tiny_llm_data}", f"model_name_or_path: {tiny_llama}", "soft_prompt_tokens: 4",
-              f"train_predictions: {predictions / 'train.jsonl'}", f"valid_predictions: {predictions / 'valid.jsonl'}",
+              f"train_predictions: {tiny_pop / 'train.jsonl'}", f"valid_predictions: {tiny_pop / 'valid.jsonl'}",
               "task_weighting: dynamic"]
     two = launch("distill_pattern.py", config, tmp_path / "two", processes=2, batch=2)
     one = launch("distill_pattern.py", config, tmp_path / "one", processes=1, batch=4)
@@ -112,7 +99,7 @@ def test_stage1_with_two_processes_matches_one_process_with_the_whole_batch(tiny
 def test_stage2_with_two_processes_matches_one_process_accumulating_two_batches(tiny_llm_data, tiny_llama, tmp_path):
     # no LoRA dropout: the two processes draw the same dropout masks (same seed), one process two different ones
     config = [f"data: {tiny_llm_data}", f"model_name_or_path: {tiny_llama}", "soft_prompt: random",
-              "soft_prompt_tokens: 2", "r: 2", "alpha: 4", "dropout: 0.0", "learning_rate: 0.01",
+              "soft_prompt_tokens: 2", "r: 2", "lora_alpha: 4", "lora_dropout: 0.0", "learning_rate: 0.01",
               "test_max_instances: 8"]
     two = launch("finetune.py", config, tmp_path / "two", processes=2, batch=2)
     one = launch("finetune.py", config, tmp_path / "one", processes=1, batch=2, accumulation=2)

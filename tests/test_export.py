@@ -19,8 +19,7 @@ from delrec.llm.soft_prompt import SoftPrompt
 from delrec.prompts import get_template
 from delrec.ranking.models import describe_model
 from delrec.ranking.requests import build_requests
-from llm_fixtures import tiny_llama, tiny_llm_data  # noqa: F401 (fixtures)
-from ranking_fixtures import SOFT_TOKENS, export_llama, export_path, stage2_llama, stage2_path  # noqa: F401
+from ranking_fixtures import SOFT_TOKENS
 
 
 def lsr_requests(model_folder, data, tokenizer, count=6):
@@ -30,11 +29,11 @@ def lsr_requests(model_folder, data, tokenizer, count=6):
 
 
 @pytest.mark.parametrize("arch,soft", [("llama", True), ("qwen2", True), ("llama", False)])
-def test_exported_model_scores_like_the_unmerged_one(arch, soft, tmp_path_factory, tiny_llm_data):
+def test_exported_model_scores_like_the_unmerged_one(arch, soft, request, tmp_path_factory, tiny_llm_data):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stage2 = stage2_path(arch, tmp_path_factory, soft=soft)
-    out = export_path(arch, tmp_path_factory) if soft else tmp_path_factory.mktemp("export") / "plain"
+    stage2 = request.getfixturevalue(f"stage2_{arch}" + ("" if soft else "_plain"))
+    out = request.getfixturevalue(f"export_{arch}") if soft else tmp_path_factory.mktemp("export") / "plain"
     if not soft:
         main(["export", "--model", str(stage2), "--out", str(out)])
     unmerged, tokenizer, _ = load_delrec_model(stage2, device="cpu", dtype="float32")

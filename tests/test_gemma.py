@@ -9,7 +9,6 @@ without the `[gemma]` extra these tests skip with the install hint.
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -22,8 +21,7 @@ from delrec.llm.gguf_import import IMPORT_FILE, PACKAGED_MODELS
 from delrec.llm.loading import load_model, resolve_source
 from delrec.llm.soft_prompt import SOFT_PROMPT_FILE, SoftPrompt
 from delrec.llm.tokenization import encode_prompt
-from gemma_fixtures import (SOFT_TOKENS, gemma, gemma_data, gemma_export, gemma_pop,  # noqa: F401 (fixtures)
-                            gemma_stage1, gemma_stage2, model_config, results, run_stage1, run_stage2)
+from gemma_fixtures import SOFT_TOKENS, model_config, run_stage1, run_stage2
 
 pytestmark = [pytest.mark.gemma, pytest.mark.slow]
 
@@ -139,11 +137,11 @@ def test_prompts_longer_than_the_sliding_window_are_scored_exactly(base):
     assert fast == pytest.approx(slow, abs=1e-3)
 
 
-def test_stage1_on_tied_scaled_embeddings_moves_only_the_soft_rows(gemma_stage1, base):
+def test_stage1_on_tied_scaled_embeddings_moves_only_the_soft_rows(gemma_stage1_run, base):
     """Gemma ties the LM head to the embedding and multiplies looked-up rows by sqrt(hidden) = 25.3."""
     original, _ = base
-    model = results["stage1"].trainer.model
-    tokenizer = results["stage1"].trainer.processing_class
+    gemma_stage1, trainer = gemma_stage1_run.folder, gemma_stage1_run.result.trainer
+    model, tokenizer = trainer.model, trainer.processing_class
     weight = model.get_input_embeddings().weight
     assert model.get_output_embeddings().weight is weight
     vocab = original.get_input_embeddings().num_embeddings
@@ -166,9 +164,9 @@ def test_stage1_on_tied_scaled_embeddings_moves_only_the_soft_rows(gemma_stage1,
     assert metrics["valid"]["rps_chance"] == pytest.approx(1 / 6)
 
 
-def test_stage2_trains_lora_only_and_keeps_the_soft_rows(gemma_stage1, gemma_stage2):
-    model = results["stage2"].trainer.model
-    tokenizer = results["stage2"].trainer.processing_class
+def test_stage2_trains_lora_only_and_keeps_the_soft_rows(gemma_stage1, gemma_stage2_run):
+    gemma_stage2, trainer = gemma_stage2_run.folder, gemma_stage2_run.result.trainer
+    model, tokenizer = trainer.model, trainer.processing_class
     ids = tokenizer.convert_tokens_to_ids(SoftPrompt("pop", SOFT_TOKENS).tokens)
     with safe_open(str(gemma_stage1 / SOFT_PROMPT_FILE), "pt") as handle:
         stage1_rows = handle.get_tensor("embeddings")
@@ -189,16 +187,21 @@ GEMMA_LOSS_TOLERANCE = 0.15
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
-def test_bf16_training_on_the_real_model_follows_float32(stage, gemma, gemma_stage2, tmp_path_factory):
+def test_bf16_training_on_the_real_model_follows_float32(stage, gemma, gemma_data, gemma_pop, gemma_stage1, request,
+                                                         tmp_path_factory):
     """The same run as the float32 fixture with `mixed_precision: bf16`: bfloat16 base weights, float32 trainables."""
-    run = run_stage1 if stage == "stage1" else run_stage2
+    reference = request.getfixturevalue(f"gemma_{stage}_run").result
     config = model_config(gemma)
     config.dtype = "auto"
-    result = run(tmp_path_factory, tmp_path_factory.mktemp("gemma-bf16") / stage, config, mixed_precision="bf16")
+    out = tmp_path_factory.mktemp("gemma-bf16") / stage
+    if stage == "stage1":
+        result = run_stage1(out, config, gemma_data, gemma_pop, mixed_precision="bf16")
+    else:
+        result = run_stage2(out, config, gemma_data, gemma_stage1, mixed_precision="bf16")
     model = result.trainer.model
     trained = {p.dtype for p in model.parameters() if p.requires_grad}
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16} and trained == {torch.float32}
-    losses = [[e["loss"] for e in r.trainer.state.log_history if "loss" in e] for r in (result, results[stage])]
+    losses = [[e["loss"] for e in r.trainer.state.log_history if "loss" in e] for r in (result, reference)]
     assert len(losses[0]) == len(losses[1]) == 2
     assert max(abs(a - b) for a, b in zip(*losses)) < GEMMA_LOSS_TOLERANCE, losses
 

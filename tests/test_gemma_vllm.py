@@ -17,11 +17,12 @@ from delrec.prompts import get_template
 from delrec.ranking.hf import HFBackend
 from delrec.ranking.models import describe_model
 from delrec.ranking.requests import build_requests
-from gemma_fixtures import MAX_LENGTH, gemma, gemma_data, gemma_export, model_config  # noqa: F401 (fixtures)
-from vllm_fixtures import open_vllm, top1_agreement, vllm_env  # noqa: F401 (fixtures)
+from gemma_fixtures import MAX_LENGTH, model_config
+from vllm_fixtures import open_vllm, top1_agreement
 
 pytestmark = [
     pytest.mark.gemma, pytest.mark.vllm, pytest.mark.slow,
+    pytest.mark.usefixtures("vllm_env"),  # first: without vllm, skip before importing Gemma
     pytest.mark.filterwarnings("ignore:`torch.distributed.reduce_op` is deprecated:FutureWarning"),
     pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
 ]

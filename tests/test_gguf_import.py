@@ -13,7 +13,7 @@ import pytest
 from delrec.cli import main
 from delrec.llm import gguf_import
 from delrec.llm.gguf_import import PACKAGED_MODELS, PackagedModel, bos_evidence
-from llm_fixtures import load_tiny, tiny_llama, tiny_llm_data  # noqa: F401 (fixtures)
+from llm_fixtures import load_tiny
 
 
 def one_line_error(capsys, argv) -> str:

@@ -29,7 +29,7 @@ from delrec.prompts import get_template
 from delrec.ranking.models import ModelSpec, describe_model
 from delrec.ranking.requests import build_requests
 from delrec.sr import PopConfig, SASRecConfig, TrainConfig, train_sr
-from llm_fixtures import load_tiny, tiny_llama, tiny_llm, tiny_llm_data, tiny_qwen2  # noqa: F401 (fixtures)
+from llm_fixtures import load_tiny
 
 HIDDEN = 32
 SR_DIM = 16
@@ -56,7 +56,7 @@ def finetune_args(data, out, sr_folder, **overrides) -> FinetuneArguments:
 
 
 def run_stage2(args, llm, **settings):
-    return finetune(args, ModelConfig(str(llm), dtype="float32", device="cpu"), LoraSettings(r=2, alpha=4, dropout=0.0),
+    return finetune(args, ModelConfig(str(llm), dtype="float32", device="cpu"), LoraSettings(r=2, lora_alpha=4, lora_dropout=0.0),
                     TrainingSettings(**{**SETTINGS, **settings}))
 
 
@@ -378,7 +378,7 @@ def test_stage2_with_item_tokens_under_ddp_matches_one_process(tiny_llm_data, ti
     from test_distributed import assert_same_run, launch
 
     config = [f"data: {tiny_llm_data}", f"model_name_or_path: {tiny_llama}", "soft_prompt: none", "template: plain",
-              f"item_tokens: {sasrec}", f"item_projector_hidden: {HIDDEN}", "r: 2", "alpha: 4", "dropout: 0.0",
+              f"item_tokens: {sasrec}", f"item_projector_hidden: {HIDDEN}", "r: 2", "lora_alpha: 4", "lora_dropout: 0.0",
               "learning_rate: 0.01", "test_max_instances: 8"]
     two = launch("finetune.py", config, tmp_path / "two", processes=2, batch=2)
     one = launch("finetune.py", config, tmp_path / "one", processes=1, batch=2, accumulation=2)

@@ -23,8 +23,7 @@ from delrec.cli import main
 from delrec.data.prepare import prepare_dataset
 from delrec.data.preprocess import PreprocessConfig
 from delrec.data.synthetic import make_synthetic
-from delrec.llm.trainer import last_complete_checkpoint
-from llm_fixtures import tiny_llama, tiny_llm_data  # noqa: F401 (fixtures)
+from delrec.llm.run_folder import last_complete_checkpoint
 
 SCRIPT = Path(sys.executable).with_name("delrec")
 EPOCHS = 4
@@ -103,7 +102,7 @@ def test_a_checkpoint_cut_short_by_a_kill_is_skipped(tmp_path):
 def test_stage2_killed_after_its_first_checkpoint_resumes_to_the_same_adapter(tiny_llm_data, tiny_llama, tmp_path):
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     flags = ["--data", str(tiny_llm_data), "--model_name_or_path", str(tiny_llama), "--soft_prompt", "random",
-             "--soft_prompt_tokens", "2", "--r", "2", "--alpha", "4", "--max_train_instances", "16",
+             "--soft_prompt_tokens", "2", "--r", "2", "--lora_alpha", "4", "--max_train_instances", "16",
              "--eval_max_instances", "4", "--test_max_instances", "4", "--max_length", "512",
              "--per_device_train_batch_size", "4", "--max_steps", "6", "--eval_steps", "2", "--logging_steps", "2",
              "--warmup_steps", "0", "--learning_rate", "0.01", "--device", "cpu", "--dtype", "float32",

@@ -10,7 +10,7 @@ import torch
 from delrec.llm.listwise import ListwiseCollator, listwise_loss
 from delrec.llm.scoring import rank_candidates, score_candidates, score_candidates_naive
 from delrec.llm.tokenization import encode_pair
-from llm_fixtures import load_tiny, tiny_llm, tiny_llm_data  # noqa: F401 (fixtures)
+from llm_fixtures import load_tiny
 
 PROMPTS = [
     "A user has played these games, from oldest to most recent:\n1. The Hollow Echo\nAnswer:\n",

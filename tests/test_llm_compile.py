@@ -8,13 +8,12 @@ from delrec.errors import DelrecError
 from delrec.llm import trainer
 from delrec.llm.loading import LoraSettings, ModelConfig, apply_lora, load_model
 from delrec.llm.trainer import TrainingSettings, compile_layers, compiles_layers
-from llm_fixtures import tiny_llama  # noqa: F401 (fixture)
 
 
 def lora_model(folder):
     torch.manual_seed(0)
     model, _ = load_model(ModelConfig(str(folder), dtype="float32", device="cpu"))
-    model = apply_lora(model, LoraSettings(r=2, alpha=4, dropout=0.0))
+    model = apply_lora(model, LoraSettings(r=2, lora_alpha=4, lora_dropout=0.0))
     for name, parameter in model.named_parameters():  # LoRA's B starts at 0: make the adapters act
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.02)

@@ -28,8 +28,6 @@ from cli_checks import snapshot
 from delrec.cli import main
 from delrec.errors import DelrecError
 from delrec.llm import gguf_import
-from llm_fixtures import tiny_llama, tiny_llm_data  # noqa: F401 (fixtures)
-from ranking_fixtures import stage2_llama  # noqa: F401 (fixtures)
 from test_gguf_import import tiny_gguf
 
 DISK_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"  # safetensors' own words
@@ -255,7 +253,7 @@ def test_a_full_disk_while_converting_a_gguf_leaves_no_cache_folder(private_cach
 # ----------------------------------------------------------------------------- stage-2 checkpoints
 
 STAGE2_FLAGS = ["--model_name_or_path", "{llm}", "--data", "{data}", "--soft_prompt", "random",
-                "--soft_prompt_tokens", "2", "--r", "2", "--alpha", "4", "--max_train_instances", "8",
+                "--soft_prompt_tokens", "2", "--r", "2", "--lora_alpha", "4", "--max_train_instances", "8",
                 "--eval_max_instances", "2", "--test_max_instances", "2", "--max_length", "512",
                 "--per_device_train_batch_size", "4", "--max_steps", "2", "--eval_steps", "1", "--logging_steps", "1",
                 "--warmup_steps", "0", "--device", "cpu", "--dtype", "float32", "--num_threads", "1", "--no_progress"]

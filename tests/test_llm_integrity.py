@@ -19,13 +19,11 @@ from safetensors.torch import load_file, save_file
 
 from cli_checks import snapshot
 from delrec.cli import main
-from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
 from delrec.llm.loading import LoraSettings, apply_lora
 from delrec.llm.tiny import TinyLLMConfig, build_tiny_llm
-from delrec.sr import PopConfig, TrainConfig, load_model, train_sr, write_predictions
-from llm_fixtures import load_tiny, tiny_llama, tiny_llm_data  # noqa: F401 (fixtures)
-from ranking_fixtures import make_stage2, stage2_llama  # noqa: F401 (fixtures)
+from llm_fixtures import load_tiny
+from ranking_fixtures import make_stage2
 from test_gguf_import import tiny_gguf
 from test_llm_corrupt import edit_json, finetune, one_line_error
 
@@ -53,17 +51,6 @@ def finished(tiny_llama, tiny_llm_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("integrity") / "run"
     assert main(finetune(out, tiny_llama, tiny_llm_data)) == 0
     return out
-
-
-@pytest.fixture(scope="module")
-def predictions(tiny_llm_data, tmp_path_factory) -> Path:
-    """Popularity predictions for train and valid (stage 1's input), in a second."""
-    folder = tmp_path_factory.mktemp("integrity-pop")
-    train_sr(tiny_llm_data, PopConfig(), TrainConfig(epochs=1, progress=False, device="cpu"), folder / "model")
-    dataset, model = PreparedDataset.load(tiny_llm_data), load_model(folder / "model", "cpu")
-    for split in ("train", "valid"):
-        write_predictions(folder / f"{split}.jsonl", model, dataset, split, 10, prefix_predictions=True)
-    return folder
 
 
 def stage1(out: Path, llm: Path, data: Path, predictions: Path) -> list:
@@ -143,7 +130,7 @@ def test_rank_refuses_a_stage2_folder_whose_base_model_changed(stage2_llama, tin
 def lora_adapter(base: Path, out: Path, r: int) -> Path:
     """A LoRA adapter of rank `r` on `base` (another run's), saved as the stages save theirs."""
     model, _ = load_tiny(base)
-    adapted = apply_lora(model, LoraSettings(r=r, alpha=2 * r, dropout=0.0))
+    adapted = apply_lora(model, LoraSettings(r=r, lora_alpha=2 * r, lora_dropout=0.0))
     adapted.save_pretrained(str(out), save_embedding_layers=False)
     return out
 
@@ -234,12 +221,12 @@ def test_resuming_refuses_a_checkpoint_of_another_run(finished, tiny_llama, tiny
     assert f"delete {checkpoint}" in err and snapshot(out) == before
 
 
-def test_resuming_refuses_a_checkpoint_of_the_other_stage(finished, tiny_llama, tiny_llm_data, predictions, tmp_path,
+def test_resuming_refuses_a_checkpoint_of_the_other_stage(finished, tiny_llama, tiny_llm_data, tiny_pop, tmp_path,
                                                           capsys, monkeypatch):
     """K08: a stage-2 checkpoint in a stage-1 run failed with "loaded state dict has a different number of parameter
     groups"."""
     out = tmp_path / "stage1"
-    argv = stage1(out, tiny_llama, tiny_llm_data, predictions)
+    argv = stage1(out, tiny_llama, tiny_llm_data, tiny_pop)
     started_but_not_trained(argv, monkeypatch)
     shutil.copytree(finished / "checkpoints" / "checkpoint-2", out / "checkpoints" / "checkpoint-2")
     before = snapshot(out)
@@ -412,7 +399,7 @@ def test_a_checkpoint_written_before_an_option_existed_resumes_while_the_option_
     """Adding `listwise_negatives` to stage 2 changed every run's identity hash, so the checkpoints of runs started
     before it (hours of games LoRA) could not be resumed; options are compared by name, a missing one as unset."""
     from delrec.errors import DelrecError
-    from delrec.llm.trainer import RUN_IDENTITY_FILE, _check_identity, run_identity
+    from delrec.llm.run_folder import RUN_IDENTITY_FILE, _check_identity, run_identity
 
     before = {"seed": 0, "objective": "listwise", "out": "a"}
     checkpoint = tmp_path / "checkpoint-96"

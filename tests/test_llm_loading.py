@@ -10,7 +10,7 @@ from delrec.config import parse_command
 from delrec.errors import DelrecError
 from delrec.llm import loading
 from delrec.llm.loading import LoraSettings, ModelConfig, apply_lora, embeddings_tied, load_model
-from llm_fixtures import load_tiny, tiny_llama, tiny_llm, tiny_llm_data, tiny_qwen2  # noqa: F401 (fixtures)
+from llm_fixtures import load_tiny
 
 
 def one_line_error(config: ModelConfig) -> str:
@@ -60,7 +60,7 @@ def test_no_pad_and_no_eos_adds_a_pad_token_and_grows_the_embeddings(tiny_qwen2,
 @pytest.mark.parametrize("targets", [["all-linear"], ["q_proj", "v_proj"]])
 def test_lora_trains_only_the_adapter(tiny_llm, targets):
     model, _ = load_tiny(tiny_llm)
-    model = apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=targets))
+    model = apply_lora(model, LoraSettings(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
     if targets == ["all-linear"]:

@@ -6,6 +6,7 @@ import torch
 
 from delrec.metrics import (
     RankingMetrics,
+    above_chance,
     candidate_metrics,
     exclude_history_,
     full_ranking_metrics,
@@ -13,6 +14,7 @@ from delrec.metrics import (
     history_mask,
     instance_metrics,
     metrics_from_ranked_lists,
+    paired_difference,
     target_rank_counts,
 )
 
@@ -267,3 +269,24 @@ def test_per_instance_full_ranking_averages_to_evaluate_full(tmp_path):
     assert float(values["hr@10"].mean()) == pytest.approx(expected["hr@10"], abs=1e-12)
     one = per_instance_full(model, instances[3:4], 10)["ndcg@10"]
     assert float(one[0]) == pytest.approx(float(values["ndcg@10"][3]), abs=1e-12)
+
+
+def test_above_chance_uses_two_binomial_standard_errors_at_the_chance_level():
+    above, margin = above_chance(0.3, 0.05, 100)
+    assert margin == pytest.approx(2 * math.sqrt(0.05 * 0.95 / 100)) == pytest.approx(0.0435889894)
+    assert above
+    assert above_chance(0.05 + 0.0436, 0.05, 100)[0]  # just beyond the margin
+    assert not above_chance(0.05 + 0.0435, 0.05, 100)[0]  # just within it
+    assert not above_chance(0.05, 0.05, 100)[0]
+    assert above_chance(0.5, 0.25, 400)[1] == pytest.approx(2 * math.sqrt(0.25 * 0.75 / 400))  # 0.0433
+
+
+def test_paired_difference_is_the_mean_difference_against_two_standard_errors():
+    small = paired_difference([1, 0, 1, 1], [0, 0, 1, 0])  # diffs 1, 0, 0, 1: sd sqrt(1/3), se sqrt(1/3) / 2
+    assert small.difference == 0.5 and small.n == 4
+    assert small.margin == pytest.approx(2 * math.sqrt(1 / 3) / 2) and small.verdict == "within noise"
+    large = paired_difference([1, 0, 1, 1] * 25, [0, 0, 1, 0] * 25)
+    assert large.margin == pytest.approx(2 * math.sqrt(25 / 99) / 10) and large.verdict == "better"
+    assert paired_difference([0, 0, 1, 0] * 25, [1, 0, 1, 1] * 25).verdict == "worse"
+    with pytest.raises(ValueError):
+        paired_difference([1, 0], [1])

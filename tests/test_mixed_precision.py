@@ -14,8 +14,7 @@ from delrec.llm.loading import LoraSettings, ModelConfig
 from delrec.llm.stage1 import distill_pattern
 from delrec.llm.stage2 import FinetuneArguments, finetune
 from delrec.llm.trainer import TrainingSettings, training_model_config, training_precision
-from llm_fixtures import tiny_llama, tiny_llm_data  # noqa: F401 (fixtures)
-from test_delrec_training import FAST, predictions, stage1_args  # noqa: F401 (fixtures)
+from test_delrec_training import FAST, stage1_args
 
 # |bf16 - fp32| of the logged training losses of the tiny runs below measured at most 0.0009 (losses of about 7
 # nats; AMD EPYC, 2026-12-06): ten times that, while a step of the learning rate moves the loss by 0.1 or more.
@@ -37,7 +36,7 @@ def stage2_runs(tiny_llm_data, tiny_llama, tmp_path_factory):
         out = tmp_path_factory.mktemp(f"stage2-{precision}") / "run"
         args = FinetuneArguments(data=str(tiny_llm_data), out=str(out), soft_prompt="random", soft_prompt_tokens=4,
                                  max_train_instances=24, eval_max_instances=6, test_max_instances=8, max_length=512)
-        runs[precision] = finetune(args, auto_dtype(tiny_llama), LoraSettings(r=2, alpha=4, dropout=0.0),
+        runs[precision] = finetune(args, auto_dtype(tiny_llama), LoraSettings(r=2, lora_alpha=4, lora_dropout=0.0),
                                    TrainingSettings(**{**FAST, "learning_rate": 1e-2, "mixed_precision": precision}))
     return runs
 
@@ -59,8 +58,8 @@ def test_bf16_stage2_losses_follow_float32_within_tolerance(stage2_runs):
     assert bf16 != fp32  # the two runs did compute in different precisions
 
 
-def test_bf16_stage1_trains_float32_rows_of_a_bf16_model(tiny_llm_data, tiny_llama, predictions, tmp_path):
-    results = {precision: distill_pattern(stage1_args(tiny_llm_data, predictions, tmp_path / precision),
+def test_bf16_stage1_trains_float32_rows_of_a_bf16_model(tiny_llm_data, tiny_llama, tiny_pop, tmp_path):
+    results = {precision: distill_pattern(stage1_args(tiny_llm_data, tiny_pop, tmp_path / precision),
                                           auto_dtype(tiny_llama),
                                           TrainingSettings(**{**FAST, "mixed_precision": precision}))
                for precision in ("no", "bf16")}

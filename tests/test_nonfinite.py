@@ -23,8 +23,7 @@ from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
 from delrec.predictions import meta_path
 from delrec.sr import TrainConfig, load_model, train_sr, write_predictions
-from distill_fixtures import TINY_SASREC, sr_model, sr_teacher  # noqa: F401 (fixtures)
-from llm_fixtures import tiny_llama, tiny_llm_data  # noqa: F401 (fixtures)
+from distill_fixtures import TINY_SASREC
 
 WEIGHTS = "model.safetensors"
 TINY_SASREC_FLAGS = ["--hidden_size", str(TINY_SASREC.hidden_size), "--num_layers", str(TINY_SASREC.num_layers),

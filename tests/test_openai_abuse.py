@@ -28,8 +28,6 @@ from delrec.ranking import hf
 from delrec.ranking.base import Backend, ReadoutConfig, rankings_writer, read_out
 from delrec.ranking.requests import RankingRequest
 from delrec.ranking.trie import beam_search, build_trie
-from llm_fixtures import tiny_llama, tiny_llm_data  # noqa: F401 (fixtures)
-from ranking_fixtures import export_llama  # noqa: F401 (fixtures)
 
 MODELS = {"object": "list", "data": [{"id": "tiny", "max_model_len": 512}]}
 TRICKLE_SECONDS = 0.1  # between two bytes of a trickled answer

@@ -19,12 +19,11 @@ import pytest
 
 from delrec.cli import main
 from delrec.io import read_json, read_jsonl
-from llm_fixtures import tiny_llm_data  # noqa: F401 (fixtures)
-from ranking_fixtures import export_llama  # noqa: F401 (fixtures)
-from vllm_fixtures import ENGINE, TIE, vllm_env  # noqa: F401 (fixtures)
+from vllm_fixtures import ENGINE, TIE
 
 pytestmark = [
     pytest.mark.vllm,
+    pytest.mark.usefixtures("vllm_env"),  # first: without vllm, skip before building any model
     pytest.mark.filterwarnings("ignore:`torch.distributed.reduce_op` is deprecated:FutureWarning"),
     pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
 ]

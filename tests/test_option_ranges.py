@@ -22,8 +22,6 @@ import torch
 from cli_checks import one_line_error, run_cli, snapshot
 from delrec.config import SEED, Bounds, memory_for, range_problem
 from delrec.errors import DelrecError
-from distill_fixtures import sr_model, sr_teacher  # noqa: F401 (fixtures)
-from llm_fixtures import tiny_llama, tiny_llm_data  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,7 +145,7 @@ def test_delrec_run_names_the_file_section_key_and_value(tmp_path, capsys, secti
 
 def command_variants():
     """(command words, config dataclasses) of every command, one variant per model, method and backend."""
-    from delrec.cli import data, llm, prompts, rank, serve, sr, student, teacher
+    from delrec.cli import data, export, llm, prompts, serve, sr, student, teacher
     from delrec.data.preprocess import PreprocessConfig
     from delrec.distill.teacher_export import TeacherExportConfig
     from delrec.distill.student import METHODS
@@ -166,14 +164,14 @@ def command_variants():
     yield ["llm", "build-tiny"], [llm.BuildTinyArguments, llm.TinyLLMConfig]
     yield ["llm", "distill-pattern"], llm.distill_classes()
     yield ["llm", "finetune"], llm.finetune_classes()
-    yield ["prompts", "list"], [prompts.FolderArguments]
-    yield ["prompts", "render"], [prompts.RenderArguments, prompts.FolderArguments]
-    yield ["prompts", "lint"], [prompts.LintArguments, prompts.FolderArguments]
+    yield ["prompts", "list"], [prompts.PromptsFolder]
+    yield ["prompts", "render"], [prompts.RenderArguments, prompts.PromptsFolder]
+    yield ["prompts", "lint"], [prompts.LintArguments, prompts.PromptsFolder]
     for backend in BACKENDS:
         yield ["rank", "--backend", backend], [RankArguments, ReadoutConfig, backend_module(backend).Options]
     for backend in typing.get_args(typing.get_type_hints(TeacherExportConfig)["backend"]):
         yield ["teacher", "export", "--backend", backend], teacher.export_classes(["--backend", backend])
-    yield ["export"], [rank.ExportArguments]
+    yield ["export"], [export.ExportArguments]
     for method in METHODS:
         yield (["student", "train", "--model", "sasrec", "--method", method],
                student.train_classes(["--model", "sasrec", "--method", method]))

@@ -10,80 +10,20 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-import yaml
 
 from delrec.cli import main
 from delrec.pipeline import STAGE_FILE, STAGES, builtin_demo_config, load_config, plan
 from delrec.errors import DelrecError
-from delrec.pipeline.options import DataOptions, LatencyOptions, LLMOptions, Stage2Options
+from delrec.pipeline.options import DataOptions, LLMOptions
 from delrec.pipeline.plan import _digest, _outside_inputs, fingerprint_path
+from pipeline_fixtures import CONFIG, plan_lines, records, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CONFIG = {
-    "threads": 1,
-    "data": {"format": "synthetic", "synthetic_users": 60, "synthetic_items": 40, "synthetic_min_length": 5,
-             "synthetic_max_length": 9, "num_candidates": 8},
-    "sr": {"pop": {"model": "pop"}, "sasrec": {"model": "sasrec", "hidden_size": 16, "num_layers": 1, "epochs": 2}},
-    "predictions": {"model": "sasrec", "topk": 10},
-    "llm": {"pretrain_steps": 2, "batch_size": 4, "block_size": 64, "max_position_embeddings": 512,
-            "dtype": "float32", "device": "cpu"},
-    "stage1": {"soft_prompt_tokens": 4, "max_train_instances": 8, "eval_max_instances": 4, "max_length": 512,
-               "max_steps": 2, "per_device_train_batch_size": 4, "eval_steps": 1, "logging_steps": 1},
-    "stage2": {"variants": ["stage1", "none"], "r": 2, "alpha": 4, "max_train_instances": 8, "eval_max_instances": 4,
-               "test_max_instances": 4, "max_length": 512, "max_steps": 2, "per_device_train_batch_size": 4,
-               "eval_steps": 1, "logging_steps": 1},
-    "rank": {"backends": ["hf"], "max_instances": 12, "hf": {"device": "cpu"}},
-    "teacher": {"llm": {"model": "stage2/stage1", "mode": "grounding", "topk": 10, "max_new_tokens": 4,
-                        "device": "cpu"},
-                "sasrec": {"model": "sr/sasrec", "topk": 10}},
-    "students": {"model": "sasrec", "hidden_size": 8, "num_layers": 1, "epochs": 2, "device": "cpu",
-                 "runs": {"alone": {"method": "none"}, "distilled": {"method": "dllm2rec", "teacher": ["llm"]}}},
-    "latency": {"users": 10, "repeats": 2, "topk": 10},
-    "report": {"full_k": 10},
-}
-
-
-def write_config(folder: Path, config: dict, name: str = "pipeline.yaml") -> Path:
-    path = folder / name
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """(config file, run folder) of one whole run."""
-    folder = tmp_path_factory.mktemp("pipeline")
-    config = write_config(folder, CONFIG)
-    run = folder / "run"
-    assert main(["run", str(config), "--out", str(run)]) == 0
-    return config, run
-
-
-@pytest.fixture
-def run_copy(finished_run, tmp_path):
-    """A copy of the finished run to change (paths inside model folders still point at the original, which stays)."""
-    config, run = finished_run
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy)
-    return config, copy
-
-
-def records(run: Path) -> dict[str, dict]:
-    return {s: json.loads((run / s / STAGE_FILE).read_text()) for s in STAGES}
-
-
-def plan_lines(capsys, config: Path, run: Path, *extra: str) -> dict[str, str]:
-    """`delrec run --dry-run`: stage -> 'action reason'."""
-    capsys.readouterr()
-    assert main(["run", str(config), "--out", str(run), "--dry-run", *extra]) == 0
-    lines = capsys.readouterr().out.splitlines()[1:]
-    return {line.split()[0]: " ".join(line.split()[1:]) for line in lines}
-
 
 @pytest.mark.slow
-def test_a_full_run_writes_every_stage_the_report_and_plots(finished_run):
-    _, run = finished_run
+def test_a_full_run_writes_every_stage_the_report_and_plots(pipeline_run):
+    _, run = pipeline_run
     for stage, record in records(run).items():
         assert record["status"] == "finished" and record["hash"] and record["seconds"] >= 0, stage
         assert set(record) >= {"hash", "inputs", "config", "started", "finished", "seconds", "status"}
@@ -130,8 +70,8 @@ def test_a_full_run_writes_every_stage_the_report_and_plots(finished_run):
 
 
 @pytest.mark.slow
-def test_a_second_run_skips_every_stage(finished_run, capsys):
-    config, run = finished_run
+def test_a_second_run_skips_every_stage(pipeline_run, capsys):
+    config, run = pipeline_run
     before = records(run)
     plan = plan_lines(capsys, config, run)
     assert list(plan) == list(STAGES) and all(line.startswith("skip unchanged") for line in plan.values())
@@ -140,8 +80,8 @@ def test_a_second_run_skips_every_stage(finished_run, capsys):
 
 
 @pytest.mark.slow
-def test_a_changed_stage_reruns_with_everything_downstream_only(run_copy, tmp_path, capsys):
-    config, run = run_copy
+def test_a_changed_stage_reruns_with_everything_downstream_only(pipeline_copy, tmp_path, capsys):
+    config, run = pipeline_copy
     changed = json.loads(json.dumps(CONFIG))
     changed["students"]["epochs"] = 3
     config = write_config(tmp_path, changed, "changed.yaml")
@@ -159,8 +99,8 @@ def test_a_changed_stage_reruns_with_everything_downstream_only(run_copy, tmp_pa
 
 
 @pytest.mark.slow
-def test_only_and_from_force_their_stages(run_copy, capsys):
-    config, run = run_copy
+def test_only_and_from_force_their_stages(pipeline_copy, capsys):
+    config, run = pipeline_copy
     before = records(run)
     plan = plan_lines(capsys, config, run, "--only", "report")
     assert plan["report"] == "run forced by --only report"
@@ -179,8 +119,8 @@ def test_only_and_from_force_their_stages(run_copy, capsys):
 
 
 @pytest.mark.slow
-def test_only_refuses_a_stage_whose_inputs_are_not_up_to_date(run_copy, tmp_path, capsys):
-    config, run = run_copy
+def test_only_refuses_a_stage_whose_inputs_are_not_up_to_date(pipeline_copy, tmp_path, capsys):
+    config, run = pipeline_copy
     changed = json.loads(json.dumps(CONFIG))
     changed["teacher"]["sasrec"]["topk"] = 12
     config = write_config(tmp_path, changed, "changed.yaml")
@@ -191,8 +131,8 @@ def test_only_refuses_a_stage_whose_inputs_are_not_up_to_date(run_copy, tmp_path
 
 
 @pytest.mark.slow
-def test_an_interrupted_stage_resumes_and_keeps_its_finished_parts(run_copy, capsys):
-    config, run = run_copy
+def test_an_interrupted_stage_resumes_and_keeps_its_finished_parts(pipeline_copy, capsys):
+    config, run = pipeline_copy
     stage = run / "students" / STAGE_FILE
     record = json.loads(stage.read_text())
     expected = json.loads((run / "students" / "distilled" / "metrics.json").read_text())
@@ -208,8 +148,8 @@ def test_an_interrupted_stage_resumes_and_keeps_its_finished_parts(run_copy, cap
     assert resumed["test"] == expected["test"] and resumed["epochs_run"] == expected["epochs_run"]
 
 
-def test_stage2_item_tokens_name_the_runs_sr_model_or_fingerprint_an_outside_folder(run_copy, tmp_path, capsys):
-    config, run = run_copy
+def test_stage2_item_tokens_name_the_runs_sr_model_or_fingerprint_an_outside_folder(pipeline_copy, tmp_path, capsys):
+    config, run = pipeline_copy
     hybrid = json.loads(json.dumps(CONFIG))
     hybrid["stage2"]["item_tokens"] = "sr/sasrec"
     path = write_config(tmp_path, hybrid, "hybrid.yaml")
@@ -271,34 +211,16 @@ def test_the_builtin_demo_config_plans_every_stage(tmp_path, capsys):
     assert out[1].split()[1:] == ["run", "not", "run", "yet"]
 
 
-def test_the_builtin_demo_config_validates_into_the_options_its_yaml_sets():
-    from delrec.data.preprocess import PreprocessConfig
-    from delrec.distill.teacher_export import TeacherExportConfig
-    from delrec.distill.student import StudentConfig
-    from delrec.llm.loading import LoraSettings
-    from delrec.llm.trainer import TrainingSettings
-    from delrec.sr.trainer import TrainConfig
-
-    with resources.as_file(builtin_demo_config()) as path:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        config = load_config(path)
-    assert config.run.threads == raw["threads"] == 1
-    data = config.sections["data"]
-    assert data.get(DataOptions).synthetic_users == raw["data"]["synthetic_users"]
-    assert data.get(PreprocessConfig).num_candidates == raw["data"]["num_candidates"]
-    assert list(config.sr_models) == list(raw["sr"]) == ["pop", "sasrec"]
-    assert config.sr_models["sasrec"].get(TrainConfig).epochs == raw["sr"]["sasrec"]["epochs"]
-    stage2 = config.sections["stage2"]
-    assert stage2.get(Stage2Options).variants == raw["stage2"]["variants"]
-    assert stage2.get(LoraSettings).r == raw["stage2"]["r"]
-    assert stage2.get(TrainingSettings).progress is False  # the pipeline's default: no progress bars in stage.log
-    assert config.stage_config("stage2")["model"]["dtype"] == raw["llm"]["dtype"]  # loading options reach stage 2
-    assert list(config.rank_backends) == raw["rank"]["backends"]
-    assert {n: e.get(TeacherExportConfig).model for n, e in config.teachers.items()} == {
-        n: entry["model"] for n, entry in raw["teacher"].items()}
-    assert {n: e.get(StudentConfig).teacher for n, e in config.student_runs.items()} == {
-        n: run.get("teacher", []) for n, run in raw["students"]["runs"].items()}
-    assert config.sections["latency"].get(LatencyOptions).users == raw["latency"]["users"]
+@pytest.mark.slow
+def test_the_llms_loading_options_rerun_stages_1_and_2_not_the_llm_build(pipeline_run, tmp_path, capsys):
+    """`llm.dtype` acts where the LLM is loaded (stages 1 and 2), not in the build: changing it re-runs from stage 1."""
+    _, run = pipeline_run
+    changed = json.loads(json.dumps(CONFIG))
+    changed["llm"]["dtype"] = "bfloat16"
+    plan = plan_lines(capsys, write_config(tmp_path, changed, "changed.yaml"), run)
+    assert all(plan[s].startswith("skip unchanged") for s in STAGES[: STAGES.index("stage1")]), plan
+    assert plan["stage1"] == "run config changed (stage1.model.dtype: 'float32' -> 'bfloat16')", plan
+    assert plan["stage2"].startswith("run") and plan["report"].startswith("run input"), plan
 
 
 @pytest.mark.parametrize("llm, shipped", [("tiny", "demo.yaml"), ("gemma-3-270m", "demo-gemma.yaml")])

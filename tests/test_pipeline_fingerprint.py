@@ -18,7 +18,7 @@ from delrec.cli import main
 from delrec.pipeline import STAGE_FILE, STAGES
 from delrec.pipeline.digests import FileDigests
 from delrec.pipeline.layout import DIGESTS_FILE
-from test_pipeline import finished_run, plan_lines, records, run_copy, write_config  # noqa: F401 (fixtures)
+from pipeline_fixtures import plan_lines, records, write_config
 
 
 def edit_keeping_size_and_mtime(path: Path) -> None:
@@ -106,8 +106,8 @@ def test_a_file_is_read_again_only_when_its_stat_moved(csv_run, count_reads, tmp
 
 
 @pytest.mark.slow
-def test_a_deleted_output_reruns_its_stage_and_everything_downstream(run_copy, capsys):
-    config, run = run_copy
+def test_a_deleted_output_reruns_its_stage_and_everything_downstream(pipeline_copy, capsys):
+    config, run = pipeline_copy
     before = records(run)
     deleted = run / "rank" / "soft-prompt-hf" / "rankings.jsonl"
     deleted.unlink()
@@ -125,8 +125,8 @@ def test_a_deleted_output_reruns_its_stage_and_everything_downstream(run_copy, c
 
 
 @pytest.mark.slow
-def test_an_edited_output_reruns_its_stage_and_everything_downstream(run_copy, capsys):
-    config, run = run_copy
+def test_an_edited_output_reruns_its_stage_and_everything_downstream(pipeline_copy, capsys):
+    config, run = pipeline_copy
     edited = run / "teacher" / "llm" / "teacher.json"
     edit_keeping_size_and_mtime(edited)
     plan = plan_lines(capsys, config, run)

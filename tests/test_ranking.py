@@ -22,8 +22,6 @@ from delrec.ranking.base import Backend, Ranked, RunSummary, read_out
 from delrec.ranking.hf import HFBackend
 from delrec.ranking.models import describe_model
 from delrec.ranking.requests import RankingRequest, build_requests
-from llm_fixtures import tiny_llama, tiny_llm_data  # noqa: F401 (fixtures)
-from ranking_fixtures import stage2_llama  # noqa: F401 (fixtures)
 
 PROMPTS = [
     "A user has played these games, from oldest to most recent:\n1. The Hollow Echo\n2. Endless Compass II\nAnswer:\n",

@@ -6,17 +6,7 @@ import math
 
 import pytest
 
-from delrec.report import Results, Row, _arrows, _verdicts, above_chance
-
-
-def test_above_chance_uses_two_binomial_standard_errors_at_the_chance_level():
-    above, margin = above_chance(0.3, 0.05, 100)
-    assert margin == pytest.approx(2 * math.sqrt(0.05 * 0.95 / 100)) == pytest.approx(0.0435889894)
-    assert above
-    assert above_chance(0.05 + 0.0436, 0.05, 100)[0]  # just beyond the margin
-    assert not above_chance(0.05 + 0.0435, 0.05, 100)[0]  # just within it
-    assert not above_chance(0.05, 0.05, 100)[0]
-    assert above_chance(0.5, 0.25, 400)[1] == pytest.approx(2 * math.sqrt(0.25 * 0.75 / 400))  # 0.0433
+from delrec.pipeline.report import Results, Row, arrow_lines, verdict_lines
 
 
 def llm_results(tmp_path, hr1: float, instances: int) -> Results:
@@ -26,7 +16,7 @@ def llm_results(tmp_path, hr1: float, instances: int) -> Results:
 
 @pytest.mark.parametrize("hr1, verdict", [(0.0936, "above chance"), (0.0935, "NOT distinguishable from chance")])
 def test_the_llm_verdict_compares_hr1_with_chance_over_its_instances(tmp_path, hr1, verdict):
-    [line] = _verdicts(llm_results(tmp_path, hr1, 100))
+    [line] = verdict_lines(llm_results(tmp_path, hr1, 100))
     assert line == (f"LLM: HR@1 {hr1:.3f} vs chance 0.050 over 100 instances: {verdict} "
                     "(2 standard errors = 0.044).")
 
@@ -46,7 +36,7 @@ def test_a_students_gain_counts_only_beyond_two_standard_errors_of_the_paired_di
     p = wins / 10
     two_se = math.sqrt(p * (1 - p) / 9)
     assert two_se == pytest.approx({4: 0.163299, 3: 0.152753}[wins], abs=1e-6)
-    [line] = _verdicts(student_results(tmp_path, wins))
+    [line] = verdict_lines(student_results(tmp_path, wins))
     assert line == (f"student SASRec + DLLM2Rec: NDCG@10 {0.5 + p / 2:.4f} vs 0.5000 alone ({p * 100:+.1f}%); paired "
                     f"per-user difference {p / 2:+.4f} is {noise} the noise of 10 test users (2 standard errors "
                     f"{two_se:.4f}).")
@@ -71,23 +61,10 @@ def test_the_soft_prompt_verdict_is_a_paired_test_over_the_same_instances(tmp_pa
     write_rankings(tmp_path / "with", better if sign > 0 else [False] * 10)
     write_rankings(tmp_path / "without", [False] * 10 if sign > 0 else better)
     records = {"rank": {"outputs": {"runs": {"stage1/hf": {"folder": "with"}, "none/hf": {"folder": "without"}}}}}
-    [line] = _arrows(Results(tmp_path, 10, records))
+    [line] = arrow_lines(Results(tmp_path, 10, records))
     assert line == (f"Soft prompt -> LLM (stage 2): the distilled soft prompt, against none (same LLM, same stage-2 "
                     f"budget), {verdict}: paired NDCG@5 difference {sign * p:+.3f}, 2 standard errors {two_se:.3f}, "
                     "10 test instances.")
-
-
-def test_paired_difference_is_the_mean_difference_against_two_standard_errors():
-    from delrec.metrics import paired_difference
-
-    small = paired_difference([1, 0, 1, 1], [0, 0, 1, 0])  # diffs 1, 0, 0, 1: sd sqrt(1/3), se sqrt(1/3) / 2
-    assert small.difference == 0.5 and small.n == 4
-    assert small.margin == pytest.approx(2 * math.sqrt(1 / 3) / 2) and small.verdict == "within noise"
-    large = paired_difference([1, 0, 1, 1] * 25, [0, 0, 1, 0] * 25)
-    assert large.margin == pytest.approx(2 * math.sqrt(25 / 99) / 10) and large.verdict == "better"
-    assert paired_difference([0, 0, 1, 0] * 25, [1, 0, 1, 1] * 25).verdict == "worse"
-    with pytest.raises(ValueError):
-        paired_difference([1, 0], [1])
 
 
 def test_the_first_arrow_is_stage1s_rps_agreement_against_chance(tmp_path):
@@ -99,10 +76,10 @@ def test_the_first_arrow_is_stage1s_rps_agreement_against_chance(tmp_path):
                "instances": {"valid": [{"task": "ta", "instances": 100}, {"task": "rps", "instances": 100}]}}
     (folder / "metrics.json").write_text(json.dumps(metrics))
     records = {"stage1": {"outputs": {"folder": "stage1/soft-prompt"}}}
-    [line] = _arrows(Results(tmp_path, 10, records))
+    [line] = arrow_lines(Results(tmp_path, 10, records))
     assert line == ("SR -> soft prompt (stage 1): the LLM reading the soft prompt agrees with the SR model's top-1 on "
                     "0.200 of 100 valid instances (before training 0.060, chance 0.050): the pattern reached the soft "
                     "prompt (2 standard errors = 0.044).")
     metrics["valid"]["rps_agreement"] = 0.09
     (folder / "metrics.json").write_text(json.dumps(metrics))
-    assert "NOT distinguishable from chance" in _arrows(Results(tmp_path, 10, records))[0]
+    assert "NOT distinguishable from chance" in arrow_lines(Results(tmp_path, 10, records))[0]

@@ -20,7 +20,7 @@ from delrec.llm.scoring import (
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.tokenization import adds_bos, decode_completion, encode_completion, encode_pair, encode_prompt
 from delrec.prompts import get_template
-from llm_fixtures import load_tiny, tiny_llm, tiny_llm_data  # noqa: F401 (fixtures)
+from llm_fixtures import load_tiny
 
 ONE_TOKEN_TITLE = "The"
 PROMPTS = [
@@ -209,7 +209,7 @@ def test_prompt_with_soft_prompt_tokens(tiny_llm):
 
 def test_peft_model_in_training_mode_is_scored_without_dropout_and_left_training(tiny_llm):
     model, tokenizer = load_tiny(tiny_llm)
-    peft_model = apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.5))
+    peft_model = apply_lora(model, LoraSettings(r=4, lora_alpha=8, lora_dropout=0.5))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # LoRA starts as a no-op (B = 0); give it an effect
         for name, parameter in peft_model.named_parameters():

@@ -17,8 +17,6 @@ from pathlib import Path
 import pytest
 
 from delrec.cli import main
-from llm_fixtures import tiny_llama, tiny_llm_data  # noqa: F401 (fixtures)
-from ranking_fixtures import stage2_llama  # noqa: F401 (fixtures)
 
 REFUSAL = "delrec.json: this model was trained with trust_remote_code"
 

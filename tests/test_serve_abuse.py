@@ -21,8 +21,6 @@ import torch
 from delrec.cli import main
 from delrec.data.dataset import PreparedDataset
 from delrec.sr import load_model
-from distill_fixtures import sr_model  # noqa: F401 (fixtures)
-from llm_fixtures import tiny_llm_data  # noqa: F401 (fixtures)
 
 pytest.importorskip("fastapi", reason="delrec serve needs the [serve] extra (FastAPI + uvicorn)")
 

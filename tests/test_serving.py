@@ -25,8 +25,6 @@ from delrec.errors import DelrecError
 from delrec.io import read_jsonl
 from delrec.sr import load_model
 from delrec.sr.evaluate import write_predictions
-from distill_fixtures import sr_model  # noqa: F401 (fixtures)
-from llm_fixtures import tiny_llm_data  # noqa: F401 (fixtures)
 
 pytest.importorskip("fastapi", reason="delrec serve needs the [serve] extra (FastAPI + uvicorn)")
 

@@ -7,7 +7,7 @@ import torch
 from delrec.errors import DelrecError
 from delrec.llm.loading import LoraSettings, apply_lora, embeddings_tied
 from delrec.llm.soft_prompt import SOFT_PROMPT_FILE, SoftPrompt
-from llm_fixtures import load_tiny, tiny_llama, tiny_llm, tiny_llm_data, tiny_qwen2  # noqa: F401 (fixtures)
+from llm_fixtures import load_tiny
 
 P = 6
 TEMPLATE = "The recommendation pattern of the SASRec model is: {{ soft_prompt }}. History: {{ history }}. Next:"
@@ -152,7 +152,7 @@ def test_two_soft_prompts_coexist_independently(tiny_llm, tmp_path):
 def test_lora_on_top_trains_while_the_soft_rows_stay_frozen(tiny_llm):
     model, tokenizer = load_tiny(tiny_llm)
     prompt = SoftPrompt("sasrec", P).add_to(model, tokenizer)
-    model = apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    model = apply_lora(model, LoraSettings(r=4, lora_alpha=8, lora_dropout=0.0))
     prompt.freeze(model)
     embedding_before = model.get_input_embeddings().weight.detach().clone()
     head_before = model.get_output_embeddings().weight.detach().clone()

@@ -7,17 +7,11 @@ import pytest
 
 from delrec.cli import main
 from delrec.data.dataset import PreparedDataset
-from delrec.data.prepare import prepare_dataset
-from delrec.data.preprocess import PreprocessConfig
-from delrec.data.synthetic import make_synthetic
 from delrec.errors import DelrecError
 from delrec.metrics import metrics_from_ranked_lists
 from delrec.predictions import read_predictions
-
-TINY_FLAGS = [
-    "--hidden_size", "16", "--num_layers", "1", "--num_heads", "1", "--inner_size", "32",
-    "--epochs", "3", "--lr", "0.01", "--batch_size", "32", "--no_progress", "--num_threads", "1",
-]
+from delrec.sr import load_model
+from sr_fixtures import TINY_FLAGS
 
 
 def run(args):
@@ -28,15 +22,9 @@ def run(args):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    raw = make_synthetic(num_users=200, num_items=50, min_length=6, max_length=16, seed=3)
-    return prepare_dataset(raw, PreprocessConfig(num_candidates=10), tmp_path_factory.mktemp("cli") / "data").path
-
-
-@pytest.fixture(scope="module")
-def trained(data_dir, tmp_path_factory):
+def trained(sr_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "sasrec"
-    assert run(["sr", "train", "--data", str(data_dir), "--model", "sasrec", "--out", str(out), *TINY_FLAGS]) == 0
+    assert run(["sr", "train", "--data", str(sr_data), "--model", "sasrec", "--out", str(out), *TINY_FLAGS]) == 0
     return out
 
 
@@ -47,9 +35,9 @@ def test_train_writes_model_and_metrics(trained, capsys):
     assert json.loads((trained / "config.json").read_text())["model_type"] == "sasrec"
 
 
-def test_evaluate_prints_and_writes_the_same_metrics(trained, data_dir, tmp_path, capsys):
+def test_evaluate_prints_and_writes_the_same_metrics(trained, sr_data, tmp_path, capsys):
     capsys.readouterr()
-    assert run(["sr", "evaluate", "--model", str(trained), "--data", str(data_dir), "--out", str(tmp_path),
+    assert run(["sr", "evaluate", "--model", str(trained), "--data", str(sr_data), "--out", str(tmp_path),
                 "--device", "cpu"]) == 0
     printed = json.loads(capsys.readouterr().out)
     written = json.loads((tmp_path / "evaluation.json").read_text())
@@ -58,9 +46,9 @@ def test_evaluate_prints_and_writes_the_same_metrics(trained, data_dir, tmp_path
         assert printed[key] == written[key] == trained_metrics[key]
 
 
-def test_evaluate_in_the_model_folder_keeps_the_training_metrics(trained, data_dir, capsys):
+def test_evaluate_in_the_model_folder_keeps_the_training_metrics(trained, sr_data, capsys):
     before = (trained / "metrics.json").read_bytes()
-    assert run(["sr", "evaluate", "--model", str(trained), "--data", str(data_dir), "--device", "cpu",
+    assert run(["sr", "evaluate", "--model", str(trained), "--data", str(sr_data), "--device", "cpu",
                 "--keep_history"]) == 0
     assert (trained / "metrics.json").read_bytes() == before
     evaluation = json.loads((trained / "evaluation.json").read_text())
@@ -68,12 +56,12 @@ def test_evaluate_in_the_model_folder_keeps_the_training_metrics(trained, data_d
     (trained / "evaluation.json").unlink()
 
 
-def test_predictions_reproduce_metrics_json(trained, data_dir, tmp_path):
-    dataset = PreparedDataset.load(data_dir)
+def test_predictions_reproduce_metrics_json(trained, sr_data, tmp_path):
+    dataset = PreparedDataset.load(sr_data)
     metrics = json.loads((trained / "metrics.json").read_text())
     for split in ("valid", "test"):
         path = tmp_path / f"{split}.jsonl"
-        assert run(["sr", "predict", "--model", str(trained), "--data", str(data_dir), "--split", split,
+        assert run(["sr", "predict", "--model", str(trained), "--data", str(sr_data), "--split", split,
                     "--topk", "20", "--out", str(path)]) == 0
         predictions = read_predictions(path, dataset, split)
         assert predictions.meta["topk"] == 20 and predictions.meta["model"]["model_type"] == "sasrec"
@@ -84,10 +72,10 @@ def test_predictions_reproduce_metrics_json(trained, data_dir, tmp_path):
         assert from_file == pytest.approx(metrics[split], abs=1e-12)
 
 
-def test_predictions_reader_validates_the_file(trained, data_dir, tmp_path):
-    dataset = PreparedDataset.load(data_dir)
+def test_predictions_reader_validates_the_file(trained, sr_data, tmp_path):
+    dataset = PreparedDataset.load(sr_data)
     path = tmp_path / "p.jsonl"
-    assert run(["sr", "predict", "--model", str(trained), "--data", str(data_dir), "--split", "valid",
+    assert run(["sr", "predict", "--model", str(trained), "--data", str(sr_data), "--split", "valid",
                 "--topk", "5", "--out", str(path), "--keep_history"]) == 0
     assert len(read_predictions(path, dataset, "valid")) == len(dataset.instances("valid"))
     with pytest.raises(DelrecError, match="holds predictions for split 'valid', expected 'test'"):
@@ -105,25 +93,27 @@ def test_predictions_reader_validates_the_file(trained, data_dir, tmp_path):
         read_predictions(path, dataset, "valid")
 
 
-def test_model_options_come_from_a_yaml_config(data_dir, tmp_path):
+def test_model_options_come_from_a_yaml_config(sr_data, tmp_path):
     config = tmp_path / "gru.yaml"
     config.write_text("model: gru4rec\nhidden_size: 8\ngru_size: 12\nepochs: 1\nprogress: false\nnum_threads: 1\n")
     out = tmp_path / "gru"
-    assert run(["sr", "train", "--config", str(config), "--data", str(data_dir), "--out", str(out)]) == 0
-    saved = json.loads((out / "config.json").read_text())
-    assert saved["model_type"] == "gru4rec" and saved["gru_size"] == 12 and saved["hidden_size"] == 8
+    assert run(["sr", "train", "--config", str(config), "--data", str(sr_data), "--out", str(out)]) == 0
+    model = load_model(out)  # the trained weights have the file's sizes, and one epoch was run
+    assert model.model_type == "gru4rec" and model.gru.hidden_size == 12
+    assert model.item_embeddings().shape == (PreparedDataset.load(sr_data).num_items, 8)
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
 
 
 @pytest.mark.parametrize("name", ["sasrec", "gru4rec", "caser"])
-def test_shipped_configs_train(name, data_dir, tmp_path):
+def test_shipped_configs_train(name, sr_data, tmp_path):
     config = Path(__file__).resolve().parents[1] / "configs" / "sr" / f"{name}.yaml"
     out = tmp_path / name
-    assert run(["sr", "train", "--config", str(config), "--data", str(data_dir), "--out", str(out), "--epochs", "1",
+    assert run(["sr", "train", "--config", str(config), "--data", str(sr_data), "--out", str(out), "--epochs", "1",
                 "--no_progress", "--num_threads", "1"]) == 0
     assert json.loads((out / "config.json").read_text())["model_type"] == name
 
 
-def bad_cases(data_dir, trained, tmp_path):
+def bad_cases(sr_data, trained, tmp_path):
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
@@ -137,7 +127,7 @@ def bad_cases(data_dir, trained, tmp_path):
     wrong_key.write_text("model: gru4rec\nnum_heads: 2\n")
     typo = tmp_path / "typo.yaml"
     typo.write_text("model: sasrec\nhiden_size: 2\n")
-    train = ["sr", "train", "--data", str(data_dir), "--out", str(tmp_path / "o")]
+    train = ["sr", "train", "--data", str(sr_data), "--out", str(tmp_path / "o")]
     return {
         "not a dataset": (["sr", "train", "--data", str(tmp_path), "--model", "sasrec", "--out", str(tmp_path / "o")],
                           "not a prepared dataset"),
@@ -145,11 +135,11 @@ def bad_cases(data_dir, trained, tmp_path):
         "other model's key": ([*train, "--config", str(wrong_key)], "key 'num_heads' is not an option of model 'gru4rec'"),
         "unknown yaml key": ([*train, "--config", str(typo)], "unknown key 'hiden_size'; did you mean 'hidden_size'"),
         "unknown flag": ([*train, "--model", "caser", "--num_heads", "2"], "unrecognized arguments"),
-        "hf folder": (["sr", "evaluate", "--model", str(hf), "--data", str(data_dir)], "Hugging Face model folder"),
-        "old version": (["sr", "evaluate", "--model", str(old), "--data", str(data_dir)], "field 'format_version' must be a positive integer, got 0"),
-        "topk": (["sr", "predict", "--model", str(trained), "--data", str(data_dir), "--split", "test",
+        "hf folder": (["sr", "evaluate", "--model", str(hf), "--data", str(sr_data)], "Hugging Face model folder"),
+        "old version": (["sr", "evaluate", "--model", str(old), "--data", str(sr_data)], "field 'format_version' must be a positive integer, got 0"),
+        "topk": (["sr", "predict", "--model", str(trained), "--data", str(sr_data), "--split", "test",
                   "--topk", "51", "--out", str(tmp_path / "p.jsonl")], "--topk 51 must be between 1 and"),
-        "resume other config": (["sr", "train", "--data", str(data_dir), "--model", "sasrec", "--out", str(trained),
+        "resume other config": (["sr", "train", "--data", str(sr_data), "--model", "sasrec", "--out", str(trained),
                                  *TINY_FLAGS, "--lr", "0.5"], "cannot resume"),
     }
 
@@ -159,8 +149,8 @@ def bad_cases(data_dir, trained, tmp_path):
     ["not a dataset", "unknown model", "other model's key", "unknown yaml key", "unknown flag", "hf folder", "old version", "topk",
      "resume other config"],
 )
-def test_bad_input_exits_2_with_one_line(case, data_dir, trained, tmp_path, capsys):
-    argv, message = bad_cases(data_dir, trained, tmp_path)[case]
+def test_bad_input_exits_2_with_one_line(case, sr_data, trained, tmp_path, capsys):
+    argv, message = bad_cases(sr_data, trained, tmp_path)[case]
     capsys.readouterr()
     assert run(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -168,13 +158,13 @@ def test_bad_input_exits_2_with_one_line(case, data_dir, trained, tmp_path, caps
     assert not (tmp_path / "p.jsonl").exists()
 
 
-def test_predictions_reader_refuses_an_item_ranked_twice(trained, data_dir, tmp_path):
+def test_predictions_reader_refuses_an_item_ranked_twice(trained, sr_data, tmp_path):
     """A resealed file (checksum matching) whose first ranking names one item twice: no ranking can."""
     import hashlib
 
-    dataset = PreparedDataset.load(data_dir)
+    dataset = PreparedDataset.load(sr_data)
     path = tmp_path / "p.jsonl"
-    assert run(["sr", "predict", "--model", str(trained), "--data", str(data_dir), "--split", "valid",
+    assert run(["sr", "predict", "--model", str(trained), "--data", str(sr_data), "--split", "valid",
                 "--topk", "5", "--out", str(path)]) == 0
     lines = path.read_text().splitlines(keepends=True)
     row = json.loads(lines[0])
@@ -187,14 +177,14 @@ def test_predictions_reader_refuses_an_item_ranked_twice(trained, data_dir, tmp_
         read_predictions(path, dataset, "valid")
 
 
-def test_predict_never_replaces_a_file_of_the_model_it_reads_nor_writes_a_file_for_a_folder(trained, data_dir,
+def test_predict_never_replaces_a_file_of_the_model_it_reads_nor_writes_a_file_for_a_folder(trained, sr_data,
                                                                                                tmp_path, capsys):
     """`--out MODEL/model.safetensors --overwrite` destroyed the weights being read; `--out new/` wrote a file."""
     import shutil
 
     model = shutil.copytree(trained, tmp_path / "model")
     weights = (model / "model.safetensors").read_bytes()
-    base = ["sr", "predict", "--model", str(model), "--data", str(data_dir), "--split", "valid"]
+    base = ["sr", "predict", "--model", str(model), "--data", str(sr_data), "--split", "valid"]
     capsys.readouterr()
     assert run([*base, "--out", str(model / "model.safetensors"), "--overwrite"]) == 2
     assert "is a file of the model folder" in capsys.readouterr().err

@@ -21,8 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cli_checks import one_line_error, run_cli, snapshot
-from distill_fixtures import TINY_SASREC, sr_model  # noqa: F401 (fixtures)
-from llm_fixtures import tiny_llm_data  # noqa: F401 (fixtures)
+from distill_fixtures import TINY_SASREC
 
 WEIGHTS, CONFIG, CHECKPOINT = "model.safetensors", "config.json", Path("checkpoint") / "state.pt"
 # The options `sr_model` was trained with (distill_fixtures.train_tiny_sasrec), but for the epochs.

@@ -17,8 +17,7 @@ from delrec.llm.trainer import TrainingSettings
 from delrec.ranking.hf import Options
 from delrec.ranking.base import ReadoutConfig
 from delrec.ranking.runner import RankArguments, rank
-from distill_fixtures import sr_model  # noqa: F401 (fixture)
-from llm_fixtures import load_tiny, tiny_llama, tiny_llm, tiny_llm_data  # noqa: F401 (fixtures)
+from llm_fixtures import load_tiny
 from test_delrec_training import FAST
 
 
@@ -40,7 +39,7 @@ def hinted(states_files, tiny_llm_data, tiny_llama, tmp_path_factory):
                                 for split in ("train", "valid", "test")},
                              sr_top=2, max_train_instances=16, eval_max_instances=4, test_max_instances=4,
                              max_length=512)
-    finetune(args, ModelConfig(str(tiny_llama), dtype="float32", device="cpu"), LoraSettings(r=2, alpha=4, dropout=0.0),
+    finetune(args, ModelConfig(str(tiny_llama), dtype="float32", device="cpu"), LoraSettings(r=2, lora_alpha=4, lora_dropout=0.0),
              TrainingSettings(**FAST))
     return out
 
@@ -130,7 +129,7 @@ def test_stage2_needs_every_splits_user_states(tiny_llm_data, tiny_llama, states
     args = FinetuneArguments(data=str(tiny_llm_data), out=str(tmp_path / "run"), soft_prompt="none",
                              template="sr_hint", train_predictions=str(states_files / "train.jsonl"))
     with pytest.raises(DelrecError, match="set valid_predictions, test_predictions"):
-        finetune(args, ModelConfig(str(tiny_llama), dtype="float32", device="cpu"), LoraSettings(r=2, alpha=4),
+        finetune(args, ModelConfig(str(tiny_llama), dtype="float32", device="cpu"), LoraSettings(r=2, lora_alpha=4),
                  TrainingSettings(**FAST))
 
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from delrec.data.prepare import prepare_dataset
 from delrec.data.preprocess import PreprocessConfig
@@ -106,11 +107,14 @@ def test_extra_loss_hook_sees_instances_and_last_states(dataset, tmp_path):
         targets = torch.tensor([train[i].target for i in batch.ids.tolist()])
         assert torch.equal(batch.labels[:, -1], targets)  # last column: each instance's own target
         seen.append(batch.ids.numel())
-        return 0.5 * last_states.pow(2).mean()
+        extra = 0.5 * last_states.pow(2).mean()
+        added.append(extra.item())
+        return extra
 
+    added = []
     result = train_sr(dataset, SMALL, fast(epochs=1), tmp_path / "hook", extra_loss=extra_loss)
     assert sum(seen) == sum(1 for inst in train if inst.history)
-    assert result.log[0]["extra_loss"] > 0
+    assert result.log[0]["extra_loss"] == pytest.approx(sum(added) / len(added))  # the mean over the epoch's batches
 
 
 class OffsetEmbedding(torch.nn.Module):
@@ -146,15 +150,42 @@ def test_model_hook_wraps_the_embedding_and_the_saved_model_is_plain(dataset, tm
         train_sr(dataset, SMALL, fast(epochs=3), tmp_path / "ed", model_hook=wrap, extra_settings={**settings, "alpha": 0.2})
 
 
-def test_bce_gbce_and_last_position_training_run(dataset, tmp_path):
-    for name, config in {
-        "bce": fast(epochs=1, loss="bce", num_negatives=3),
-        "gbce": fast(epochs=1, loss="gbce", num_negatives=3),
-        "last": fast(epochs=1, train_positions="last"),
-    }.items():
-        result = train_sr(dataset, SMALL, config, tmp_path / name)
-        assert result.log[0]["loss"] > 0
-    assert result.metrics["train_config"]["train_positions"] == "last"
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_the_logged_loss_is_the_cross_entropy_of_the_positions_trained(dataset, tmp_path, positions):
+    """`train_positions`: every real position predicts its next item, or only the last one (the instance's target)."""
+    ce = {"all": [], "last": []}
+
+    def record(model, batch, last_states):  # sees each batch's states before the step, as the main loss does
+        table = model.item_embeddings()
+        real = (batch.inputs != model.pad_id) & (batch.labels != model.pad_id)
+        with torch.no_grad():
+            ce["all"].append(F.cross_entropy(batch.states[real] @ table.T, batch.labels[real]).item())
+            ce["last"].append(F.cross_entropy(last_states @ table.T, batch.labels[:, -1]).item())
+        return last_states.sum() * 0.0
+
+    result = train_sr(dataset, SMALL, fast(epochs=1, train_positions=positions), tmp_path / positions,
+                      extra_loss=record)
+    expected = {name: sum(values) / len(values) for name, values in ce.items()}
+    other = "last" if positions == "all" else "all"
+    assert result.log[0]["loss"] == pytest.approx(expected[positions], rel=1e-5)
+    assert result.log[0]["loss"] != pytest.approx(expected[other], rel=1e-4)  # the other positions' CE is not it
+
+
+def test_bce_trains_a_model_that_beats_popularity_by_a_wide_margin(dataset, tmp_path):
+    pop = train_sr(dataset, PopConfig(), fast(), tmp_path / "pop")
+    result = train_sr(dataset, SMALL, fast(epochs=4, loss="bce", num_negatives=3), tmp_path / "bce")
+    losses = [entry["loss"] for entry in result.log]
+    assert losses == sorted(losses, reverse=True), losses
+    assert result.metrics["valid"]["ndcg@10"] > 2 * pop.metrics["valid"]["ndcg@10"], (result.metrics, pop.metrics)
+
+
+def test_gbce_with_t_0_is_bce_and_calibration_lowers_the_positive_term(dataset, tmp_path):
+    """gBCE's beta is 1 at t = 0 (plain BCE, the same negatives under the same seed) and below 1 above it."""
+    runs = {name: train_sr(dataset, SMALL, fast(epochs=1, num_negatives=3, **options), tmp_path / name).log[0]["loss"]
+            for name, options in {"bce": dict(loss="bce"), "t0": dict(loss="gbce", gbce_t=0.0),
+                                  "t75": dict(loss="gbce", gbce_t=0.75)}.items()}
+    assert runs["t0"] == pytest.approx(runs["bce"], rel=1e-5)
+    assert runs["t75"] < runs["bce"] - 0.1, runs
 
 
 def test_rows_data_trains_on_the_last_position_by_default(tmp_path):

@@ -14,7 +14,6 @@ from delrec.llm.tiny import (
     history_texts,
     tokenizer_corpus,
 )
-from llm_fixtures import tiny_llm, tiny_llm_data  # noqa: F401 (fixtures)
 
 
 def test_folder_loads_with_plain_transformers(tiny_llm, tiny_llm_data):

@@ -26,11 +26,9 @@ from delrec.predictions import read_user_states
 from delrec.ranking.base import ReadoutConfig
 from delrec.ranking.hf import Options as HFOptions
 from delrec.ranking.runner import RankArguments, rank
-from delrec.sr import PopConfig, TrainConfig, train_sr
 from delrec.sr import load_model as load_sr
 from delrec.sr.evaluate import write_predictions
-from distill_fixtures import sr_model  # noqa: F401 (fixture)
-from llm_fixtures import load_tiny, tiny_llama, tiny_llm, tiny_llm_data  # noqa: F401 (fixtures)
+from llm_fixtures import load_tiny
 from test_delrec_training import FAST, model_config, stage1_args
 
 P = 3
@@ -153,15 +151,9 @@ def test_stage1_trains_the_projector_alone_and_reloads_it_exactly(user_stage1, t
     assert first == again
 
 
-def test_stage1_without_user_states_says_how_to_write_them(tiny_llm_data, tiny_llama, tmp_path):
-    folder = tmp_path / "plain"
-    dataset = PreparedDataset.load(tiny_llm_data)
-    train_sr(tiny_llm_data, PopConfig(), TrainConfig(epochs=1, progress=False, device="cpu"), folder / "model")
-    pop = load_sr(folder / "model", "cpu")
-    for split in ("train", "valid"):
-        write_predictions(folder / f"{split}.jsonl", pop, dataset, split, 10, prefix_predictions=True)
+def test_stage1_without_user_states_says_how_to_write_them(tiny_llm_data, tiny_llama, tiny_pop, tmp_path):
     with pytest.raises(DelrecError, match=r"train.jsonl: written without user states.*--user_states"):
-        distill_pattern(stage1_args(tiny_llm_data, folder, tmp_path / "out", soft_prompt="user"),
+        distill_pattern(stage1_args(tiny_llm_data, tiny_pop, tmp_path / "out", soft_prompt="user"),
                         model_config(tiny_llama), TrainingSettings(**FAST))
 
 
@@ -175,7 +167,7 @@ def user_stage2(request, user_stage1, tiny_llm_data, tiny_llama, states_files, t
     args = FinetuneArguments(data=str(tiny_llm_data), out=str(out), stage1=str(user_stage1[0]), objective="listwise",
                              train_soft_prompt=request.param, max_train_instances=16, eval_max_instances=4,
                              test_max_instances=6, max_length=512, **splits(states_files))
-    result = finetune(args, model_config(tiny_llama), LoraSettings(r=2, alpha=4, dropout=0.0),
+    result = finetune(args, model_config(tiny_llama), LoraSettings(r=2, lora_alpha=4, lora_dropout=0.0),
                       TrainingSettings(**{**FAST, "learning_rate": 1e-2}))
     return request.param, out, result
 
@@ -244,7 +236,7 @@ def test_co_training_needs_a_per_user_prompt(tiny_llm_data, tiny_llama, tmp_path
     args = FinetuneArguments(data=str(tiny_llm_data), out=str(tmp_path / "run"), soft_prompt="random",
                              train_soft_prompt=True)
     with pytest.raises(DelrecError, match=r"^train_soft_prompt co-trains a per-user soft prompt, and this run has none"):
-        finetune(args, model_config(tiny_llama), LoraSettings(r=2, alpha=4), TrainingSettings(**FAST))
+        finetune(args, model_config(tiny_llama), LoraSettings(r=2, lora_alpha=4), TrainingSettings(**FAST))
 
 
 @pytest.mark.parametrize("case", ["rerank", "no predictions", "grounding"])

@@ -12,24 +12,25 @@ from delrec.data.dataset import PreparedDataset
 from delrec.errors import DelrecError
 from delrec.predictions import read_predictions, read_user_states, user_states_path
 from delrec.sr import load_model
-from test_sr_cli import TINY_FLAGS, data_dir, run  # noqa: F401 (fixture)
+from cli_checks import run_cli as run
+from sr_fixtures import TINY_FLAGS
 
 
 @pytest.fixture(scope="module", params=["sasrec", "gru4rec", "caser"])
-def predicted(request, data_dir, tmp_path_factory):
+def predicted(request, sr_data, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     flags = TINY_FLAGS if request.param == "sasrec" else [
         "--hidden_size", "16", "--epochs", "3", "--lr", "0.01", "--batch_size", "32", "--no_progress",
         "--num_threads", "1"]
-    assert run(["sr", "train", "--data", str(data_dir), "--model", request.param, "--out", str(out / "model"),
+    assert run(["sr", "train", "--data", str(sr_data), "--model", request.param, "--out", str(out / "model"),
                 *flags]) == 0
-    assert run(["sr", "predict", "--model", str(out / "model"), "--data", str(data_dir), "--split", "valid",
+    assert run(["sr", "predict", "--model", str(out / "model"), "--data", str(sr_data), "--split", "valid",
                 "--topk", "5", "--user_states", "--device", "cpu", "--out", str(out / "valid.jsonl")]) == 0
     return out
 
 
-def test_states_times_the_item_table_are_the_models_scores(predicted, data_dir):
-    dataset = PreparedDataset.load(data_dir)
+def test_states_times_the_item_table_are_the_models_scores(predicted, sr_data):
+    dataset = PreparedDataset.load(sr_data)
     states = read_user_states(predicted / "valid.jsonl", dataset, "valid")
     model = load_model(predicted / "model").eval()
     instances = dataset.instances("valid")
@@ -47,8 +48,8 @@ def test_states_times_the_item_table_are_the_models_scores(predicted, data_dir):
     assert scores.tolist() == pytest.approx(predictions.scores[row], rel=1e-5, abs=1e-5)
 
 
-def test_a_changed_or_missing_states_file_is_refused_in_one_line(predicted, data_dir, tmp_path):
-    dataset = PreparedDataset.load(data_dir)
+def test_a_changed_or_missing_states_file_is_refused_in_one_line(predicted, sr_data, tmp_path):
+    dataset = PreparedDataset.load(sr_data)
     copy = tmp_path / "valid.jsonl"
     for suffix in ("", ".meta.json", ".states.safetensors"):
         (tmp_path / f"valid.jsonl{suffix}").write_bytes((predicted / f"valid.jsonl{suffix}").read_bytes())
@@ -64,22 +65,22 @@ def test_a_changed_or_missing_states_file_is_refused_in_one_line(predicted, data
         read_user_states(copy, dataset, "valid")
 
 
-def test_predictions_without_states_say_how_to_write_them(predicted, data_dir, tmp_path):
+def test_predictions_without_states_say_how_to_write_them(predicted, sr_data, tmp_path):
     out = tmp_path / "plain.jsonl"
-    assert run(["sr", "predict", "--model", str(predicted / "model"), "--data", str(data_dir), "--split", "valid",
+    assert run(["sr", "predict", "--model", str(predicted / "model"), "--data", str(sr_data), "--split", "valid",
                 "--device", "cpu", "--out", str(out)]) == 0
     assert not user_states_path(out).exists() and "user_states" not in json.loads(
         (tmp_path / "plain.jsonl.meta.json").read_text())
     with pytest.raises(DelrecError, match=r"written without user states.*`delrec sr predict --split valid "
                                           r"--user_states`"):
-        read_user_states(out, PreparedDataset.load(data_dir), "valid")
+        read_user_states(out, PreparedDataset.load(sr_data), "valid")
 
 
-def test_a_popularity_model_has_no_states(data_dir, tmp_path, capsys):
-    assert run(["sr", "train", "--data", str(data_dir), "--model", "pop", "--out", str(tmp_path / "pop"),
+def test_a_popularity_model_has_no_states(sr_data, tmp_path, capsys):
+    assert run(["sr", "train", "--data", str(sr_data), "--model", "pop", "--out", str(tmp_path / "pop"),
                 "--no_progress"]) == 0
     capsys.readouterr()
-    assert main(["sr", "predict", "--model", str(tmp_path / "pop"), "--data", str(data_dir), "--split", "valid",
+    assert main(["sr", "predict", "--model", str(tmp_path / "pop"), "--data", str(sr_data), "--split", "valid",
                  "--user_states", "--out", str(tmp_path / "p.jsonl")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "popularity model, which keeps no state per user" in err

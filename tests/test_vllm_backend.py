@@ -18,12 +18,11 @@ from delrec.prompts import get_template
 from delrec.ranking.hf import HFBackend
 from delrec.ranking.models import describe_model
 from delrec.ranking.requests import build_requests
-from llm_fixtures import tiny_llm_data  # noqa: F401 (fixtures)
-from ranking_fixtures import export_llama, export_path, stage2_llama  # noqa: F401 (fixtures)
-from vllm_fixtures import ENGINE, open_vllm, top1_agreement, vllm_env  # noqa: F401 (fixtures)
+from vllm_fixtures import ENGINE, open_vllm, top1_agreement
 
 pytestmark = [
     pytest.mark.vllm,
+    pytest.mark.usefixtures("vllm_env"),  # first: without vllm, skip before building any model
     pytest.mark.filterwarnings("ignore:`torch.distributed.reduce_op` is deprecated:FutureWarning"),  # inside vLLM
     pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
 ]
@@ -113,7 +112,7 @@ def test_score_readout_agrees_with_hf(engines, export_llama, tiny_llm_data):
     requests = requests_for(export_llama, tiny_llm_data, hf.tokenizer)
     prompts, titles = [r.prompt for r in requests], [list(r.titles) for r in requests]
     expected, got = hf.score(prompts, titles), vllm_backend.score(prompts, titles)
-    assert len(requests) >= 50
+    assert len(requests) >= 50 and vllm_backend.max_length == hf.max_length == 512  # the runner builds the same requests
     for a, b in zip(got, expected):
         assert a.num_tokens == b.num_tokens
         assert a.logprob == pytest.approx(b.logprob, abs=LOGPROB_TOLERANCE)
@@ -156,21 +155,12 @@ def test_constrained_readout_is_the_hf_beam_search(engines, export_llama, tiny_l
             assert sorted(index for index, _ in found) == list(range(len(candidates)))
 
 
-def test_backend_settings_and_context(engines):
-    vllm_backend, hf = engines
-    assert vllm_backend.max_length == hf.max_length == 512
-    settings = vllm_backend.settings()
-    assert settings["device"] == "cpu" and settings["dtype"] == "float32" and settings["enforce_eager"] is True
-    assert settings["kv_cache_memory_bytes"] == ENGINE["kv_cache_memory_bytes"] and settings["block_size"] == 32
-
-
 @pytest.mark.slow
-def test_qwen2_export_with_tied_embeddings_scores_like_hf(engines, tmp_path_factory, tiny_llm_data):
-    model = export_path("qwen2", tmp_path_factory)
-    hf = hf_backend(model)
-    requests = requests_for(model, tiny_llm_data, hf.tokenizer, 20)
+def test_qwen2_export_with_tied_embeddings_scores_like_hf(engines, export_qwen2, tiny_llm_data):
+    hf = hf_backend(export_qwen2)
+    requests = requests_for(export_qwen2, tiny_llm_data, hf.tokenizer, 20)
     prompts, titles = [r.prompt for r in requests], [list(r.titles) for r in requests]
-    with open_vllm(model) as vllm_backend:  # a second engine beside the shared one
+    with open_vllm(export_qwen2) as vllm_backend:  # a second engine beside the shared one
         got = vllm_backend.score(prompts, titles)
     for a, b in zip(got, hf.score(prompts, titles)):
         assert a.logprob == pytest.approx(b.logprob, abs=LOGPROB_TOLERANCE)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from llm_fixtures import tiny_llama, tiny_llm_data  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -1,8 +1,9 @@
-"""The vLLM test environment, shared by every module that starts an engine (import `vllm_env` into it).
+"""The vLLM test environment, shared by every module that starts an engine.
 
-Engines run in-process with one thread, no telemetry, caches in a temp folder. Where vllm cannot
-import, the importing module's tests skip with the reason, unless DELREC_REQUIRE_VLLM=1 (CI) turns
-that into a failure.
+Registered for every test module by tests/conftest.py; a module that starts engines asks for it in its
+`pytestmark` (`pytest.mark.usefixtures("vllm_env")`). Engines run in-process with one thread, no
+telemetry, caches in a temp folder. Where vllm cannot import, that module's tests skip with the reason,
+unless DELREC_REQUIRE_VLLM=1 (CI) turns that into a failure.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ ENGINE = {"device": "cpu", "dtype": "float32", "enforce_eager": True, "kv_cache_
 TIE = 1e-4  # scores closer than this are a tie: either order is a correct ranking
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def vllm_env(tmp_path_factory):
     """vLLM in this process (no worker processes), no telemetry, caches in a temp folder; or skip, saying why.
 
-    Session-scoped so that it runs before the (session-scoped) model fixtures: a skip costs no model build.
+    Session-scoped, and named by `usefixtures` (which pytest sets up before a test's arguments), so that it
+    runs before the (session-scoped) model fixtures: a skip costs no model build.
     """
     with pytest.MonkeyPatch.context() as patch:
         for key, value in {

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-from delrec.config import parse_command
+from delrec.config import Device, device_option, parse_command
 from delrec.llm.loading import TRUST_REMOTE_CODE_HELP
 
 
@@ -21,7 +21,7 @@ class ExportArguments:
         default="auto",
         metadata={"help": "Dtype of the saved weights; auto: the base checkpoint's. Merging runs in float32."},
     )
-    device: Literal["cpu", "cuda", "auto"] = field(default="cpu", metadata={"help": "Where to merge."})
+    device: Device = device_option("cpu", what="Where to merge")
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --out folder."})
     base_model: str | None = field(
         default=None,

@@ -91,14 +91,14 @@ def finetune(argv, prog: str, description: str) -> int:
 
 
 def end_processes() -> None:
-    from delrec.llm.trainer import end_processes as leave
+    from delrec.llm.run_folder import end_processes as leave
 
     leave()
 
 
 def _print(summary: dict) -> None:
     """The run's headline (metrics and timings; per-split instance counts stay in metrics.json)."""
-    from delrec.llm.trainer import main_process
+    from delrec.llm.run_folder import main_process
 
     if main_process():
         print(json.dumps({k: v for k, v in summary.items() if k != "instances"}, indent=2))

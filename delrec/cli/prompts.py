@@ -9,15 +9,9 @@ from pathlib import Path
 
 from delrec.config import SOFT_PROMPT_TOKENS, at_least, parse_command
 from delrec.errors import DelrecError, where
+from delrec.prompts.options import PromptsFolder
 
 PREDICTION_KEYS = ("items", "ranked", "ranking", "topk", "predictions")
-
-
-@dataclass
-class FolderArguments:
-    prompts_dir: str | None = field(
-        default=None, metadata={"help": "Template folder (default: $DELREC_PROMPTS_DIR, else the shipped delrec/prompts/templates/)."}
-    )
 
 
 @dataclass
@@ -94,7 +88,7 @@ def copy(argv, prog: str, description: str) -> int:
 
 
 def list_templates(argv, prog: str, description: str) -> int:
-    (folder,) = parse_command([FolderArguments], argv, prog, description)
+    (folder,) = parse_command([PromptsFolder], argv, prog, description)
     from delrec import prompts
 
     templates = prompts.list_templates(folder.prompts_dir)
@@ -152,7 +146,7 @@ def _load_tokenizer(folder: str | None):
 
 
 def render(argv, prog: str, description: str) -> int:
-    args, folder = parse_command([RenderArguments, FolderArguments], _positional_template(argv), prog, description)
+    args, folder = parse_command([RenderArguments, PromptsFolder], _positional_template(argv), prog, description)
     from delrec import prompts
     from delrec.data.dataset import PreparedDataset
 
@@ -204,7 +198,7 @@ def render(argv, prog: str, description: str) -> int:
 
 
 def lint(argv, prog: str, description: str) -> int:
-    args, folder = parse_command([LintArguments, FolderArguments], argv, prog, description)
+    args, folder = parse_command([LintArguments, PromptsFolder], argv, prog, description)
     from delrec import prompts
 
     reports = prompts.lint_report(

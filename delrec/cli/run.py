@@ -68,7 +68,7 @@ def demo(argv, prog: str, description: str) -> int:
 
 def _run(config, out: str, args, print_table: bool) -> int:
     from delrec.pipeline import REPORT_FILE, run_pipeline
-    from delrec.report import PLOTS_DIR, TABLE_FILE
+    from delrec.pipeline.report import PLOTS_DIR, TABLE_FILE
 
     summary = run_pipeline(config, out, only=args.only, start=args.start, dry_run=args.dry_run, verbose=args.verbose)
     if args.dry_run:

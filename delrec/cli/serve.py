@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-from delrec.config import THREADS, above, at_least, between, check_fields, parse_command
+from delrec.config import Device, THREADS, above, at_least, between, check_fields, device_option, parse_command
 
 
 @dataclass
@@ -17,7 +16,7 @@ class ServeArguments:
     port: int = field(
         default=8000, metadata={"help": "TCP port to listen on.", "range": between(1, 65535, text="in 1..65535")}
     )
-    device: Literal["auto", "cpu", "cuda"] = field(default="cpu", metadata={"help": "cpu, cuda, or auto."})
+    device: Device = device_option("cpu", what="Where to score requests")
     num_threads: int = field(
         default=0,
         metadata={"help": "torch CPU threads for scoring; 0: the process's (OMP_NUM_THREADS, else one per free core).",
@@ -75,20 +74,20 @@ def serve(argv, prog: str, description: str) -> int:
     from delrec.serving import Recommender, create_app, serve as run_server
     from delrec.sr import load_model
     from delrec.sr.compiled import CompiledTopK
-    from delrec.device import resolve_device
+    from delrec.device import resolve_device, torch_threads
 
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    device = resolve_device(args.device)
-    if args.compiled and torch.device(device).type != "cpu":
-        raise DelrecError("--compiled serves on CPU (`delrec sr compile` builds for it); pass --device cpu")
-    model = load_model(args.model, device)
-    compiled = CompiledTopK.load(args.model, args.default_k) if args.compiled else None
-    recommender = Recommender(model, PreparedDataset.load(args.data), args.max_history, args.default_k, args.model,
-                              compiled)
-    info = {"model": Path(args.model).resolve().name, "data": Path(args.data).resolve().name}  # no absolute paths
-    announce = (f"serving {args.model} ({model.model_type}, {model.num_items} items, {torch.get_num_threads()} torch "
-                f"thread(s)) on http://{args.host}:{args.port}  (POST /recommend, GET /health; Ctrl-C to stop)")
-    app = create_app(recommender, args.max_batch_size, info, announce, args.max_body_bytes, args.read_timeout)
-    run_server(app, args.host, args.port)
+    with torch_threads(args.num_threads):
+        device = resolve_device(args.device)
+        if args.compiled and torch.device(device).type != "cpu":
+            raise DelrecError("--compiled serves on CPU (`delrec sr compile` builds for it); pass --device cpu")
+        model = load_model(args.model, device)
+        compiled = CompiledTopK.load(args.model, args.default_k) if args.compiled else None
+        recommender = Recommender(model, PreparedDataset.load(args.data), args.max_history, args.default_k,
+                                  args.model, compiled)
+        info = {"model": Path(args.model).resolve().name, "data": Path(args.data).resolve().name}  # no absolute paths
+        announce = (f"serving {args.model} ({model.model_type}, {model.num_items} items, "
+                    f"{torch.get_num_threads()} torch thread(s)) on http://{args.host}:{args.port}  "
+                    "(POST /recommend, GET /health; Ctrl-C to stop)")
+        app = create_app(recommender, args.max_batch_size, info, announce, args.max_body_bytes, args.read_timeout)
+        run_server(app, args.host, args.port)
     return 0

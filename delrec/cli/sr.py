@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from delrec.config import at_least, load_yaml, parse_command, preparsed_option
+from delrec.config import Device, at_least, device_option, load_yaml, parse_command, preparsed_option
 
 DEFAULT_MODEL_FOR_HELP = "sasrec"
 
@@ -104,7 +104,7 @@ class EvaluateArguments:
     keep_history: bool = field(
         default=False, metadata={"help": "Full ranking: keep history items rankable instead of excluding them."}
     )
-    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "cpu, cuda, or auto."})
+    device: Device = device_option(what="Where to score")
     batch_size: int = field(default=1024, metadata={"help": "Histories scored per batch.", "range": at_least(1)})
 
 
@@ -155,7 +155,7 @@ class PredictArguments:
                   "item table (their product is its score of any item), for the LLM variants that read the SR "
                   "model's view of a user. Not for pop, which has none."},
     )
-    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "cpu, cuda, or auto."})
+    device: Device = device_option(what="Where to score")
     batch_size: int = field(default=1024, metadata={"help": "Histories scored per batch.", "range": at_least(1)})
 
 

@@ -7,23 +7,27 @@ ensemble of several teachers, the loss zoo and the student trainer.
     train_student(dataset, SASRecConfig(), TrainConfig(), teachers=[folder], method="dllm2rec", out="runs/student")
 
 Losses, a file and a config dataclass each: `dllm2rec.py` (importance-aware ranking distillation),
-`embedding.py` (collaborative embedding distillation), `rd.py`, `rrd.py`; `student.py` trains a
-student with any of them through `delrec.sr.trainer.train_sr`.
+`embedding.py` (collaborative embedding distillation), `rd.py`, `rrd.py`; the latent methods, on the
+teacher's representations, added to any of them: `de.py` (distillation experts), `topology.py` (FTD,
+HTD); `student.py` trains a student with them through `delrec.sr.trainer.train_sr`.
 
-The teacher folder format (`teacher.py`) is the contract between the two sides: any system can
-write one. `teacher.py` and `ensemble.py` need torch alone (students train without the LLM
-stack); `export.py` imports the LLM stack only when an LLM teacher is exported.
+The teacher folder format (`teacher_folder.py`) is the contract between the two sides: any system
+can write one. `teacher_folder.py` and `ensemble.py` need torch alone (students train without the
+LLM stack); `teacher_export.py` imports the LLM stack only when an LLM teacher is exported.
 """
 
-from delrec.distill.ensemble import combine_teachers
-from delrec.distill.teacher_export import TeacherExportConfig, export_teacher
+from delrec.distill.de import DEConfig
 from delrec.distill.dllm2rec import DLLM2RecConfig
+from delrec.distill.ensemble import combine_teachers
 from delrec.distill.rd import RDConfig
 from delrec.distill.rrd import RRDConfig
-from delrec.distill.student import StudentConfig, train_student
+from delrec.distill.student import LatentChoice, StudentConfig, train_student
+from delrec.distill.teacher_export import TeacherExportConfig, export_teacher
 from delrec.distill.teacher_folder import Teacher, load_teacher, write_teacher
+from delrec.distill.topology import FTDConfig, HTDConfig
 
 __all__ = [
-    "DLLM2RecConfig", "RDConfig", "RRDConfig", "StudentConfig", "Teacher", "TeacherExportConfig", "combine_teachers",
-    "export_teacher", "load_teacher", "train_student", "write_teacher",
+    "DEConfig", "DLLM2RecConfig", "FTDConfig", "HTDConfig", "LatentChoice", "RDConfig", "RRDConfig", "StudentConfig",
+    "Teacher", "TeacherExportConfig", "combine_teachers", "export_teacher", "load_teacher", "train_student",
+    "write_teacher",
 ]

@@ -21,6 +21,16 @@ Four teachers (`--mode`; `auto` picks `sr` for an SR model folder, `grounding` o
   (batched, sorted by length), for collaborative embedding distillation with `--method none`.
   Cheap: one forward pass per title, no generation, no per-instance work.
 
+User states (`--user_states`, off by default): the teacher's representation of each exported instance,
+for the latent methods (DE, FTD, HTD) beside the item embeddings, in `user_states.safetensors` (keyed
+like the rankings): `sr` writes the model's state after the history (`encode`, exactly what `delrec sr
+predict --user_states` writes, so state . item vector is the teacher's score); `grounding` writes the
+LLM's hidden state of each instance's prompt (the prompt the title is generated from, rendered and
+truncated as for generation), at `--embedding_layer` / `--embedding_pooling` like the title embeddings,
+so users and items share one space. `rerank` and `embeddings` write none (refused in one line): rerank
+prompts hold the candidates (and may need a per-user soft prompt that `embed_texts` cannot take), and
+`embeddings` renders no prompts.
+
 Item embeddings (all LLM modes): `--embedding_layer` and `--embedding_pooling` pick the hidden
 state; the default is the last layer at the last token, BIGRec's choice, because grounding compares
 generated text with titles in exactly that space (the state the LM head reads to continue the
@@ -60,6 +70,7 @@ from delrec.distill.teacher_folder import SPLIT, check_teacher_out, write_teache
 from delrec.errors import DelrecError
 from delrec.headers import ALLOW_OTHER_DATASET_HELP
 from delrec.io import check_apart_from_inputs, read_json
+from delrec.prompts.options import TemplateChoice
 from delrec.sr.evaluate import top_k
 
 MODES = ("auto", "sr", "grounding", "rerank", "embeddings")
@@ -68,7 +79,7 @@ KNN_K = 20  # the item-kNN check of a teacher's embeddings: top-20, as the stude
 
 
 @dataclass
-class TeacherExportConfig:
+class TeacherExportConfig(TemplateChoice):
     """Which teacher to export, for which dataset, and how."""
 
     model: str = field(
@@ -119,18 +130,6 @@ class TeacherExportConfig:
     keep_history: bool = field(
         default=False, metadata={"help": "Let history items be ranked (and drawn) instead of excluding them."}
     )
-    template: str | None = field(
-        default=None,
-        metadata={"help": "Prompt template (grounding: teacher; rerank: the model's delrec.json, else plain)."},
-    )
-    domain: str | None = field(
-        default=None,
-        metadata={"help": "Domain wording from domains.yaml (default: the model's delrec.json, else item)."},
-    )
-    prompts_dir: str | None = field(
-        default=None,
-        metadata={"help": "Template folder (default: $DELREC_PROMPTS_DIR, else the shipped delrec/prompts/templates/)."},
-    )
     max_new_tokens: int | None = field(
         default=None, metadata={"help": "grounding: generation budget (default: the longest item title + 8 tokens).",
                                 "range": at_least(1)}
@@ -147,6 +146,12 @@ class TeacherExportConfig:
                              "range": SEED}
     )
     allow_other_dataset: bool = field(default=False, metadata={"help": ALLOW_OTHER_DATASET_HELP})
+    user_states: bool = field(
+        default=False,
+        metadata={"help": "Also write each instance's user representation (user_states.safetensors) for the latent "
+                  "methods (--latent de/ftd/htd): an SR model's state after the history; --mode grounding: the "
+                  "LLM's hidden state of the prompt (same layer and pooling as the title embeddings)."},
+    )
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self):
@@ -165,6 +170,7 @@ class _Ranked:
     embeddings: torch.Tensor | None
     source: dict
     seconds: float  # ranking time, model loading excluded
+    user_states: torch.Tensor | None = None  # [R, D'] (--user_states), rows as the instances
 
 
 def export_teacher(config: TeacherExportConfig, options=None) -> Path:
@@ -184,6 +190,9 @@ def export_teacher(config: TeacherExportConfig, options=None) -> Path:
     if not instances:
         raise DelrecError(f"{dataset.path}: the train split has no instances to rank")
     mode = resolve_mode(config)
+    if config.user_states and mode not in ("sr", "grounding"):
+        raise DelrecError(f"--user_states: --mode {mode} writes no user states (rerank prompts hold the candidates, "
+                          "embeddings renders no prompts); use --mode grounding or an SR teacher, or drop --user_states")
     instances = sampled_instances(instances, config.max_instances, config.seed)
     if mode == "sr":
         ranked = _sr_teacher(config, dataset, instances, getattr(options, "device", "auto"))
@@ -201,8 +210,11 @@ def export_teacher(config: TeacherExportConfig, options=None) -> Path:
     if config.max_instances is not None and ranked.items is not None:
         ranked.source["subset"] = {"max_instances": config.max_instances, "seed": config.seed,
                                    "instances": len(instances)}
+    if ranked.user_states is not None:
+        ranked.source["user_states"] = ({"kind": "sr state after the history"} if mode == "sr" else {
+            "kind": "prompt hidden state", "layer": config.embedding_layer, "pooling": config.embedding_pooling})
     return write_teacher(out, dataset, ids, ranked.items, ranked.scores, ranked.score_kind, ranked.embeddings,
-                         ranked.source, ranked.seconds)
+                         ranked.source, ranked.seconds, user_states=ranked.user_states)
 
 
 def sampled_instances(instances: list[Instance], count: int | None, seed: int) -> list[Instance]:
@@ -261,9 +273,24 @@ def _sr_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instances
         embeddings = model.item_embeddings().detach().float().cpu()
     except NotImplementedError:  # the popularity baseline has none
         embeddings = None
+    states = None
+    if config.user_states:
+        states = sr_user_states(model, histories, config.sr_batch_size, config.model)
     source = {"kind": "sr", "model": str(config.model), "model_type": model.model_type, "exclude_history": exclude,
               "device": str(device)}
-    return _Ranked(items, scores, "score", embeddings, source, time.perf_counter() - began)
+    return _Ranked(items, scores, "score", embeddings, source, time.perf_counter() - began, states)
+
+
+def sr_user_states(model, histories: Sequence[Sequence[int]], batch_size: int, path) -> torch.Tensor:
+    """[R, d] the SR model's state after each history (`encode`): what `delrec sr predict --user_states` writes."""
+    from safetensors.torch import load as load_safetensors
+
+    from delrec.sr.evaluate import user_states_bytes
+
+    if model.model_type == "pop":
+        raise DelrecError(f"--user_states: {path} is a popularity model, which keeps no state per user; drop "
+                          "--user_states or export another SR model")
+    return load_safetensors(user_states_bytes(model, histories, batch_size))["states"]
 
 
 def _check_room(instances: Sequence[Instance], num_items: int, needed: int, exclude: bool, option: str) -> None:
@@ -311,7 +338,7 @@ def _user_states(config: TeacherExportConfig, spec, dataset: PreparedDataset, in
 def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instances, mode: str, options) -> _Ranked:
     from delrec.ranking.base import backend_module
     from delrec.ranking.models import check_soft_tokens, check_trained_dataset, describe_model, ranking_template
-    from delrec.ranking.teacher_signals import embed_texts, ground, rerank
+    from delrec.ranking.teacher_signals import embed_texts, ground, prompt_states, rerank
 
     if mode in ("grounding", "embeddings") and config.backend != "hf":
         raise DelrecError(f"--mode {mode} needs the LLM's hidden states, which only the hf backend gives; use "
@@ -346,8 +373,11 @@ def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instance
             embeddings = embed_texts(backend.model, backend.tokenizer, dataset.titles, backend.batch_size,
                                      config.progress, "embed titles", config.embedding_layer,
                                      config.embedding_pooling)
+        states = None
         if mode == "grounding":
             items, scores, counts = ground(config, dataset, instances, spec, template, backend, embeddings)
+            if config.user_states:
+                states = prompt_states(config, dataset, instances, spec, template, backend)
         elif mode == "rerank":
             items, scores, counts = rerank(config, dataset, instances, candidate_sets, spec, template, backend,
                                            user_states=user_states)
@@ -370,7 +400,7 @@ def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instance
         "load_seconds": round(began - started, 3),
     }
     kind = {"grounding": "distance", "rerank": "score"}.get(mode)
-    return _Ranked(items, scores, kind, embeddings, source, seconds)
+    return _Ranked(items, scores, kind, embeddings, source, seconds, states)
 
 
 def check_embedding_layer(layer: int, model, path) -> None:

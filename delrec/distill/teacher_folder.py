@@ -21,8 +21,16 @@ can write the same files (safetensors + JSON) and the students read them unchang
                                       scores float32 [R, K]: "score": higher is better (non-increasing
                                           along a row); "distance": lower is better (non-decreasing)
     OUT/item_embeddings.safetensors   (optional) embeddings float32 [N, D]: z_i, one row per item
-A folder holds at least one of the two files. Students distil the ranking term on the instances
-that have a row and train on the others with their own loss alone.
+    OUT/user_states.safetensors       (optional) instance_ids int64 [R']: train instance ids, strictly
+                                          increasing (the rankings' ids exactly when both files exist)
+                                      states float32 [R', D']: the teacher's representation of each
+                                          instance (user / sequence): an SR model's state after the
+                                          history, an LLM's hidden state of the prompt; teacher.json
+                                          says "user_state_dim": D' (null or absent without the file)
+A folder holds rankings or item embeddings (or both); user states only beside one of them. Students
+distil the ranking term on the instances that have a row and train on the others with their own loss
+alone; the latent methods (delrec.distill.de, delrec.distill.topology) read the item embeddings and
+the user states. Folders written before user states existed have no such file and load unchanged.
 
 `load_teacher` checks all of it against the dataset (fingerprint, split, row ids, item range,
 top-K size, finite scores, order, embedding rows), so a teacher for another dataset, a truncated
@@ -52,6 +60,7 @@ SCORE_KINDS = ("score", "distance")
 INFO_FILE = "teacher.json"
 RANKINGS_FILE = "rankings.safetensors"
 EMBEDDINGS_FILE = "item_embeddings.safetensors"
+USER_STATES_FILE = "user_states.safetensors"
 HEADER = Header("teacher description", "format", FORMAT, FORMAT_VERSION, "re-export the teacher",
                 version_label="teacher format version")
 
@@ -69,6 +78,8 @@ class Teacher:
     score_kind: str | None  # "score": higher is better; "distance": lower is better
     embeddings: torch.FloatTensor | None = None  # [N, D]
     embedding_blocks: tuple[int, ...] = ()  # several teachers' matrices side by side: their widths
+    user_state_ids: torch.LongTensor | None = None  # [R'] train instance ids of `user_states`' rows
+    user_states: torch.FloatTensor | None = None  # [R', D'] the teacher's representation of each instance
     _row_index: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -115,6 +126,7 @@ def teacher_info(
     source: dict | None,
     seconds: float | None,
     num_train_instances: int | None = None,
+    user_state_dim: int | None = None,
 ) -> dict:
     """The teacher.json body (also the `info` of an in-memory teacher)."""
     return {
@@ -128,6 +140,7 @@ def teacher_info(
         "topk": topk,
         "score_kind": score_kind,
         "embedding_dim": embedding_dim,
+        "user_state_dim": user_state_dim,
         "source": source or {"kind": "unknown"},
         "seconds": None if seconds is None else round(seconds, 3),
         "instances_per_second": round(num_instances / seconds, 3) if seconds and num_instances else None,
@@ -150,11 +163,15 @@ def write_teacher(
     embeddings: torch.Tensor | None = None,
     source: dict | None = None,
     seconds: float | None = None,
+    user_states: torch.Tensor | None = None,
+    user_state_ids: torch.Tensor | None = None,
 ) -> Path:
     """Check the arrays against `dataset` and write the teacher folder `out` (built aside, then moved in).
 
     `instance_ids`, `items`, `scores` and `score_kind` are all None for a teacher of item embeddings
-    alone. An existing teacher folder at `out` is replaced; any other non-empty folder is refused.
+    alone. `user_states` [R', D']: each instance's representation, rows for `user_state_ids` (default: the
+    rankings' `instance_ids`). An existing teacher folder at `out` is replaced; any other non-empty folder
+    is refused.
     """
     out = Path(out)
     check_teacher_out(out)
@@ -167,14 +184,23 @@ def write_teacher(
         scores = scores.detach().cpu().float().contiguous()
     if embeddings is not None:
         embeddings = embeddings.detach().cpu().float().contiguous()
+    if user_states is not None:
+        if user_state_ids is None:
+            if not ranked:
+                raise ValueError("user states without rankings need their user_state_ids")
+            user_state_ids = instance_ids
+        user_state_ids = user_state_ids.detach().cpu().long().contiguous()
+        user_states = user_states.detach().cpu().float().contiguous()
     label = f"teacher for {out}" + (f" from {source['model']}" if source and source.get("model") else "")
     if ranked:
         _check_rankings(dataset, instance_ids, items, scores, score_kind, label)
     _check_embeddings(dataset, embeddings, label)
+    _check_user_states(dataset, user_state_ids, user_states, instance_ids if ranked else None, label)
     info = teacher_info(dataset.fingerprint, dataset.num_items, len(instance_ids) if ranked else 0,
                         items.shape[1] if ranked else None, score_kind if ranked else None,
                         None if embeddings is None else int(embeddings.shape[1]), source, seconds,
-                        len(dataset.instances(SPLIT)))
+                        len(dataset.instances(SPLIT)),
+                        None if user_states is None else int(user_states.shape[1]))
     with staged_directory(out) as tmp:
         if ranked:
             (tmp / RANKINGS_FILE).write_bytes(safetensors_bytes(
@@ -183,6 +209,9 @@ def write_teacher(
         if embeddings is not None:
             (tmp / EMBEDDINGS_FILE).write_bytes(safetensors_bytes({"embeddings": embeddings},
                                                                   metadata={"format": FORMAT}))
+        if user_states is not None:
+            (tmp / USER_STATES_FILE).write_bytes(safetensors_bytes(
+                {"instance_ids": user_state_ids, "states": user_states}, metadata={"format": FORMAT}))
         write_json(tmp / INFO_FILE, info)
         replace_directory(tmp, out)
     return out
@@ -223,23 +252,37 @@ def load_teacher(folder: str | Path, dataset: PreparedDataset, min_topk: int | N
     if items is None and embeddings is None:
         raise DelrecError(f"{folder}: teacher folder has neither {RANKINGS_FILE} nor {EMBEDDINGS_FILE}; re-export "
                           "the teacher")
-    for name, tensor, kind in (("instance_ids", instance_ids, "integer"), ("items", items, "integer"),
-                               ("scores", scores, "float"), ("embeddings", embeddings, "float")):
+    states_path = folder / USER_STATES_FILE
+    state_ids = user_states = None
+    if states_path.is_file():
+        tensors = _read_tensors(states_path, ("instance_ids", "states"))
+        state_ids, user_states = tensors["instance_ids"], tensors["states"]
+    elif info.get("user_state_dim") is not None:
+        raise DelrecError(f"{folder}: teacher folder is missing {USER_STATES_FILE} ({INFO_FILE} says user_state_dim "
+                          f"{info['user_state_dim']}); re-export the teacher")
+    for name, tensor, kind, file in (
+            ("instance_ids", instance_ids, "integer", rankings_path), ("items", items, "integer", rankings_path),
+            ("scores", scores, "float", rankings_path), ("embeddings", embeddings, "float", embeddings_path),
+            ("instance_ids", state_ids, "integer", states_path), ("states", user_states, "float", states_path)):
         if tensor is not None and (tensor.dtype.is_floating_point != (kind == "float") or tensor.dtype == torch.bool):
-            file = embeddings_path if name == "embeddings" else rankings_path
             raise DelrecError(f"{file}: tensor '{name}' has dtype {tensor.dtype}, expected {kind}")
     if items is not None:
         instance_ids, items, scores = instance_ids.long(), items.long(), scores.float()
         _check_rankings(dataset, instance_ids, items, scores, score_kind, str(rankings_path))
     embeddings = None if embeddings is None else embeddings.float()
     _check_embeddings(dataset, embeddings, str(embeddings_path))
+    if user_states is not None:
+        state_ids, user_states = state_ids.long(), user_states.float()
+        _check_user_states(dataset, state_ids, user_states, instance_ids, str(states_path))
     for key, value in (("num_instances", 0 if items is None else len(instance_ids)),
                        ("topk", None if items is None else items.shape[1]),
-                       ("embedding_dim", None if embeddings is None else embeddings.shape[1])):
+                       ("embedding_dim", None if embeddings is None else embeddings.shape[1]),
+                       ("user_state_dim", None if user_states is None else user_states.shape[1])):
         if info.get(key) != value:
             raise DelrecError(f"{info_path}: field '{key}' is {info.get(key)!r} but the files hold {value}; "
                               "the folder was edited or mixed up")
-    teacher = Teacher(folder, info, instance_ids, items, scores, score_kind, embeddings)
+    teacher = Teacher(folder, info, instance_ids, items, scores, score_kind, embeddings,
+                      user_state_ids=state_ids, user_states=user_states)
     check_topk(teacher, min_topk)
     return teacher
 
@@ -332,3 +375,41 @@ def _check_embeddings(dataset: PreparedDataset, embeddings: torch.Tensor | None,
                           f"[{n}, D]: one row per item of {dataset.path}")
     if not bool(torch.isfinite(embeddings).all()):
         raise DelrecError(f"{embeddings_file}: NaN/inf values in the embedding matrix; re-export the teacher")
+
+
+def _check_user_states(dataset: PreparedDataset, ids: torch.Tensor | None, states: torch.Tensor | None,
+                       ranked_ids: torch.Tensor | None, states_file: str) -> None:
+    """The user states' checks: one finite row per listed train instance, ids strictly increasing and, beside
+    rankings, exactly the rankings' ids (the same rows in the same order)."""
+    if states is None:
+        return
+    train = dataset.instances(SPLIT)
+    if ids.dim() != 1 or states.dim() != 2 or states.shape[0] != len(ids) or states.shape[1] < 1:
+        raise DelrecError(f"{states_file}: expected instance_ids [R] and states [R, D], got shapes {list(ids.shape)} "
+                          f"and {list(states.shape)}")
+    if not 1 <= len(ids) <= len(train):
+        raise DelrecError(f"{states_file}: {len(ids)} user states, but {dataset.path} has {len(train)} train "
+                          "instances; the teacher was written for another dataset or split")
+    if ranked_ids is not None and not torch.equal(ids, ranked_ids):
+        if len(ids) != len(ranked_ids):
+            where_ = f"{len(ids)} rows for the rankings' {len(ranked_ids)}"
+        else:
+            row = int((ids != ranked_ids).nonzero()[0, 0])
+            where_ = f"row {row} holds instance id {int(ids[row])}, the rankings' row {int(ranked_ids[row])}"
+        raise DelrecError(f"{states_file}: the user states are not keyed like {RANKINGS_FILE} ({where_}); the files "
+                          "were mixed up, re-export the teacher")
+    unordered = ids.diff() <= 0
+    if bool(unordered.any()):
+        row = int(unordered.nonzero()[0, 0]) + 1
+        raise DelrecError(f"{states_file}: row {row} holds instance id {int(ids[row])} after {int(ids[row - 1])}; "
+                          "instance ids must be strictly increasing (dataset order)")
+    unknown = ~torch.isin(ids, torch.tensor([inst.id for inst in train], dtype=torch.long))
+    if bool(unknown.any()):
+        row = int(unknown.nonzero()[0, 0])
+        raise DelrecError(f"{states_file}: row {row} holds instance id {int(ids[row])}, which is not a train instance "
+                          f"of {dataset.path}; the teacher was written for another dataset or split")
+    bad = ~torch.isfinite(states)
+    if bool(bad.any()):
+        row = int(bad.any(1).nonzero()[0, 0])
+        raise DelrecError(f"{states_file}: {int(bad.sum())} NaN/inf values in the user states (first in row {row}, "
+                          f"train instance {int(ids[row])}); re-export the teacher")

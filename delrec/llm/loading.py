@@ -14,13 +14,13 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from delrec.device import resolve_device
 from delrec.llm.architecture import not_a_causal_lm
-from delrec.config import DROPOUT, WIDTH, at_least
+from delrec.config import DROPOUT, Device, WIDTH, at_least, device_option
 from delrec.errors import DelrecError
 from delrec.io import read_json
 from delrec.llm.files import (INFO_FILE, RUN_FILE, SOFT_PROMPT_FILE, check_loaded_weights, damaged_file,
@@ -56,9 +56,7 @@ class ModelConfig:
         default="auto",
         metadata={"help": "Weight dtype; auto: the checkpoint's (float16 checkpoints become float32 on CPU)."},
     )
-    device: Literal["auto", "cpu", "cuda"] = field(
-        default="auto", metadata={"help": "Where to load the model; auto: CUDA if available, else CPU."}
-    )
+    device: Device = device_option(what="Where to load the model")
     load_in_8bit: bool = field(default=False, metadata={"help": "Quantise linear layers to 8 bit (bitsandbytes, CUDA)."})
     load_in_4bit: bool = field(
         default=False, metadata={"help": "Quantise linear layers to 4-bit NF4 with double quantisation (QLoRA; CUDA)."}
@@ -78,31 +76,68 @@ class ModelConfig:
             raise ValueError("choose one of load_in_8bit and load_in_4bit, not both")
 
 
+# LoraConfig fields delrec sets itself (the task, the modules a stage trains besides LoRA: projectors) or PEFT fills
+# in (what the adapter belongs to).
+LORA_OWNED = frozenset({"task_type", "modules_to_save", "peft_type", "auto_mapping", "peft_version",
+                        "base_model_name_or_path", "revision", "inference_mode"})
+
+
 @dataclass
 class LoraSettings:
-    """A PEFT LoRA adapter's shape; `target_modules=["all-linear"]` adapts every linear layer but the LM head."""
+    """A PEFT LoRA adapter, under PEFT's own option names (`LoraConfig`); `target_modules=["all-linear"]` adapts every
+    linear layer but the LM head. Any other `LoraConfig` field is reached through `lora_options`."""
 
     r: int = field(default=16, metadata={"help": "LoRA rank.", "range": WIDTH})
-    alpha: int = field(
-        default=32, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha / r).", "range": at_least(1)}
+    lora_alpha: int = field(
+        default=32, metadata={"help": "LoRA scaling alpha (the update is scaled by lora_alpha / r).",
+                              "range": at_least(1)}
     )
-    dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input.", "range": DROPOUT})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input.", "range": DROPOUT})
     target_modules: list[str] = field(
         default_factory=lambda: ["all-linear"],
         metadata={"help": "Module names to adapt (e.g. q_proj v_proj), or all-linear."},
+    )
+    lora_options: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "Any other field of PEFT's LoraConfig by its name, e.g. bias=lora_only use_rslora=true "
+                  "(a mapping in YAML); checked against the installed PEFT."},
     )
 
     def __post_init__(self):
         if self.r < 1:
             raise ValueError(f"LoRA r must be at least 1, got {self.r}")
-        if self.alpha <= 0:
-            raise ValueError(f"LoRA alpha must be positive, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not self.target_modules:
             raise ValueError("LoRA target_modules must name at least one module (or all-linear)")
         if "all-linear" in self.target_modules and len(self.target_modules) > 1:
             raise ValueError("LoRA target_modules: all-linear already covers every linear layer; give it alone")
+
+    def peft_config(self, modules_to_save: list[str] | None = None):
+        """PEFT's `LoraConfig` of a causal LM: the declared fields by name, then `lora_options`, which may name any
+        field but those declared here and those delrec sets (`LORA_OWNED`); PEFT's own checks run as it is built."""
+        import dataclasses
+
+        from peft import LoraConfig
+
+        declared = {f.name for f in dataclasses.fields(self)} - {"lora_options"}
+        extra = dict(self.lora_options or {})
+        known = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+        for name in extra:
+            if name in declared:
+                raise DelrecError(f"lora_options: {name} is an option of its own; set {name} directly")
+            if name in LORA_OWNED or name not in known:
+                valid = ", ".join(sorted(known - declared - LORA_OWNED))
+                why = "is set by delrec" if name in LORA_OWNED else "is not a field of PEFT's LoraConfig"
+                raise DelrecError(f"lora_options: {name} {why}; valid: {valid}")
+        targets = "all-linear" if self.target_modules == ["all-linear"] else list(self.target_modules)
+        try:
+            return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                              target_modules=targets, task_type="CAUSAL_LM", modules_to_save=modules_to_save, **extra)
+        except (TypeError, ValueError) as exc:
+            raise DelrecError(f"lora_options {extra}: PEFT refused them ({str(exc).splitlines()[0]})") from None
 
 
 @contextlib.contextmanager
@@ -396,23 +431,15 @@ def is_quantized(model) -> bool:
 
 def apply_lora(model, settings: LoraSettings, gradient_checkpointing: bool = False):
     """Wrap `model` in a PEFT LoRA adapter (only the adapter trains); a 4/8-bit model is prepared for QLoRA first."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     check_target_modules(model, settings.target_modules)
     if is_quantized(model):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    targets = settings.target_modules
-    lora = LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
-        task_type="CAUSAL_LM",
-    )
     try:
-        return get_peft_model(model, lora)
+        return get_peft_model(model, settings.peft_config())
     except ValueError as exc:
-        raise DelrecError(f"LoRA target_modules {targets}: {str(exc).splitlines()[0]}") from None
+        raise DelrecError(f"LoRA target_modules {settings.target_modules}: {str(exc).splitlines()[0]}") from None
 
 
 def check_target_modules(model, targets: list[str]) -> None:

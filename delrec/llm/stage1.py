@@ -45,7 +45,6 @@ checkpoints/ (for resuming) and cache/ (built instances).
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,35 +52,21 @@ from typing import Literal
 
 import torch
 
-import delrec
 from delrec.config import SOFT_PROMPT_TOKENS, above, at_least
 from delrec.errors import DelrecError
-from delrec.llm.stage_folder import local_or_hub
 from delrec.llm.listwise import LISTWISE_COLUMNS, ListwiseCollator, listwise_loss
+from delrec.llm.run_folder import StageResult
+from delrec.llm.stage import TrainingStage
 from delrec.llm.trainer import (
-    CACHE_DIR,
     AnswerCollator,
-    CHECKPOINTS_DIR,
     CandidateEvaluator,
     DelrecTrainer,
     RankCounts,
-    StageResult,
     TrainingSettings,
     answer_log_probs,
-    apply_runtime,
-    best_metric,
     compiles_layers,
-    main_process,
-    model_description,
-    on_cpu,
-    prepare_run,
-    run_config,
-    sft_config,
-    start_processes,
-    training_model_config,
-    training_precision,
-    write_metrics,
 )
+from delrec.prompts.options import PromptsFolder
 
 STAGE = "distill-pattern"
 TASKS = ("ta", "rps")
@@ -89,7 +74,7 @@ DEFAULT_LEARNING_RATE = 1e-2
 
 
 @dataclass
-class DistillArguments:
+class DistillArguments(PromptsFolder):
     """Stage-1 inputs and the DELRec options (model: `ModelConfig`; trainer: `TrainingSettings`)."""
 
     data: str = field(metadata={"help": "A prepared dataset folder (from `delrec data prepare`)."})
@@ -137,7 +122,6 @@ class DistillArguments:
     )
     ta_template: str = field(default="ta", metadata={"help": "Template of the TA task (NAME.jinja of the template folder)."})
     rps_template: str = field(default="rps", metadata={"help": "Template of the RPS task."})
-    prompts_dir: str | None = field(default=None, metadata={"help": "Template folder (default: $DELREC_PROMPTS_DIR, else the shipped delrec/prompts/templates/)."})
     domain: str = field(default="item", metadata={"help": "Wording of domains.yaml in the template folder (item, movie, game, artist, ...)."})
     num_candidates: int | None = field(
         default=None, metadata={"help": "RPS candidates per instance, C (default: the dataset's candidate count).",
@@ -339,130 +323,125 @@ def stage1_metrics(counts: dict[str, RankCounts]) -> dict[str, float]:
     return metrics
 
 
-def distill_pattern(args: DistillArguments, model_config, settings: TrainingSettings) -> StageResult:
-    """Run stage 1: the summary printed and written to metrics.json, and the trainer (the trained model)."""
-    from accelerate import PartialState
-    from datasets import concatenate_datasets
+class PatternDistillation(TrainingStage):
+    """Stage 1 for `TrainingStage.run`: the soft prompt (global or per-user) on TA + RPS, the LLM frozen."""
 
-    from delrec.data.dataset import PreparedDataset
-    from delrec.llm.stage_folder import write_info
-    from delrec.llm.instances import InstanceOptions, build_instances, read_task_predictions
-    from delrec.llm.loading import load_model, max_positions
-    from delrec.llm.soft_prompt import SoftPrompt
-    from delrec.llm.user_prompt import UserPrompt
-    from delrec.prompts import get_template
+    name = STAGE
+    default_learning_rate = DEFAULT_LEARNING_RATE
 
-    started = time.perf_counter()
-    apply_runtime(settings)
-    if settings.weight_decay != 0:
-        raise DelrecError(f"stage 1 trains soft-prompt rows with weight_decay 0 (decay would move every vocabulary "
-                          f"row), got {settings.weight_decay}; remove weight_decay from the config")
-    metric = best_metric(settings, stage1_metrics, args.tasks,
-                         "rps_agreement" if "rps" in args.tasks else "ta_accuracy")
-    out = Path(args.out)
-    dataset = PreparedDataset.load(args.data)
-    templates = {task: get_template(getattr(args, f"{task}_template"), args.prompts_dir) for task in args.tasks}
-    for task, template in templates.items():
-        if template.task != task:
-            raise DelrecError(f"{task}_template '{template.name}' is a template for task '{template.task}', not {task}")
-    first = "ta" if "ta" in args.tasks else "rps"  # TA needs the prefix predictions: check for them up front
-    sr_model = _sr_model(
-        read_task_predictions(first, dataset, "train", args.train_predictions).meta,
-        read_task_predictions(first, dataset, "valid", args.valid_predictions).meta, args,
-    )
-    start_processes(model_config.device)
-    run = prepare_run(out, STAGE, run_config(args, model_config, settings), settings.resume)
-    if run.finished is not None:
-        return run.finished
+    def __init__(self, args: DistillArguments, model_config, settings: TrainingSettings):
+        super().__init__(args, model_config, settings)
+        self.default_metric = "rps_agreement" if "rps" in args.tasks else "ta_accuracy"
 
-    states = _user_states(args, dataset) if args.soft_prompt == "user" else None
-    precision = training_precision(settings, model_config.device)
-    model, tokenizer = load_model(training_model_config(model_config, precision))
-    if states is None:
-        soft = SoftPrompt(sr_model["name"], args.soft_prompt_tokens).add_to(
-            model, tokenizer, init=args.soft_prompt_init, seed=settings.seed)
-    else:
-        soft = UserPrompt(sr_model["name"], args.soft_prompt_tokens).add_to(
-            model, tokenizer, states.dim, states.item_table_digest(), seed=settings.seed)
-    trained_parameters = soft.trained_parameters(model)
+    def summarize(self, counts: dict[str, RankCounts]) -> dict[str, float]:
+        return stage1_metrics(counts)
 
-    def options(split: str, limit: int | None) -> InstanceOptions:
-        return InstanceOptions(
-            split=split, soft_prompt=soft.placeholder_text(), sr_model=sr_model["display_name"], domain=args.domain,
-            num_candidates=args.num_candidates, sr_top=args.sr_top, max_instances=limit, seed=settings.seed,
-            max_length=args.max_length, allow_truncation=args.allow_truncation, model_positions=max_positions(model),
-            user_states=states is not None,
+    def tasks(self) -> list[str]:
+        return list(self.args.tasks)
+
+    def prepare(self, dataset) -> None:
+        from delrec.llm.instances import read_task_predictions
+        from delrec.prompts import get_template
+
+        args = self.args
+        if self.settings.weight_decay != 0:
+            raise DelrecError(f"stage 1 trains soft-prompt rows with weight_decay 0 (decay would move every "
+                              f"vocabulary row), got {self.settings.weight_decay}; remove weight_decay from the config")
+        self.templates = {task: get_template(getattr(args, f"{task}_template"), args.prompts_dir)
+                          for task in args.tasks}
+        for task, template in self.templates.items():
+            if template.task != task:
+                raise DelrecError(f"{task}_template '{template.name}' is a template for task '{template.task}', "
+                                  f"not {task}")
+        first = "ta" if "ta" in args.tasks else "rps"  # TA needs the prefix predictions: check for them up front
+        self.sr_model = _sr_model(
+            read_task_predictions(first, dataset, "train", args.train_predictions).meta,
+            read_task_predictions(first, dataset, "valid", args.valid_predictions).meta, args,
+        )
+        self.states = _user_states(args, dataset) if args.soft_prompt == "user" else None
+
+    def attach(self, model, tokenizer) -> None:
+        from delrec.llm.soft_prompt import SoftPrompt
+        from delrec.llm.user_prompt import UserPrompt
+
+        if self.states is None:
+            self.soft = SoftPrompt(self.sr_model["name"], self.args.soft_prompt_tokens).add_to(
+                model, tokenizer, init=self.args.soft_prompt_init, seed=self.settings.seed)
+        else:
+            self.soft = UserPrompt(self.sr_model["name"], self.args.soft_prompt_tokens).add_to(
+                model, tokenizer, self.states.dim, self.states.item_table_digest(), seed=self.settings.seed)
+
+    def instances(self, dataset, tokenizer, model) -> dict[str, list]:
+        from delrec.llm.instances import InstanceOptions, build_instances
+        from delrec.llm.loading import max_positions
+
+        args = self.args
+
+        def options(split: str, limit: int | None) -> InstanceOptions:
+            return InstanceOptions(
+                split=split, soft_prompt=self.soft.placeholder_text(), sr_model=self.sr_model["display_name"],
+                domain=args.domain, num_candidates=args.num_candidates, sr_top=args.sr_top, max_instances=limit,
+                seed=self.settings.seed, max_length=args.max_length, allow_truncation=args.allow_truncation,
+                model_positions=max_positions(model), user_states=self.states is not None,
+            )
+
+        predictions = {"train": args.train_predictions, "valid": args.valid_predictions}
+        limits = {"train": args.max_train_instances, "valid": args.eval_max_instances}
+        return {split: [build_instances(dataset, self.templates[t], options(split, limits[split]), tokenizer,
+                                        predictions[split], self.cache_dir) for t in args.tasks]
+                for split in ("train", "valid")}
+
+    def sft_overrides(self) -> dict:
+        return {"load_best_model_at_end": False}  # the rows of the best checkpoint are set by SoftPromptTrainer
+
+    def trainer(self, model, tokenizer, sets, config, run) -> SoftPromptTrainer:
+        from datasets import concatenate_datasets
+
+        args = self.args
+        tokens_only = ["input_ids", "completion_mask", "task"]
+        train_columns = tokens_only if args.objective == "answer" else [*LISTWISE_COLUMNS, "task"]
+        if self.states is not None:
+            train_columns = [*train_columns, "user_state"]
+        train = concatenate_datasets([s.rows for s in sets["train"]]).select_columns(train_columns)
+        valid = concatenate_datasets([s.rows for s in sets["valid"]])
+        return SoftPromptTrainer(
+            model=model,
+            args=config,
+            train_dataset=train,
+            eval_dataset=valid.select_columns(tokens_only),
+            processing_class=tokenizer,
+            data_collator=(AnswerCollator(tokenizer.pad_token_id, list(args.tasks)) if args.objective == "answer"
+                           else ListwiseCollator(tokenizer, list(args.tasks))),
+            evaluator=CandidateEvaluator(valid, tokenizer, stage1_metrics, self.settings.eval_batch_size,
+                                         self.settings.length_normalized),
+            run_identity=run.identity,
+            torch_compile=compiles_layers(self.settings, model),
+            soft_prompt=self.soft,
+            trained_parameters=self.soft.trained_parameters(model),
+            tasks=list(args.tasks),
+            weighting=args.task_weighting,
+            task_weights=args.task_weights,
+            weight_power=args.weight_power,
         )
 
-    with PartialState().main_process_first():
-        train_sets = [build_instances(dataset, templates[t], options("train", args.max_train_instances), tokenizer,
-                                      args.train_predictions, out / CACHE_DIR) for t in args.tasks]
-        valid_sets = [build_instances(dataset, templates[t], options("valid", args.eval_max_instances), tokenizer,
-                                      args.valid_predictions, out / CACHE_DIR) for t in args.tasks]
-    tokens_only = ["input_ids", "completion_mask", "task"]
-    train_columns = tokens_only if args.objective == "answer" else [*LISTWISE_COLUMNS, "task"]
-    if states is not None:
-        train_columns = [*train_columns, "user_state"]
-    train = concatenate_datasets([s.rows for s in train_sets]).select_columns(train_columns)
-    valid = concatenate_datasets([s.rows for s in valid_sets])
-
-    trainer = SoftPromptTrainer(
-        model=model,
-        args=sft_config(settings, out / CHECKPOINTS_DIR, on_cpu(model), precision,
-                        learning_rate=DEFAULT_LEARNING_RATE,
-                        metric_for_best_model=metric,
-                        resuming=run.resume_from is not None, load_best_model_at_end=False),
-        train_dataset=train,
-        eval_dataset=valid.select_columns(tokens_only),
-        processing_class=tokenizer,
-        data_collator=(AnswerCollator(tokenizer.pad_token_id, list(args.tasks)) if args.objective == "answer"
-                       else ListwiseCollator(tokenizer, list(args.tasks))),
-        evaluator=CandidateEvaluator(valid, tokenizer, stage1_metrics, settings.eval_batch_size,
-                                     settings.length_normalized),
-        run_identity=run.identity,
-        torch_compile=compiles_layers(settings, model),
-        soft_prompt=soft,
-        trained_parameters=trained_parameters,
-        tasks=list(args.tasks),
-        weighting=args.task_weighting,
-        task_weights=args.task_weights,
-        weight_power=args.weight_power,
-    )
-    train_started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=run.resume_from)
-    train_seconds = time.perf_counter() - train_started
-    trainer.save_model(str(out))  # the best checkpoint's rows, loaded at the end of training
-
-    summary = {
-        "protocol": "candidates",
-        "stage": STAGE,
-        "valid": trainer.logged_metrics(),  # of the best checkpoint's rows, loaded at the end of training
-        "valid_before_training": trainer.logged_metrics(step=0),
-        "best_checkpoint": trainer.state.best_model_checkpoint,
-        "global_step": trainer.state.global_step,
-        "train_seconds": round(train_seconds, 2),
-        "total_seconds": round(time.perf_counter() - started, 2),
-        "instances": {"train": [s.stats for s in train_sets], "valid": [s.stats for s in valid_sets]},
-    }
-    if main_process():
-        write_metrics(out, summary)
-        write_info(out, {
-            "stage": STAGE,
-            "delrec_version": delrec.__version__,
-            "base_model": model_description(model_config),
-            "sr_model": sr_model,
+    def info(self, sets) -> dict:
+        args, soft = self.args, self.soft
+        return {
+            "sr_model": self.sr_model,
             "soft_prompt": {"name": soft.name, "num_tokens": soft.num_tokens, "init": args.soft_prompt_init,
-                            **({} if states is None else {"kind": "user",
-                                                          "item_table_sha256": soft.item_table_sha256})},
-            "templates": {t: {"name": tp.name, "fingerprint": tp.fingerprint} for t, tp in templates.items()},
+                            **({} if self.states is None else {"kind": "user",
+                                                               "item_table_sha256": soft.item_table_sha256})},
+            "templates": {t: {"name": tp.name, "fingerprint": tp.fingerprint} for t, tp in self.templates.items()},
             "domain": args.domain,
-            "dataset": {"path": local_or_hub(str(dataset.path)), "fingerprint": dataset.fingerprint},
             "tasks": list(args.tasks),
             "task_weighting": args.task_weighting,
             "objective": args.objective,
-        })
-    run.finish()
-    return StageResult({"out": str(out), **summary}, trainer)
+        }
+
+
+def distill_pattern(args: DistillArguments, model_config, settings: TrainingSettings) -> StageResult:
+    """Run stage 1: the summary printed and written to metrics.json, and the trainer (the trained model)."""
+    return PatternDistillation(args, model_config, settings).run()
 
 
 def _user_states(args: DistillArguments, dataset):

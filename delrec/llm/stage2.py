@@ -2,8 +2,9 @@
 
 The base model gets the stage-1 soft prompt (its rows loaded and frozen), or for the ablations a
 random soft prompt (`soft_prompt: random`) or none with the `plain` template (`soft_prompt: none`).
-TRL's `SFTTrainer` puts a PEFT LoRA adapter on it (r, alpha, dropout, target modules from the
-config; a 4-bit base gives QLoRA) and trains on pre-tokenized LSR instances with the loss on
+TRL's `SFTTrainer` puts a PEFT LoRA adapter on it (`LoraSettings`: PEFT's r, lora_alpha,
+lora_dropout, target modules and any other LoraConfig field from the config; a 4-bit base gives
+QLoRA) and trains on pre-tokenized LSR instances with the loss on
 the answer only. Evaluation ranks the FIXED valid candidates by log-likelihood (HR@1, HR@5,
 NDCG@5); the checkpoint with the best valid metric is loaded at the end and scored on test.
 
@@ -27,50 +28,39 @@ checkpoints/ and cache/. `load_delrec_model(OUT)` rebuilds base + soft rows + ad
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import delrec
 from delrec.config import SOFT_PROMPT_TOKENS, WIDTH, at_least
 from delrec.errors import DelrecError
 from delrec.llm.files import SOFT_PROMPT_FILE, USER_PROMPT_FILE
-from delrec.llm.stage_folder import local_or_hub, same_base_model
 from delrec.llm.listwise import LISTWISE_COLUMNS, ListwiseCollator, listwise_loss
+from delrec.llm.loading import LoraSettings
+from delrec.llm.run_folder import StageResult, main_process
+from delrec.llm.stage import TrainingStage
+from delrec.llm.stage_folder import local_or_hub, same_base_model
 from delrec.llm.trainer import (
-    CACHE_DIR,
     AnswerCollator,
-    CHECKPOINTS_DIR,
     CandidateEvaluator,
     DelrecTrainer,
     RankCounts,
-    StageResult,
     TrainingSettings,
-    apply_runtime,
-    best_metric,
     compiles_layers,
-    main_process,
-    model_description,
-    on_cpu,
-    prepare_run,
-    run_config,
-    sft_config,
-    start_processes,
-    training_model_config,
-    training_precision,
-    write_metrics,
 )
 from delrec.metrics import CANDIDATE_KEYS
 from delrec.prompts import DEFAULT_SR_TOP
+from delrec.prompts.options import PromptsFolder
 
 STAGE = "finetune"
 DEFAULT_LEARNING_RATE = 2e-4
 
 
 @dataclass
-class FinetuneArguments:
+class FinetuneArguments(PromptsFolder):
     """Stage-2 inputs and options (model: `ModelConfig`; adapter: `LoraSettings`; trainer: `TrainingSettings`)."""
 
     data: str = field(metadata={"help": "A prepared dataset folder with fixed valid/test candidate sets."})
@@ -95,7 +85,6 @@ class FinetuneArguments:
     sr_display_name: str | None = field(
         default=None, metadata={"help": "How the template names the SR model (default: from the stage-1 folder)."}
     )
-    prompts_dir: str | None = field(default=None, metadata={"help": "Template folder (default: $DELREC_PROMPTS_DIR, else the shipped delrec/prompts/templates/)."})
     domain: str | None = field(
         default=None, metadata={"help": "Wording of domains.yaml in the template folder (default: the stage-1 run's, else item)."}
     )
@@ -210,156 +199,160 @@ def stage2_metrics(counts: dict[str, RankCounts]) -> dict[str, float]:
     return {**{key: values[key] for key in CANDIDATE_KEYS}, "chance@1": values["chance@1"]}
 
 
-def finetune(args: FinetuneArguments, model_config, lora, settings: TrainingSettings) -> StageResult:
-    """Run stage 2: the summary printed and written to metrics.json, and the trainer (the trained model)."""
-    from accelerate import PartialState
-    from peft import LoraConfig
+class LoraFinetuning(TrainingStage):
+    """Stage 2 for `TrainingStage.run`: LoRA on LSR, reading the frozen soft prompt (or an ablation of it)."""
 
-    from delrec.data.dataset import PreparedDataset
-    from delrec.llm import hybrid
-    from delrec.llm.stage_folder import write_info
-    from delrec.llm.instances import InstanceOptions, build_instances
-    from delrec.predictions import display_name
-    from delrec.llm.loading import check_target_modules, load_model, max_positions
-    from delrec.llm.soft_prompt import SoftPrompt
-    from delrec.llm.user_prompt import PROJECTOR, UserPrompt
-    from delrec.prompts import get_template
+    name = STAGE
+    default_learning_rate = DEFAULT_LEARNING_RATE
+    default_metric = "ndcg@5"
 
-    started = time.perf_counter()
-    apply_runtime(settings)
-    metric = best_metric(settings, stage2_metrics, ["lsr"], "ndcg@5")
-    out = Path(args.out)
-    dataset = PreparedDataset.load(args.data)
-    stage1 = _stage1_info(args, dataset, model_config)
-    item_table = hybrid.read_item_table(args.item_tokens, dataset) if args.item_tokens else None
-    template = get_template(args.template or ("plain" if args.soft_prompt == "none" else "lsr"), args.prompts_dir)
-    _check_template(template, args.soft_prompt)
-    domain = args.domain or (stage1 or {}).get("domain", "item")
-    sr_name = stage1["soft_prompt"]["name"] if stage1 else args.soft_prompt_name
-    sr_hint = _sr_hint(args, template, dataset)
-    per_user = _per_user(args, stage1, dataset, item_table is not None)
-    if sr_hint is not None and not stage1 and not args.sr_display_name:
-        sr_name = sr_hint["model_type"]  # the hints name the SR model that made them
-    sr_display = args.sr_display_name or ((stage1 or {}).get("sr_model") or {}).get("display_name") \
-        or display_name(sr_name)
-    start_processes(model_config.device)
-    run = prepare_run(out, STAGE, run_config(args, model_config, lora, settings), settings.resume)
-    if run.finished is not None:
-        return run.finished
+    def __init__(self, args: FinetuneArguments, model_config, lora: LoraSettings, settings: TrainingSettings):
+        super().__init__(args, model_config, settings, lora)
+        self.lora = lora
 
-    precision = training_precision(settings, model_config.device)
-    model, tokenizer = load_model(training_model_config(model_config, precision))
-    check_target_modules(model, lora.target_modules)  # PEFT would fail deep in the Trainer's setup
-    soft = None
-    if per_user:
-        soft = UserPrompt.load(args.stage1, model, tokenizer)
-    elif args.soft_prompt == "stage1":
-        soft = SoftPrompt.load(args.stage1, model, tokenizer, num_tokens=stage1["soft_prompt"]["num_tokens"])
-    elif args.soft_prompt == "random":
-        soft = SoftPrompt(sr_name, args.soft_prompt_tokens).add_to(model, tokenizer, init="random", seed=settings.seed)
-    soft_file = None
-    if soft is not None:
-        soft_file = out / (USER_PROMPT_FILE if per_user else SOFT_PROMPT_FILE)
-        if main_process():
-            soft.save(out, model)  # the rows (projector) it starts from, written once (the adapter does not hold them)
-    item_tokens = None
-    if item_table is not None:  # after the soft prompt: item tokens come after all of the tokenizer's tokens
-        first = hybrid.attach(model, tokenizer, item_table, args.item_projector_hidden, seed=settings.seed)
-        item_tokens = {"sr_model": local_or_hub(args.item_tokens), "num_items": item_table.shape[0],
-                       "sr_dim": item_table.shape[1], "hidden": args.item_projector_hidden, "first_token_id": first}
+    def summarize(self, counts: dict[str, RankCounts]) -> dict[str, float]:
+        return stage2_metrics(counts)
 
-    def options(split: str, limit: int | None) -> InstanceOptions:
-        return InstanceOptions(
-            split=split, soft_prompt=soft.placeholder_text() if soft else None, sr_model=sr_display, domain=domain,
-            num_candidates=args.num_candidates, max_instances=limit, seed=settings.seed,
-            max_length=args.max_length, allow_truncation=args.allow_truncation, item_tokens=item_tokens is not None,
-            model_positions=max_positions(model), sr_top=args.sr_top, user_states=per_user,
-        )
+    def tasks(self) -> list[str]:
+        return ["lsr"]
 
-    predictions = {"train": args.train_predictions, "valid": args.valid_predictions, "test": args.test_predictions}
-    with PartialState().main_process_first():
-        sets = {split: build_instances(dataset, template, options(split, limit), tokenizer, predictions[split],
-                                       cache_dir=out / CACHE_DIR)
+    def prepare(self, dataset) -> None:
+        from delrec.llm import hybrid
+        from delrec.predictions import display_name
+        from delrec.prompts import get_template
+
+        args = self.args
+        self.stage1 = stage1 = _stage1_info(args, dataset, self.model_config)
+        self.item_table = hybrid.read_item_table(args.item_tokens, dataset) if args.item_tokens else None
+        self.template = get_template(args.template or ("plain" if args.soft_prompt == "none" else "lsr"),
+                                     args.prompts_dir)
+        _check_template(self.template, args.soft_prompt)
+        self.domain = args.domain or (stage1 or {}).get("domain", "item")
+        self.sr_name = stage1["soft_prompt"]["name"] if stage1 else args.soft_prompt_name
+        self.sr_hint = _sr_hint(args, self.template, dataset)
+        self.per_user = _per_user(args, stage1, dataset, self.item_table is not None)
+        if self.sr_hint is not None and not stage1 and not args.sr_display_name:
+            self.sr_name = self.sr_hint["model_type"]  # the hints name the SR model that made them
+        self.sr_display = args.sr_display_name or ((stage1 or {}).get("sr_model") or {}).get("display_name") \
+            or display_name(self.sr_name)
+
+    def attach(self, model, tokenizer) -> None:
+        from delrec.llm import hybrid
+        from delrec.llm.loading import check_target_modules
+        from delrec.llm.soft_prompt import SoftPrompt
+        from delrec.llm.user_prompt import UserPrompt
+
+        args = self.args
+        check_target_modules(model, self.lora.target_modules)  # PEFT would fail deep in the Trainer's setup
+        self.soft = None
+        if self.per_user:
+            self.soft = UserPrompt.load(args.stage1, model, tokenizer)
+        elif args.soft_prompt == "stage1":
+            self.soft = SoftPrompt.load(args.stage1, model, tokenizer,
+                                        num_tokens=self.stage1["soft_prompt"]["num_tokens"])
+        elif args.soft_prompt == "random":
+            self.soft = SoftPrompt(self.sr_name, args.soft_prompt_tokens).add_to(model, tokenizer, init="random",
+                                                                                 seed=self.settings.seed)
+        self.soft_file = None
+        if self.soft is not None:
+            self.soft_file = self.out / (USER_PROMPT_FILE if self.per_user else SOFT_PROMPT_FILE)
+            if main_process():
+                self.soft.save(self.out, model)  # the rows (projector) it starts from, written once (not in the adapter)
+        self.item_tokens = None
+        if self.item_table is not None:  # after the soft prompt: item tokens come after all of the tokenizer's tokens
+            table = self.item_table
+            first = hybrid.attach(model, tokenizer, table, args.item_projector_hidden, seed=self.settings.seed)
+            self.item_tokens = {"sr_model": local_or_hub(args.item_tokens), "num_items": table.shape[0],
+                                "sr_dim": table.shape[1], "hidden": args.item_projector_hidden, "first_token_id": first}
+
+    def instances(self, dataset, tokenizer, model) -> dict:
+        from delrec.llm.instances import InstanceOptions, build_instances
+        from delrec.llm.loading import max_positions
+
+        args, soft = self.args, self.soft
+
+        def options(split: str, limit: int | None) -> InstanceOptions:
+            return InstanceOptions(
+                split=split, soft_prompt=soft.placeholder_text() if soft else None, sr_model=self.sr_display,
+                domain=self.domain, num_candidates=args.num_candidates, max_instances=limit, seed=self.settings.seed,
+                max_length=args.max_length, allow_truncation=args.allow_truncation,
+                item_tokens=self.item_tokens is not None, model_positions=max_positions(model), sr_top=args.sr_top,
+                user_states=self.per_user,
+            )
+
+        predictions = {"train": args.train_predictions, "valid": args.valid_predictions, "test": args.test_predictions}
+        return {split: build_instances(dataset, self.template, options(split, limit), tokenizer, predictions[split],
+                                       cache_dir=self.cache_dir)
                 for split, limit in (("train", args.max_train_instances), ("valid", args.eval_max_instances),
                                      ("test", args.test_max_instances))}
-    tokens_only = ["input_ids", "completion_mask"]
-    train_columns = tokens_only if args.objective == "answer" else LISTWISE_COLUMNS
-    if per_user:
-        train_columns = [*train_columns, "user_state"]
 
-    def evaluator(split: str) -> CandidateEvaluator:
-        return CandidateEvaluator(sets[split].rows, tokenizer, stage2_metrics, settings.eval_batch_size,
-                                  settings.length_normalized)
+    def evaluator(self, rows, tokenizer) -> CandidateEvaluator:
+        return CandidateEvaluator(rows, tokenizer, stage2_metrics, self.settings.eval_batch_size,
+                                  self.settings.length_normalized)
 
-    trainer = LoraTrainer(
-        model=model,
-        args=sft_config(settings, out / CHECKPOINTS_DIR, on_cpu(model), precision,
-                        learning_rate=DEFAULT_LEARNING_RATE,
-                        metric_for_best_model=metric, resuming=run.resume_from is not None, optim=args.optim),
-        train_dataset=sets["train"].rows.select_columns(train_columns),
-        eval_dataset=sets["valid"].rows.select_columns(tokens_only),
-        processing_class=tokenizer,
-        data_collator=(AnswerCollator(tokenizer.pad_token_id) if args.objective == "answer"
-                       else ListwiseCollator(tokenizer, negatives=args.listwise_negatives, seed=settings.seed)),
-        peft_config=LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
-            target_modules="all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules),
-            # PEFT trains a projector, saves it (an item projector with its SR table) in every adapter file and
-            # reloads it with the best checkpoint and on resume
-            modules_to_save=([hybrid.PROJECTOR] if item_tokens else [PROJECTOR] if args.train_soft_prompt else None),
-        ),
-        evaluator=evaluator("valid"),
-        run_identity=run.identity,
-        torch_compile=compiles_layers(settings, model),
-        soft_prompt_file=soft_file,
-        trained_prompt=soft if args.train_soft_prompt else None,
-    )
-    if isinstance(soft, SoftPrompt):
-        soft.freeze(trainer.model)  # refuses a LoRA on the embedding layer: the soft rows must not move
-    train_started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=run.resume_from)
-    train_seconds = time.perf_counter() - train_started
-    test_started = time.perf_counter()
-    test = evaluator("test")(trainer.model)
-    test_seconds = time.perf_counter() - test_started
-    trainer.save_model(str(out))
+    def sft_overrides(self) -> dict:
+        return {"optim": self.args.optim}
 
-    summary = {
-        "protocol": "candidates",
-        "stage": STAGE,
-        "num_candidates": dataset.num_candidates,
-        "valid": trainer.logged_metrics(),  # of the best checkpoint's adapter, loaded at the end of training
-        "test": test,
-        "valid_before_training": trainer.logged_metrics(step=0),
-        "best_checkpoint": trainer.state.best_model_checkpoint,
-        "global_step": trainer.state.global_step,
-        "train_seconds": round(train_seconds, 2),
-        "test_seconds": round(test_seconds, 2),
-        "total_seconds": round(time.perf_counter() - started, 2),
-        "instances": {split: s.stats for split, s in sets.items()},
-    }
-    if main_process():
-        write_metrics(out, summary)
-        write_info(out, {
-            "stage": STAGE,
-            "delrec_version": delrec.__version__,
-            "base_model": model_description(model_config),
-            "sr_model": {"name": sr_name, "display_name": sr_display},
+    def trainer(self, model, tokenizer, sets, config, run) -> LoraTrainer:
+        from delrec.llm import hybrid
+        from delrec.llm.soft_prompt import SoftPrompt
+        from delrec.llm.user_prompt import PROJECTOR
+
+        args = self.args
+        tokens_only = ["input_ids", "completion_mask"]
+        train_columns = tokens_only if args.objective == "answer" else LISTWISE_COLUMNS
+        if self.per_user:
+            train_columns = [*train_columns, "user_state"]
+        # PEFT trains a projector, saves it (an item projector with its SR table) in every adapter file and reloads
+        # it with the best checkpoint and on resume
+        projector = [hybrid.PROJECTOR] if self.item_tokens else [PROJECTOR] if args.train_soft_prompt else None
+        trainer = LoraTrainer(
+            model=model,
+            args=config,
+            train_dataset=sets["train"].rows.select_columns(train_columns),
+            eval_dataset=sets["valid"].rows.select_columns(tokens_only),
+            processing_class=tokenizer,
+            data_collator=(AnswerCollator(tokenizer.pad_token_id) if args.objective == "answer"
+                           else ListwiseCollator(tokenizer, negatives=args.listwise_negatives, seed=self.settings.seed)),
+            peft_config=self.lora.peft_config(modules_to_save=projector),
+            evaluator=self.evaluator(sets["valid"].rows, tokenizer),
+            run_identity=run.identity,
+            torch_compile=compiles_layers(self.settings, model),
+            soft_prompt_file=self.soft_file,
+            trained_prompt=self.soft if args.train_soft_prompt else None,
+        )
+        if isinstance(self.soft, SoftPrompt):
+            self.soft.freeze(trainer.model)  # refuses a LoRA on the embedding layer: the soft rows must not move
+        return trainer
+
+    def after_training(self, trainer, sets) -> dict:
+        """The test split, scored with the best checkpoint's adapter (loaded at the end of training)."""
+        started = time.perf_counter()
+        test = self.evaluator(sets["test"].rows, trainer.processing_class)(trainer.model)
+        return {"num_candidates": self.dataset.num_candidates, "test": test,
+                "test_seconds": round(time.perf_counter() - started, 2)}
+
+    def info(self, sets) -> dict:
+        args, soft = self.args, self.soft
+        return {
+            "sr_model": {"name": self.sr_name, "display_name": self.sr_display},
             "soft_prompt": None if soft is None else {
                 "name": soft.name, "num_tokens": soft.num_tokens, "source": args.soft_prompt,
                 "stage1": local_or_hub(args.stage1) if args.stage1 else None,
                 **({"kind": "user", "item_table_sha256": soft.item_table_sha256, "trained": args.train_soft_prompt}
-                   if per_user else {}),
+                   if self.per_user else {}),
             },
-            "template": {"name": template.name, "fingerprint": template.fingerprint},
-            "domain": domain,
-            "dataset": {"path": local_or_hub(str(dataset.path)), "fingerprint": dataset.fingerprint},
-            "lora": {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": lora.target_modules},
-            "item_tokens": item_tokens,
-            "sr_hint": sr_hint,
-        })
-    run.finish()
-    return StageResult({"out": str(out), **summary}, trainer)
+            "template": {"name": self.template.name, "fingerprint": self.template.fingerprint},
+            "domain": self.domain,
+            "lora": dataclasses.asdict(self.lora),
+            "item_tokens": self.item_tokens,
+            "sr_hint": self.sr_hint,
+        }
+
+
+def finetune(args: FinetuneArguments, model_config, lora: LoraSettings, settings: TrainingSettings) -> StageResult:
+    """Run stage 2: the summary printed and written to metrics.json, and the trainer (the trained model)."""
+    return LoraFinetuning(args, model_config, lora, settings).run()
 
 
 def _stage1_info(args: FinetuneArguments, dataset, model_config) -> dict | None:

@@ -231,7 +231,8 @@ def _check_written_together(folder: Path, info: dict[str, Any]) -> None:
     lora, config = info.get("lora"), folder / ADAPTER_CONFIG
     if isinstance(lora, dict) and config.is_file():
         settings = read_json(config)
-        pairs = {"r": (settings.get("r"), lora.get("r")), "alpha": (settings.get("lora_alpha"), lora.get("alpha"))}
+        recorded_alpha = lora.get("lora_alpha", lora.get("alpha"))  # "alpha" in folders written before delrec took PEFT's names
+        pairs = {"r": (settings.get("r"), lora.get("r")), "lora_alpha": (settings.get("lora_alpha"), recorded_alpha)}
         if lora.get("target_modules") != ["all-linear"]:  # PEFT records all-linear as the module paths it found
             pairs["target_modules"] = (_layer_names(settings.get("target_modules")),
                                        _layer_names(lora.get("target_modules")))

@@ -24,9 +24,11 @@ import torch
 
 from delrec.data.dataset import PreparedDataset
 from delrec.config import SEED, above, at_least, between
+from delrec.device import torch_threads
 from delrec.errors import DelrecError
 from delrec.tensors import first_nonfinite
 from delrec.prompts import prompts_dir as templates_folder
+from delrec.prompts.options import PromptsFolder
 from delrec.io import check_apart_from_inputs, is_occupied, replace_directory, staged_directory, write_json
 
 HEAD_DIM = 64
@@ -55,7 +57,7 @@ recommends. Title, titles, item, items, history, candidate, user, users, next, p
 
 
 @dataclass
-class TinyLLMConfig:
+class TinyLLMConfig(PromptsFolder):
     """Shape and pre-training of a tiny local LLM."""
 
     arch: Literal["llama", "qwen2"] = field(
@@ -92,9 +94,6 @@ class TinyLLMConfig:
         metadata={"help": "CPU threads for pre-training; matrices this small gain little from more threads, and "
                   "on busy shared cores a second thread made each step several times slower.",
                   "range": between(1, 1024)},
-    )
-    prompts_dir: str | None = field(
-        default=None, metadata={"help": "Prompt templates folder whose text trains the tokenizer (default: $DELREC_PROMPTS_DIR, else the shipped delrec/prompts/templates/)."}
     )
 
     def __post_init__(self):
@@ -250,12 +249,8 @@ def pretrain(model, tokenizer, texts: list[str], config: TinyLLMConfig, progress
     warmup = max(1, config.pretrain_steps // 10)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, config.pretrain_steps)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         losses = _train(model, blocks, batch_size, optimizer, scheduler, generator, config.pretrain_steps, progress)
-    finally:
-        torch.set_num_threads(threads)
     _check_converged(model, losses, config)
     tail = losses[-max(1, min(10, len(losses) // 10)):]
     return {

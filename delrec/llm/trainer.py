@@ -1,10 +1,11 @@
-"""What DELRec stage 1 (soft-prompt distillation) and stage 2 (LoRA fine-tuning) share.
+"""The trainer of DELRec stage 1 (soft-prompt distillation) and stage 2 (LoRA fine-tuning), and its config.
 
 Both stages run on TRL's `SFTTrainer` (HF Trainer underneath: progress bar, logging, step
-checkpoints, resume, accelerate/DDP, mixed precision). They share:
+checkpoints, resume, accelerate/DDP, mixed precision); `delrec.llm.stage` drives them, and
+`delrec.llm.run_folder` keeps their output folders resumable. They share:
 
-- `TrainingSettings`: the trainer options a user sets, turned into an `SFTConfig` by
-  `sft_config`, with the device-dependent choices made here once: on CPU `use_cpu`, no bf16
+- `TrainingSettings`: the trainer options a user sets, TRL's own under their names, turned into an
+  `SFTConfig` by `sft_config`, with the device-dependent choices made here once: on CPU `use_cpu`, no bf16
   and no gradient checkpointing (TRL 1.16 defaults both on); on CUDA bf16 when the GPU has it
   and gradient checkpointing. Datasets arrive pre-tokenized (`input_ids` + `completion_mask`
   from `delrec.llm.instances`), so TRL only builds the labels (answer tokens only) and never
@@ -21,23 +22,16 @@ checkpoints, resume, accelerate/DDP, mixed precision). They share:
   by log-likelihood (`delrec.llm.scoring`), rows split across processes and gathered.
 - `DelrecTrainer`: an `SFTTrainer` whose `evaluate` runs the evaluator and whose saves write
   the soft prompt and the tokenizer with the weights (each stage decides which weights).
-- `prepare_run`: an output folder remembers the configuration it was started with; re-running
-  the same command resumes from its last checkpoint, a different configuration is refused, and so
-  is a checkpoint another run wrote (each checkpoint holds its run's identity, `run_identity`). A
-  finished run asked again has nothing to do and says so; one stopped after its last checkpoint
-  finishes without training a step more (`DelrecTrainer.train`).
-  `start_processes` comes first, so that every process of a CPU launch knows its rank from the start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import hashlib
-import json
+import difflib
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,32 +42,26 @@ from trl import SFTTrainer
 
 from delrec.config import SEED, THREADS, above, at_least, between
 from delrec.errors import DelrecError
-from delrec.io import (check_parents_are_folders, is_occupied, read_json, replace_directory, staged_directory,
-                       write_json)
-from delrec.llm.files import RUN_FILE, damaged_file, explained_write_errors
-from delrec.llm.stage_folder import local_or_hub, model_fingerprint
+from delrec.io import replace_directory, staged_directory, write_json
+from delrec.llm.files import explained_write_errors
+from delrec.llm.run_folder import RUN_IDENTITY_FILE
 from delrec.llm.user_prompt import reading_states, with_user_states
 from delrec.metrics import RankingMetrics
 
-CHECKPOINTS_DIR = "checkpoints"
-CACHE_DIR = "cache"
-RUN_IDENTITY_FILE = "delrec_run.json"  # in each checkpoint: the run that wrote it (`run_identity`)
-METRICS_FILE = "metrics.json"
-# Options that may change when a run is resumed: they do not change what is learned per step.
-RUNTIME_OPTIONS = frozenset({
-    "num_train_epochs", "max_steps", "logging_steps", "eval_steps", "save_total_limit", "eval_batch_size",
-    "num_threads", "progress", "resume", "dataloader_num_workers", "eval_max_instances", "test_max_instances",
-    "device", "torch_compile",
+# TrainingSettings fields that are not SFTConfig fields, or that delrec turns into SFTConfig values itself
+# (gradient_checkpointing and torch_compile take auto/yes/no; learning_rate and metric_for_best_model default per
+# stage); every other field is an SFTConfig field of the same name and meaning, passed on as it is.
+DELREC_SETTINGS = frozenset({
+    "learning_rate", "metric_for_best_model", "eval_batch_size", "length_normalized", "mixed_precision",
+    "gradient_checkpointing", "torch_compile", "num_threads", "progress", "resume", "trainer_options",
 })
-# Options that change how a run runs, not what it yields: a finished run asked again with other values of these (and
-# of nothing else) has nothing left to do.
-INCIDENTAL_OPTIONS = frozenset({"progress", "num_threads", "dataloader_num_workers", "resume", "torch_compile"})
 COMPILE_MIN_PARAMETERS = 100_000_000  # below, a step takes milliseconds: the minute of compilation never pays back
 
 
 @dataclass
 class TrainingSettings:
-    """Trainer options shared by both DELRec stages (the rest of `SFTConfig` keeps TRL's defaults)."""
+    """Trainer options shared by both DELRec stages: TRL's `SFTConfig` fields under their own names (with delrec's
+    defaults), delrec's own (`DELREC_SETTINGS`), and `trainer_options` for any other SFTConfig field."""
 
     learning_rate: float | None = field(
         default=None, metadata={"help": "Peak learning rate (default: 1e-2 for the soft prompt, 2e-4 for LoRA).",
@@ -158,6 +146,12 @@ class TrainingSettings:
     resume: bool = field(
         default=True, metadata={"help": "Resume from the last checkpoint in OUT/checkpoints when there is one."}
     )
+    trainer_options: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "Any other field of TRL's SFTConfig (transformers' TrainingArguments) by its name, e.g. "
+                  "adam_beta2=0.95 lr_scheduler_kwargs={min_lr: 1.0e-5} (a mapping in YAML); not those delrec "
+                  "sets (the evaluation and checkpoint schedule, devices, precision)."},
+    )
 
     def __post_init__(self):
         positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "eval_steps",
@@ -171,16 +165,15 @@ class TrainingSettings:
             raise ValueError("weight_decay, warmup_steps and max_grad_norm must not be negative")
 
 
-def apply_runtime(settings: TrainingSettings) -> None:
-    """CPU threads, and without `progress` no progress bars from datasets and transformers either."""
-    if settings.num_threads:
-        torch.set_num_threads(settings.num_threads)
-    if not settings.progress:
-        import datasets
-        import transformers
+@contextlib.contextmanager
+def stage_runtime(settings: TrainingSettings):
+    """While a stage runs: its CPU threads and, without `progress`, no progress bars from datasets and transformers
+    either; both as they were afterwards, for in-process callers (the pipeline, tests)."""
+    from delrec.device import torch_threads
+    from delrec.llm.loading import progress_bars
 
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
+    with torch_threads(settings.num_threads), progress_bars(settings.progress):
+        yield
 
 
 def training_precision(settings: TrainingSettings, device: str) -> Literal["bf16", "fp16", "no"]:
@@ -258,34 +251,21 @@ def sft_config(
     checkpointing = settings.gradient_checkpointing == "yes" or (
         settings.gradient_checkpointing == "auto" and not on_cpu
     )
-    options = dict(
+    owned = dict(  # what every stage decides: the evaluation/checkpoint schedule, devices, pre-tokenized data
         output_dir=str(output_dir),
         use_cpu=on_cpu,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         gradient_checkpointing=checkpointing,
         learning_rate=settings.learning_rate or learning_rate,
-        num_train_epochs=settings.num_train_epochs,
-        max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.per_device_train_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        warmup_steps=settings.warmup_steps,
-        lr_scheduler_type=settings.lr_scheduler_type,
-        max_grad_norm=settings.max_grad_norm,
-        weight_decay=settings.weight_decay,
-        logging_steps=settings.logging_steps,
         eval_strategy="steps",
-        eval_steps=settings.eval_steps,
         eval_on_start=not resuming,
         save_strategy="steps",
         save_steps=settings.eval_steps,
-        save_total_limit=settings.save_total_limit,
         load_best_model_at_end=True,
         metric_for_best_model=settings.metric_for_best_model or metric_for_best_model,
         greater_is_better=True,
-        seed=settings.seed,
         data_seed=settings.seed,
-        dataloader_num_workers=settings.dataloader_num_workers,
         disable_tqdm=not settings.progress,
         report_to="none",
         completion_only_loss=True,
@@ -293,8 +273,18 @@ def sft_config(
         packing=False,
         remove_unused_columns=False,
     )
-    options.update(overrides)
-    return SFTConfig(**options)
+    by_name = {name: value for name, value in dataclasses.asdict(settings).items() if name not in DELREC_SETTINGS}
+    extra = dict(settings.trainer_options or {})
+    known = {f.name for f in dataclasses.fields(SFTConfig) if f.init}
+    for name in extra:
+        if name in by_name or name in DELREC_SETTINGS:
+            raise DelrecError(f"trainer_options: {name} is an option of its own; set {name} directly")
+        if name in owned or name in overrides or name not in known:
+            why = "is set by delrec" if name in known else "is not a field of TRL's SFTConfig"
+            close = difflib.get_close_matches(name, sorted(known - set(owned) - set(by_name)), n=3)
+            raise DelrecError(f"trainer_options: {name} {why}" + (f" (did you mean {', '.join(close)}?)" if close
+                                                                   else ""))
+    return SFTConfig(**{**by_name, **extra, **owned, **overrides})
 
 
 # --- the loss on the answer tokens ---------------------------------------------------------------
@@ -563,238 +553,11 @@ class DelrecTrainer(SFTTrainer):
         raise NotImplementedError
 
 
-@dataclass
-class StageResult:
-    """What a stage returns: the printed summary (also in metrics.json) and the trainer holding the trained model
-    (None when the run had already finished: nothing was loaded)."""
-
-    summary: dict[str, Any]
-    trainer: DelrecTrainer | None
-
-
-@dataclass
-class RunFolder:
-    """What `prepare_run` found in OUT: the checkpoint to resume from, the run's identity (`run_identity`, written
-    into each checkpoint) and, when this same run already finished there, its result: nothing is left to do."""
-
-    out: Path
-    record: dict[str, Any]  # OUT/run.json: the stage and its configuration
-    resume_from: str | None
-    identity: dict[str, Any]
-    finished: StageResult | None = None
-
-    def finish(self) -> None:
-        """Mark the run finished (OUT/run.json), once its outputs are written: the same command then does nothing."""
-        if main_process():
-            write_json(self.out / RUN_FILE, {**self.record, "finished": True})
-
-
-# --- processes, output folder, resume --------------------------------------------------------------
-
-
-def start_processes(device: str) -> None:
-    """Set up accelerate's process state for a run on `device`, before anything asks who the main process is.
-
-    `accelerate launch` starts several CPU processes through torchrun (accelerate_configs/cpu-2proc.yaml; its
-    own CPU launcher needs MPI). Asked without `cpu=True`, accelerate finds no GPU and each of them believes it
-    is the only, main process until the Trainer sets the state up again: they wrote run.json, the cache and
-    the soft prompt at the same time. With `cpu=True` they join one gloo group from the start.
-    """
-    from accelerate import PartialState
-
-    PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
-
-
-def end_processes() -> None:
-    """Leave the process group before the interpreter exits: a gloo group torn down at exit can abort a
-    process ("terminate called without an active exception") after its work is done."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def prepare_run(out: Path, stage: str, config: dict[str, Any], resume: bool) -> RunFolder:
-    """Record the run's configuration in OUT/run.json; say where to resume from, if anywhere.
-
-    A folder holding the work of a run started with another configuration (a checkpoint, or the
-    finished outputs) is refused, naming the first option that differs: the checkpoints would mix
-    two runs; `RUNTIME_OPTIONS` may change. So is a checkpoint another run wrote (copied in: its
-    `run_identity` differs). The record of an attempt that failed before its first checkpoint (a bad
-    option, a model that did not load) is replaced, so the corrected command runs. A run that
-    finished with this same configuration (`INCIDENTAL_OPTIONS` aside) is not run again: its result
-    is returned and the command says so, as `delrec sr train` does not train a finished run further.
-    Any other existing file or folder is refused rather than written into.
-    """
-    from accelerate import PartialState
-
-    main = PartialState().is_main_process  # the one process that writes here (others could see it mid-write)
-    check_parents_are_folders(out)
-    run_file = out / RUN_FILE
-    if main and is_occupied(out) and not run_file.is_file():
-        raise DelrecError(f"{out} already exists and is not a {stage} run folder (no {RUN_FILE}); choose another out "
-                          "(a new or empty folder)")
-    last = last_complete_checkpoint(out / CHECKPOINTS_DIR)
-    identity = run_identity(stage, config)
-    record = {"stage": stage, "config": config}
-    previous = None
-    if run_file.is_file() and (last is not None or (out / METRICS_FILE).is_file()):
-        previous = read_json(run_file)
-        if previous.get("stage") != stage:
-            raise DelrecError(f"{out} holds a {previous.get('stage')} run, not a {stage} run; choose another out")
-        difference = first_difference(previous.get("config", {}), config, RUNTIME_OPTIONS)
-        if difference:
-            raise DelrecError(f"{out} was started with {difference}; cannot resume a run with another "
-                              f"configuration: choose another out, or delete {out} to start again")
-    if resume and last is not None:
-        check_resumable(Path(last), identity)
-    if (resume and previous is not None and previous.get("finished") is True and (out / METRICS_FILE).is_file()
-            and not first_difference(previous.get("config", {}), config, INCIDENTAL_OPTIONS)):
-        return RunFolder(out, record, last, identity, finished=_finished_run(out, stage))
-    out.mkdir(parents=True, exist_ok=True)
-    if main:
-        write_json(run_file, record)
-    return RunFolder(out, record, last if resume else None, identity)
-
-
-def run_identity(stage: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Which run wrote a checkpoint: the stage and the options that must match to resume it (all but
-    `RUNTIME_OPTIONS`, and the output folder: a checkpoint means the same wherever it lies), with their SHA-256, the
-    one thing compared."""
-    resumable = {key: value for key, value in config.items() if key not in RUNTIME_OPTIONS and key != "out"}
-    text = json.dumps({"stage": stage, "config": resumable}, sort_keys=True, default=str)
-    return {"stage": stage, "sha256": hashlib.sha256(text.encode()).hexdigest(), "config": resumable}
-
-
-def first_difference(old: dict[str, Any], new: dict[str, Any], ignored: frozenset[str]) -> str | None:
-    """The first option (by name) whose value differs between two configurations, as `key = old, not new`."""
-    for key in sorted(set(old) | set(new)):
-        if key not in ignored and old.get(key) != new.get(key):
-            return f"{key} = {old.get(key)!r}, not {new.get(key)!r}"
-    return None
-
-
-def _finished_run(out: Path, stage: str) -> StageResult:
-    """The result of the run that finished in OUT, said in one line on stderr (stdout keeps the summary JSON alone):
-    nothing is trained or written."""
-    summary = read_json(out / METRICS_FILE)
-    if main_process():
-        print(f"{out}: this {stage} run already finished with the same configuration (global_step "
-              f"{summary.get('global_step')}); nothing to do: choose another out, or delete {out}, to train again",
-              file=sys.stderr, flush=True)
-    return StageResult({"out": str(out), **summary}, None)
-
-
-def last_complete_checkpoint(folder: Path) -> str | None:
-    """The newest `checkpoint-N` in `folder` that holds its trainer state, which the Trainer writes last: a run
-    killed while saving leaves a newer, partial folder, skipped here (the Trainer's `get_last_checkpoint` would
-    pick it and fail to resume)."""
-    from transformers.trainer import TRAINER_STATE_NAME
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    steps = {}
-    for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if folder.is_dir() else ():
-        step = path.name[len(PREFIX_CHECKPOINT_DIR) + 1:]
-        if step.isdigit() and (path / TRAINER_STATE_NAME).is_file():
-            steps[int(step)] = str(path)
-    return steps[max(steps)] if steps else None
-
-
-# What the Trainer reads from a checkpoint to resume, besides its trainer_state.json: the stage's weights (the
-# soft rows, the adapter) and, written by torch.save, the optimizer, scheduler, gradient scaler and RNG states.
-RESUME_WEIGHTS = ("adapter_config.json", "*.safetensors")
-RESUME_STATES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth")
-
-
-def check_resumable(checkpoint: Path, identity: dict[str, Any]) -> None:
-    """Read every file the Trainer reads to resume from `checkpoint`, and the weights of the best checkpoint its
-    state names (loaded at the end of training), before any model loads: a checkpoint of another run (`identity`
-    differs), a damaged file, or a pickled object (refused: it could run code), is one line naming the file and
-    what to do, not a traceback (or a silently mixed run) mid-resume."""
-    from transformers import TrainerState
-    from transformers.trainer import TRAINER_STATE_NAME
-
-    remedy = (f"this checkpoint cannot be resumed: delete {checkpoint} to resume from the checkpoint before it, or "
-              "re-run with --resume false to start over")
-    _check_identity(checkpoint, identity, remedy)
-    state_file = checkpoint / TRAINER_STATE_NAME
-
-    def files(folder: Path, patterns) -> list[Path]:
-        return [path for pattern in patterns for path in sorted(folder.glob(pattern))]
-
-    problem = damaged_file([state_file, *files(checkpoint, RESUME_WEIGHTS + RESUME_STATES)])
-    if problem:
-        raise DelrecError(f"{problem}; {remedy}")
-    state = read_json(state_file)
-    try:
-        TrainerState(**state)
-    except TypeError as exc:  # not an object, or fields the Trainer does not know
-        raise DelrecError(f"{state_file}: not a Trainer state ({exc}); {remedy}") from None
-    best = state.get("best_model_checkpoint")
-    if best and Path(best).is_dir() and Path(best).resolve() != checkpoint.resolve():
-        best_remedy = ("this is the best checkpoint so far, which training loads at its end: delete "
-                       f"{best} to resume without it, or re-run with --resume false to start over")
-        _check_identity(Path(best), identity, best_remedy)
-        problem = damaged_file(files(Path(best), RESUME_WEIGHTS))
-        if problem:
-            raise DelrecError(f"{problem}; {best_remedy}")
-
-
-def _check_identity(checkpoint: Path, identity: dict[str, Any], remedy: str) -> None:
-    """Refuse a checkpoint written by another run (copied in from another folder, seed, stage...): resuming it
-    would continue that run under this one's name, or fail deep in the Trainer. One written before delrec recorded
-    the identity is accepted, as before; so is one whose options differ only by options it did not know, left unset
-    here (an option added to delrec later, whose unset value keeps what the run did)."""
-    file = checkpoint / RUN_IDENTITY_FILE
-    if not file.is_file():
-        return
-    recorded = read_json(file)
-    recorded = recorded if isinstance(recorded, dict) else {}
-    if recorded.get("sha256") == identity["sha256"]:
-        return
-    if recorded.get("stage") != identity["stage"]:
-        which = f"a {recorded.get('stage')} run, not this {identity['stage']} run"
-    else:
-        config = recorded.get("config")
-        difference = first_difference(config, identity["config"], frozenset()) if isinstance(config, dict) else None
-        if isinstance(config, dict) and difference is None:
-            return
-        which = f"a run with {difference}" if difference else "another run"
-    raise DelrecError(f"{file}: this checkpoint was written by {which}; {remedy}")
-
-
 def strip_prefix(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
     """`{"eval_hr@1": x, "eval_runtime": t, "epoch": e}` -> `{"hr@1": x}`."""
     start = f"{prefix}_"
     return {k[len(start):]: v for k, v in metrics.items() if k.startswith(start) and k != f"{start}runtime"}
 
 
-def run_config(*configs) -> dict[str, Any]:
-    """The options of a run as one flat dict (for run.json and delrec.json)."""
-    merged: dict[str, Any] = {}
-    for config in configs:
-        merged.update(dataclasses.asdict(config))
-    return merged
-
-
-def model_description(model_config) -> dict[str, Any]:
-    """How to load the base model again (delrec.json's base_model), with its content fingerprint."""
-    return {
-        "model_name_or_path": local_or_hub(model_config.model_name_or_path),
-        "fingerprint": model_fingerprint(model_config.model_name_or_path),
-        "load_in_4bit": model_config.load_in_4bit,
-        "load_in_8bit": model_config.load_in_8bit,
-        "trust_remote_code": model_config.trust_remote_code,
-    }
-
-
 def on_cpu(model) -> bool:
     return model.get_input_embeddings().weight.device.type == "cpu"
-
-
-def write_metrics(out: Path, metrics: dict[str, Any]) -> None:
-    write_json(out / METRICS_FILE, metrics)
-
-
-def main_process() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process

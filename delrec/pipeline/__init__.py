@@ -6,7 +6,8 @@
 
 `options` and `schema`: the config; `layout`: the run folder; `stages` (and `latency`): what each stage
 runs; `plan`: run, resume or skip each stage, by content hash and by the digests of the files each stage wrote
-(`digests`: file digests read again only when a file's stat moved); `execute`: running the plan.
+(`digests`: file digests read again only when a file's stat moved); `execute`: running the plan; `report/`:
+RUN/report.md, its table and plots, read back from the run folder.
 """
 
 from delrec.pipeline.execute import run_pipeline

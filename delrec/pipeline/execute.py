@@ -79,7 +79,7 @@ def check_run_folder(run: Path) -> None:
 def run_pipeline(config: PipelineConfig, run_dir: str | Path, only: str | None = None, start: str | None = None,
                  dry_run: bool = False, verbose: bool = False, echo: Callable[[str], None] = print) -> dict:
     """Run the plan (or only print it); return the run summary written to RUN/run.json."""
-    import torch
+    from delrec.device import torch_threads
 
     layout = Layout(Path(run_dir))
     digests = FileDigests(layout.run / DIGESTS_FILE)
@@ -93,7 +93,6 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path, only: str | None =
     summary = _start_run(config, layout)
     digests.save()
     began = time.perf_counter()
-    threads = torch.get_num_threads()
     records = {s: read_record(layout, s) for s in STAGES}
     try:
         for number, planned in enumerate(steps, start=1):
@@ -109,10 +108,8 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path, only: str | None =
             step = decide(config, layout, stage, records, set(), digests, planned.forced)
             log = "" if verbose else f"  (output: {layout.stage(stage) / STAGE_LOG})"
             echo(f"{prefix} {step.action:<7} {planned.reason}{log}")
-            if config.run.threads:
-                torch.set_num_threads(config.run.threads)
-            record = _run_stage(config, layout, step, verbose, digests)
-            torch.set_num_threads(threads)
+            with torch_threads(config.run.threads):
+                record = _run_stage(config, layout, step, verbose, digests)
             records[stage] = record
             summary["stages"][stage] = {"action": step.action, "reason": planned.reason, "status": "finished",
                                         "seconds": record["seconds"], "hash": record["hash"]}
@@ -121,8 +118,6 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path, only: str | None =
     except BaseException as exc:
         _end_run(layout, summary, began, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
         raise
-    finally:
-        torch.set_num_threads(threads)
     _end_run(layout, summary, began, "finished")
     return summary
 

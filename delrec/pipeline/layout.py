@@ -1,7 +1,7 @@
 """The run folder: the stage order, the names of the files a run writes, and where each stage writes.
 
-It imports nothing of the pipeline, so `delrec.report`, which reads run folders, can use these names
-while the pipeline's report stage imports `delrec.report`.
+It imports nothing else of the pipeline, so every module that reads run folders (the report,
+`pipeline/report/`; the plan; the stages) can use these names.
 """
 
 from __future__ import annotations

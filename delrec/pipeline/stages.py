@@ -15,7 +15,7 @@
     teacher      teacher folders from the LLM and/or SR models          delrec teacher export
     students     students alone and distilled                           delrec student train
     latency      top-K for N users: student vs the LLM teacher
-    report       RUN/report.md and its plots                            delrec.report
+    report       RUN/report.md and its plots                            delrec.pipeline.report
 
 A stage returns its outputs (recorded in its stage.json). Parts of a stage that finished (one SR
 model of several, one stage-2 variant) are not redone when an interrupted stage resumes.
@@ -294,7 +294,7 @@ def stage_latency(ctx: Context) -> dict:
 
 
 def stage_report(ctx: Context) -> dict:
-    from delrec.report import write_report
+    from delrec.pipeline.report import write_report
 
     written = write_report(ctx.layout.run, ctx.config.sections["report"].get(ReportOptions).full_k)
     return {"report": REPORT_FILE, "plots": [ctx.layout.relative(p) for p in written]}

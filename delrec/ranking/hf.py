@@ -28,7 +28,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from delrec.config import at_least
+from delrec.config import Device, at_least, device_option
 from delrec.llm.stage_folder import load_delrec_model
 from delrec.device import resolve_device
 from delrec.llm.loading import TRUST_REMOTE_CODE_HELP, ModelConfig, load_model
@@ -45,9 +45,7 @@ CHUNK_BATCHES = 8  # batches per backend call: enough prompts to sort by length,
 class Options:
     """The transformers backend's settings."""
 
-    device: Literal["auto", "cpu", "cuda"] = field(
-        default="auto", metadata={"help": "Where to run the model; auto: CUDA if available, else CPU."}
-    )
+    device: Device = device_option(what="Where to run the model")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="auto",
         metadata={"help": "Weight dtype; auto: the checkpoint's (float16 becomes float32 on CPU). bfloat16 scores "

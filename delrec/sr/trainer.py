@@ -48,6 +48,11 @@ freshly built model before the optimizer and any checkpoint are set up: the plac
 baked back to a plain `ItemEmbedding` before it is saved. Neither function is part of the
 checkpoint's configuration check; describe them in `extra_settings` (a JSON-able dict, e.g. the
 teacher file's fingerprint and the loss weights) so that a resume with other ones is refused.
+An `extra_loss` that is an `nn.Module` (a distillation term with parameters of its own: DE's experts)
+is moved to the training device, its parameters train with the model's (one Adam), and its
+`state_dict` is checkpointed (entry "extra_loss") and restored on resume; it is never saved in OUT,
+which holds the SR model alone. `TrainBatch.progress` (the share of the configured training done)
+drives schedules such as DE's temperature.
 """
 
 from __future__ import annotations
@@ -69,12 +74,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from delrec.config import SEED, SHARE, THREADS, above, at_least, check_fields, memory_for
+from delrec.config import Device, SEED, SHARE, THREADS, above, at_least, check_fields, device_option, memory_for
 from delrec.data.dataset import CANDIDATE_SPLITS, PreparedDataset
 from delrec.errors import DelrecError
 from delrec.io import atomic_write, check_parents_are_folders, write_json, write_jsonl
 from delrec.sr.base import SequentialRecommender, build_model, model_class_for_config
-from delrec.device import resolve_device
+from delrec.device import resolve_device, torch_threads
 from delrec.sr.evaluate import EVAL_BATCH_SIZE, evaluate_full, evaluate_model
 from delrec.tensors import first_nonfinite
 from delrec.sr.losses import LOSSES, next_item_loss
@@ -129,7 +134,7 @@ class TrainConfig:
     keep_history: bool = field(
         default=False, metadata={"help": "Full ranking: keep history items rankable instead of excluding them."}
     )
-    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "cpu, cuda, or auto (cuda if available)."})
+    device: Device = device_option(what="Where to train")
     eval_batch_size: int = field(
         default=EVAL_BATCH_SIZE, metadata={"help": "Histories scored per evaluation batch.", "range": at_least(1)}
     )
@@ -155,6 +160,7 @@ class TrainBatch:
     labels: torch.Tensor  # [B, T] next item at each position (last column: the instance's target)
     mask: torch.Tensor  # [B, T] bool: positions that got a main-loss term
     states: torch.Tensor  # [B, T, d] model.sequence_states(inputs), with gradient
+    progress: float = 0.0  # batches done before this one / (epochs x batches per epoch - 1): 0 first, 1 last
 
 
 ExtraLoss = Callable[[SequentialRecommender, TrainBatch, torch.Tensor], torch.Tensor]
@@ -352,12 +358,14 @@ def load_checkpoint(out: Path, settings: dict) -> dict | None:
 
 
 def restore_checkpoint(path: Path, state: dict, model: SequentialRecommender,
-                       optimizer: torch.optim.Optimizer | None) -> None:
+                       optimizer: torch.optim.Optimizer | None, extra: torch.nn.Module | None = None) -> None:
     """Put the model, optimizer and RNGs back as the checkpoint left them; a checkpoint whose entries do not
     fit (edited, or a damaged file that still unpickles) is refused, naming the file."""
     try:
         for key in ("best_model", "model"):  # both must fit the model; the last one loaded stays
             model.load_state_dict(state[key])
+        if extra is not None:
+            extra.load_state_dict(state["extra_loss"])
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
@@ -419,6 +427,7 @@ def _train_epoch(
     model.train()
     total = extra_total = 0.0
     batches = epoch_batches(lengths, config.batch_size, config.bucket_by_length, np.random.default_rng([config.seed, epoch]))
+    total_steps = config.epochs * len(batches)  # the same count every epoch
     bar = tqdm(total=len(batches), desc=f"epoch {epoch}", disable=not config.progress, leave=False, dynamic_ncols=True)
     for step, index in enumerate(batches, start=1):
         width = int(lengths[index].max())
@@ -433,7 +442,8 @@ def _train_epoch(
         )
         total += loss.item()
         if extra_loss is not None:
-            train_batch = TrainBatch(torch.from_numpy(ids[index]).to(device), inputs, labels, mask, states)
+            progress = ((epoch - 1) * len(batches) + step - 1) / max(total_steps - 1, 1)
+            train_batch = TrainBatch(torch.from_numpy(ids[index]).to(device), inputs, labels, mask, states, progress)
             extra = extra_loss(model, train_batch, states[:, -1])
             extra_total += extra.item()
             loss = loss + extra
@@ -470,13 +480,8 @@ def train_sr(
     `CaserConfig`, `PopConfig`); it picks the model.
     """
     config = train_config or TrainConfig()
-    threads = torch.get_num_threads()
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    try:
+    with torch_threads(config.num_threads):
         return _train(dataset, model_config, config, out, extra_loss, model_hook, extra_settings)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(dataset, model_config, config: TrainConfig, out, extra_loss, model_hook, extra_settings) -> TrainResult:
@@ -507,7 +512,12 @@ def _train(dataset, model_config, config: TrainConfig, out, extra_loss, model_ho
     if extra_settings:
         settings["extra"] = extra_settings
     state = load_checkpoint(out, settings)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay) if model.trainable else None
+    extra_module = extra_loss if isinstance(extra_loss, torch.nn.Module) else None
+    parameters = list(model.parameters())
+    if extra_module is not None:
+        extra_module.to(device)
+        parameters += list(extra_module.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay) if model.trainable else None
 
     def say(message: str) -> None:  # progress lines go to stderr, so stdout stays machine-readable
         if config.progress:
@@ -516,7 +526,7 @@ def _train(dataset, model_config, config: TrainConfig, out, extra_loss, model_ho
     if state is None:
         epoch, best_epoch, best_metric, log, best_state = 0, 0, -math.inf, [], None
     else:
-        restore_checkpoint(out / CHECKPOINT_DIR / CHECKPOINT_FILE, state, model, optimizer)
+        restore_checkpoint(out / CHECKPOINT_DIR / CHECKPOINT_FILE, state, model, optimizer, extra_module)
         epoch, best_epoch, best_metric = state["epoch"], state["best_epoch"], state["best_metric"]
         log, best_state = state["log"], state["best_model"]
         # said even without progress output: a resumed run must never pass for a fresh one
@@ -555,6 +565,7 @@ def _train(dataset, model_config, config: TrainConfig, out, extra_loss, model_ho
             "version": CHECKPOINT_VERSION, "settings": settings, "epoch": epoch, "best_epoch": best_epoch,
             "best_metric": best_metric, "log": log, "model": _cpu_state(model), "best_model": best_state,
             "optimizer": optimizer.state_dict() if optimizer is not None else {}, "rng": _rng_state(),
+            **({"extra_loss": _cpu_state(extra_module)} if extra_module is not None else {}),
         })
         write_jsonl(out / "log.jsonl", log)
         loss_text = "" if entry["loss"] is None else f"loss {entry['loss']:.4f}, "
