@@ -1,9 +1,9 @@
-"""`delrec student train`: an SR student distilled from teacher folders (DLLM2Rec, RD, RRD, none; plus a
-latent method: DE, FTD, HTD).
+"""`delrec student train`: an SR student distilled from teacher folders (DLLM2Rec, RD, RRD, HetComp, none; plus
+a latent method: DE, FTD, HTD).
 
 Options: `StudentArguments` + `delrec.distill.student.StudentConfig` (method, teachers, embedding
 distillation) + `LatentChoice` (`--latent`) + `delrec.sr.TrainConfig` + the chosen model's config + the
-chosen method's config (`DLLM2RecConfig`, `RDConfig`, `RRDConfig`) + the chosen latent method's
+chosen method's config (`DLLM2RecConfig`, `RDConfig`, `RRDConfig`, `HetCompConfig`) + the chosen latent method's
 (`DEConfig`, `FTDConfig`, `HTDConfig`). As in `delrec sr train`, `--model`, `--method` and `--latent` (or
 `model:` / `method:` / `latent:` in the YAML) are read first, so only the chosen model's and methods' keys
 are accepted. `--teacher` may be repeated (`--teacher A --teacher B`) or given a list (`--teacher A B`).

@@ -35,7 +35,7 @@ def export(argv, prog: str, description: str) -> int:
     source = info["source"]
     keys = ("num_instances", "num_train_instances", "num_items", "topk", "score_kind", "embedding_dim", "seconds", "instances_per_second")
     print(json.dumps({"out": str(out), "kind": source["kind"], **{k: info[k] for k in keys},
-                      "user_state_dim": info.get("user_state_dim"),
+                      "user_state_dim": info.get("user_state_dim"), "trajectory": info.get("trajectory"),
                       "target_in_topk": source.get("target_in_topk"), "embedding_knn": source.get("embedding_knn")},
                      indent=2))
     return 0

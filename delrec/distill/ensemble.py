@@ -69,7 +69,7 @@ def combine_teachers(teachers: list[Teacher], topk: int) -> Teacher:
             c, o = _confidence(probs[chunk]), _consistency(lists[chunk], present[chunk])
             w = (c + o + EPSILON) * present[chunk]
             w = w / w.sum(dim=1, keepdim=True)
-            top_items, top_scores = _fuse(lists[chunk], probs[chunk], w, topk)
+            top_items, top_scores = fuse_lists(lists[chunk], probs[chunk], w, topk)
             items.append(top_items)
             scores.append(top_scores)
             weights.append(w)
@@ -166,7 +166,7 @@ def _consistency(lists: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, mean, torch.ones_like(mean))
 
 
-def _fuse(lists: torch.Tensor, probs: torch.Tensor, weights: torch.Tensor, k: int):
+def fuse_lists(lists: torch.Tensor, probs: torch.Tensor, weights: torch.Tensor, k: int):
     """The k items with the largest weighted mass over the union of the lists, and log of that mass."""
     b = lists.shape[0]
     flat = lists.reshape(b, -1)  # [b, T*k]

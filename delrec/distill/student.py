@@ -18,7 +18,14 @@ scores over all items, needed only by weights (the student's current top-K, its 
     dllm2rec  lambda_d * L_d       importance-aware ranking distillation (delrec.distill.dllm2rec)
     rd        rd_weight * L_RD     position-weighted ranking distillation (delrec.distill.rd)
     rrd       rrd_weight * L_RRD   listwise relaxed ranking distillation (delrec.distill.rrd)
+    hetcomp   hetcomp_weight * L   HetComp: the teachers' training trajectories as a per-instance easy-to-hard
+                                   curriculum, set-wise then list-wise (delrec.distill.hetcomp)
     none      nothing              the student alone (the baseline every gain is measured against)
+
+HetComp keeps per-instance state (each instance's curriculum stage), so its term is its own `nn.Module` extra loss
+(`Method.loss`) built from the teachers as loaded, not from their combination: it merges the teachers' lists at
+each instance's stages itself. Its state is checkpointed with the run; metrics.json's "distillation" entry gets
+a "curriculum" summary (the share of instances at each stage when training stopped).
 
 A latent method (`latent`, `LatentChoice`: de, ftd or htd; delrec.distill.de, delrec.distill.topology) adds a
 term on the teacher's REPRESENTATIONS beside the ranking method's, each with its own weight (DE + RRD, the
@@ -82,6 +89,7 @@ from delrec.distill.de import DEConfig, DistillationExperts, temperature
 from delrec.distill.dllm2rec import DLLM2RecConfig, dllm2rec_loss, dllm2rec_weights
 from delrec.distill.embedding import install_collaborative_embedding, standardized
 from delrec.distill.ensemble import combine_teachers
+from delrec.distill.hetcomp import HetCompConfig, HetCompLoss, check_trajectories
 from delrec.distill.rd import RDConfig, items_mask, rd_loss, rd_weights, sample_excluding
 from delrec.distill.rrd import RRDConfig, rrd_loss, sample_uninteresting
 from delrec.distill.teacher_folder import EMBEDDINGS_FILE, RANKINGS_FILE, USER_STATES_FILE, Teacher, load_teacher
@@ -94,9 +102,10 @@ from delrec.sr.trainer import SELECTION_METRIC, TrainBatch, TrainConfig, TrainRe
 
 @dataclass
 class StudentConfig:
-    method: Literal["dllm2rec", "rd", "rrd", "none"] = field(
+    method: Literal["dllm2rec", "rd", "rrd", "hetcomp", "none"] = field(
         default="dllm2rec",
-        metadata={"help": "Distillation loss: dllm2rec (importance-aware ranking distillation), rd, rrd, or none "
+        metadata={"help": "Distillation loss: dllm2rec (importance-aware ranking distillation), rd, rrd, hetcomp (a "
+                  "curriculum of the teachers' training trajectories: teachers exported with --trajectory), or none "
                   "(the student alone)."},
     )
     teacher: list[str] = field(
@@ -197,14 +206,19 @@ def _rrd_term(config: RRDConfig, batch: StudentBatch) -> torch.Tensor:
 @dataclass(frozen=True)
 class Method:
     config_class: type
-    term: Callable[[Any, StudentBatch], torch.Tensor]  # the weighted loss term of one batch
+    term: Callable[[Any, StudentBatch], torch.Tensor] | None  # the weighted loss term of one batch
     weight: str  # the config field that weighs the term (scaled by `weight_search`)
+    # a method with state of its own builds the trainer's extra loss itself from the teachers as loaded (an
+    # nn.Module: checkpointed), instead of `DistillationLoss` over their combination and `term`
+    loss: Callable[[list[Teacher], Any], Any] | None = None
+    uses_trajectory: bool = False  # reads the teachers' trajectories (part of the run's settings then)
 
 
 METHODS: dict[str, Method | None] = {
     "dllm2rec": Method(DLLM2RecConfig, _dllm2rec_term, "lambda_d"),
     "rd": Method(RDConfig, _rd_term, "rd_weight"),
     "rrd": Method(RRDConfig, _rrd_term, "rrd_weight"),
+    "hetcomp": Method(HetCompConfig, None, "hetcomp_weight", HetCompLoss, uses_trajectory=True),
     "none": None,
 }
 DEFAULT_WEIGHT_SEARCH = (0.0, 0.5, 1.0)
@@ -272,7 +286,7 @@ class LatentDistillation(nn.Module):
 
     def __init__(self, name: str, config: Any, student_dim: int, user_ids: torch.Tensor | None,
                  user_states: torch.Tensor | None, item_embeddings: torch.Tensor | None,
-                 lists: Teacher | None = None, ranking: DistillationLoss | None = None, seed: int = 0):
+                 lists: Teacher | None = None, ranking: DistillationLoss | HetCompLoss | None = None, seed: int = 0):
         super().__init__()
         self.name, self.config, self.ranking = name, config, ranking
         self.uses_users = config.entities in ("both", "users")
@@ -366,15 +380,19 @@ def _lookup(index: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 # --- teachers -----------------------------------------------------------------------------------
 
 
-def teacher_digest(teacher: Teacher, with_embeddings: bool, with_user_states: bool = False) -> str:
-    """A digest of what a student learns from a teacher (its lists, scores and, if used, embeddings and user
-    states)."""
+def teacher_digest(teacher: Teacher, with_embeddings: bool, with_user_states: bool = False,
+                   with_trajectory: bool = False) -> str:
+    """A digest of what a student learns from a teacher (its lists, scores and, if used, embeddings, user
+    states and trajectory)."""
     digest = hashlib.sha256()
     tensors = [t for t in (teacher.instance_ids, teacher.items, teacher.scores) if t is not None]
     if with_embeddings and teacher.embeddings is not None:
         tensors.append(teacher.embeddings)
     if with_user_states and teacher.user_states is not None:
         tensors += [teacher.user_state_ids, teacher.user_states]
+    if with_trajectory and teacher.trajectory is not None:
+        tensors += [teacher.trajectory.items, teacher.trajectory.scores]
+        digest.update(str(teacher.trajectory.epochs).encode())
     for tensor in tensors:
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -446,6 +464,8 @@ def train_student(
         raise DelrecError(f"--method {method} distils rankings, but {names} hold item embeddings only (no "
                           f"{RANKINGS_FILE}); use --method none --embedding_distillation true, or add a teacher "
                           "with rankings")
+    if method == "hetcomp":
+        check_trajectories(loaded)
     samples_outside_list = method == "rrd" or (method == "rd" and method_config.rd_negatives > 0)
     if samples_outside_list and dataset.num_items <= min_topk:
         raise DelrecError(f"--method {method} samples items outside the teacher's top-{min_topk}, but {dataset.path} "
@@ -470,13 +490,17 @@ def train_student(
         with_embeddings = embedding_distillation and scale > 0
         scaled_latent = None if latent_class is None or scale == 0 else dataclasses.replace(
             latent_config, **{name: getattr(latent_config, name) * scale for name in LATENTS[latent][1]})
+        trajectories = scaled_method is not None and scaled_method.uses_trajectory
         settings = {  # what the checkpoint's configuration check compares (folders may move)
             "method": method if scale > 0 else "none",
             "method_config": None if scaled_config is None else dataclasses.asdict(scaled_config),
             "embedding_distillation": with_embeddings,
             "ed_weight": ed_weight * scale if with_embeddings else None,
-            "teachers": [{"digest": teacher_digest(t, embedding_distillation), "topk": t.topk,
-                          "score_kind": t.score_kind, "instances": 0 if t.instance_ids is None else len(t.instance_ids)}
+            "teachers": [{"digest": teacher_digest(t, embedding_distillation, with_trajectory=trajectories),
+                          "topk": t.topk, "score_kind": t.score_kind,
+                          "instances": 0 if t.instance_ids is None else len(t.instance_ids),
+                          **({"trajectory": None if t.trajectory is None else list(t.trajectory.epochs)}
+                             if trajectories else {})}
                          for t in loaded] if scale > 0 else [],
         }
         if scaled_latent is not None:  # only then: the settings of runs without a latent method stay as they were
@@ -484,7 +508,13 @@ def train_student(
             settings.update(latent=latent, latent_config=dataclasses.asdict(scaled_latent), latent_teacher={
                 "digest": teacher_digest(first, scaled_latent.entities != "users", scaled_latent.entities != "items"),
                 "user_state_dim": None if first.user_states is None else int(first.user_states.shape[1])})
-        extra_loss = None if scaled_method is None else DistillationLoss(teacher, scaled_method, scaled_config)
+        curriculum = None
+        if scaled_method is None:
+            extra_loss = None
+        elif scaled_method.loss is not None:
+            extra_loss = curriculum = scaled_method.loss(loaded, scaled_config)
+        else:
+            extra_loss = DistillationLoss(teacher, scaled_method, scaled_config)
         if scaled_latent is not None:
             extra_loss = LatentDistillation(
                 latent, scaled_latent, model_config.hidden_size, loaded[0].user_state_ids, loaded[0].user_states,
@@ -499,6 +529,8 @@ def train_student(
         result.metrics["distillation"] = {**settings, "scale": scale, "teachers": [
             {**entry, "folder": str(t.folder), "source": t.info.get("source")}
             for entry, t in zip(settings["teachers"], loaded)]}
+        if isinstance(curriculum, HetCompLoss):
+            result.metrics["distillation"]["curriculum"] = curriculum.summary()
         write_json(folder / "metrics.json", result.metrics)
         return result
 

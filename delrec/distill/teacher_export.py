@@ -31,6 +31,14 @@ so users and items share one space. `rerank` and `embeddings` write none (refuse
 prompts hold the candidates (and may need a per-user soft prompt that `embed_texts` cannot take), and
 `embeddings` renders no prompts.
 
+Trajectory (`--trajectory`, off by default; `sr` only): HetComp's teacher training trajectory
+(`delrec.distill.hetcomp`). The SR model folder must hold weight snapshots from its training
+(`delrec sr train --snapshot_epochs E1 E2 ...`, `OUT/snapshots/epoch-N.safetensors`); each snapshot of an
+epoch before the model's best epoch (metrics.json's `best_epoch`: the final model IS the best epoch, and a
+later snapshot is a state it never went through; every snapshot when there is no metrics.json) ranks the
+same instances the same way as the final model, oldest first, into `trajectory.safetensors`; the final
+(best) model's lists stay `rankings.safetensors`. A model without such snapshots is refused in one line.
+
 Item embeddings (all LLM modes): `--embedding_layer` and `--embedding_pooling` pick the hidden
 state; the default is the last layer at the last token, BIGRec's choice, because grounding compares
 generated text with titles in exactly that space (the state the LM head reads to continue the
@@ -66,12 +74,13 @@ import torch
 from delrec.config import SEED, at_least, between, check_fields
 from delrec.data.dataset import Instance, PreparedDataset, sampled_indices
 from delrec.distill.embedding import item_knn_hit_rate
-from delrec.distill.teacher_folder import SPLIT, check_teacher_out, write_teacher
+from delrec.distill.teacher_folder import SPLIT, Trajectory, check_teacher_out, write_teacher
 from delrec.errors import DelrecError
 from delrec.headers import ALLOW_OTHER_DATASET_HELP
 from delrec.io import check_apart_from_inputs, read_json
 from delrec.prompts.options import TemplateChoice
 from delrec.sr.evaluate import top_k
+from delrec.sr.trainer import SNAPSHOT_DIR
 
 MODES = ("auto", "sr", "grounding", "rerank", "embeddings")
 GROUNDING_TASK = "teacher"  # the template task without candidates (teacher.jinja)
@@ -152,6 +161,12 @@ class TeacherExportConfig(TemplateChoice):
                   "methods (--latent de/ftd/htd): an SR model's state after the history; --mode grounding: the "
                   "LLM's hidden state of the prompt (same layer and pooling as the title embeddings)."},
     )
+    trajectory: bool = field(
+        default=False,
+        metadata={"help": "SR teacher: also rank with each weight snapshot the model saved before its best epoch "
+                  "(`delrec sr train --snapshot_epochs`), oldest first, into trajectory.safetensors: the teacher's "
+                  "training trajectory that --method hetcomp distils as a curriculum."},
+    )
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self):
@@ -171,6 +186,7 @@ class _Ranked:
     source: dict
     seconds: float  # ranking time, model loading excluded
     user_states: torch.Tensor | None = None  # [R, D'] (--user_states), rows as the instances
+    trajectory: Trajectory | None = None  # (--trajectory) rankings of the snapshots before the best epoch
 
 
 def export_teacher(config: TeacherExportConfig, options=None) -> Path:
@@ -193,6 +209,10 @@ def export_teacher(config: TeacherExportConfig, options=None) -> Path:
     if config.user_states and mode not in ("sr", "grounding"):
         raise DelrecError(f"--user_states: --mode {mode} writes no user states (rerank prompts hold the candidates, "
                           "embeddings renders no prompts); use --mode grounding or an SR teacher, or drop --user_states")
+    if config.trajectory and mode != "sr":
+        raise DelrecError(f"--trajectory: --mode {mode} has no training trajectory to rank with (only an SR model's "
+                          "weight snapshots, `delrec sr train --snapshot_epochs`); export an SR teacher, or drop "
+                          "--trajectory")
     instances = sampled_instances(instances, config.max_instances, config.seed)
     if mode == "sr":
         ranked = _sr_teacher(config, dataset, instances, getattr(options, "device", "auto"))
@@ -214,7 +234,7 @@ def export_teacher(config: TeacherExportConfig, options=None) -> Path:
         ranked.source["user_states"] = ({"kind": "sr state after the history"} if mode == "sr" else {
             "kind": "prompt hidden state", "layer": config.embedding_layer, "pooling": config.embedding_pooling})
     return write_teacher(out, dataset, ids, ranked.items, ranked.scores, ranked.score_kind, ranked.embeddings,
-                         ranked.source, ranked.seconds, user_states=ranked.user_states)
+                         ranked.source, ranked.seconds, user_states=ranked.user_states, trajectory=ranked.trajectory)
 
 
 def sampled_instances(instances: list[Instance], count: int | None, seed: int) -> list[Instance]:
@@ -266,6 +286,7 @@ def _sr_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instances
     _check_room(instances, dataset.num_items, config.topk, exclude, "--topk")
     device = resolve_device(device)
     model = _load_sr(config.model, dataset, device)
+    snapshots, best_epoch = trajectory_snapshots(config.model) if config.trajectory else ([], None)
     began = time.perf_counter()
     histories = [inst.history for inst in instances]
     items, scores = top_k(model, histories, config.topk, exclude, config.sr_batch_size, config.progress)
@@ -278,7 +299,54 @@ def _sr_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instances
         states = sr_user_states(model, histories, config.sr_batch_size, config.model)
     source = {"kind": "sr", "model": str(config.model), "model_type": model.model_type, "exclude_history": exclude,
               "device": str(device)}
-    return _Ranked(items, scores, "score", embeddings, source, time.perf_counter() - began, states)
+    trajectory = None
+    if snapshots:
+        lists = [top_k(_with_snapshot(model, path), histories, config.topk, exclude, config.sr_batch_size,
+                       config.progress) for _, path in snapshots]
+        trajectory = Trajectory(tuple(epoch for epoch, _ in snapshots), torch.stack([i for i, _ in lists]),
+                                torch.stack([s for _, s in lists]))
+        source["trajectory"] = {"epochs": list(trajectory.epochs), "final_epoch": best_epoch,
+                                "snapshots": f"{SNAPSHOT_DIR}/epoch-N.safetensors"}
+    return _Ranked(items, scores, "score", embeddings, source, time.perf_counter() - began, states, trajectory)
+
+
+def trajectory_snapshots(folder: str | Path) -> tuple[list[tuple[int, Path]], int | None]:
+    """The SR model folder's weight snapshots before its best epoch, oldest first ((epoch, path) each), and that
+    best epoch (None without a metrics.json that names it: then every snapshot); none is a `DelrecError`."""
+    folder = Path(folder)
+    found = []
+    for path in sorted((folder / SNAPSHOT_DIR).glob("epoch-*.safetensors")):
+        number = path.name.removeprefix("epoch-").removesuffix(".safetensors")
+        if number.isdigit():
+            found.append((int(number), path))
+    found.sort()
+    metrics = folder / "metrics.json"
+    data = read_json(metrics) if metrics.is_file() else None
+    best = data.get("best_epoch") if isinstance(data, dict) else None
+    best = best if type(best) is int else None
+    kept = [(epoch, path) for epoch, path in found if best is None or epoch < best]
+    if not kept:
+        held = ", ".join(str(epoch) for epoch, _ in found) or "none"
+        raise DelrecError(f"--trajectory: {folder} has no weight snapshot before its best epoch {best} (snapshots of "
+                          f"epochs: {held}); train it with `delrec sr train ... --snapshot_epochs E1 E2 ...` (epochs "
+                          "before the best one), or drop --trajectory")
+    return kept, best
+
+
+def _with_snapshot(model, path: Path):
+    """`model` holding the snapshot's weights (checked as `load_model` checks model.safetensors)."""
+    from delrec.sr.base import check_dtypes, read_weights
+    from delrec.tensors import first_nonfinite
+
+    expected = model.state_dict()
+    tensors = read_weights(path, {k: tuple(v.shape) for k, v in expected.items()})
+    check_dtypes(tensors, expected, path)
+    broken = first_nonfinite(tensors.items())
+    if broken is not None:
+        raise DelrecError(f"{path}: tensor '{broken[0]}' holds {broken[1]} NaN/inf value(s); the snapshot is damaged, "
+                          "or training diverged by then")
+    model.load_state_dict({k: v.to(expected[k].device) for k, v in tensors.items()})
+    return model.eval()
 
 
 def sr_user_states(model, histories: Sequence[Sequence[int]], batch_size: int, path) -> torch.Tensor:

@@ -30,7 +30,9 @@ can write the same files (safetensors + JSON) and the students read them unchang
 A folder holds rankings or item embeddings (or both); user states only beside one of them. Students
 distil the ranking term on the instances that have a row and train on the others with their own loss
 alone; the latent methods (delrec.distill.de, delrec.distill.topology) read the item embeddings and
-the user states. Folders written before user states existed have no such file and load unchanged.
+the user states; `--method hetcomp` reads the trajectory. Folders written before user states or trajectories
+existed have no such file and load unchanged (`Teacher.user_states` / `Teacher.trajectory` None); readers that
+predate the trajectory ignore it and distil the final rankings.
 
 `load_teacher` checks all of it against the dataset (fingerprint, split, row ids, item range,
 top-K size, finite scores, order, embedding rows), so a teacher for another dataset, a truncated
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -61,8 +64,22 @@ INFO_FILE = "teacher.json"
 RANKINGS_FILE = "rankings.safetensors"
 EMBEDDINGS_FILE = "item_embeddings.safetensors"
 USER_STATES_FILE = "user_states.safetensors"
+TRAJECTORY_FILE = "trajectory.safetensors"
 HEADER = Header("teacher description", "format", FORMAT, FORMAT_VERSION, "re-export the teacher",
                 version_label="teacher format version")
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """A teacher's rankings at C checkpoints of its training, oldest first, rows keyed like its rankings; the
+    final model's rankings are the teacher's `items` / `scores`, not one of the C."""
+
+    epochs: tuple[int, ...]  # [C] the checkpoints' epochs, strictly increasing
+    items: torch.LongTensor  # [C, R, K], best first
+    scores: torch.FloatTensor  # [C, R, K], the teacher's score_kind
+
+    def __len__(self) -> int:
+        return len(self.epochs)
 
 
 @dataclass
@@ -80,6 +97,7 @@ class Teacher:
     embedding_blocks: tuple[int, ...] = ()  # several teachers' matrices side by side: their widths
     user_state_ids: torch.LongTensor | None = None  # [R'] train instance ids of `user_states`' rows
     user_states: torch.FloatTensor | None = None  # [R', D'] the teacher's representation of each instance
+    trajectory: Trajectory | None = None  # rankings at earlier checkpoints, rows as `instance_ids`
     _row_index: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -127,8 +145,9 @@ def teacher_info(
     seconds: float | None,
     num_train_instances: int | None = None,
     user_state_dim: int | None = None,
+    trajectory: Sequence[int] | None = None,
 ) -> dict:
-    """The teacher.json body (also the `info` of an in-memory teacher)."""
+    """The teacher.json body (also the `info` of an in-memory teacher); `trajectory`: the checkpoints' epochs."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -141,6 +160,7 @@ def teacher_info(
         "score_kind": score_kind,
         "embedding_dim": embedding_dim,
         "user_state_dim": user_state_dim,
+        "trajectory": None if trajectory is None else [int(e) for e in trajectory],
         "source": source or {"kind": "unknown"},
         "seconds": None if seconds is None else round(seconds, 3),
         "instances_per_second": round(num_instances / seconds, 3) if seconds and num_instances else None,
@@ -165,13 +185,14 @@ def write_teacher(
     seconds: float | None = None,
     user_states: torch.Tensor | None = None,
     user_state_ids: torch.Tensor | None = None,
+    trajectory: Trajectory | None = None,
 ) -> Path:
     """Check the arrays against `dataset` and write the teacher folder `out` (built aside, then moved in).
 
     `instance_ids`, `items`, `scores` and `score_kind` are all None for a teacher of item embeddings
     alone. `user_states` [R', D']: each instance's representation, rows for `user_state_ids` (default: the
-    rankings' `instance_ids`). An existing teacher folder at `out` is replaced; any other non-empty folder
-    is refused.
+    rankings' `instance_ids`). `trajectory`: the rankings at earlier checkpoints (rows as `instance_ids`, the same
+    K and score kind). An existing teacher folder at `out` is replaced; any other non-empty folder is refused.
     """
     out = Path(out)
     check_teacher_out(out)
@@ -191,16 +212,24 @@ def write_teacher(
             user_state_ids = instance_ids
         user_state_ids = user_state_ids.detach().cpu().long().contiguous()
         user_states = user_states.detach().cpu().float().contiguous()
+    if trajectory is not None:
+        if not ranked:
+            raise ValueError("a trajectory needs the final rankings beside it")
+        trajectory = Trajectory(tuple(trajectory.epochs), trajectory.items.detach().cpu().long().contiguous(),
+                                trajectory.scores.detach().cpu().float().contiguous())
     label = f"teacher for {out}" + (f" from {source['model']}" if source and source.get("model") else "")
     if ranked:
         _check_rankings(dataset, instance_ids, items, scores, score_kind, label)
     _check_embeddings(dataset, embeddings, label)
     _check_user_states(dataset, user_state_ids, user_states, instance_ids if ranked else None, label)
+    if trajectory is not None:
+        _check_trajectory(dataset, instance_ids, items, score_kind, instance_ids, trajectory, label)
     info = teacher_info(dataset.fingerprint, dataset.num_items, len(instance_ids) if ranked else 0,
                         items.shape[1] if ranked else None, score_kind if ranked else None,
                         None if embeddings is None else int(embeddings.shape[1]), source, seconds,
                         len(dataset.instances(SPLIT)),
-                        None if user_states is None else int(user_states.shape[1]))
+                        None if user_states is None else int(user_states.shape[1]),
+                        None if trajectory is None else trajectory.epochs)
     with staged_directory(out) as tmp:
         if ranked:
             (tmp / RANKINGS_FILE).write_bytes(safetensors_bytes(
@@ -212,6 +241,10 @@ def write_teacher(
         if user_states is not None:
             (tmp / USER_STATES_FILE).write_bytes(safetensors_bytes(
                 {"instance_ids": user_state_ids, "states": user_states}, metadata={"format": FORMAT}))
+        if trajectory is not None:
+            (tmp / TRAJECTORY_FILE).write_bytes(safetensors_bytes(
+                {"instance_ids": instance_ids, "items": trajectory.items, "scores": trajectory.scores},
+                metadata={"format": FORMAT, "score_kind": score_kind}))
         write_json(tmp / INFO_FILE, info)
         replace_directory(tmp, out)
     return out
@@ -260,10 +293,23 @@ def load_teacher(folder: str | Path, dataset: PreparedDataset, min_topk: int | N
     elif info.get("user_state_dim") is not None:
         raise DelrecError(f"{folder}: teacher folder is missing {USER_STATES_FILE} ({INFO_FILE} says user_state_dim "
                           f"{info['user_state_dim']}); re-export the teacher")
+    trajectory_path = folder / TRAJECTORY_FILE
+    path_ids = path_items = path_scores = None
+    if trajectory_path.is_file():
+        if items is None:
+            raise DelrecError(f"{trajectory_path}: a trajectory beside no {RANKINGS_FILE} (it holds the earlier "
+                              "checkpoints, the rankings the final model); re-export the teacher")
+        tensors = _read_tensors(trajectory_path, ("instance_ids", "items", "scores"))
+        path_ids, path_items, path_scores = (tensors[k] for k in ("instance_ids", "items", "scores"))
+    elif info.get("trajectory") is not None:
+        raise DelrecError(f"{folder}: teacher folder is missing {TRAJECTORY_FILE} ({INFO_FILE} says trajectory "
+                          f"{info['trajectory']!r}); re-export the teacher")
     for name, tensor, kind, file in (
             ("instance_ids", instance_ids, "integer", rankings_path), ("items", items, "integer", rankings_path),
             ("scores", scores, "float", rankings_path), ("embeddings", embeddings, "float", embeddings_path),
-            ("instance_ids", state_ids, "integer", states_path), ("states", user_states, "float", states_path)):
+            ("instance_ids", state_ids, "integer", states_path), ("states", user_states, "float", states_path),
+            ("instance_ids", path_ids, "integer", trajectory_path), ("items", path_items, "integer", trajectory_path),
+            ("scores", path_scores, "float", trajectory_path)):
         if tensor is not None and (tensor.dtype.is_floating_point != (kind == "float") or tensor.dtype == torch.bool):
             raise DelrecError(f"{file}: tensor '{name}' has dtype {tensor.dtype}, expected {kind}")
     if items is not None:
@@ -274,6 +320,14 @@ def load_teacher(folder: str | Path, dataset: PreparedDataset, min_topk: int | N
     if user_states is not None:
         state_ids, user_states = state_ids.long(), user_states.float()
         _check_user_states(dataset, state_ids, user_states, instance_ids, str(states_path))
+    trajectory = None
+    if path_items is not None:
+        epochs = info.get("trajectory")
+        if not isinstance(epochs, list) or not all(type(e) is int for e in epochs):
+            raise DelrecError(f"{info_path}: field 'trajectory' is {epochs!r}, expected the checkpoints' epochs (a list "
+                              f"of integers, one per checkpoint of {TRAJECTORY_FILE})")
+        trajectory = Trajectory(tuple(epochs), path_items.long(), path_scores.float())
+        _check_trajectory(dataset, instance_ids, items, score_kind, path_ids.long(), trajectory, str(trajectory_path))
     for key, value in (("num_instances", 0 if items is None else len(instance_ids)),
                        ("topk", None if items is None else items.shape[1]),
                        ("embedding_dim", None if embeddings is None else embeddings.shape[1]),
@@ -282,7 +336,7 @@ def load_teacher(folder: str | Path, dataset: PreparedDataset, min_topk: int | N
             raise DelrecError(f"{info_path}: field '{key}' is {info.get(key)!r} but the files hold {value}; "
                               "the folder was edited or mixed up")
     teacher = Teacher(folder, info, instance_ids, items, scores, score_kind, embeddings,
-                      user_state_ids=state_ids, user_states=user_states)
+                      user_state_ids=state_ids, user_states=user_states, trajectory=trajectory)
     check_topk(teacher, min_topk)
     return teacher
 
@@ -413,3 +467,34 @@ def _check_user_states(dataset: PreparedDataset, ids: torch.Tensor | None, state
         row = int(bad.any(1).nonzero()[0, 0])
         raise DelrecError(f"{states_file}: {int(bad.sum())} NaN/inf values in the user states (first in row {row}, "
                           f"train instance {int(ids[row])}); re-export the teacher")
+
+
+def _check_trajectory(dataset: PreparedDataset, ranked_ids: torch.Tensor, ranked_items: torch.Tensor, score_kind: str,
+                      ids: torch.Tensor, trajectory: Trajectory, trajectory_file: str) -> None:
+    """The trajectory's checks: keyed exactly like the rankings, [C, R, K] with the rankings' K, C epochs strictly
+    increasing, and each checkpoint's rows held to every check of the rankings (items in the catalogue and distinct,
+    finite scores, best first)."""
+    items, scores, epochs = trajectory.items, trajectory.scores, list(trajectory.epochs)
+    if ids.dim() != 1 or items.dim() != 3 or tuple(scores.shape) != tuple(items.shape) or items.shape[0] < 1:
+        raise DelrecError(f"{trajectory_file}: expected instance_ids [R], items [C, R, K] and scores [C, R, K] (C >= 1 "
+                          f"checkpoints), got shapes {list(ids.shape)}, {list(items.shape)}, {list(scores.shape)}")
+    if not torch.equal(ids, ranked_ids):
+        if len(ids) != len(ranked_ids):
+            where_ = f"{len(ids)} rows for the rankings' {len(ranked_ids)}"
+        else:
+            row = int((ids != ranked_ids).nonzero()[0, 0])
+            where_ = f"row {row} holds instance id {int(ids[row])}, the rankings' row {int(ranked_ids[row])}"
+        raise DelrecError(f"{trajectory_file}: the trajectory is not keyed like {RANKINGS_FILE} ({where_}); the files "
+                          "were mixed up, re-export the teacher")
+    if items.shape[1] != len(ids) or items.shape[2] != ranked_items.shape[1]:
+        raise DelrecError(f"{trajectory_file}: checkpoint lists of shape {list(items.shape[1:])}, the rankings' "
+                          f"{list(ranked_items.shape)}; every checkpoint ranks the same rows with the same K")
+    if len(epochs) != items.shape[0]:
+        raise DelrecError(f"{trajectory_file}: {items.shape[0]} checkpoints, but {INFO_FILE}'s 'trajectory' lists "
+                          f"{len(epochs)} epochs {epochs}; the folder was edited or mixed up")
+    if any(type(e) is not int or e < 0 for e in epochs) or any(b <= a for a, b in zip(epochs, epochs[1:])):
+        raise DelrecError(f"{trajectory_file}: checkpoint epochs {epochs}, expected non-negative integers, strictly "
+                          "increasing (oldest checkpoint first)")
+    for c, epoch in enumerate(epochs):
+        _check_rankings(dataset, ids, items[c], scores[c], score_kind,
+                        f"{trajectory_file} checkpoint {c} (epoch {epoch})")

@@ -35,6 +35,13 @@ log), `best_epoch`, `epochs_run` and `peak_memory_mb` (CPU: peak resident memory
 reset when training starts, so run one training per process for clean numbers; CUDA: peak
 allocated memory).
 
+`snapshot_epochs` (off by default) also writes the model's weights after each listed epoch to
+`OUT/snapshots/epoch-N.safetensors` (the tensors `model.safetensors` holds), before that epoch's
+checkpoint, so a resumed run never misses one; nothing loads them but `delrec teacher export
+--trajectory`, which ranks with each one before the best epoch (HetComp's teacher trajectory). It
+changes nothing that is learned, so a run may resume with other snapshot epochs; an epoch already
+run when the option is given gets no snapshot.
+
 Extra loss terms (for forward distillation)
 -------------------------------------------
 `train_sr(..., extra_loss=fn)` adds `fn(model, batch, last_states)` to each batch's loss, where
@@ -57,6 +64,7 @@ drives schedules such as DE's temperature.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import math
@@ -77,8 +85,8 @@ from tqdm import tqdm
 from delrec.config import Device, SEED, SHARE, THREADS, above, at_least, check_fields, device_option, memory_for
 from delrec.data.dataset import CANDIDATE_SPLITS, PreparedDataset
 from delrec.errors import DelrecError
-from delrec.io import atomic_write, check_parents_are_folders, write_json, write_jsonl
-from delrec.sr.base import SequentialRecommender, build_model, model_class_for_config
+from delrec.io import atomic_write, check_parents_are_folders, safetensors_bytes, write_json, write_jsonl
+from delrec.sr.base import ItemEmbedding, SequentialRecommender, build_model, model_class_for_config
 from delrec.device import resolve_device, torch_threads
 from delrec.sr.evaluate import EVAL_BATCH_SIZE, evaluate_full, evaluate_model
 from delrec.tensors import first_nonfinite
@@ -87,12 +95,13 @@ from delrec.sr.losses import LOSSES, next_item_loss
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.pt"
 CHECKPOINT_VERSION = 1
+SNAPSHOT_DIR = "snapshots"  # OUT/snapshots/epoch-N.safetensors (`snapshot_epochs`)
 CHECKPOINT_ENTRIES = {"version": int, "settings": dict, "epoch": int, "best_epoch": int, "best_metric": float,
                       "log": list, "model": dict, "best_model": dict, "optimizer": dict, "rng": dict}
 SELECTION_METRIC = "ndcg@10"
 BUCKET_POOL_BATCHES = 64
 # Options that may change between a run and its resumption (they do not change what is learned).
-RUNTIME_OPTIONS = ("epochs", "patience", "device", "eval_batch_size", "progress", "num_threads")
+RUNTIME_OPTIONS = ("epochs", "patience", "device", "eval_batch_size", "progress", "num_threads", "snapshot_epochs")
 
 
 @dataclass
@@ -143,6 +152,12 @@ class TrainConfig:
         default=0, metadata={"help": "CPU threads for torch; 0: the process's (OMP_NUM_THREADS, else the `delrec` "
                              "command's one per free core, which does not collapse on a busy machine).",
                              "range": THREADS}
+    )
+    snapshot_epochs: list[int] | None = field(
+        default=None,
+        metadata={"help": "Also save the model's weights after these epochs in OUT/snapshots/epoch-N.safetensors (a "
+                  "teacher's training trajectory for `delrec teacher export --trajectory`, HetComp). Default: none.",
+                  "range": at_least(1)},
     )
 
     def __post_init__(self):
@@ -309,6 +324,25 @@ def available_memory_bytes(device: torch.device) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def snapshot_path(out: str | Path, epoch: int) -> Path:
+    return Path(out) / SNAPSHOT_DIR / f"epoch-{epoch}.safetensors"
+
+
+def save_snapshot(out: Path, epoch: int, model: SequentialRecommender) -> None:
+    """The model's weights after `epoch`, as `save_pretrained` writes them (a wrapped item embedding baked on a
+    copy)."""
+    embedding = getattr(model, "item_embedding", None)
+    if embedding is not None and type(embedding) is not ItemEmbedding:
+        model = copy.deepcopy(model)
+        model.bake_item_embedding()
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    path = snapshot_path(out, epoch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "wb") as handle:
+        handle.write(safetensors_bytes(tensors, metadata={"format": "pt", "model_type": model.model_type,
+                                                          "epoch": str(epoch)}))
 
 
 def _cpu_state(module_or_state) -> dict:
@@ -561,6 +595,8 @@ def _train(dataset, model_config, config: TrainConfig, out, extra_loss, model_ho
         entry = {"epoch": epoch, **entry, "train_seconds": round(train_seconds, 3), "eval_seconds": round(eval_seconds, 3),
                  "peak_memory_mb": round(_peak_memory_mb(device)[0], 1), "valid": valid_metrics, "best": improved}
         log.append(entry)
+        if config.snapshot_epochs and epoch in config.snapshot_epochs and model.trainable:
+            save_snapshot(out, epoch, model)
         save_checkpoint(out, {
             "version": CHECKPOINT_VERSION, "settings": settings, "epoch": epoch, "best_epoch": best_epoch,
             "best_metric": best_metric, "log": log, "model": _cpu_state(model), "best_model": best_state,
