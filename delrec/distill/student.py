@@ -61,6 +61,12 @@ its configuration and a digest of each teacher's contents, so resuming an OUT wi
 teachers or weights is refused.
 metrics.json is `delrec sr train`'s plus a "distillation" entry describing the same.
 
+Under `accelerate launch` (several processes, `delrec.sr.trainer`, "Several processes") the ranking methods'
+`DistillationLoss` is `per_instance`: each process computes it on its own rows; the latent module and HetComp
+are computed by every process on the whole batch from the gathered states, so the experts train alike and the
+curriculum state stays the same in every process. The main process alone writes metrics.json and promotes the
+weight search's choice.
+
 The weights are chosen on validation (`weight_search`, default 0, 0.5 and 1 times the papers' weights:
 the method's, the latent method's and ed_weight, all scaled together): one student per scale in
 OUT/weight_search/scale-S, the best valid NDCG@10 copied into OUT, the search recorded in metrics.json
@@ -97,7 +103,7 @@ from delrec.distill.topology import FTDConfig, HTDConfig, ftd_loss, htd_topology
 from delrec.errors import DelrecError
 from delrec.io import write_json
 from delrec.sr.base import SequentialRecommender, model_class_for_config
-from delrec.sr.trainer import SELECTION_METRIC, TrainBatch, TrainConfig, TrainResult, train_sr
+from delrec.sr.trainer import SELECTION_METRIC, TrainBatch, TrainConfig, TrainResult, main_process, train_sr
 
 
 @dataclass
@@ -250,7 +256,12 @@ def method_config_class(method: str) -> type | None:
 
 
 class DistillationLoss:
-    """The trainer's `extra_loss`: the method's term on the batch's instances that have a teacher row."""
+    """The trainer's `extra_loss`: the method's term on the batch's instances that have a teacher row.
+
+    `per_instance`: the term is a mean over the batch's instances of a term of each instance alone (its state, the
+    item table, its teacher row), so several processes each compute it on their own rows (`delrec.sr.trainer`)."""
+
+    per_instance = True
 
     def __init__(self, teacher: Teacher, method: Method, config: Any):
         k = config.topk
@@ -531,7 +542,8 @@ def train_student(
             for entry, t in zip(settings["teachers"], loaded)]}
         if isinstance(curriculum, HetCompLoss):
             result.metrics["distillation"]["curriculum"] = curriculum.summary()
-        write_json(folder / "metrics.json", result.metrics)
+        if main_process():  # under several processes, the main one writes (every one holds the same result)
+            write_json(folder / "metrics.json", result.metrics)
         return result
 
     out = Path(out)
@@ -550,8 +562,9 @@ def train_student(
                 f"scale {chosen:g} had the best valid {SELECTION_METRIC}, {valid[chosen] - valid[0.0]:+.4f} over the "
                 "student alone" if 0.0 in valid else f"scale {chosen:g} had the best valid {SELECTION_METRIC}"),
     }
-    promote(out / SEARCH_DIR / f"scale-{chosen:g}", out)
-    write_json(out / "metrics.json", result.metrics)
+    if main_process():
+        promote(out / SEARCH_DIR / f"scale-{chosen:g}", out)
+        write_json(out / "metrics.json", result.metrics)
     result.out = out
     return result
 

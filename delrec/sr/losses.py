@@ -143,12 +143,15 @@ def next_item_loss(
     num_negatives: int = 1,
     gbce_t: float = 0.75,
     generator: torch.Generator | None = None,
+    negatives: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The loss named `kind` ("ce", "bce" or "gbce"); negatives are sampled here for bce/gbce."""
+    """The loss named `kind` ("ce", "bce" or "gbce"); for bce/gbce, `negatives` [P, k] are sampled here unless given
+    (several processes draw them for the whole batch, as one process does, and each takes its own positions')."""
     if kind == "ce":
         return cross_entropy_loss(states, targets, item_table)
     num_items = item_table.shape[0]
-    negatives = sample_negatives(targets, num_items, num_negatives, generator)
+    if negatives is None:
+        negatives = sample_negatives(targets, num_items, num_negatives, generator)
     if kind == "bce":
         return bce_loss(states, targets, item_table, negatives)
     if kind == "gbce":

@@ -60,14 +60,44 @@ is moved to the training device, its parameters train with the model's (one Adam
 `state_dict` is checkpointed (entry "extra_loss") and restored on resume; it is never saved in OUT,
 which holds the SR model alone. `TrainBatch.progress` (the share of the configured training done)
 drives schedules such as DE's temperature.
+
+Several processes (DDP)
+-----------------------
+Under `accelerate launch` (or torchrun: WORLD_SIZE > 1) the processes train one model together, torch's
+DistributedDataParallel over the process group accelerate's `PartialState` sets up (gloo on CPU, NCCL on GPUs; a
+bare `cuda` device is each process's LOCAL_RANK GPU). Alone, a training never imports accelerate and runs exactly
+as described above. `batch_size` stays the GLOBAL batch: every process builds the same epoch batches (the same
+seeded generator) and takes its contiguous share of each batch's rows, `batch_size / N` of them (a batch size
+that N does not divide is refused; the last, smaller batch of an epoch splits as evenly as it can, a process
+without a row weighs 0). Each process scales its loss so that DDP's mean of the processes' gradients is the
+gradient of the one-process loss of the whole batch: the main loss, a mean over the batch's trained positions,
+by N x (its positions / the batch's positions); an extra loss either
+
+- marked `per_instance = True` (a mean over the batch's instances of a term of each instance alone: DLLM2Rec,
+  RD, RRD): computed on the process's own rows, scaled by N x (its rows / the batch's rows); or
+- otherwise (terms over the whole batch: DE's and the topologies' item sets and pairs, HetComp's curriculum
+  state): computed by every process on the whole batch, from the states of all processes' rows gathered; the
+  gathered rows of the process's own keep their gradient, scaled by N, so DDP's mean is again the one-process
+  gradient, and a module's state changes alike in every process.
+
+Random draws: the negatives of bce/gbce are drawn for the whole batch from the random stream all processes
+share, exactly as one process draws them, and each takes its positions' rows; dropout and a per-instance extra
+loss's samples come from a stream of the process's own, seeded by (seed, epoch, step, rank), so they differ from
+one process's (same distribution). Without dropout and per-instance sampling the processes compute one process's
+training up to the order of float sums. Only the main process (rank 0) evaluates, prints and writes (checkpoint,
+log, snapshots, model, metrics.json); the others get the valid metrics from it each epoch, so all stop early
+together. A checkpoint holds the shared stream, so a run resumes under any number of processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
 import io
 import math
+import os
 import pickle
 import random
 import resource
@@ -90,7 +120,7 @@ from delrec.sr.base import ItemEmbedding, SequentialRecommender, build_model, mo
 from delrec.device import resolve_device, torch_threads
 from delrec.sr.evaluate import EVAL_BATCH_SIZE, evaluate_full, evaluate_model
 from delrec.tensors import first_nonfinite
-from delrec.sr.losses import LOSSES, next_item_loss
+from delrec.sr.losses import LOSSES, next_item_loss, sample_negatives
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.pt"
@@ -179,6 +209,7 @@ class TrainBatch:
 
 
 ExtraLoss = Callable[[SequentialRecommender, TrainBatch, torch.Tensor], torch.Tensor]
+PER_INSTANCE = "per_instance"  # an extra loss's attribute: True when several processes may split it by rows (see above)
 
 
 @dataclass
@@ -273,11 +304,17 @@ def _describe_difference(old: dict, new: dict) -> str:
     return ", ".join(changes[:4]) + (f" and {len(changes) - 4} more" if len(changes) > 4 else "")
 
 
-def _rng_state() -> dict:
+def _rng_state(shared_cuda: torch.device | None = None) -> dict:
+    """The RNG states a checkpoint keeps. `shared_cuda`: the GPU of this process of several, whose generator holds the
+    stream the processes share; it is recorded for every GPU, so each process resumes it on its own."""
     np_state = np.random.get_state(legacy=False)
+    if shared_cuda is not None:
+        cuda = [torch.cuda.get_rng_state(shared_cuda)] * torch.cuda.device_count()
+    else:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": cuda,
         "numpy_key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
         "numpy_pos": int(np_state["state"]["pos"]),
         "python": random.getstate(),
@@ -417,6 +454,215 @@ def save_checkpoint(out: Path, state: dict) -> None:
         handle.write(buffer.getbuffer())
 
 
+# --- several processes (DDP) ----------------------------------------------------------------------
+
+
+def process_count() -> int:
+    """How many processes train together: WORLD_SIZE under `accelerate launch` (or torchrun), else 1."""
+    value = os.environ.get("WORLD_SIZE", "").strip() or "1"
+    try:
+        return max(int(value), 1)
+    except ValueError:
+        raise DelrecError(f"$WORLD_SIZE={value!r}: expected the number of processes of a distributed launch") from None
+
+
+def main_process() -> bool:
+    """Whether this process prints and writes the outputs: the only one, or rank 0 of a distributed launch."""
+    return process_count() == 1 or os.environ.get("RANK", "0").strip() in ("", "0")
+
+
+def process_bounds(rows: int, count: int) -> list[int]:
+    """[count + 1] row bounds: process r takes rows bounds[r]:bounds[r + 1] of a batch of `rows` (contiguous, sizes
+    differing by at most one, the larger first, as `np.array_split`)."""
+    base, extra = divmod(rows, count)
+    bounds = [0]
+    for rank in range(count):
+        bounds.append(bounds[-1] + base + (1 if rank < extra else 0))
+    return bounds
+
+
+def check_processes(config: TrainConfig, count: int, trainable: bool) -> None:
+    """Refuse, in one line, what several processes cannot train as one process would."""
+    if count == 1 or not trainable:
+        return
+    if config.batch_size % count:
+        raise DelrecError(f"--batch_size {config.batch_size} is the global batch, split evenly over the {count} "
+                          f"processes of this launch: use a multiple of {count}")
+    if str(config.device).startswith("cuda:"):
+        raise DelrecError(f"--device {config.device} with {count} processes would put them all on one GPU; use "
+                          "--device cuda (or auto): each process takes the GPU of its LOCAL_RANK")
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """The identity, whose gradient is multiplied by `factor`."""
+
+    @staticmethod
+    def forward(ctx, tensor, factor):
+        ctx.factor = factor
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def assemble_rows(parts: list[torch.Tensor], rank: int, own: torch.Tensor) -> torch.Tensor:
+    """The whole batch's rows from every process's `parts` (in rank order, without gradient), with this process's
+    own rows `own` in place of its part: they keep their gradient, multiplied by the process count, since every
+    process computes the same batch-wide term and DDP averages their gradients."""
+    parts = list(parts)
+    parts[rank] = _ScaleGradient.apply(own, float(len(parts)))
+    return torch.cat(parts)
+
+
+class Processes:
+    """The processes of a distributed launch as one training sees them: rank, count, this process's device, and
+    the few collective operations the trainer needs (torch.distributed, set up by accelerate's `PartialState`)."""
+
+    def __init__(self, rank: int, count: int, device: torch.device):
+        self.rank, self.count, self.device = rank, count, device
+
+    @classmethod
+    def start(cls, device: torch.device) -> "Processes":
+        from accelerate import PartialState  # under a launch only: alone, `delrec sr train` never imports accelerate
+
+        state = PartialState(cpu=device.type == "cpu")
+        if state.num_processes != process_count() or not torch.distributed.is_initialized():
+            raise DelrecError(f"$WORLD_SIZE says {process_count()} processes, but accelerate set up "
+                              f"{state.num_processes}; start them with `accelerate launch` (or torchrun)")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return cls(state.process_index, state.num_processes, device)
+
+    def wrap(self, module: torch.nn.Module, find_unused: bool) -> torch.nn.Module:
+        """`module` under DDP. Its buffers are never broadcast: every process builds them from the same inputs (a
+        teacher's tensors) and changes them alike (HetComp's curriculum)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        module._ddp_params_and_buffers_to_ignore = [name for name, _ in module.named_buffers()]
+        return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                       find_unused_parameters=find_unused)
+
+    def sum(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+    def barrier(self) -> None:
+        self.sum([0.0])
+
+    def broadcast(self, value: Any) -> Any:
+        """The main process's `value`, in every process."""
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
+
+    def gather_rows(self, own: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+        """Every process's rows of a batch (process r's: rows bounds[r]:bounds[r + 1]), see `assemble_rows`."""
+        most = max(stop - start for start, stop in zip(bounds, bounds[1:]))
+        padded = own.detach().new_zeros((most, *own.shape[1:]))  # equal sizes for all_gather
+        padded[:len(own)] = own.detach()
+        parts = [torch.empty_like(padded) for _ in range(self.count)]
+        torch.distributed.all_gather(parts, padded)
+        return assemble_rows([part[:stop - start] for part, start, stop in zip(parts, bounds, bounds[1:])],
+                             self.rank, own)
+
+
+def stream_seed(seed: int, epoch: int, step: int, rank: int, purpose: int) -> int:
+    """The seed of process `rank`'s own random stream at a step (0: its forward pass, 1: its extra loss)."""
+    return int(np.random.SeedSequence([seed, epoch, step, rank, purpose]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@contextlib.contextmanager
+def _own_stream(device: torch.device, seed: int | None):
+    """Draws of this process alone, from a stream seeded by `seed`; the shared stream is left where it was."""
+    if seed is None:
+        yield
+        return
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+def process_batch_loss(
+    model: SequentialRecommender,
+    data: tuple[np.ndarray, np.ndarray, np.ndarray],
+    index: np.ndarray,
+    config: TrainConfig,
+    positions: str,
+    extra_loss: ExtraLoss | None,
+    progress: float,
+    processes: Any,
+    seeds: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """This process's share of the batch `index` under several processes (module docstring, "Several processes"):
+    (the loss it backpropagates, its part of the batch's logged loss, its part of the logged extra loss or None).
+    The logged parts sum, over the processes, to what one process logs; the losses' gradients average to one
+    process's gradient. `processes` has `rank`, `count` and `gather_rows`; `seeds` seed this process's own streams
+    (forward pass, per-instance extra loss; None: the current stream)."""
+    ids, lengths, seqs = data
+    device = next(model.parameters()).device
+    rank, count = processes.rank, processes.count
+    width = int(lengths[index].max())  # the whole batch's: every row is computed as one process computes it
+    batch = torch.from_numpy(seqs[index, -width:]).to(device)
+    inputs, labels = batch[:, :-1], batch[:, 1:]
+    mask = (inputs != model.pad_id) & (labels != model.pad_id)
+    if positions == "last":
+        mask[:, :-1] = False
+    bounds = process_bounds(len(index), count)
+    start, stop = bounds[rank], bounds[rank + 1]
+    rows = slice(start, stop) if stop > start else slice(0, 1)  # no row of a small last batch: run one, weighed 0
+    with _own_stream(device, None if seeds is None else seeds[0]):
+        states = model.sequence_states(inputs[rows])
+    table = model.item_embeddings()
+    per_row = mask.sum(1)
+    everywhere, offset, here = int(per_row.sum()), int(per_row[:start].sum()), int(per_row[start:stop].sum())
+    negatives = None
+    if config.loss != "ce":  # the whole batch's, from the shared stream, as one process draws them: take ours
+        negatives = sample_negatives(labels[mask], model.num_items, config.num_negatives)[offset:offset + here]
+    if here:
+        trained = mask[rows]
+        main = next_item_loss(config.loss, states[trained], labels[rows][trained], table, config.num_negatives,
+                              config.gbce_t, negatives=negatives)
+    else:
+        main = (states.sum() + table.sum()) * 0.0
+    share = here / everywhere
+    loss, logged, extra_logged = main * (count * share), main.detach() * share, None
+    if extra_loss is None:
+        return loss, logged, extra_logged
+    if getattr(extra_loss, PER_INSTANCE, False):  # a mean over instances: ours, weighed by our share of the rows
+        row_share = (stop - start) / len(index)
+        if row_share:
+            with _own_stream(device, None if seeds is None else seeds[1]):
+                own = TrainBatch(torch.from_numpy(ids[index[rows]]).to(device), inputs[rows], labels[rows], mask[rows],
+                                 states, progress)
+                value = extra_loss(model, own, states[:, -1])
+        else:
+            value = states.sum() * 0.0
+        return loss + value * (count * row_share), logged, value.detach() * row_share
+    every = processes.gather_rows(states[:stop - start], bounds)  # the whole batch, in every process
+    whole = TrainBatch(torch.from_numpy(ids[index]).to(device), inputs, labels, mask, every, progress)
+    value = extra_loss(model, whole, every[:, -1])
+    return loss + value, logged, value.detach() / count
+
+
+class _Step(torch.nn.Module):
+    """The model and a module extra loss as the one module DDP wraps; its forward runs `compute` (one process's
+    `process_batch_loss`), so DDP sees every parameter the loss reaches and averages their gradients."""
+
+    def __init__(self, model: SequentialRecommender, extra: torch.nn.Module | None):
+        super().__init__()
+        self.model = model
+        self.extra = extra
+
+    def forward(self, compute: Callable[[], tuple]) -> tuple:
+        return compute()
+
+
 # --- memory ---------------------------------------------------------------------------------------
 
 
@@ -455,6 +701,8 @@ def _train_epoch(
     epoch: int,
     device: torch.device,
     extra_loss: ExtraLoss | None,
+    processes: Processes | None = None,
+    step_module: torch.nn.Module | None = None,
 ) -> dict:
     ids, lengths, seqs = data
     pad = model.pad_id
@@ -462,8 +710,22 @@ def _train_epoch(
     total = extra_total = 0.0
     batches = epoch_batches(lengths, config.batch_size, config.bucket_by_length, np.random.default_rng([config.seed, epoch]))
     total_steps = config.epochs * len(batches)  # the same count every epoch
-    bar = tqdm(total=len(batches), desc=f"epoch {epoch}", disable=not config.progress, leave=False, dynamic_ncols=True)
+    shown = config.progress and (processes is None or processes.rank == 0)
+    bar = tqdm(total=len(batches), desc=f"epoch {epoch}", disable=not shown, leave=False, dynamic_ncols=True)
     for step, index in enumerate(batches, start=1):
+        if processes is not None:  # this process's share of the batch, under DDP (`step_module`)
+            progress = ((epoch - 1) * len(batches) + step - 1) / max(total_steps - 1, 1)
+            seeds = tuple(stream_seed(config.seed, epoch, step, processes.rank, purpose) for purpose in (0, 1))
+            loss, logged, extra_logged = step_module(functools.partial(
+                process_batch_loss, model, data, index, config, positions, extra_loss, progress, processes, seeds))
+            total += logged.item()
+            if extra_logged is not None:
+                extra_total += extra_logged.item()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.update()
+            continue
         width = int(lengths[index].max())
         batch = torch.from_numpy(seqs[index, -width:]).to(device)
         inputs, labels = batch[:, :-1], batch[:, 1:]
@@ -488,6 +750,8 @@ def _train_epoch(
         if step % 20 == 0 or step == len(batches):
             bar.set_postfix(loss=f"{total / step:.4f}")
     bar.close()
+    if processes is not None:  # each process logged its share of every batch
+        total, extra_total = processes.sum([total, extra_total])
     if not math.isfinite(total + extra_total):
         raise DelrecError(f"epoch {epoch}: the training loss became {total + extra_total} (training diverged); lower --lr")
     broken = first_nonfinite(model.state_dict().items())  # the last step can break the weights after a finite loss
@@ -525,8 +789,13 @@ def _train(dataset, model_config, config: TrainConfig, out, extra_loss, model_ho
         dataset.candidates(split)
     out = Path(out)
     check_parents_are_folders(out)
-    model_type = model_class_for_config(model_config).model_type  # fails fast on a foreign config object
+    model_class = model_class_for_config(model_config)  # fails fast on a foreign config object
+    model_type = model_class.model_type
     device = resolve_device(config.device)
+    count = process_count()
+    check_processes(config, count, model_class.trainable)
+    processes = Processes.start(device) if count > 1 else None
+    main = processes is None or processes.rank == 0  # the one process that evaluates, prints and writes
     positions = resolve_train_positions(config.train_positions, dataset)
     exclude_history = not config.keep_history
 
@@ -554,7 +823,7 @@ def _train(dataset, model_config, config: TrainConfig, out, extra_loss, model_ho
     optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay) if model.trainable else None
 
     def say(message: str) -> None:  # progress lines go to stderr, so stdout stays machine-readable
-        if config.progress:
+        if config.progress and main:
             tqdm.write(message, file=sys.stderr)
 
     if state is None:
@@ -563,9 +832,14 @@ def _train(dataset, model_config, config: TrainConfig, out, extra_loss, model_ho
         restore_checkpoint(out / CHECKPOINT_DIR / CHECKPOINT_FILE, state, model, optimizer, extra_module)
         epoch, best_epoch, best_metric = state["epoch"], state["best_epoch"], state["best_metric"]
         log, best_state = state["log"], state["best_model"]
-        # said even without progress output: a resumed run must never pass for a fresh one
-        tqdm.write(f"resuming {out} after epoch {epoch} (best so far: epoch {best_epoch}, valid {SELECTION_METRIC} "
-                   f"{best_metric:.4f})", file=sys.stderr)
+        if main:  # said even without progress output: a resumed run must never pass for a fresh one
+            tqdm.write(f"resuming {out} after epoch {epoch} (best so far: epoch {best_epoch}, valid {SELECTION_METRIC} "
+                       f"{best_metric:.4f})", file=sys.stderr)
+    step_module = None
+    if processes is not None:
+        processes.barrier()  # every process has read OUT before the main one writes into it
+        if model.trainable:
+            step_module = processes.wrap(_Step(model, extra_module), find_unused=extra_module is not None)
 
     data = training_sequences(dataset, model.max_length, model.pad_id) if model.trainable else None
     valid = dataset.instances("valid")
@@ -581,13 +855,16 @@ def _train(dataset, model_config, config: TrainConfig, out, extra_loss, model_ho
         if model.trainable:
             with memory_for(f"training batches of batch_size {config.batch_size} ({sizes})",
                             "lower batch_size (epochs already done are kept: re-run to resume)"):
-                entry = _train_epoch(model, optimizer, data, config, positions, epoch, device, extra_loss)
+                entry = _train_epoch(model, optimizer, data, config, positions, epoch, device, extra_loss, processes,
+                                     step_module)
         else:
             model.fit(_popularity_sequences(dataset, positions))
             entry = {"loss": None}
         train_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        valid_metrics = evaluate_full(model, valid, config.eval_batch_size, exclude_history)
+        valid_metrics = evaluate_full(model, valid, config.eval_batch_size, exclude_history) if main else None
+        if processes is not None:  # the others wait for the main process's: all stop and keep the same epoch
+            valid_metrics = processes.broadcast(valid_metrics)
         eval_seconds = time.perf_counter() - started
         improved = valid_metrics[SELECTION_METRIC] > best_metric
         if improved:
@@ -595,12 +872,15 @@ def _train(dataset, model_config, config: TrainConfig, out, extra_loss, model_ho
         entry = {"epoch": epoch, **entry, "train_seconds": round(train_seconds, 3), "eval_seconds": round(eval_seconds, 3),
                  "peak_memory_mb": round(_peak_memory_mb(device)[0], 1), "valid": valid_metrics, "best": improved}
         log.append(entry)
+        if not main:
+            continue
         if config.snapshot_epochs and epoch in config.snapshot_epochs and model.trainable:
             save_snapshot(out, epoch, model)
+        shared_cuda = device if processes is not None and device.type == "cuda" else None
         save_checkpoint(out, {
             "version": CHECKPOINT_VERSION, "settings": settings, "epoch": epoch, "best_epoch": best_epoch,
             "best_metric": best_metric, "log": log, "model": _cpu_state(model), "best_model": best_state,
-            "optimizer": optimizer.state_dict() if optimizer is not None else {}, "rng": _rng_state(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else {}, "rng": _rng_state(shared_cuda),
             **({"extra_loss": _cpu_state(extra_module)} if extra_module is not None else {}),
         })
         write_jsonl(out / "log.jsonl", log)
@@ -612,7 +892,9 @@ def _train(dataset, model_config, config: TrainConfig, out, extra_loss, model_ho
     peak_mb = max([peak_mb] + [entry.get("peak_memory_mb", 0.0) for entry in log])  # over resumed sessions too
     model.load_state_dict({k: v.to(device) for k, v in best_state.items()})
     model.eval()
-    metrics = evaluate_model(model, dataset, config.eval_batch_size, exclude_history)
+    metrics = evaluate_model(model, dataset, config.eval_batch_size, exclude_history) if main else None
+    if processes is not None:  # the main process's metrics, log and timings: every process returns the same result
+        metrics, log, peak_mb = processes.broadcast((metrics, log, peak_mb))
     train_seconds = sum(entry["train_seconds"] for entry in log)
     summary = {
         "model_type": model.model_type,
@@ -626,10 +908,12 @@ def _train(dataset, model_config, config: TrainConfig, out, extra_loss, model_ho
         "device": str(device),
         "train_config": dataclasses.asdict(config) | {"train_positions": positions},
         "model_config": dataclasses.asdict(model.config),
+        **({"processes": count} if count > 1 else {}),
     }
     metrics = {**metrics, **summary}
     model.bake_item_embedding()  # a wrapped (distillation) embedding is saved as its final table
-    model.save_pretrained(out)
-    write_json(out / "metrics.json", metrics)
+    if main:
+        model.save_pretrained(out)
+        write_json(out / "metrics.json", metrics)
     return TrainResult(out, model, metrics, log, best_epoch, len(log), summary["seconds_per_epoch"],
                        summary["train_seconds"], summary["peak_memory_mb"])
