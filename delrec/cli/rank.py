@@ -2,7 +2,8 @@
 
 `delrec rank` options come from `RankArguments` + `ReadoutConfig` + the chosen backend's
 `Options` (so `--backend` is read first, from the flags or the --config YAML, as `delrec sr
-train` reads `--model`): every option is a flag and a YAML key.
+train` reads `--model`): every option is a flag and a YAML key. Under `accelerate launch -m delrec rank ...`
+the main process, which merges the shards, prints the summary; the others one line each.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ def rank(argv, prog: str, description: str) -> int:
     args, readout, options = parse_command([RankArguments, ReadoutConfig, module.Options], argv, prog, description)
     with progress_bars(args.progress):
         metrics = run(args, readout, options)
+    if metrics is None:  # a process of a launch other than the main one, which merges the shards
+        print(f"ranked this process's share into {args.out}/shards; the main process writes the rankings")
+        return 0
     print(
         f"ranked {metrics['instances']} {args.split} instances in {metrics['seconds']:.1f} s "
         f"({metrics['instances_per_second']} instances/s, {args.backend}, {readout.readout})"

@@ -2,7 +2,8 @@
 
 Options come from `delrec.distill.teacher_export.TeacherExportConfig` + the chosen LLM backend's
 `Options` (device, dtype, batch size; `--backend` is read first, as `delrec rank` does), so
-every option is a flag and a YAML key. An SR model runs on the same `--device`.
+every option is a flag and a YAML key. An SR model runs on the same `--device`. Under `accelerate launch -m delrec
+teacher export ...` the main process, which merges the shards, prints the summary; the others one line each.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def export(argv, prog: str, description: str) -> int:
     config, options = parse_command(export_classes(argv), argv, prog, description)
     with progress_bars(config.progress):
         out = export_teacher(config, options)
+    if out is None:  # a process of a launch other than the main one, which merges the shards
+        print(f"wrote this process's share into {config.out}/shards; the main process writes the teacher folder")
+        return 0
     info = read_json(out / INFO_FILE)
     source = info["source"]
     keys = ("num_instances", "num_train_instances", "num_items", "topk", "score_kind", "embedding_dim", "seconds", "instances_per_second")

@@ -49,6 +49,14 @@ The LLM modes cost seconds per instance on a CPU: `--max_instances N` ranks a se
 of N training instances (`--seed`); students distil on those and train on the rest with their
 own loss (`delrec.distill.student`).
 
+Shards (`delrec.ranking.shards`): `grounding` and `rerank` write each chunk of instances the backend answers at
+once to OUT/shards/train-START-END.safetensors (items, scores, user states, and the counts teacher.json sums),
+so that the processes of an `accelerate launch` split the chunks and an interrupted export resumes from the
+chunks written; the main process merges them, in order, into the teacher folder a single process writes, staged
+beside OUT and swapped in, which takes the shards away. Every process embeds the titles for grounding (it ranks
+by them) and draws rerank's candidates for all instances (one random stream, as a single process draws it). The
+`sr` and `embeddings` teachers, seconds of work, are the main process's alone.
+
 The LLM may be a DELRec stage-2 folder, a `delrec export` folder or any causal LM
 (`delrec.ranking.models.describe_model`); prompts are rendered as `delrec rank` renders them,
 oldest history items dropped when a prompt would not fit the context. teacher.json records the
@@ -64,7 +72,7 @@ student is trained on it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -77,7 +85,7 @@ from delrec.distill.embedding import item_knn_hit_rate
 from delrec.distill.teacher_folder import SPLIT, Trajectory, check_teacher_out, write_teacher
 from delrec.errors import DelrecError
 from delrec.headers import ALLOW_OTHER_DATASET_HELP
-from delrec.io import check_apart_from_inputs, read_json
+from delrec.io import check_apart_from_inputs, read_json, replace_directory, staged_directory
 from delrec.prompts.options import TemplateChoice
 from delrec.sr.evaluate import top_k
 from delrec.sr.trainer import SNAPSHOT_DIR
@@ -85,6 +93,7 @@ from delrec.sr.trainer import SNAPSHOT_DIR
 MODES = ("auto", "sr", "grounding", "rerank", "embeddings")
 GROUNDING_TASK = "teacher"  # the template task without candidates (teacher.jinja)
 KNN_K = 20  # the item-kNN check of a teacher's embeddings: top-20, as the students' test metrics
+SETTING_COUNTS = frozenset({"max_new_tokens"})  # among the read-outs' counts, a setting: the same in every shard
 
 
 @dataclass
@@ -189,17 +198,21 @@ class _Ranked:
     trajectory: Trajectory | None = None  # (--trajectory) rankings of the snapshots before the best epoch
 
 
-def export_teacher(config: TeacherExportConfig, options=None) -> Path:
-    """Write the teacher folder `config.out` and return its path.
+def export_teacher(config: TeacherExportConfig, options=None) -> Path | None:
+    """Write the teacher folder `config.out` and return its path (None on a process of a launch but the main one,
+    which merges the shards).
 
     `options`: the LLM backend module's `Options` (device, dtype, batch size; its defaults when
     None); an SR model runs on `options.device` (auto when there is none).
     """
+    from delrec.ranking.shards import launched
+
+    processes = launched()
     dataset = PreparedDataset.load(config.data)
     out = Path(config.out)
     check_apart_from_inputs(out, {"model": config.model, "dataset": config.data, "SR model": config.sr_model},
                             "the teacher")
-    check_teacher_out(out)
+    _check_out(out)
     if not config.topk <= dataset.num_items:
         raise DelrecError(f"--topk {config.topk} exceeds the catalogue size ({dataset.num_items} items)")
     instances = dataset.instances(SPLIT)
@@ -215,9 +228,14 @@ def export_teacher(config: TeacherExportConfig, options=None) -> Path:
                           "--trajectory")
     instances = sampled_instances(instances, config.max_instances, config.seed)
     if mode == "sr":
+        _shards(config, dataset, mode, options, processes)  # it writes none, but refuses another run's
+        if not processes.main:
+            return None
         ranked = _sr_teacher(config, dataset, instances, getattr(options, "device", "auto"))
     else:
-        ranked = _llm_teacher(config, dataset, instances, mode, options)
+        ranked = _llm_teacher(config, dataset, instances, mode, options, processes)
+        if ranked is None:
+            return None
     ids = None
     if ranked.items is not None:
         targets = torch.tensor([inst.target for inst in instances], dtype=torch.long)
@@ -233,8 +251,35 @@ def export_teacher(config: TeacherExportConfig, options=None) -> Path:
     if ranked.user_states is not None:
         ranked.source["user_states"] = ({"kind": "sr state after the history"} if mode == "sr" else {
             "kind": "prompt hidden state", "layer": config.embedding_layer, "pooling": config.embedding_pooling})
-    return write_teacher(out, dataset, ids, ranked.items, ranked.scores, ranked.score_kind, ranked.embeddings,
-                         ranked.source, ranked.seconds, user_states=ranked.user_states, trajectory=ranked.trajectory)
+    with staged_directory(out) as staged:  # swapped in whole: the shards leave only with a complete teacher
+        folder = staged / out.name
+        try:
+            write_teacher(folder, dataset, ids, ranked.items, ranked.scores, ranked.score_kind, ranked.embeddings,
+                          ranked.source, ranked.seconds, user_states=ranked.user_states, trajectory=ranked.trajectory)
+        except DelrecError as exc:
+            raise DelrecError(str(exc).replace(str(folder), str(out))) from None
+        replace_directory(folder, out)
+    return out
+
+
+def _check_out(out: Path) -> None:
+    """A teacher folder replaces an existing teacher folder, or the shards of an unfinished export; anything else
+    is refused."""
+    from delrec.ranking.shards import SHARDS_DIR
+
+    if not (out.is_dir() and all(path.name == SHARDS_DIR for path in out.iterdir())):
+        check_teacher_out(out)
+
+
+def _shards(config: TeacherExportConfig, dataset: PreparedDataset, mode: str, options, processes, template=None):
+    """The export's shards (`delrec.ranking.shards`); one already in OUT must be this export's: the same options,
+    dataset, mode and template, and the same models and predictions by content."""
+    from delrec.ranking.shards import TENSORS, Shards, run_identity
+
+    inputs = {"model": config.model, "sr_model": config.sr_model, "predictions": config.predictions}
+    identity = run_identity("teacher export", dataset.fingerprint, [config] + ([options] if options else []), inputs,
+                            mode=mode, template=None if template is None else template.fingerprint)
+    return Shards(config.out, SPLIT, TENSORS, identity, processes)
 
 
 def sampled_instances(instances: list[Instance], count: int | None, seed: int) -> list[Instance]:
@@ -403,10 +448,13 @@ def _user_states(config: TeacherExportConfig, spec, dataset: PreparedDataset, in
     return states.states[[row[inst.id] for inst in instances]]
 
 
-def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instances, mode: str, options) -> _Ranked:
+def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instances, mode: str, options,
+                 processes) -> _Ranked | None:
+    """The LLM teacher (None on a process of a launch but the main one, once its shards are written)."""
     from delrec.ranking.base import backend_module
     from delrec.ranking.models import check_soft_tokens, check_trained_dataset, describe_model, ranking_template
-    from delrec.ranking.teacher_signals import embed_texts, ground, prompt_states, rerank
+    from delrec.ranking.shards import Shard
+    from delrec.ranking.teacher_signals import grounding_budget, embed_texts, ground, prompt_states, rerank
 
     if mode in ("grounding", "embeddings") and config.backend != "hf":
         raise DelrecError(f"--mode {mode} needs the LLM's hidden states, which only the hf backend gives; use "
@@ -418,6 +466,12 @@ def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instance
     if mode == "grounding" and template.task != GROUNDING_TASK:
         raise DelrecError(f"--mode grounding renders a template without candidates (task '{GROUNDING_TASK}', e.g. "
                           f"--template {GROUNDING_TASK}); '{template.name}' is a '{template.task}' template")
+    module = backend_module(config.backend)
+    options = options if options is not None else module.Options()
+    shards = _shards(config, dataset, mode, options, processes, template)
+    sharded = mode in ("grounding", "rerank")
+    if not (sharded or processes.main):
+        return None
     user_states = _user_states(config, spec, dataset, instances, mode)
     exclude = not config.keep_history
     candidate_sets, rerank_source, sr_seconds = None, {}, 0.0
@@ -429,30 +483,54 @@ def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instance
     elif mode == "grounding":
         _check_room(instances, dataset.num_items, config.topk, exclude, "--topk")
 
-    module = backend_module(config.backend)
-    options = options if options is not None else module.Options()
+    if config.backend == "vllm":
+        processes.claim_gpus(options.tensor_parallel_size)
     started = time.perf_counter()
     with module.open_backend(spec, options) as backend:
         check_soft_tokens(spec, backend.tokenizer)
         began = time.perf_counter()
         embeddings = None
-        if backend.name == "hf":  # hidden states come from the transformers model
+        if backend.name == "hf" and (processes.main or mode == "grounding"):  # grounding ranks by them
             check_embedding_layer(config.embedding_layer, backend.model, spec.path)
             embeddings = embed_texts(backend.model, backend.tokenizer, dataset.titles, backend.batch_size,
-                                     config.progress, "embed titles", config.embedding_layer,
+                                     config.progress and processes.main, "embed titles", config.embedding_layer,
                                      config.embedding_pooling)
-        states = None
-        if mode == "grounding":
-            items, scores, counts = ground(config, dataset, instances, spec, template, backend, embeddings)
-            if config.user_states:
-                states = prompt_states(config, dataset, instances, spec, template, backend)
-        elif mode == "rerank":
-            items, scores, counts = rerank(config, dataset, instances, candidate_sets, spec, template, backend,
-                                           user_states=user_states)
-        else:
-            items, scores, counts = None, None, {}
         seconds = time.perf_counter() - began + sr_seconds  # the SR candidates are part of the teacher's cost
+        if sharded:  # each shard's calls as quiet as one call on its chunk, the budget measured once
+            budget = (grounding_budget(config, dataset.titles, backend.tokenizer) if mode == "grounding"
+                      else config.max_new_tokens)
+            quiet = replace(config, progress=False, max_new_tokens=budget)
+
+            def work(start: int, end: int) -> Shard:
+                chunk = instances[start:end]
+                if mode == "grounding":
+                    items, scores, counts = ground(quiet, dataset, chunk, spec, template, backend, embeddings)
+                    tensors = {"items": items, "scores": scores}
+                    if config.user_states:
+                        tensors["states"] = prompt_states(quiet, dataset, chunk, spec, template, backend)
+                else:
+                    items, scores, counts = rerank(quiet, dataset, chunk, candidate_sets[start:end], spec, template,
+                                                   backend, user_states=None if user_states is None else
+                                                   user_states[start:end])
+                    tensors = {"items": items, "scores": scores}
+                ids = torch.tensor([inst.id for inst in chunk], dtype=torch.long)
+                return Shard(start, end, tensors={"ids": ids, **tensors}, extra=counts)
+
+            shards.plan(len(instances), backend.chunk_size)
+            shards.fill(work, config.progress, mode)
         settings = {"name": backend.name, **backend.settings()}
+    if not processes.main:
+        return None
+    items = scores = states = None
+    counts: dict = {}
+    if sharded:
+        parts = list(shards.collect([inst.id for inst in instances], config.progress))
+        items, scores = (torch.cat([part.tensors[name] for part in parts]) for name in ("items", "scores"))
+        states = torch.cat([part.tensors["states"] for part in parts]) if config.user_states else None
+        for part in parts:
+            for key, value in part.extra.items():
+                counts[key] = value if key in SETTING_COUNTS else counts.get(key, 0) + value
+        seconds += sum(part.seconds for part in parts)
     source = {
         "kind": f"llm-{mode}",
         "model": {"path": spec.path, "kind": spec.kind, "template": template.name,

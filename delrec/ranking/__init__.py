@@ -6,7 +6,8 @@
 
 Modules: `models` (which model folder, how to prompt it), `requests` (prompts with history
 truncation), `base` (backend interface, read-outs, metrics, rankings file), `trie` (candidate
-prefix tree), `hf` (transformers backend), `runner` (the end-to-end run behind `delrec rank`).
+prefix tree), `hf` (transformers backend), `runner` (the end-to-end run behind `delrec rank`), `shards` (the
+work split over the processes of an `accelerate launch`, resume).
 The vLLM backend (`vllm`) is imported only when chosen.
 """
 

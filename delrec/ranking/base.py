@@ -209,7 +209,7 @@ def read_out(
 def refuse_non_finite(backend: Backend, request: RankingRequest, scores: Iterable[tuple[int, float]]) -> None:
     """Refuse a NaN or infinite log-probability among `(candidate index, score)` pairs, where a backend hands its
     scores over: such a score ranks its candidates in no meaningful order and no JSON file can hold it, so the run
-    stops before anything is written or counted in the metrics."""
+    stops before its chunk is written (a shard, `delrec.ranking.shards`) or counted in the metrics."""
     for index, score in scores:
         if not math.isfinite(score):
             title = request.titles[index]
@@ -217,7 +217,7 @@ def refuse_non_finite(backend: Backend, request: RankingRequest, scores: Iterabl
             raise DelrecError(
                 f"{backend.describe()}: instance {request.id}, candidate {request.candidates[index]} ('{shown}'): the "
                 f"log-probability is {score}, not a finite number; the model's weights or the numbers its server "
-                "returns are broken (NaN weights, a float16 overflow); nothing was written")
+                "returns are broken (NaN weights, a float16 overflow); nothing was written for its chunk of instances")
 
 
 def _row(request: RankingRequest, **fields) -> dict:

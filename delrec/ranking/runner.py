@@ -1,10 +1,12 @@
 """`rank`: a model folder + a prepared dataset split -> OUT/rankings.jsonl + OUT/metrics.json.
 
 The one entry point behind `delrec rank` and `scripts/vllm_batch.py`: checks everything that can
-be checked before a model is loaded (dataset, split, model folder, template), opens the chosen
-backend, renders one request per instance (history truncated to fit), reads the rankings out
-chunk by chunk with a progress bar, and writes both files atomically (the rankings stream to a
-temp file renamed at the end; metrics.json, written last, marks a finished run).
+be checked before a model is loaded (dataset, split, model folder, template, shards of an earlier
+run), opens the chosen backend, renders one request per instance (history truncated to fit), reads
+the rankings out chunk by chunk with a progress bar, each chunk a shard (OUT/shards/, `delrec.ranking.shards`:
+split over the processes of an `accelerate launch`, and what an interrupted run resumes from), and
+the main process merges the shards into both files, written atomically (the rankings stream to a
+temp file renamed at the end; metrics.json, written last, marks a finished run, whose shards then go).
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from tqdm.auto import tqdm
-
 from delrec.config import SEED, at_least
 from delrec.data.dataset import CANDIDATE_SPLITS, PreparedDataset, sampled_indices
 from delrec.errors import DelrecError
@@ -23,9 +23,10 @@ from delrec.headers import ALLOW_OTHER_DATASET_HELP
 from delrec.io import check_apart_from_inputs, check_own_folder, write_json
 from delrec.llm.tokenization import encode_completion
 from delrec.prompts.options import TemplateChoice
-from delrec.ranking.base import BACKENDS, ReadoutConfig, RunSummary, backend_module, read_out, rankings_writer
+from delrec.ranking.base import BACKENDS, Ranked, ReadoutConfig, RunSummary, backend_module, read_out, rankings_writer
 from delrec.ranking.models import check_soft_tokens, check_trained_dataset, describe_model, ranking_template
 from delrec.ranking.requests import build_requests
+from delrec.ranking.shards import ROWS, SHARDS_DIR, Shard, Shards, launched, run_identity
 
 RANKINGS_FILE = "rankings.jsonl"
 METRICS_FILE = "metrics.json"
@@ -77,41 +78,54 @@ class RankArguments(TemplateChoice):
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got '{self.backend}'")
 
 
-def rank(args: RankArguments, readout: ReadoutConfig, options=None) -> dict:
+def rank(args: RankArguments, readout: ReadoutConfig, options=None) -> dict | None:
     """Rank, write OUT/rankings.jsonl and OUT/metrics.json, and return the metrics.
 
-    `options`: the backend module's `Options` (its defaults when None).
+    `options`: the backend module's `Options` (its defaults when None). Under `accelerate launch`, each process
+    ranks its share of the chunks into OUT/shards; the main process merges them and returns the metrics, the
+    others None.
     """
     started = time.perf_counter()
     out = Path(args.out)
+    processes = launched()
     dataset = PreparedDataset.load(args.data)
     check_apart_from_inputs(out, {"model": args.model, "dataset": args.data}, "the rankings")
-    check_own_folder(out, (RANKINGS_FILE, METRICS_FILE))
+    check_own_folder(out, (RANKINGS_FILE, METRICS_FILE, SHARDS_DIR))
     spec = describe_model(args.model, args.template, args.domain)
     check_trained_dataset(spec, dataset, args.allow_other_dataset)
     template = ranking_template(spec, args.prompts_dir)
     module = backend_module(args.backend)
     options = options if options is not None else module.Options()
+    identity = run_identity("rank", dataset.fingerprint, [args, readout, options],
+                            {"model": args.model, "predictions": args.predictions}, template=template.fingerprint)
+    shards = Shards(out, args.split, ROWS, identity, processes)
+    if args.backend == "vllm":
+        processes.claim_gpus(options.tensor_parallel_size)
 
     with module.open_backend(spec, options) as backend:
         loaded = time.perf_counter()
         check_soft_tokens(spec, backend.tokenizer)
         requests, max_new_tokens = _requests(args, readout, dataset, spec, template, backend)
-        summary = RunSummary(readout)
-        began = time.perf_counter()
-        with rankings_writer(out / RANKINGS_FILE) as write, tqdm(
-            total=len(requests), desc=f"rank ({readout.readout})", unit="inst", disable=not args.progress
-        ) as bar:
-            for start in range(0, len(requests), backend.chunk_size):
-                chunk = requests[start : start + backend.chunk_size]
-                ranked = read_out(backend, chunk, readout, max_new_tokens)
-                write([r.row for r in ranked])
-                for request, result in zip(chunk, ranked):
-                    summary.add(request, result)
-                bar.update(len(chunk))
-        seconds = time.perf_counter() - began
-        settings = {"name": backend.name, **backend.settings()}
+        shards.plan(len(requests), backend.chunk_size)
 
+        def work(start: int, end: int) -> Shard:
+            ranked = read_out(backend, requests[start:end], readout, max_new_tokens)
+            return Shard(start, end, records=[{"id": r.row["id"], "row": r.row, "alternative": r.alternative}
+                                              for r in ranked])
+
+        shards.fill(work, args.progress, f"rank ({readout.readout})")
+        settings = {"name": backend.name, **backend.settings()}
+    if not processes.main:
+        return None
+
+    summary, seconds = RunSummary(readout), 0.0
+    with rankings_writer(out / RANKINGS_FILE) as write:
+        for shard in shards.collect([r.id for r in requests], args.progress):
+            ranked = [Ranked(record["row"], record["alternative"]) for record in shard.records]
+            write([r.row for r in ranked])
+            for request, result in zip(requests[shard.start : shard.end], ranked):
+                summary.add(request, result)
+            seconds += shard.seconds
     totals = summary.metrics()
     metrics = {
         "protocol": "candidates",
@@ -129,6 +143,7 @@ def rank(args: RankArguments, readout: ReadoutConfig, options=None) -> dict:
         "dataset": {"path": str(dataset.path), "fingerprint": dataset.fingerprint, "split": args.split},
     }
     write_json(out / METRICS_FILE, metrics)
+    shards.remove()
     return metrics
 
 

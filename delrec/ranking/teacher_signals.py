@@ -42,7 +42,7 @@ def _truncation_counts(requests) -> dict:
             "dropped_history_items": sum(r.dropped_history for r in requests)}
 
 
-def _grounding_budget(config, titles, tokenizer) -> int:
+def grounding_budget(config, titles, tokenizer) -> int:
     """New tokens a grounding prompt may generate: `max_new_tokens`, else the longest item title + a margin."""
     if config.max_new_tokens is not None:
         return config.max_new_tokens
@@ -53,7 +53,7 @@ def ground(config, dataset, instances, spec, template, backend, title_embeddings
     """BIGRec grounding: generate, embed the text, rank all items by L2 distance to the title embeddings."""
 
     titles = dataset.titles
-    budget = _grounding_budget(config, titles, backend.tokenizer)
+    budget = grounding_budget(config, titles, backend.tokenizer)
     catalogue = {normalize_title(t) for t in titles}
     # float64: cdist's matrix-product form loses ~1e-2 of a float32 distance near 0 (an exact title match)
     title_embeddings = title_embeddings.double()
@@ -83,7 +83,7 @@ def ground(config, dataset, instances, spec, template, backend, title_embeddings
 def prompt_states(config, dataset, instances, spec, template, backend, split: str = "train") -> torch.Tensor:
     """[R, d] the LLM's hidden state of each instance's grounding prompt (rendered and truncated as `ground` renders
     it for generation), at the title embeddings' layer and pooling: a user representation in the items' space."""
-    budget = _grounding_budget(config, dataset.titles, backend.tokenizer)
+    budget = grounding_budget(config, dataset.titles, backend.tokenizer)
     requests = requests_for(instances, [[] for _ in instances], dataset.titles, split, spec, template,
                             backend.tokenizer, backend.max_length, lambda _: budget)
     return embed_texts(backend.model, backend.tokenizer, [r.prompt for r in requests], backend.batch_size,
