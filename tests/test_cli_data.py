@@ -85,6 +85,7 @@ def test_real_lastfm_prepares_with_the_documented_counts(tmp_path):
     assert stats["users"] == 975 + 122 + 122
     assert ds.titles[0] == "Morcheeba"
     check_candidates(ds)
+    assert ds.fingerprint == "0627d1ca784b6c03"  # the bytes every delrec wrote before the Arrow data layer
 
 
 @pytest.mark.slow  # prepares the 50,546-user games data (~8 s)
@@ -100,3 +101,5 @@ def test_real_games_prepares_with_the_documented_counts(tmp_path):
     first = ds.instances("test")[0]
     assert ds.items[first.target]["raw_id"] == "14" and len(first.history) == 14
     check_candidates(ds)
+    assert ds.fingerprint == "c8bb345797883aa6"  # the bytes the line-by-line data layer wrote: the Arrow reader
+    # (which reads this file) and the columnar preprocessing must not change one

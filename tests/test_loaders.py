@@ -52,7 +52,7 @@ def test_recbole_interactions_become_events(tmp_path):
     )
     raw = load_raw("recbole", tmp_path / "d.inter")  # a file of the folder is accepted too
     assert raw.titles == {"A": "Matrix", "B": "Amelie"}
-    assert raw.events == [
+    assert raw.events.to_events() == [
         Event("u1", "B", 20.0, 4.0, 0),
         Event("u1", "A", 10.0, 5.0, 1),
         Event("u2", "A", 10.5, 3.5, 2),
@@ -67,7 +67,7 @@ def test_recbole_sequences_use_the_test_file(tmp_path):
     write(tmp_path, "g.valid.inter", header + "7\t1\t2\n8\t\t3\n")
     write(tmp_path, "g.test.inter", header + "7\t1 2\t3\n8\t3\t1\n")
     raw = load_raw("recbole", tmp_path)
-    assert raw.events == [
+    assert raw.events.to_events() == [
         Event("7", "1", 0.0, None, 0),
         Event("7", "2", 1.0, None, 1),
         Event("7", "3", 2.0, None, 2),
@@ -254,7 +254,7 @@ def test_movielens_100k_latin1(tmp_path):
         "2": "Cité des enfants perdus, La (1995)",
         "3": "The Shawshank Redemption (1994)",
     }
-    assert raw.events == [
+    assert raw.events.to_events() == [
         Event("196", "3", 881250949.0, 3.0, 0),
         Event("186", "1", 891717742.0, 4.5, 1),
         Event("196", "2", 881250950.0, 1.0, 2),
@@ -267,7 +267,7 @@ def test_movielens_1m(tmp_path):
     write(tmp_path, "ratings.dat", "1::2::5::978300760\n1::1::3::978302109\n")
     raw = load_raw("movielens", tmp_path)
     assert raw.titles == {"1": "Toy Story (1995)", "2": "A Bug's Life (1998)"}
-    assert raw.events == [Event("1", "2", 978300760.0, 5.0, 0), Event("1", "1", 978302109.0, 3.0, 1)]
+    assert raw.events.to_events() == [Event("1", "2", 978300760.0, 5.0, 0), Event("1", "1", 978302109.0, 3.0, 1)]
 
 
 def test_movielens_1m_resaved_as_utf8(tmp_path):
@@ -299,7 +299,7 @@ def test_csv_pair(tmp_path):
     write(tmp_path, "interactions.csv", "Item,note,timestamp,user\n11,ok,5,a\n10,,3.5,a\n11,,1,b\n")
     raw = load_raw("csv", tmp_path / "items.csv")
     assert raw.titles == {"10": "Crouching Tiger, Hidden Dragon", "11": "Amelie"}
-    assert raw.events == [
+    assert raw.events.to_events() == [
         Event("a", "11", 5.0, None, 0),
         Event("a", "10", 3.5, None, 1),
         Event("b", "11", 1.0, None, 2),
@@ -309,7 +309,7 @@ def test_csv_pair(tmp_path):
 def test_csv_ratings(tmp_path):
     write(tmp_path, "items.csv", "item,title\n1,One\n")
     write(tmp_path, "interactions.csv", "user,item,timestamp,rating\nu,1,2,4.5\n")
-    assert load_raw("csv", tmp_path).events == [Event("u", "1", 2.0, 4.5, 0)]
+    assert load_raw("csv", tmp_path).events.to_events() == [Event("u", "1", 2.0, 4.5, 0)]
 
 
 # --- bad input, every format ------------------------------------------------------------------
@@ -405,6 +405,6 @@ def test_real_lastfm():
 def test_real_games():
     raw = load_raw("recbole", shared_data("games"))
     assert len(raw.titles) == 16859
-    assert len({event.user for event in raw.events}) == 50546
-    first_user = [event.item for event in raw.events if event.user == "0"]
+    assert len({event.user for event in raw.events.to_events()}) == 50546
+    first_user = [event.item for event in raw.events.to_events() if event.user == "0"]
     assert first_user == [str(i) for i in range(15)]  # history 0..13 then the last item 14

@@ -8,7 +8,7 @@ from conftest import reseal_dataset
 from delrec.data.dataset import PreparedDataset
 from delrec.data.prepare import prepare_dataset
 from delrec.data.preprocess import PreprocessConfig, preprocess
-from delrec.data.raw import Event, RawDataset, RowInstance
+from delrec.data.raw import Event, EventColumns, RawDataset, RowInstance
 from delrec.errors import DelrecError
 
 
@@ -21,7 +21,7 @@ def events_dataset(sequences, titles=None, ratings=None):
             events.append(Event(user, item, ts, rating, len(events)))
     items = {item for seq in sequences.values() for item, _ in seq}
     titles = titles or {item: f"Title {item}" for item in items}
-    return RawDataset(source="test", titles=titles, events=events)
+    return RawDataset(source="test", titles=titles, events=EventColumns.from_events(events))
 
 
 def catalogue(n):
@@ -38,11 +38,11 @@ def test_leave_one_out_split_chronological_with_stable_ties():
     )
     out = preprocess(raw, PreprocessConfig(num_candidates=3))
     assert out.raw_ids == ["1", "2", "3", "4", "5", "6"]  # numeric id order kept
-    u1, u2 = out.splits["train"]
+    u1, u2 = list(out.instances("train"))
     assert (u1.user, u1.history, u1.target) == ("u1", (), 0)
     assert (u2.user, u2.history, u2.target) == ("u2", (2,), 3)
-    assert [(i.history, i.target) for i in out.splits["valid"]] == [((0,), 1), ((2, 3), 4)]
-    assert [(i.history, i.target) for i in out.splits["test"]] == [((0, 1), 2), ((2, 3, 4), 5)]
+    assert [(i.history, i.target) for i in list(out.instances("valid"))] == [((0,), 1), ((2, 3), 4)]
+    assert [(i.history, i.target) for i in list(out.instances("test"))] == [((0, 1), 2), ((2, 3, 4), 5)]
     assert out.counts["dropped"]["users_with_fewer_than_3_interactions"] == 1
     assert out.counts["users"] == 2 and out.counts["items"] == 6 and out.counts["interactions"] == 7
 
@@ -52,10 +52,10 @@ def test_max_history_keeps_most_recent_items_but_candidates_avoid_the_full_histo
     other = [(str(i), i) for i in range(12, 40)]
     raw = events_dataset({"u": seq, "v": other}, titles=catalogue(40))
     out = preprocess(raw, PreprocessConfig(max_history=4, num_candidates=10))
-    test = out.splits["test"][0]
+    test = list(out.instances("test"))[0]
     assert test.history == (7, 8, 9, 10) and test.target == 11
-    candidates = out.candidates["test"][0]
-    assert len(out.splits["test"][1].history) == 4
+    candidates = list(out.candidates("test"))[0]
+    assert len(list(out.instances("test"))[1].history) == 4
     assert len(candidates) == 10 and len(set(candidates)) == 10 and 11 in candidates
     assert not set(candidates) & set(range(11))
 
@@ -66,13 +66,16 @@ def test_candidates_fixed_by_seed_and_never_from_history():
     a = preprocess(raw, PreprocessConfig(num_candidates=10, seed=1))
     b = preprocess(raw, PreprocessConfig(num_candidates=10, seed=1))
     c = preprocess(raw, PreprocessConfig(num_candidates=10, seed=2))
-    assert a.candidates == b.candidates
-    assert a.candidates != c.candidates
+    def every(processed):
+        return {split: list(processed.candidates(split)) for split in ("valid", "test")}
+
+    assert every(a) == every(b)
+    assert every(a) != every(c)
     for split in ("valid", "test"):
-        for inst, cands in zip(a.splits[split], a.candidates[split]):
+        for inst, cands in zip(a.instances(split), a.candidates(split)):
             assert cands.count(inst.target) == 1 and len(set(cands)) == 10
             assert not set(cands) & set(inst.history)
-    positions = {cands.index(inst.target) for inst, cands in zip(a.splits["test"], a.candidates["test"])}
+    positions = {cands.index(inst.target) for inst, cands in zip(a.instances("test"), a.candidates("test"))}
     assert len(positions) > 3  # the target is not always in the same slot
 
 
@@ -114,7 +117,7 @@ def test_rows_data_keeps_given_split_and_catalogue():
     assert out.counts["items"] == 30
     assert out.counts["instances"] == {"train": 3, "valid": 1, "test": 1}
     assert out.counts["users"] == 3  # train has one maximal sequence
-    assert out.splits["train"][0].history == ()
+    assert list(out.instances("train"))[0].history == ()
 
 
 def test_prepared_folder_roundtrip_and_overwrite_rules(tmp_path):
@@ -165,3 +168,40 @@ def test_loading_validates_the_folder(tmp_path):
     reseal_dataset(ds.path)  # an edit that also re-fingerprinted the folder
     with pytest.raises(DelrecError, match=r"test.jsonl:3 field 'history'.*99.*not in the catalogue"):
         PreparedDataset.load(ds.path).instances("test")
+
+
+def test_fingerprint_and_rows_do_not_depend_on_the_read_block(tmp_path, monkeypatch):
+    """Files are hashed and their rows counted in blocks; a row cut by a block boundary, blank and whitespace-only
+    lines and a last line without its line feed count as one whole read would count them."""
+    from delrec.data import dataset
+
+    (tmp_path / "a.jsonl").write_bytes(b'{"id": 0}\n\n   \n{"id": 1}\r\n\t\n{"id": 2}')
+    (tmp_path / "b.jsonl").write_bytes(b"")
+    whole = dataset._fingerprint_and_rows(tmp_path, ["a.jsonl", "b.jsonl"])
+    assert whole[1] == {"a.jsonl": 3, "b.jsonl": 0}
+    for block in (1, 2, 3, 7):
+        monkeypatch.setattr(dataset, "FINGERPRINT_BLOCK", block)
+        assert dataset._fingerprint_and_rows(tmp_path, ["a.jsonl", "b.jsonl"]) == whole
+
+
+@pytest.mark.parametrize("user", ["u1", None, 'quote " and \\ backslash', "naïve 東京", "tab\there"])
+@pytest.mark.parametrize("history", [(), (0,), (3, 14, 15)])
+def test_instance_rows_are_the_json_of_write_jsonl(user, history):
+    """Split rows are formatted directly, for speed; they must be the bytes `write_jsonl` wrote before."""
+    from delrec.data.dataset import Instance
+    from delrec.data.prepare import instance_line
+    from delrec.io import json_text
+
+    inst = Instance(7, history, 9, user)
+    row = {"id": inst.id, "user": inst.user, "history": list(inst.history), "target": inst.target}
+    assert instance_line(inst) == json_text(row, "x.jsonl") + "\n"
+
+
+@pytest.mark.parametrize("key", [(0, 0, 0), (0, 1, 12345), (2**32 - 1, 1, 7), (3, 0, 2**32), (2**40, 1, 5)])
+def test_keyed_rng_is_default_rng_of_the_key(key):
+    import numpy as np
+
+    from delrec.data.preprocess import keyed_rng
+
+    assert keyed_rng(*key).integers(0, 2**62, size=8).tolist() == np.random.default_rng(list(key)).integers(
+        0, 2**62, size=8).tolist()

@@ -11,16 +11,16 @@ from delrec.metrics import full_ranking_metrics
 def sequences(raw):
     """Per user, the item indices (raw id "i{k}" -> k) in time order."""
     by_user = defaultdict(list)
-    for event in sorted(raw.events, key=lambda e: (e.timestamp, e.order)):
+    for event in sorted(raw.events.to_events(), key=lambda e: (e.timestamp, e.order)):
         by_user[event.user].append(int(event.item[1:]))
     return by_user
 
 
 def test_same_seed_same_dataset_other_seed_differs():
     a, b = make_synthetic(num_users=50, seed=3), make_synthetic(num_users=50, seed=3)
-    assert a.events == b.events and a.titles == b.titles
+    assert a.events.to_events() == b.events.to_events() and a.titles == b.titles
     c = make_synthetic(num_users=50, seed=4)
-    assert c.events != a.events and c.titles != a.titles
+    assert c.events.to_events() != a.events.to_events() and c.titles != a.titles
 
 
 def test_titles_unique_readable_and_cover_items():
@@ -31,16 +31,16 @@ def test_titles_unique_readable_and_cover_items():
         assert len(set(titles)) == num_items
         assert all(t and t == t.strip() and t.replace(" ", "").replace(":", "").replace("'", "").isalpha()
                    for t in titles)
-    assert {e.item for e in raw.events} <= raw.titles.keys()
+    assert {e.item for e in raw.events.to_events()} <= raw.titles.keys()
 
 
 def test_events_shape():
     raw = make_synthetic(num_users=120, min_length=6, max_length=30, seed=2)
     assert raw.protocol == "leave-one-out"
-    assert [e.order for e in raw.events] == list(range(len(raw.events)))
-    assert all(e.rating is None for e in raw.events)
+    assert [e.order for e in raw.events.to_events()] == list(range(len(raw.events.to_events())))
+    assert all(e.rating is None for e in raw.events.to_events())
     by_user = defaultdict(list)
-    for event in raw.events:
+    for event in raw.events.to_events():
         by_user[event.user].append(event)
     assert set(by_user) == {f"u{u}" for u in range(120)}
     for events in by_user.values():

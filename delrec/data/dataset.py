@@ -28,6 +28,7 @@ SPLITS = ("train", "valid", "test")
 CANDIDATE_SPLITS = ("valid", "test")
 META_FILE = "meta.json"
 ITEMS_FILE = "items.jsonl"
+FINGERPRINT_BLOCK = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,15 @@ def _fingerprint_and_rows(folder: Path, names: list[str]) -> tuple[str, dict[str
     digest = hashlib.sha256()
     rows = {}
     for name in names:
-        data = (folder / name).read_bytes()
         digest.update(name.encode())
-        digest.update(data)
-        rows[name] = sum(1 for line in data.split(b"\n") if line.strip())
+        count, rest = 0, b""
+        with open(folder / name, "rb") as handle:  # in blocks: a 100M-interaction dataset's files are gigabytes
+            while block := handle.read(FINGERPRINT_BLOCK):
+                digest.update(block)
+                lines = (rest + block).split(b"\n")
+                rest = lines.pop()
+                count += sum(1 for line in lines if line.strip())
+        rows[name] = count + bool(rest.strip())
     return digest.hexdigest()[:16], rows
 
 

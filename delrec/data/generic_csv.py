@@ -11,9 +11,11 @@ from os import PathLike
 from pathlib import Path
 from typing import Iterable
 
-from delrec.data._text import csv_records, dataset_folder, parse_float, parse_id
-from delrec.data.raw import Event, RawDataset
+from delrec.data._text import check_header, csv_records, dataset_folder, parse_float, parse_id
+from delrec.data.arrow_reader import scan_events
+from delrec.data.raw import Event, EventColumns, RawDataset
 from delrec.data.titles import TitleTable
+from delrec.errors import DelrecError
 
 INTERACTIONS_FILE = "interactions.csv"
 ITEMS_FILE = "items.csv"
@@ -27,8 +29,29 @@ def load_csv(path: str | PathLike) -> RawDataset:
     for number, row in csv_records(items_path, ("item", "title")):
         titles.add(parse_id(row["item"], items_path, number, "item"), row["title"], number)
     inter_path = folder / INTERACTIONS_FILE
-    events = read_events(inter_path, csv_records(inter_path, COLUMNS[:3], COLUMNS[3:]), titles)
+    events = _scan(inter_path, titles)
+    if events is None:
+        events = EventColumns.from_events(read_events(inter_path, csv_records(inter_path, COLUMNS[:3], COLUMNS[3:]),
+                                                      titles))
     return RawDataset(source=str(folder), titles=titles.titles, events=events, title_origin=str(items_path))
+
+
+def _scan(path: Path, titles: TitleTable) -> EventColumns | None:
+    """The Arrow reader's columns (`delrec.data.arrow_reader`) when the header line is clean, else None."""
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
+        written = [name.strip() for name in handle.readline().rstrip("\r\n").split(",")]
+    header = [name.lower() for name in written]
+    try:
+        check_header(written, path, 1)
+    except DelrecError:
+        return None
+    if not set(COLUMNS[:3]) <= set(header):
+        return None
+    columns = [header.index(name) for name in COLUMNS if name in header]
+    return scan_events(path, delimiter=",", width=len(header), columns=columns, names=COLUMNS, titles=titles.titles,
+                       skip_rows=1)
 
 
 def read_events(

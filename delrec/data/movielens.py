@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from delrec.data._text import dataset_folder, numbered_lines, parse_id, printable, read_text, split_fields
+from delrec.data.arrow_reader import scan_events
 from delrec.data.generic_csv import read_events
-from delrec.data.raw import Event, RawDataset
+from delrec.data.raw import EventColumns, RawDataset
 from delrec.data.titles import TitleTable
 from delrec.errors import DelrecError
 
@@ -72,10 +73,16 @@ def _read_titles(path: Path, release: _Release, move_article: bool) -> TitleTabl
     return table
 
 
-def _read_ratings(path: Path, sep: str, titles: TitleTable) -> list[Event]:
+def _read_ratings(path: Path, sep: str, titles: TitleTable) -> EventColumns:
+    if path.is_file():  # "::" is read as ':' with every second field empty: Arrow splits on one character
+        step = len(sep)
+        scanned = scan_events(path, delimiter=sep[0], width=3 * step + 1, columns=[0, step, 3 * step, 2 * step],
+                              names=RATING_FIELDS, titles=titles.titles, empty=range(1, 3 * step, 2) if step > 1 else ())
+        if scanned is not None:
+            return scanned
     text = read_text(path, f"lines of {sep.join(RATING_FIELDS)}", ENCODING)
     records = (
         (number, dict(zip(RATING_FIELDS, split_fields(line, sep, RATING_FIELDS, path, number))))
         for number, line in numbered_lines(text)
     )
-    return read_events(path, records, titles)
+    return EventColumns.from_events(read_events(path, records, titles))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from delrec.data.dataset import (
@@ -9,6 +10,7 @@ from delrec.data.dataset import (
     DATASET_KIND,
     FORMAT_VERSION,
     ITEMS_FILE,
+    Instance,
     META_FILE,
     SPLITS,
     PreparedDataset,
@@ -20,7 +22,7 @@ from delrec.data.dataset import (
 from delrec.data.preprocess import PreprocessConfig, Processed, preprocess
 from delrec.data.raw import RawDataset
 from delrec.errors import DelrecError
-from delrec.io import is_occupied, read_json, replace_directory, staged_directory, write_json, write_jsonl
+from delrec.io import atomic_write, is_occupied, read_json, replace_directory, staged_directory, write_json, write_jsonl
 
 
 def write_prepared(processed: Processed, folder: Path, source: str, protocol: str, options: dict) -> dict:
@@ -29,18 +31,12 @@ def write_prepared(processed: Processed, folder: Path, source: str, protocol: st
         ({"id": i, "title": t, "raw_id": r} for i, (t, r) in enumerate(zip(processed.titles, processed.raw_ids))),
     )
     for split in SPLITS:
-        write_jsonl(
-            folder / split_file(split),
-            (
-                {"id": inst.id, "user": inst.user, "history": list(inst.history), "target": inst.target}
-                for inst in processed.splits[split]
-            ),
-        )
+        with atomic_write(folder / split_file(split)) as handle:
+            handle.writelines(map(instance_line, processed.instances(split)))
     for split in CANDIDATE_SPLITS:
-        write_jsonl(
-            folder / candidates_file(split),
-            ({"id": i, "candidates": c} for i, c in enumerate(processed.candidates[split])),
-        )
+        with atomic_write(folder / candidates_file(split)) as handle:
+            handle.writelines(f'{{"id": {i}, "candidates": [{", ".join(map(str, c))}]}}\n'
+                              for i, c in enumerate(processed.candidates(split)))
     names = dataset_files()
     meta = {
         "kind": DATASET_KIND,
@@ -54,6 +50,14 @@ def write_prepared(processed: Processed, folder: Path, source: str, protocol: st
     }
     write_json(folder / META_FILE, meta)
     return meta
+
+
+def instance_line(inst: Instance) -> str:
+    """An instance's row as `write_jsonl` writes it (`json.dumps`, ensure_ascii off), formatted directly: a split
+    has a row per user, and all of a row but the user (a string or null) are integers."""
+    history = ", ".join(map(str, inst.history))
+    user = json.dumps(inst.user, ensure_ascii=False)
+    return f'{{"id": {inst.id}, "user": {user}, "history": [{history}], "target": {inst.target}}}\n'
 
 
 def prepare_dataset(raw: RawDataset, config: PreprocessConfig, out: str | Path, overwrite: bool = False) -> PreparedDataset:

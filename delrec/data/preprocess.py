@@ -9,14 +9,15 @@ against the FULL known history, so a candidate is never an item the user already
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from delrec.config import SEED, at_least, check_fields
 from delrec.data.dataset import CANDIDATE_SPLITS, SPLITS, Instance
-from delrec.data.raw import Event, RawDataset
+from delrec.data.raw import RawDataset
 from delrec.errors import DelrecError
 
 
@@ -47,14 +48,65 @@ class PreprocessConfig:
 
 
 @dataclass
+class UserSequences:
+    """Every kept user's items (new ids), oldest first, users in id order: user u's are
+    `items[offsets[u]:offsets[u + 1]]`. Columns, so that 100M interactions fit in memory."""
+
+    users: list[str]
+    items: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+@dataclass
 class Processed:
-    """A dataset ready to be written: titles by new id, instances per split, candidates."""
+    """A dataset ready to be written: titles by new id, and either per-user sequences (split by leave-one-out as
+    they are written) or the instances of given splits. Splits and candidates are generated, not held."""
 
     raw_ids: list[str]
     titles: list[str]
-    splits: dict[str, list[Instance]]
-    candidates: dict[str, list[list[int]]]
+    config: PreprocessConfig
     counts: dict
+    sequences: UserSequences | None = None
+    given: dict[str, list[Instance]] | None = None
+    given_history: dict[str, list[list[int]]] = field(default_factory=dict)
+
+    def rows(self, split: str) -> Iterator[tuple[Instance, list[int]]]:
+        """(instance, the FULL history it was cut from) in id order: candidates avoid the full history."""
+        cut = self.config.max_history
+        if self.given is not None:
+            for inst in self.given[split]:
+                yield inst, self.given_history[split][inst.id]
+            return
+        offset = LEAVE_ONE_OUT[split]
+        items, offsets, users = self.sequences.items, self.sequences.offsets.tolist(), self.sequences.users
+        for index, user in enumerate(users):
+            seq = items[offsets[index]:offsets[index + 1] - offset + 1].tolist()
+            history = seq[:-1]
+            yield Instance(index, tuple(history[-cut:]), seq[-1], user), history
+
+    def instances(self, split: str) -> Iterator[Instance]:
+        return (inst for inst, _ in self.rows(split))
+
+    def candidates(self, split: str) -> Iterator[list[int]]:
+        """The fixed candidate set of each instance: seeded by (seed, split, instance id), so it does not depend on
+        the other instances or on the order they are drawn in."""
+        split_index = CANDIDATE_SPLITS.index(split)
+        for inst, history in self.rows(split):
+            rng = keyed_rng(self.config.seed, split_index, inst.id)
+            try:
+                yield sample_candidates(inst.target, history, len(self.raw_ids), self.config.num_candidates, rng)
+            except DelrecError as exc:
+                raise DelrecError(f"{split} instance {inst.id}: {exc}") from None
+
+
+# The leave-one-out target of each split, counted from the end of a user's sequence.
+LEAVE_ONE_OUT = {"train": 3, "valid": 2, "test": 1}
 
 
 def _id_order(raw_ids) -> list[str]:
@@ -65,46 +117,74 @@ def _id_order(raw_ids) -> list[str]:
     return sorted(raw_ids)
 
 
-def _user_sequences(raw: RawDataset, config: PreprocessConfig, dropped: Counter) -> dict[str, list[Event]]:
+def _ranks(codes: np.ndarray, ids: list[str]) -> tuple[np.ndarray, list[str]]:
+    """For the distinct `codes` used: each code's position in `_id_order` of their ids (-1 for unused codes), and
+    the ordered ids."""
+    used = np.unique(codes).tolist()
+    ordered = _id_order(ids[c] for c in used)
+    position = {raw: rank for rank, raw in enumerate(ordered)}
+    rank_of = np.full(len(ids), -1, dtype=np.int32)
+    rank_of[used] = [position[ids[c]] for c in used]
+    return rank_of, ordered
+
+
+def _filter_events(raw: RawDataset, config: PreprocessConfig, dropped: Counter) -> tuple[np.ndarray, ...]:
+    """Rating threshold, k-core and the minimum sequence length: the kept events' (user, item, timestamp) codes in
+    file order."""
     events = raw.events
+    user, item, timestamp = events.user, events.item, events.timestamp
     if config.min_rating is not None:
-        if all(e.rating is None for e in events):
+        if events.rating is None:
             raise DelrecError(f"{raw.source}: --min-rating was given but the data has no ratings")
-        kept = [e for e in events if e.rating is not None and e.rating >= config.min_rating]
-        dropped["interactions_below_min_rating"] = len(events) - len(kept)
-        events = kept
-    by_user: dict[str, list[Event]] = defaultdict(list)
-    for event in events:
-        by_user[event.user].append(event)
-    for seq in by_user.values():
-        seq.sort(key=lambda e: (e.timestamp, e.order))
+        kept = events.rating >= config.min_rating  # NaN (no rating) is never kept
+        dropped["interactions_below_min_rating"] = int(len(kept) - kept.sum())
+        user, item, timestamp = user[kept], item[kept], timestamp[kept]
+    num_users, num_items = len(events.user_ids), len(events.item_ids)
     if config.kcore > 0:
-        by_user = _kcore(by_user, config.kcore, dropped)
-    short = [u for u, seq in by_user.items() if len(seq) < config.min_user_interactions]
-    for user in short:
-        del by_user[user]
-    dropped[f"users_with_fewer_than_{config.min_user_interactions}_interactions"] = len(short)
-    if not by_user:
+        users_before = int(np.count_nonzero(np.bincount(user, minlength=num_users)))
+        items_before = int(np.count_nonzero(np.bincount(item, minlength=num_items)))
+        kept = _kcore(user, item, config.kcore, num_users, num_items)
+        user, item, timestamp = user[kept], item[kept], timestamp[kept]
+        dropped["users_removed_by_kcore"] = users_before - int(np.count_nonzero(np.bincount(user, minlength=num_users)))
+        dropped["items_removed_by_kcore"] = items_before - int(np.count_nonzero(np.bincount(item, minlength=num_items)))
+    per_user = np.bincount(user, minlength=num_users)
+    short = (per_user > 0) & (per_user < config.min_user_interactions)
+    dropped[f"users_with_fewer_than_{config.min_user_interactions}_interactions"] = int(short.sum())
+    if short.any():
+        kept = ~short[user]
+        user, item, timestamp = user[kept], item[kept], timestamp[kept]
+    if not len(user):
         raise DelrecError(f"{raw.source}: no user has {config.min_user_interactions} or more interactions after filtering")
-    return by_user
+    return user, item, timestamp
 
 
-def _kcore(by_user: dict[str, list[Event]], k: int, dropped: Counter) -> dict[str, list[Event]]:
-    users_before = len(by_user)
-    items_before = len({e.item for seq in by_user.values() for e in seq})
+def _kcore(user: np.ndarray, item: np.ndarray, k: int, num_users: int, num_items: int) -> np.ndarray:
+    """Which events survive repeatedly dropping items with fewer than k events, then users with fewer than k."""
+    kept = np.ones(len(user), dtype=bool)
+    total = len(user)
     while True:
-        item_count = Counter(e.item for seq in by_user.values() for e in seq)
-        filtered = {}
-        for user, seq in by_user.items():
-            seq = [e for e in seq if item_count[e.item] >= k]
-            if len(seq) >= k:
-                filtered[user] = seq
-        if sum(map(len, filtered.values())) == sum(map(len, by_user.values())):
-            break
-        by_user = filtered
-    dropped["users_removed_by_kcore"] = users_before - len(by_user)
-    dropped["items_removed_by_kcore"] = items_before - len({e.item for seq in by_user.values() for e in seq})
-    return by_user
+        survives = kept & (np.bincount(item[kept], minlength=num_items) >= k)[item]
+        survives &= (np.bincount(user[survives], minlength=num_users) >= k)[user]
+        remaining = int(survives.sum())
+        if remaining == total:
+            return kept
+        kept, total = survives, remaining
+
+
+def _sequences(raw: RawDataset, config: PreprocessConfig, dropped: Counter) -> tuple[UserSequences, list[str]]:
+    """Kept users' sequences in chronological order (stable on file order) under new item ids, and the raw item ids
+    in new-id order."""
+    user, item, timestamp = _filter_events(raw, config, dropped)
+    item_rank, raw_ids = _ranks(item, raw.events.item_ids)
+    _check_titles(raw, set(raw_ids))
+    user_rank, users = _ranks(user, raw.events.user_ids)
+    user = user_rank[user]
+    order = np.lexsort((timestamp, user))  # stable: equal timestamps keep file order
+    del timestamp
+    items = item_rank[item[order]]
+    offsets = np.zeros(len(users) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(user, minlength=len(users)), out=offsets[1:])
+    return UserSequences(users, items, offsets), raw_ids
 
 
 def _check_titles(raw: RawDataset, used: set[str]) -> None:
@@ -116,18 +196,27 @@ def _check_titles(raw: RawDataset, used: set[str]) -> None:
         )
 
 
+def keyed_rng(*key: int) -> np.random.Generator:
+    """`np.random.default_rng(list(key))` at a third of its cost (the cost of preparing millions of users): SeedSequence
+    reads a list of non-negative ints below 2**32 as the same uint32 words an array of them gives, so the stream is
+    the same."""
+    entropy = np.array(key, dtype=np.uint32) if 0 <= min(key) and max(key) < 2**32 else list(key)
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
+
+
 def sample_candidates(
-    target: int, exclude: set[int], num_items: int, size: int, rng: np.random.Generator
+    target: int, exclude: Iterable[int], num_items: int, size: int, rng: np.random.Generator
 ) -> list[int]:
     """Target + size-1 distinct items drawn uniformly from the items not excluded, shuffled."""
-    available = num_items - len(exclude | {target})
+    taken = set(exclude)
+    taken.add(target)
+    available = num_items - len(taken)
     if available < size - 1:
         raise DelrecError(
             f"cannot sample {size - 1} negatives: only {available} items are outside this history; "
             f"lower --num-candidates"
         )
     chosen: list[int] = []
-    taken = exclude | {target}
     while len(chosen) < size - 1:
         for item in rng.integers(0, num_items, size=2 * (size - len(chosen))).tolist():
             if item not in taken:
@@ -142,72 +231,62 @@ def sample_candidates(
 def preprocess(raw: RawDataset, config: PreprocessConfig) -> Processed:
     dropped: Counter = Counter()
     if raw.events is not None:
-        sequences = _user_sequences(raw, config, dropped)
-        used = {e.item for seq in sequences.values() for e in seq}
+        sequences, raw_ids = _sequences(raw, config, dropped)
     else:
-        sequences = None
         used = set(raw.titles)
         for rows in raw.splits.values():
             for row in rows:
                 used.update(row.history)
                 used.add(row.target)
-    _check_titles(raw, used)
-    raw_ids = _id_order(used)
+        _check_titles(raw, used)
+        raw_ids = _id_order(used)
     if config.num_candidates > len(raw_ids):
         raise DelrecError(
             f"--num-candidates {config.num_candidates} is larger than the catalogue ({len(raw_ids)} items)"
         )
+    titles = [raw.titles[r] for r in raw_ids]
+    if raw.events is not None:
+        counts = _sequence_counts(sequences, len(raw_ids), config.max_history, dropped)
+        processed = Processed(raw_ids, titles, config, counts, sequences=sequences)
+    else:
+        processed = _given(raw, raw_ids, titles, config, dropped)
+    processed.counts["notes"] = dict(raw.notes)
+    return processed
+
+
+def _given(raw: RawDataset, raw_ids: list[str], titles: list[str], config: PreprocessConfig, dropped) -> Processed:
+    """Rows data: the instances of the files' splits, histories cut to `max_history`."""
     new_id = {r: i for i, r in enumerate(raw_ids)}
-    splits: dict[str, list[Instance]] = {s: [] for s in SPLITS}
-    full_history: dict[str, list[set[int]]] = {s: [] for s in SPLITS}
-    cut = config.max_history
-
-    def add(split: str, history: list[int], target: int, user: str | None) -> None:
-        splits[split].append(Instance(len(splits[split]), tuple(history[-cut:]), target, user))
-        full_history[split].append(set(history))
-
-    if sequences is not None:
-        for user in _id_order(sequences):
-            items = [new_id[e.item] for e in sequences[user]]
-            for offset, split in zip((3, 2, 1), SPLITS):
-                add(split, items[:-offset], items[-offset], user)
-    else:
-        for split in SPLITS:
-            for row in raw.splits.get(split, []):
-                add(split, [new_id[h] for h in row.history], new_id[row.target], None)
-        for split in SPLITS:
-            if not splits[split]:
-                raise DelrecError(f"{raw.source}: the {split} split is empty; rows data needs train, valid and test files")
-
-    candidates = {}
-    for split_index, split in enumerate(CANDIDATE_SPLITS):
-        lists = []
-        for inst, seen in zip(splits[split], full_history[split]):
-            rng = np.random.default_rng([config.seed, split_index, inst.id])
-            try:
-                lists.append(sample_candidates(inst.target, seen, len(raw_ids), config.num_candidates, rng))
-            except DelrecError as exc:
-                raise DelrecError(f"{split} instance {inst.id}: {exc}") from None
-        candidates[split] = lists
-
-    counts = _counts(splits, len(raw_ids), sequences, dropped)
-    counts["notes"] = dict(raw.notes)
-    return Processed(raw_ids, [raw.titles[r] for r in raw_ids], splits, candidates, counts)
+    given: dict[str, list[Instance]] = {}
+    full: dict[str, list[list[int]]] = {}
+    for split in SPLITS:
+        given[split], full[split] = [], []
+        for row in raw.splits.get(split, []):
+            history = [new_id[h] for h in row.history]
+            given[split].append(Instance(len(given[split]), tuple(history[-config.max_history:]), new_id[row.target]))
+            full[split].append(history)
+        if not given[split]:
+            raise DelrecError(f"{raw.source}: the {split} split is empty; rows data needs train, valid and test files")
+    users, interactions = _maximal_sequences(given)
+    lengths = [len(inst.history) for split in SPLITS for inst in given[split]]
+    counts = _counts(users, len(raw_ids), {s: len(given[s]) for s in SPLITS}, interactions, lengths, dropped)
+    return Processed(raw_ids, titles, config, counts, given=given, given_history=full)
 
 
-def _counts(splits, num_items, sequences, dropped) -> dict:
-    if sequences is not None:
-        users = len(sequences)
-        interactions = sum(map(len, sequences.values()))
-    else:
-        users, interactions = _maximal_sequences(splits)
-    lengths = [len(inst.history) for split in SPLITS for inst in splits[split]]
+def _sequence_counts(sequences: UserSequences, num_items: int, cut: int, dropped) -> dict:
+    per_user = sequences.lengths()
+    lengths = np.concatenate([np.minimum(per_user - LEAVE_ONE_OUT[s], cut) for s in SPLITS])
+    instances = {s: len(sequences) for s in SPLITS}
+    return _counts(len(sequences), num_items, instances, len(sequences.items), lengths, dropped)
+
+
+def _counts(users: int, num_items: int, instances: dict, interactions: int, lengths, dropped) -> dict:
     return {
         "users": users,
         "items": num_items,
-        "instances": {s: len(splits[s]) for s in SPLITS},
+        "instances": instances,
         "interactions": interactions,
-        "history_length": {"mean": round(float(np.mean(lengths)), 3), "max": int(max(lengths))},
+        "history_length": {"mean": round(float(np.mean(lengths)), 3), "max": int(np.max(lengths))},
         "density": round(interactions / (users * num_items), 6),
         "dropped": dict(dropped),
     }

@@ -21,13 +21,15 @@ from delrec.data._text import (
     read_text,
     split_fields,
 )
+from delrec.data.arrow_reader import scan_events
 from delrec.data.generic_csv import read_events
-from delrec.data.raw import Event, RawDataset
+from delrec.data.raw import Event, EventColumns, RawDataset
 from delrec.data.titles import TitleTable
 from delrec.errors import DelrecError, where
 
 TITLE_FIELDS = ("title", "movie_title", "name")
 SEQUENCE_FIELD = "item_id_list"
+INTERACTION_FIELDS = ("user_id", "item_id", "timestamp", "rating")
 _EXPECTED = "a folder of RecBole atomic files (NAME.inter and NAME.item)"
 
 
@@ -81,15 +83,37 @@ def _read_items(path: Path) -> TitleTable:
     return table
 
 
-def _read_interactions(path: Path, titles: TitleTable) -> list[Event]:
+def _read_interactions(path: Path, titles: TitleTable) -> EventColumns:
+    scanned = _scan(path, titles)
+    if scanned is not None:
+        return scanned
     lines = numbered_lines(read_text(path, "a header line user_id:token<TAB>item_id:token<TAB>..."))
     number, first = next(lines)
     header = _header(first, path, number)
     if SEQUENCE_FIELD in header or path.name.endswith(".test.inter"):  # split files hold whole sequences
         column_index(header, path, number, ("user_id", SEQUENCE_FIELD, "item_id"))
-        return _sequence_events(path, _rows(path, header, lines), titles)
+        return EventColumns.from_events(_sequence_events(path, _rows(path, header, lines), titles))
     column_index(header, path, number, ("user_id", "item_id", "timestamp"))
-    return read_events(path, _rows(path, header, lines), titles, ("user_id", "item_id", "timestamp", "rating"))
+    return EventColumns.from_events(read_events(path, _rows(path, header, lines), titles, INTERACTION_FIELDS))
+
+
+def _scan(path: Path, titles: TitleTable) -> EventColumns | None:
+    """The Arrow reader's columns (`delrec.data.arrow_reader`) when the first line is a clean header, else None."""
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        first = handle.readline().rstrip("\r\n")
+    try:
+        header = _header(first, path, 1)
+    except DelrecError:
+        return None
+    sequence = SEQUENCE_FIELD in header or path.name.endswith(".test.inter")
+    fields = ("user_id", SEQUENCE_FIELD, "item_id") if sequence else INTERACTION_FIELDS
+    if not set(fields[:3]) <= set(header):
+        return None
+    columns = [header.index(name) for name in fields if name in header]
+    return scan_events(path, delimiter="\t", width=len(header), columns=columns, names=fields,
+                       titles=titles.titles, skip_rows=1, sequence=sequence)
 
 
 def _rows(path: Path, header: list[str], lines) -> Iterator[tuple[int, dict[str, str]]]:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from delrec.data.raw import Event, RawDataset
+from delrec.data.raw import Event, EventColumns, RawDataset
 
 ADJECTIVES = (
     "Crimson", "Silent", "Hollow", "Golden", "Broken", "Frozen", "Hidden", "Distant", "Burning",
@@ -234,5 +234,5 @@ def make_synthetic(
     return RawDataset(
         source=f"synthetic(num_users={num_users}, num_items={num_items}, seed={seed}, follow_prob={follow_prob})",
         titles=dict(zip(item_ids, world.titles)),
-        events=events,
+        events=EventColumns.from_events(events),
     )
