@@ -56,3 +56,23 @@ def reseal_dataset(folder: Path) -> None:
     meta = json.loads((folder / META_FILE).read_text())
     meta["fingerprint"] = fingerprint_files(folder, dataset_files())
     (folder / META_FILE).write_text(json.dumps(meta))
+
+
+def launch_two_processes(argv: list[str], cwd: Path):
+    """`accelerate launch` of `python -m delrec ARGV` on 2 CPU processes (torchrun underneath, one thread each), on a
+    free port (other test runs may hold accelerate's default one); the finished process, after checking it passed."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+         str(repo / "accelerate_configs" / "cpu-2proc.yaml"), "--main_process_port", str(port), "-m", "delrec", *argv],
+        capture_output=True, text=True, timeout=300, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

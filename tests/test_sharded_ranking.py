@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import launch_two_processes
 from delrec.cli import main
 from delrec.distill import TeacherExportConfig, export_teacher
 from delrec.errors import DelrecError
@@ -25,8 +23,6 @@ from delrec.ranking import RankArguments, ReadoutConfig, rank
 from delrec.ranking.hf import Options
 from delrec.ranking.shards import ROWS, TENSORS, Processes, Shard, Shards, launched
 
-REPO = Path(__file__).resolve().parents[1]
-ACCELERATE = Path(sys.executable).with_name("accelerate")
 CPU = Options(device="cpu", dtype="float32", batch_size=1)  # chunks of 8 instances: 24 instances are 3 shards
 TIMINGS = ("seconds", "instances_per_second", "load_seconds", "total_seconds")
 TEACHER_FILES = ("rankings.safetensors", "item_embeddings.safetensors", "user_states.safetensors")
@@ -306,16 +302,7 @@ def test_each_process_of_a_launch_claims_its_own_gpus_for_vllm(monkeypatch):
 
 
 def launch(argv: list[str], cwd: Path) -> None:
-    """`accelerate launch` of 2 CPU processes running `python -m delrec ARGV` (torchrun underneath)."""
-    with socket.socket() as probe:  # a free port: other test runs may hold accelerate's default one
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    done = subprocess.run(
-        [str(ACCELERATE), "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu-2proc.yaml"),
-         "--main_process_port", str(port), "-m", "delrec", *argv],
-        capture_output=True, text=True, timeout=300, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = launch_two_processes(argv, cwd)
     assert "the main process writes" in done.stdout  # process 1 said what it did
 
 

@@ -14,10 +14,6 @@ run, so checkpoints cross both ways; the DE launch computes its term on the whol
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from conftest import launch_two_processes
 from delrec.cli import main as cli_main
 from delrec.errors import DelrecError
 from delrec.sr import SASRecConfig, TrainConfig, build_model
@@ -36,8 +33,6 @@ from delrec.sr.trainer import (
     process_count,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-ACCELERATE = Path(sys.executable).with_name("accelerate")
 NUM_ITEMS = 30
 # Measured, 2 processes vs 1 (float32, 2 cores, 3 epochs of 5 batches; SR with bce, DLLM2Rec with embedding
 # distillation, DE): per-epoch losses within 2.4e-7 (values 2 to 3.6), extra losses within 2.3e-9; valid and test
@@ -212,20 +207,6 @@ def test_the_processes_shares_sum_to_one_process_loss_and_average_to_its_gradien
 # --- launched: 2 processes against 1 ------------------------------------------------------------------
 
 
-def launch(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """`accelerate launch` of `delrec COMMAND` on 2 CPU processes."""
-    with socket.socket() as probe:  # a free port: other test runs may hold accelerate's default one
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    done = subprocess.run(
-        [str(ACCELERATE), "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu-2proc.yaml"),
-         "--main_process_port", str(port), "-m", "delrec", *command],
-        capture_output=True, text=True, timeout=300, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
 def one_process(command: list[str], capsys) -> None:
     assert cli_main(command) == 0
     capsys.readouterr()
@@ -259,7 +240,7 @@ def test_sr_train_on_two_processes_matches_one_and_one_process_resumes_it(tiny_l
     # bce: the negatives are drawn for the whole batch from the stream both processes share, as one process does
     common = ["sr", "train", "--data", str(tiny_llm_data), "--model", "sasrec", *TINY, "--loss", "bce",
               "--num_negatives", "2"]
-    done = launch([*common, "--epochs", "2", "--out", str(tmp_path / "two")], tmp_path)
+    done = launch_two_processes([*common, "--epochs", "2", "--out", str(tmp_path / "two")], tmp_path)
     assert done.stdout.count('"best_epoch"') == 1  # one summary, from the main process
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["processes"] == 2
     one_process([*common, "--epochs", "3", "--out", str(tmp_path / "two")], capsys)  # resumes the 2 processes' run
@@ -275,7 +256,7 @@ def test_dllm2rec_student_on_two_processes_resumes_one_process_and_matches_it(ti
     common = ["student", "train", "--data", str(tiny_llm_data), "--model", "sasrec", *TINY, "--teacher",
               str(sr_teacher), "--method", "dllm2rec", "--embedding_distillation", "true", "--weight_search", "0", "1"]
     one_process([*common, "--epochs", "2", "--out", str(tmp_path / "two")], capsys)
-    done = launch([*common, "--epochs", "3", "--out", str(tmp_path / "two")], tmp_path)
+    done = launch_two_processes([*common, "--epochs", "3", "--out", str(tmp_path / "two")], tmp_path)
     assert done.stdout.count('"weight_scale"') == 1 and done.stderr.count("resuming") == 2  # main process only
     one_process([*common, "--epochs", "3", "--out", str(tmp_path / "one")], capsys)
     for scale in ("scale-0", "scale-1"):
@@ -294,6 +275,6 @@ def test_latent_de_student_on_two_processes_matches_one(tiny_llm_data, sr_teache
     common = ["student", "train", "--data", str(tiny_llm_data), "--model", "sasrec", *TINY, "--teacher",
               str(sr_teacher), "--method", "none", "--latent", "de", "--entities", "items", "--weight_search", "1",
               "--epochs", "3"]
-    launch([*common, "--out", str(tmp_path / "two")], tmp_path)
+    launch_two_processes([*common, "--out", str(tmp_path / "two")], tmp_path)
     one_process([*common, "--out", str(tmp_path / "one")], capsys)
     assert_same_training(tmp_path / "two", tmp_path / "one")
