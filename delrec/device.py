@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -85,3 +86,48 @@ def cpu_prefers_bfloat16() -> bool:
         raise DelrecError(f"${CPU_BFLOAT16_ENV}={forced!r}: expected 1 (use bfloat16 on CPU), 0 (float32) or unset "
                           "(measure)")
     return cpu_bfloat16_speedup() >= BFLOAT16_MIN_SPEEDUP
+
+
+# --- the processes of a launch -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchPosition:
+    """This process's place in a launch: `index` of `count` processes, `local` on its machine."""
+
+    index: int = 0
+    count: int = 1
+    local: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.index == 0
+
+    def claim_gpus(self, per_process: int) -> None:
+        """Leave this process only its own `per_process` GPUs (CUDA_VISIBLE_DEVICES), before a vLLM engine starts:
+        the engine takes the first visible GPUs whatever LOCAL_RANK says, so a launch's engines would share one."""
+        if self.count == 1:
+            return
+        visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        first = self.local * per_process
+        if visible and first + per_process > len(visible):
+            raise DelrecError(f"process {self.local} on this machine needs GPUs {first}..{first + per_process - 1} "
+                              f"(--tensor_parallel_size {per_process} each), but CUDA_VISIBLE_DEVICES shows "
+                              f"{len(visible)}; launch fewer processes or lower --tensor_parallel_size")
+        ids = range(first, first + per_process)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] if visible else str(i) for i in ids)
+
+
+def launch_position() -> LaunchPosition:
+    """This process's place among those `accelerate launch` (torchrun) started: RANK of WORLD_SIZE, LOCAL_RANK on
+    its machine; one process alone where they are not set."""
+    numbers = {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        text = os.environ.get(name, "").strip()
+        if text and not text.isdigit():
+            raise DelrecError(f"${name}={text!r}: expected a process number, as accelerate launch and torchrun set it")
+        numbers[name] = int(text) if text else 0
+    count, index = max(numbers["WORLD_SIZE"], 1), numbers["RANK"]
+    if index >= count:
+        raise DelrecError(f"$RANK={index} is not below $WORLD_SIZE={count}: not a process of a launch")
+    return LaunchPosition(index, count, numbers["LOCAL_RANK"])

@@ -262,6 +262,7 @@ def test_the_worker_ranks_of_a_distributed_launch_write_under_rank_0s_lock(tmp_p
     argv = ["--data", "d", "--out", str(tmp_path / "out")]
     key = ("llm", "finetune")
     assert output_of(key, argv, "delrec llm finetune", "") == str(tmp_path / "out")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     assert output_of(key, argv, "delrec llm finetune", "") == str(tmp_path / "out")
     monkeypatch.setenv("RANK", "1")

@@ -9,7 +9,6 @@ two slow tests run a real `accelerate launch` of 2 CPU processes against one pro
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,8 @@ from delrec.distill import TeacherExportConfig, export_teacher
 from delrec.errors import DelrecError
 from delrec.ranking import RankArguments, ReadoutConfig, rank
 from delrec.ranking.hf import Options
-from delrec.ranking.shards import ROWS, TENSORS, Processes, Shard, Shards, launched
+from delrec.device import LaunchPosition
+from delrec.ranking.shards import ROWS, TENSORS, Shard, Shards
 
 CPU = Options(device="cpu", dtype="float32", batch_size=1)  # chunks of 8 instances: 24 instances are 3 shards
 TIMINGS = ("seconds", "instances_per_second", "load_seconds", "total_seconds")
@@ -240,7 +240,7 @@ def test_ranges_are_split_into_contiguous_runs_and_merged_in_order(tmp_path):
 
     written = []
     for index in (2, 1, 0):  # 10 instances, 4 per shard: 3 shards, one per process
-        shards = Shards(tmp_path, "valid", ROWS, identity, Processes(index, 3, index))
+        shards = Shards(tmp_path, "valid", ROWS, identity, LaunchPosition(index, 3, index))
         shards.plan(10, 4)
         shards.fill(lambda start, end: written.append((start, end)) or rows(start, end), False, "x")
     assert written == [(8, 10), (4, 8), (0, 4)] and shards.ranges == [(0, 4), (4, 8), (8, 10)]
@@ -248,13 +248,13 @@ def test_ranges_are_split_into_contiguous_runs_and_merged_in_order(tmp_path):
     assert [r["value"] for s in merged for r in s.records] == [i * 0.1 for i in range(10)]
     assert [s.extra for s in merged] == [{"n": 4}, {"n": 4}, {"n": 2}]
 
-    again = Shards(tmp_path, "valid", ROWS, identity, Processes())  # a resumed single process: nothing to do
+    again = Shards(tmp_path, "valid", ROWS, identity, LaunchPosition())  # a resumed single process: nothing to do
     again.plan(10, 4)
     again.fill(lambda start, end: pytest.fail("ranked again"), False, "x")
     with pytest.raises(DelrecError, match=r"instances 0-4 are not a shard of this run, which writes 5 of its 10"):
         again.plan(10, 5)
     with pytest.raises(DelrecError, match=r"a shard of another run \(options.k: \[1, 2\] there, \[1, 3\] here\)"):
-        Shards(tmp_path, "valid", ROWS, {"command": "test", "options": {"k": [1, 3]}}, Processes())
+        Shards(tmp_path, "valid", ROWS, {"command": "test", "options": {"k": [1, 3]}}, LaunchPosition())
     with pytest.raises(DelrecError, match=r"does not hold instances 0-4 of this run \(ids \[1, 101, 102, 103\]\)"):
         next(again.collect([1, *ids[1:]], False))
     again.remove()
@@ -262,40 +262,13 @@ def test_ranges_are_split_into_contiguous_runs_and_merged_in_order(tmp_path):
 
 
 def test_tensor_shards_keep_their_tensors_and_counts(tmp_path):
-    shards = Shards(tmp_path, "train", TENSORS, {"command": "test"}, Processes())
+    shards = Shards(tmp_path, "train", TENSORS, {"command": "test"}, LaunchPosition())
     shards.plan(3, 2)
     shards.fill(lambda start, end: Shard(start, end, tensors={"ids": torch.arange(start, end),
                                                               "x": torch.rand(end - start, 4)},
                                          extra={"empty": start}), False, "x")
     first, last = shards.collect([0, 1, 2], False)
     assert first.tensors["x"].shape == (2, 4) and last.tensors["ids"].tolist() == [2] and last.extra == {"empty": 2}
-
-
-def test_the_launch_is_read_from_torchruns_variables(monkeypatch):
-    single(monkeypatch)
-    assert launched() == Processes(0, 1, 0) and launched().main
-    as_process(monkeypatch, 1, 4)
-    assert launched() == Processes(1, 4, 1) and not launched().main
-    monkeypatch.setenv("RANK", "4")
-    with pytest.raises(DelrecError, match=r"\$RANK=4 is not below \$WORLD_SIZE=4"):
-        launched()
-    monkeypatch.setenv("RANK", "one")
-    with pytest.raises(DelrecError, match=r"\$RANK='one': expected a process number"):
-        launched()
-
-
-def test_each_process_of_a_launch_claims_its_own_gpus_for_vllm(monkeypatch):
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    Processes(0, 1, 0).claim_gpus(2)
-    assert "CUDA_VISIBLE_DEVICES" not in os.environ  # one process keeps what it sees
-    Processes(1, 2, 1).claim_gpus(2)
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
-    Processes(3, 4, 1).claim_gpus(1)
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
-    with pytest.raises(DelrecError, match=r"needs GPUs 2..3 \(--tensor_parallel_size 2 each\), but CUDA_VISIBLE_"):
-        Processes(1, 2, 1).claim_gpus(2)
 
 
 # --- a real launch -------------------------------------------------------------------------------------------------

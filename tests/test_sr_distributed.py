@@ -29,8 +29,7 @@ from delrec.errors import DelrecError
 from delrec.sr import SASRecConfig, TrainConfig, build_model
 from delrec.sr.losses import next_item_loss
 from delrec.sr.trainer import (
-    TrainBatch, _own_stream, assemble_rows, check_processes, main_process, process_batch_loss, process_bounds,
-    process_count,
+    TrainBatch, _own_stream, assemble_rows, check_processes, process_batch_loss, process_bounds,
 )
 
 NUM_ITEMS = 30
@@ -56,20 +55,6 @@ def test_process_bounds_split_rows_contiguously_like_array_split():
             bounds = process_bounds(rows, count)
             assert [b - a for a, b in zip(bounds, bounds[1:])] == [len(p) for p in np.array_split(range(rows), count)]
             assert bounds[0] == 0 and bounds[-1] == rows
-
-
-def test_process_count_and_main_process_read_the_launch_environment(monkeypatch):
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.delenv("RANK", raising=False)
-    assert process_count() == 1 and main_process()
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    assert process_count() == 2 and not main_process()
-    monkeypatch.setenv("RANK", "0")
-    assert main_process()
-    monkeypatch.setenv("WORLD_SIZE", "two")
-    with pytest.raises(DelrecError, match="WORLD_SIZE"):
-        process_count()
 
 
 def test_check_processes_refuses_a_batch_the_processes_cannot_share_and_one_gpu_for_all():

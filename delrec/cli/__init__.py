@@ -95,8 +95,10 @@ def output_of(key: tuple[str, ...], argv: list[str], prog: str, summary: str) ->
     """The file or folder the command `key` would write (None: it writes nothing), which it holds while it
     runs so that a second writer is refused (`delrec.io.output_lock`). A malformed command line or config
     gives None: the command's own parser then says, in one line, what is wrong with it."""
-    if "-h" in argv or "--help" in argv or key in READ_ONLY or _is_worker_rank():
-        return None
+    from delrec.device import launch_position  # here: `delrec --help` does not import torch
+
+    if "-h" in argv or "--help" in argv or key in READ_ONLY or not launch_position().main:
+        return None  # a launch's processes write one output together, and rank 0 holds the lock for all of them
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             return _output_path(key, argv, prog, summary)
@@ -119,10 +121,6 @@ def check_named_output(argv: list[str]) -> None:
                           "nothing); name a new file or folder, e.g. --out runs/NAME")
 
 
-def _is_worker_rank() -> bool:
-    """A non-zero rank of a distributed launch (`accelerate launch`, torchrun): its processes write one output
-    together, and rank 0 holds the lock for all of them."""
-    return os.environ.get("RANK", "0") not in ("", "0")
 
 
 def _output_path(key: tuple[str, ...], argv: list[str], prog: str, summary: str) -> str | None:

@@ -98,7 +98,7 @@ def end_processes() -> None:
 
 def _print(summary: dict) -> None:
     """The run's headline (metrics and timings; per-split instance counts stay in metrics.json)."""
-    from delrec.llm.run_folder import main_process
+    from delrec.device import launch_position
 
-    if main_process():
+    if launch_position().main:
         print(json.dumps({k: v for k, v in summary.items() if k != "instances"}, indent=2))

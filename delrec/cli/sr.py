@@ -63,13 +63,14 @@ def train_classes(argv) -> list[type]:
 
 def train(argv, prog: str, description: str) -> int:
     from delrec.sr import model_class
-    from delrec.sr.trainer import main_process, train_sr
+    from delrec.device import launch_position
+    from delrec.sr.trainer import train_sr
 
     argv = list(argv)
     args, config, model_config = parse_command(train_classes(argv), argv, prog, description)
     model_class(args.model)
     result = train_sr(args.data, model_config, config, args.out)
-    if main_process():  # under `accelerate launch`, one summary
+    if launch_position().main:  # under `accelerate launch`, one summary
         print(train_summary(result, args.model))
     return 0
 

@@ -67,7 +67,7 @@ def train_classes(argv) -> list[type]:
 def train(argv, prog: str, description: str) -> int:
     from delrec.distill.student import latent_config_class, method_config_class, train_student
     from delrec.errors import DelrecError
-    from delrec.sr.trainer import main_process
+    from delrec.device import launch_position
 
     argv = _merge_repeated(list(argv), "--teacher")
     classes = train_classes(argv)
@@ -81,7 +81,7 @@ def train(argv, prog: str, description: str) -> int:
         args.out, student.embedding_distillation, student.ed_weight, student.weight_search,
         latent=choice.latent, latent_config=by_class.get(latent_class),
     )
-    if not main_process():  # under `accelerate launch`, one summary
+    if not launch_position().main:  # under `accelerate launch`, one summary
         return 0
     search = result.metrics["distillation"].get("weight_search")
     latent = {"latent": choice.latent} if choice.latent != "none" else {}

@@ -100,10 +100,11 @@ from delrec.distill.rd import RDConfig, items_mask, rd_loss, rd_weights, sample_
 from delrec.distill.rrd import RRDConfig, rrd_loss, sample_uninteresting
 from delrec.distill.teacher_folder import EMBEDDINGS_FILE, RANKINGS_FILE, USER_STATES_FILE, Teacher, load_teacher
 from delrec.distill.topology import FTDConfig, HTDConfig, ftd_loss, htd_topology_loss
+from delrec.device import launch_position
 from delrec.errors import DelrecError
 from delrec.io import write_json
 from delrec.sr.base import SequentialRecommender, model_class_for_config
-from delrec.sr.trainer import SELECTION_METRIC, TrainBatch, TrainConfig, TrainResult, main_process, train_sr
+from delrec.sr.trainer import SELECTION_METRIC, TrainBatch, TrainConfig, TrainResult, train_sr
 
 
 @dataclass
@@ -542,7 +543,7 @@ def train_student(
             for entry, t in zip(settings["teachers"], loaded)]}
         if isinstance(curriculum, HetCompLoss):
             result.metrics["distillation"]["curriculum"] = curriculum.summary()
-        if main_process():  # under several processes, the main one writes (every one holds the same result)
+        if launch_position().main:  # under several processes, the main one writes (every one holds the same result)
             write_json(folder / "metrics.json", result.metrics)
         return result
 
@@ -562,7 +563,7 @@ def train_student(
                 f"scale {chosen:g} had the best valid {SELECTION_METRIC}, {valid[chosen] - valid[0.0]:+.4f} over the "
                 "student alone" if 0.0 in valid else f"scale {chosen:g} had the best valid {SELECTION_METRIC}"),
     }
-    if main_process():
+    if launch_position().main:
         promote(out / SEARCH_DIR / f"scale-{chosen:g}", out)
         write_json(out / "metrics.json", result.metrics)
     result.out = out

@@ -83,6 +83,7 @@ from delrec.config import SEED, at_least, between, check_fields
 from delrec.data.dataset import Instance, PreparedDataset, sampled_indices
 from delrec.distill.embedding import item_knn_hit_rate
 from delrec.distill.teacher_folder import SPLIT, Trajectory, check_teacher_out, write_teacher
+from delrec.device import launch_position
 from delrec.errors import DelrecError
 from delrec.headers import ALLOW_OTHER_DATASET_HELP
 from delrec.io import check_apart_from_inputs, read_json, replace_directory, staged_directory
@@ -205,9 +206,8 @@ def export_teacher(config: TeacherExportConfig, options=None) -> Path | None:
     `options`: the LLM backend module's `Options` (device, dtype, batch size; its defaults when
     None); an SR model runs on `options.device` (auto when there is none).
     """
-    from delrec.ranking.shards import launched
 
-    processes = launched()
+    position = launch_position()
     dataset = PreparedDataset.load(config.data)
     out = Path(config.out)
     check_apart_from_inputs(out, {"model": config.model, "dataset": config.data, "SR model": config.sr_model},
@@ -228,12 +228,12 @@ def export_teacher(config: TeacherExportConfig, options=None) -> Path | None:
                           "--trajectory")
     instances = sampled_instances(instances, config.max_instances, config.seed)
     if mode == "sr":
-        _shards(config, dataset, mode, options, processes)  # it writes none, but refuses another run's
-        if not processes.main:
+        _shards(config, dataset, mode, options, position)  # it writes none, but refuses another run's
+        if not position.main:
             return None
         ranked = _sr_teacher(config, dataset, instances, getattr(options, "device", "auto"))
     else:
-        ranked = _llm_teacher(config, dataset, instances, mode, options, processes)
+        ranked = _llm_teacher(config, dataset, instances, mode, options, position)
         if ranked is None:
             return None
     ids = None
@@ -271,7 +271,7 @@ def _check_out(out: Path) -> None:
         check_teacher_out(out)
 
 
-def _shards(config: TeacherExportConfig, dataset: PreparedDataset, mode: str, options, processes, template=None):
+def _shards(config: TeacherExportConfig, dataset: PreparedDataset, mode: str, options, position, template=None):
     """The export's shards (`delrec.ranking.shards`); one already in OUT must be this export's: the same options,
     dataset, mode and template, and the same models and predictions by content."""
     from delrec.ranking.shards import TENSORS, Shards, run_identity
@@ -279,7 +279,7 @@ def _shards(config: TeacherExportConfig, dataset: PreparedDataset, mode: str, op
     inputs = {"model": config.model, "sr_model": config.sr_model, "predictions": config.predictions}
     identity = run_identity("teacher export", dataset.fingerprint, [config] + ([options] if options else []), inputs,
                             mode=mode, template=None if template is None else template.fingerprint)
-    return Shards(config.out, SPLIT, TENSORS, identity, processes)
+    return Shards(config.out, SPLIT, TENSORS, identity, position)
 
 
 def sampled_instances(instances: list[Instance], count: int | None, seed: int) -> list[Instance]:
@@ -449,7 +449,7 @@ def _user_states(config: TeacherExportConfig, spec, dataset: PreparedDataset, in
 
 
 def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instances, mode: str, options,
-                 processes) -> _Ranked | None:
+                 position) -> _Ranked | None:
     """The LLM teacher (None on a process of a launch but the main one, once its shards are written)."""
     from delrec.ranking.base import backend_module
     from delrec.ranking.models import check_soft_tokens, check_trained_dataset, describe_model, ranking_template
@@ -468,9 +468,9 @@ def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instance
                           f"--template {GROUNDING_TASK}); '{template.name}' is a '{template.task}' template")
     module = backend_module(config.backend)
     options = options if options is not None else module.Options()
-    shards = _shards(config, dataset, mode, options, processes, template)
+    shards = _shards(config, dataset, mode, options, position, template)
     sharded = mode in ("grounding", "rerank")
-    if not (sharded or processes.main):
+    if not (sharded or position.main):
         return None
     user_states = _user_states(config, spec, dataset, instances, mode)
     exclude = not config.keep_history
@@ -484,16 +484,16 @@ def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instance
         _check_room(instances, dataset.num_items, config.topk, exclude, "--topk")
 
     if config.backend == "vllm":
-        processes.claim_gpus(options.tensor_parallel_size)
+        position.claim_gpus(options.tensor_parallel_size)
     started = time.perf_counter()
     with module.open_backend(spec, options) as backend:
         check_soft_tokens(spec, backend.tokenizer)
         began = time.perf_counter()
         embeddings = None
-        if backend.name == "hf" and (processes.main or mode == "grounding"):  # grounding ranks by them
+        if backend.name == "hf" and (position.main or mode == "grounding"):  # grounding ranks by them
             check_embedding_layer(config.embedding_layer, backend.model, spec.path)
             embeddings = embed_texts(backend.model, backend.tokenizer, dataset.titles, backend.batch_size,
-                                     config.progress and processes.main, "embed titles", config.embedding_layer,
+                                     config.progress and position.main, "embed titles", config.embedding_layer,
                                      config.embedding_pooling)
         seconds = time.perf_counter() - began + sr_seconds  # the SR candidates are part of the teacher's cost
         if sharded:  # each shard's calls as quiet as one call on its chunk, the budget measured once
@@ -519,7 +519,7 @@ def _llm_teacher(config: TeacherExportConfig, dataset: PreparedDataset, instance
             shards.plan(len(instances), backend.chunk_size)
             shards.fill(work, config.progress, mode)
         settings = {"name": backend.name, **backend.settings()}
-    if not processes.main:
+    if not position.main:
         return None
     items = scores = states = None
     counts: dict = {}

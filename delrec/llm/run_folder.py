@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from delrec.device import launch_position
 from delrec.errors import DelrecError
 from delrec.io import check_parents_are_folders, is_occupied, read_json, write_json
 from delrec.llm.files import RUN_FILE, damaged_file
@@ -62,7 +63,7 @@ class RunFolder:
 
     def finish(self) -> None:
         """Mark the run finished (OUT/run.json), once its outputs are written: the same command then does nothing."""
-        if main_process():
+        if launch_position().main:
             write_json(self.out / RUN_FILE, {**self.record, "finished": True})
 
 
@@ -101,9 +102,7 @@ def prepare_run(out: Path, stage: str, config: dict[str, Any], resume: bool) -> 
     is returned and the command says so, as `delrec sr train` does not train a finished run further.
     Any other existing file or folder is refused rather than written into.
     """
-    from accelerate import PartialState
-
-    main = PartialState().is_main_process  # the one process that writes here (others could see it mid-write)
+    main = launch_position().main  # the one process that writes here (others could see it mid-write)
     check_parents_are_folders(out)
     run_file = out / RUN_FILE
     if main and is_occupied(out) and not run_file.is_file():
@@ -161,7 +160,7 @@ def _finished_run(out: Path, stage: str) -> StageResult:
     """The result of the run that finished in OUT, said in one line on stderr (stdout keeps the summary JSON alone):
     nothing is trained or written."""
     summary = read_json(out / METRICS_FILE)
-    if main_process():
+    if launch_position().main:
         print(f"{out}: this {stage} run already finished with the same configuration (global_step "
               f"{summary.get('global_step')}); nothing to do: choose another out, or delete {out}, to train again",
               file=sys.stderr, flush=True)
@@ -250,7 +249,3 @@ def write_metrics(out: Path, metrics: dict[str, Any]) -> None:
     write_json(out / METRICS_FILE, metrics)
 
 
-def main_process() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process

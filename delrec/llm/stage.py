@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import delrec
+from delrec.device import launch_position
 from delrec.llm.run_folder import (
-    CACHE_DIR, CHECKPOINTS_DIR, RunFolder, StageResult, main_process, prepare_run, start_processes, write_metrics,
+    CACHE_DIR, CHECKPOINTS_DIR, RunFolder, StageResult, prepare_run, start_processes, write_metrics,
 )
 from delrec.llm.trainer import (
     DelrecTrainer, RankCounts, TrainingSettings, best_metric, on_cpu, sft_config, stage_runtime,
@@ -131,7 +132,7 @@ class TrainingStage:
             "instances": {name: [s.stats for s in value] if isinstance(value, list) else value.stats
                           for name, value in sets.items()},
         }
-        if main_process():
+        if launch_position().main:
             write_metrics(self.out, summary)
             write_info(self.out, {
                 "stage": self.name,

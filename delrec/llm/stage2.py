@@ -36,11 +36,12 @@ from pathlib import Path
 from typing import Literal
 
 from delrec.config import SOFT_PROMPT_TOKENS, WIDTH, at_least
+from delrec.device import launch_position
 from delrec.errors import DelrecError
 from delrec.llm.files import SOFT_PROMPT_FILE, USER_PROMPT_FILE
 from delrec.llm.listwise import LISTWISE_COLUMNS, ListwiseCollator, listwise_loss
 from delrec.llm.loading import LoraSettings
-from delrec.llm.run_folder import StageResult, main_process
+from delrec.llm.run_folder import StageResult
 from delrec.llm.stage import TrainingStage
 from delrec.llm.stage_folder import local_or_hub, same_base_model
 from delrec.llm.trainer import (
@@ -256,7 +257,7 @@ class LoraFinetuning(TrainingStage):
         self.soft_file = None
         if self.soft is not None:
             self.soft_file = self.out / (USER_PROMPT_FILE if self.per_user else SOFT_PROMPT_FILE)
-            if main_process():
+            if launch_position().main:
                 self.soft.save(self.out, model)  # the rows (projector) it starts from, written once (not in the adapter)
         self.item_tokens = None
         if self.item_table is not None:  # after the soft prompt: item tokens come after all of the tokenizer's tokens

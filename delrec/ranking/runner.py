@@ -18,6 +18,7 @@ from typing import Literal
 
 from delrec.config import SEED, at_least
 from delrec.data.dataset import CANDIDATE_SPLITS, PreparedDataset, sampled_indices
+from delrec.device import launch_position
 from delrec.errors import DelrecError
 from delrec.headers import ALLOW_OTHER_DATASET_HELP
 from delrec.io import check_apart_from_inputs, check_own_folder, write_json
@@ -26,7 +27,7 @@ from delrec.prompts.options import TemplateChoice
 from delrec.ranking.base import BACKENDS, Ranked, ReadoutConfig, RunSummary, backend_module, read_out, rankings_writer
 from delrec.ranking.models import check_soft_tokens, check_trained_dataset, describe_model, ranking_template
 from delrec.ranking.requests import build_requests
-from delrec.ranking.shards import ROWS, SHARDS_DIR, Shard, Shards, launched, run_identity
+from delrec.ranking.shards import ROWS, SHARDS_DIR, Shard, Shards, run_identity
 
 RANKINGS_FILE = "rankings.jsonl"
 METRICS_FILE = "metrics.json"
@@ -87,7 +88,7 @@ def rank(args: RankArguments, readout: ReadoutConfig, options=None) -> dict | No
     """
     started = time.perf_counter()
     out = Path(args.out)
-    processes = launched()
+    position = launch_position()
     dataset = PreparedDataset.load(args.data)
     check_apart_from_inputs(out, {"model": args.model, "dataset": args.data}, "the rankings")
     check_own_folder(out, (RANKINGS_FILE, METRICS_FILE, SHARDS_DIR))
@@ -98,9 +99,9 @@ def rank(args: RankArguments, readout: ReadoutConfig, options=None) -> dict | No
     options = options if options is not None else module.Options()
     identity = run_identity("rank", dataset.fingerprint, [args, readout, options],
                             {"model": args.model, "predictions": args.predictions}, template=template.fingerprint)
-    shards = Shards(out, args.split, ROWS, identity, processes)
+    shards = Shards(out, args.split, ROWS, identity, position)
     if args.backend == "vllm":
-        processes.claim_gpus(options.tensor_parallel_size)
+        position.claim_gpus(options.tensor_parallel_size)
 
     with module.open_backend(spec, options) as backend:
         loaded = time.perf_counter()
@@ -115,7 +116,7 @@ def rank(args: RankArguments, readout: ReadoutConfig, options=None) -> dict | No
 
         shards.fill(work, args.progress, f"rank ({readout.readout})")
         settings = {"name": backend.name, **backend.settings()}
-    if not processes.main:
+    if not position.main:
         return None
 
     summary, seconds = RunSummary(readout), 0.0

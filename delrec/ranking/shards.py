@@ -22,7 +22,6 @@ group in the process would meet vLLM's own; a process that fails ends the launch
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
@@ -32,6 +31,7 @@ from typing import Callable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
+from delrec.device import LaunchPosition
 from delrec.errors import DelrecError
 from delrec.io import atomic_write, json_text, loads_json, read_jsonl, safetensors_bytes
 
@@ -42,48 +42,6 @@ ROWS, TENSORS = "jsonl", "safetensors"  # a shard of JSON records (one per insta
 POLL_SECONDS = 1.0
 IGNORED_OPTIONS = frozenset({"out", "progress", "prompts_dir"})  # prompts_dir: the template's fingerprint counts
 DAMAGED = "the file is damaged: delete it and re-run the same command (its instances are ranked again)"
-
-
-@dataclass(frozen=True)
-class Processes:
-    """This process's place in a launch: `index` of `count` processes, `local` on its machine."""
-
-    index: int = 0
-    count: int = 1
-    local: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.index == 0
-
-    def claim_gpus(self, per_process: int) -> None:
-        """Leave this process only its own `per_process` GPUs (CUDA_VISIBLE_DEVICES), before a vLLM engine starts:
-        the engine takes the first visible GPUs whatever LOCAL_RANK says, so a launch's engines would share one."""
-        if self.count == 1:
-            return
-        visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-        first = self.local * per_process
-        if visible and first + per_process > len(visible):
-            raise DelrecError(f"process {self.local} on this machine needs GPUs {first}..{first + per_process - 1} "
-                              f"(--tensor_parallel_size {per_process} each), but CUDA_VISIBLE_DEVICES shows "
-                              f"{len(visible)}; launch fewer processes or lower --tensor_parallel_size")
-        ids = range(first, first + per_process)
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] if visible else str(i) for i in ids)
-
-
-def launched() -> Processes:
-    """This process's place among those `accelerate launch` (torchrun) started: RANK of WORLD_SIZE, LOCAL_RANK on
-    its machine; one process alone where they are not set."""
-    numbers = {}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        text = os.environ.get(name, "").strip()
-        if text and not text.isdigit():
-            raise DelrecError(f"${name}={text!r}: expected a process number, as accelerate launch and torchrun set it")
-        numbers[name] = int(text) if text else 0
-    count, index = max(numbers["WORLD_SIZE"], 1), numbers["RANK"]
-    if index >= count:
-        raise DelrecError(f"$RANK={index} is not below $WORLD_SIZE={count}: not a process of a launch")
-    return Processes(index, count, numbers["LOCAL_RANK"])
 
 
 def run_identity(command: str, dataset_fingerprint: str, configs: Sequence, inputs: dict[str, str | None],
@@ -118,9 +76,9 @@ class Shards:
 
     Made before the model loads: a shard already there must be this run's (`identity`), or the command stops."""
 
-    def __init__(self, out: str | Path, name: str, suffix: str, identity: dict, processes: Processes):
+    def __init__(self, out: str | Path, name: str, suffix: str, identity: dict, position: LaunchPosition):
         self.folder = Path(out) / SHARDS_DIR
-        self.name, self.suffix, self.processes = name, suffix, processes
+        self.name, self.suffix, self.position = name, suffix, position
         self.identity = json.loads(json.dumps(identity, sort_keys=True, default=str))  # as a header reads back
         self.pattern = re.compile(rf"{re.escape(name)}-(\d+)-(\d+)\.{suffix}")
         self.ranges: list[tuple[int, int]] = []
@@ -142,11 +100,11 @@ class Shards:
     def fill(self, work: Callable[[int, int], Shard], progress: bool, desc: str) -> None:
         """Compute (`work(start, end)`) and write this process's shards that are not on disk yet, in order; the
         progress bar shows on the main process only."""
-        count, index = len(self.ranges), self.processes.index
-        mine = self.ranges[count * index // self.processes.count : count * (index + 1) // self.processes.count]
+        count, index = len(self.ranges), self.position.index
+        mine = self.ranges[count * index // self.position.count : count * (index + 1) // self.position.count]
         todo = [(start, end) for start, end in mine if not self.path(start, end).is_file()]
         with tqdm(total=sum(end - start for start, end in todo), desc=desc, unit="inst",
-                  disable=not (progress and self.processes.main)) as bar:
+                  disable=not (progress and self.position.main)) as bar:
             for start, end in todo:
                 began = time.perf_counter()
                 shard = work(start, end)
@@ -252,7 +210,7 @@ class Shards:
         """Return once every shard is on disk; a process writes its own before it merges, so only the other
         processes' can be missing here."""
         missing = [(start, end) for start, end in self.ranges if not self.path(start, end).is_file()]
-        if missing and self.processes.count == 1:
+        if missing and self.position.count == 1:
             raise DelrecError(f"{self.path(*missing[0])}: written by this run and gone since; re-run the same command")
         if not missing:
             return

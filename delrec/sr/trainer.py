@@ -97,7 +97,6 @@ import dataclasses
 import functools
 import io
 import math
-import os
 import pickle
 import random
 import resource
@@ -117,7 +116,7 @@ from delrec.data.dataset import CANDIDATE_SPLITS, PreparedDataset
 from delrec.errors import DelrecError
 from delrec.io import atomic_write, check_parents_are_folders, safetensors_bytes, write_json, write_jsonl
 from delrec.sr.base import ItemEmbedding, SequentialRecommender, build_model, model_class_for_config
-from delrec.device import resolve_device, torch_threads
+from delrec.device import launch_position, resolve_device, torch_threads
 from delrec.sr.evaluate import EVAL_BATCH_SIZE, evaluate_full, evaluate_model
 from delrec.tensors import first_nonfinite
 from delrec.sr.losses import LOSSES, next_item_loss, sample_negatives
@@ -457,20 +456,6 @@ def save_checkpoint(out: Path, state: dict) -> None:
 # --- several processes (DDP) ----------------------------------------------------------------------
 
 
-def process_count() -> int:
-    """How many processes train together: WORLD_SIZE under `accelerate launch` (or torchrun), else 1."""
-    value = os.environ.get("WORLD_SIZE", "").strip() or "1"
-    try:
-        return max(int(value), 1)
-    except ValueError:
-        raise DelrecError(f"$WORLD_SIZE={value!r}: expected the number of processes of a distributed launch") from None
-
-
-def main_process() -> bool:
-    """Whether this process prints and writes the outputs: the only one, or rank 0 of a distributed launch."""
-    return process_count() == 1 or os.environ.get("RANK", "0").strip() in ("", "0")
-
-
 def process_bounds(rows: int, count: int) -> list[int]:
     """[count + 1] row bounds: process r takes rows bounds[r]:bounds[r + 1] of a batch of `rows` (contiguous, sizes
     differing by at most one, the larger first, as `np.array_split`)."""
@@ -515,7 +500,7 @@ def assemble_rows(parts: list[torch.Tensor], rank: int, own: torch.Tensor) -> to
     return torch.cat(parts)
 
 
-class Processes:
+class ProcessGroup:
     """The processes of a distributed launch as one training sees them: rank, count, this process's device, and
     the few collective operations the trainer needs (torch.distributed, set up by accelerate's `PartialState`)."""
 
@@ -523,12 +508,12 @@ class Processes:
         self.rank, self.count, self.device = rank, count, device
 
     @classmethod
-    def start(cls, device: torch.device) -> "Processes":
+    def start(cls, device: torch.device) -> "ProcessGroup":
         from accelerate import PartialState  # under a launch only: alone, `delrec sr train` never imports accelerate
 
-        state = PartialState(cpu=device.type == "cpu")
-        if state.num_processes != process_count() or not torch.distributed.is_initialized():
-            raise DelrecError(f"$WORLD_SIZE says {process_count()} processes, but accelerate set up "
+        state, count = PartialState(cpu=device.type == "cpu"), launch_position().count
+        if state.num_processes != count or not torch.distributed.is_initialized():
+            raise DelrecError(f"$WORLD_SIZE says {count} processes, but accelerate set up "
                               f"{state.num_processes}; start them with `accelerate launch` (or torchrun)")
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -701,7 +686,7 @@ def _train_epoch(
     epoch: int,
     device: torch.device,
     extra_loss: ExtraLoss | None,
-    processes: Processes | None = None,
+    processes: ProcessGroup | None = None,
     step_module: torch.nn.Module | None = None,
 ) -> dict:
     ids, lengths, seqs = data
@@ -792,9 +777,9 @@ def _train(dataset, model_config, config: TrainConfig, out, extra_loss, model_ho
     model_class = model_class_for_config(model_config)  # fails fast on a foreign config object
     model_type = model_class.model_type
     device = resolve_device(config.device)
-    count = process_count()
+    count = launch_position().count
     check_processes(config, count, model_class.trainable)
-    processes = Processes.start(device) if count > 1 else None
+    processes = ProcessGroup.start(device) if count > 1 else None
     main = processes is None or processes.rank == 0  # the one process that evaluates, prints and writes
     positions = resolve_train_positions(config.train_positions, dataset)
     exclude_history = not config.keep_history
