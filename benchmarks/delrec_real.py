@@ -87,10 +87,11 @@ LABELS = {"popularity": "Popularity", "sasrec": "SASRec", "zero_shot": "Gemma 3 
           "user": "per-user soft prompt (frozen) + LoRA", "user_trained": "per-user soft prompt co-trained with LoRA"}
 # (variant, reference): the paired comparisons the issue asks about
 COMPARISONS = (("lora_plain", "zero_shot"), ("lora_plain", "popularity"), ("lora_plain", "sasrec"),
-               ("delrec", "lora_plain"), ("delrec", "lora_random"), ("lora_random", "lora_plain"), ("lora_hybrid", "lora_plain"), ("delrec", "sasrec"),
-               ("lora_hybrid", "sasrec"), ("sr_hint", "lora_plain"), ("delrec", "sr_hint"), ("sr_hint", "sasrec"),
-               ("user", "delrec"), ("user", "sr_hint"), ("user", "lora_plain"), ("user_trained", "user"),
-               ("user_trained", "delrec"), ("user_trained", "sr_hint"), ("user", "sasrec"))
+               ("delrec", "lora_plain"), ("delrec", "lora_random"), ("lora_random", "lora_plain"),
+               ("lora_hybrid", "lora_plain"), ("delrec", "sasrec"), ("lora_hybrid", "sasrec"),
+               ("sr_hint", "lora_plain"), ("delrec", "sr_hint"), ("sr_hint", "sasrec"), ("user", "delrec"),
+               ("user", "sr_hint"), ("user", "lora_plain"), ("user_trained", "user"), ("user_trained", "delrec"),
+               ("user_trained", "sr_hint"), ("user", "sasrec"))
 
 
 def parse_args(argv=None):
