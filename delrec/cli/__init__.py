@@ -121,8 +121,6 @@ def check_named_output(argv: list[str]) -> None:
                           "nothing); name a new file or folder, e.g. --out runs/NAME")
 
 
-
-
 def _output_path(key: tuple[str, ...], argv: list[str], prog: str, summary: str) -> str | None:
     from delrec.config import preparsed_option
 

@@ -62,8 +62,8 @@ def train_classes(argv) -> list[type]:
 
 
 def train(argv, prog: str, description: str) -> int:
-    from delrec.sr import model_class
     from delrec.device import launch_position
+    from delrec.sr import model_class
     from delrec.sr.trainer import train_sr
 
     argv = list(argv)

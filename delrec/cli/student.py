@@ -65,9 +65,9 @@ def train_classes(argv) -> list[type]:
 
 
 def train(argv, prog: str, description: str) -> int:
+    from delrec.device import launch_position
     from delrec.distill.student import latent_config_class, method_config_class, train_student
     from delrec.errors import DelrecError
-    from delrec.device import launch_position
 
     argv = _merge_repeated(list(argv), "--teacher")
     classes = train_classes(argv)
