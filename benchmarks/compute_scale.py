@@ -10,11 +10,14 @@ standard error. `--sr_batches 0` times every batch of the epoch instead (the mea
 
 Export: the same `delrec rank` (and, with `--sr_model`, `delrec teacher export --mode rerank`) on the CPU, once as
 one process with 2 torch threads and once as 2 processes of `accelerate launch` with 1 thread each (the 2 cores
-shared out either way), side by side; the outputs must be byte-identical (rankings.jsonl; the teacher's tensors:
-its json differs in its timings only).
+shared out either way), side by side. The hf backend answers `--batch_size` x 8 instances at a time (a chunk, the
+unit the processes share), so `--instances` must span at least two chunks for the second process to get any work
+(default: 32 instances, batch size 2: two chunks of 16). The outputs must be byte-identical (rankings.jsonl; the
+teacher's tensors: its json differs in its timings only).
 
     .venv/bin/python benchmarks/compute_scale.py --sizes 1e6 1e7 --sr_batches 40 --llm runs/gemma \\
-        --data benchmarks/out/delrec_games/data --sr_model benchmarks/out/delrec_games/sasrec-model
+        --data benchmarks/out/delrec_games/data --sr_model benchmarks/out/delrec_games/sasrec-model \\
+        --instances 32 --batch_size 2
 """
 
 from __future__ import annotations
@@ -105,7 +108,8 @@ def run_command(argv: list[str], processes: int, out: Path) -> float:
 
 
 def export_rows(args) -> list[dict]:
-    common = ["--data", str(args.data), "--max_instances", str(args.instances), "--device", "cpu", "--no_progress"]
+    common = ["--data", str(args.data), "--max_instances", str(args.instances), "--batch_size", str(args.batch_size),
+              "--device", "cpu", "--no_progress"]
     commands = {"rank": (["rank", "--model", str(args.llm), "--split", "test", *common], ["rankings.jsonl"])}
     if args.sr_model:
         commands["teacher export (rerank)"] = (
@@ -136,7 +140,9 @@ def main() -> None:
     parser.add_argument("--llm", type=Path, help="export: the LLM folder ranked with (e.g. runs/gemma); none: skipped")
     parser.add_argument("--data", type=Path, help="export: the prepared dataset")
     parser.add_argument("--sr_model", type=Path, help="export: an SR model of --data, for the rerank teacher export")
-    parser.add_argument("--instances", type=int, default=48, help="export: instances per run")
+    parser.add_argument("--instances", type=int, default=32, help="export: instances per run")
+    parser.add_argument("--batch_size", type=int, default=2,
+                        help="export: sequences per forward pass; a process's unit of work is batch_size x 8 instances")
     parser.add_argument("--sr_worker", nargs=2, metavar=("DATA", "BATCHES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sr_worker:
@@ -179,7 +185,8 @@ def main() -> None:
         f"{record['machine']['nproc']} cores. SR: SASRec defaults, full-softmax ce, batches of 64 sequences, "
         "synthetic data of benchmarks/data_scale.py; epoch time = mean seconds of the timed batches (drawn at "
         "random from the epoch, after 3 warm-up batches) x batches per epoch, +- its standard error. Export: wall "
-        f"time of the whole command (start-up included) on {rel(args.data) if args.data else '-'}, 1 process x 2 "
+        f"time of the whole command (start-up included) on {rel(args.data) if args.data else '-'} with batch size "
+        f"{args.batch_size} (chunks of {args.batch_size * 8} instances, the unit the processes share), 1 process x 2 "
         "threads against `accelerate launch` 2 processes x 1 thread, run back to back. Rows: "
         f"{rel(RESULTS)}.",
         "", sr_table, "", export_table if export else "", "<!-- /compute_scale -->"]),
