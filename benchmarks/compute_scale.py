@@ -13,11 +13,12 @@ one process with 2 torch threads and once as 2 processes of `accelerate launch` 
 shared out either way), side by side. The hf backend answers `--batch_size` x 8 instances at a time (a chunk, the
 unit the processes share), so `--instances` must span at least two chunks for the second process to get any work
 (default: 32 instances, batch size 2: two chunks of 16). The outputs must be byte-identical (rankings.jsonl; the
-teacher's tensors: its json differs in its timings only).
+teacher's tensors: its json differs in its timings only). The rerank export first embeds every item's title for
+the teacher's item embeddings, in the main process alone (the step is not split over processes): on a large
+catalogue that pass, not the sharded ranking, sets its time.
 
     .venv/bin/python benchmarks/compute_scale.py --sizes 1e6 1e7 --sr_batches 40 --llm runs/gemma \\
-        --data benchmarks/out/delrec_games/data --sr_model benchmarks/out/delrec_games/sasrec-model \\
-        --instances 32 --batch_size 2
+        --data benchmarks/out/delrec_games/data --instances 32 --batch_size 2
 """
 
 from __future__ import annotations
