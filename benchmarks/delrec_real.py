@@ -302,10 +302,10 @@ def rank_variant(args, model: Path, data: Path, name: str, extra: list[str]) -> 
     for readout in readouts:
         target = out if readout == "score" else out / "generate"
         work = args.work / name / f"rank-{readout}"
-        shutil.rmtree(work, ignore_errors=True)
-        delrec(["rank", "--model", str(model), "--data", str(data), "--split", "test", "--readout", readout,
-                "--dtype", "float32", "--device", "cpu", "--out", str(work), "--no_progress", *sample(args), *extra],
-               args.work / name / "log.txt", args.threads)
+        argv = ["rank", "--model", str(model), "--data", str(data), "--split", "test", "--readout", readout,
+                "--dtype", "float32", "--device", "cpu", "--out", str(work), "--no_progress", *sample(args), *extra]
+        Step(work, {"argv": argv}).start(resumable=True)  # the same command resumes from its shards
+        delrec(argv, args.work / name / "log.txt", args.threads)
         target.mkdir(parents=True, exist_ok=True)
         for file in ("rankings.jsonl", "metrics.json"):
             shutil.copyfile(work / file, target / file)
