@@ -40,6 +40,12 @@ variants, and the summary benchmarks/results/delrec_real.json with two-standard-
 (against chance, binomial; between variants, paired over the same users), a learning-curve
 plot (delrec_real/curves.png) and the `<!-- delrec_real -->` block of RESULTS.md. A variant whose
 finished folder has the same settings is reused, so an interrupted run resumes where it stopped.
+
+A LoRA variant on games outlasts a session whose disk is not kept (~4.5 hours on 2 cores). `--save-resume`
+(run while the benchmark is stopped) copies the unfinished work of `--variants` - the folders they build on
+(SASRec, stage 1, stage 2, the test ranking's shards), each training stage with only its last and best
+checkpoints - into benchmarks/resume/<results name>/<variant>/, to be committed; the next run copies it back
+into a work folder that lacks it and goes on from there. A variant deletes its store when its results are written.
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ DATASETS = {
 CONFIGS = ROOT / "configs"
 WORK = ROOT / "benchmarks" / "out" / "delrec_real"
 RESULTS = ROOT / "benchmarks" / "results" / "delrec_real"
+RESUME = ROOT / "benchmarks" / "resume"
 SR_VARIANTS = ("popularity", "sasrec")
 LORA_VARIANTS = ("lora_plain", "delrec", "lora_random", "lora_hybrid", "sr_hint", "user", "user_trained")
 PER_USER = ("user", "user_trained")
@@ -143,6 +150,9 @@ def parse_args(argv=None):
                         "benchmarks/results/delrec_real, delrec_games for games)")
     p.add_argument("--json", type=Path, default=None, help="summary (default: RESULTS_FOLDER.json beside it)")
     p.add_argument("--markdown", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    p.add_argument("--save-resume", dest="save_resume", action="store_true",
+                   help="copy the unfinished work of --variants into the resume store (benchmarks/resume/<results "
+                        "name>/) and exit; run it while the benchmark is stopped, then commit the store")
     args = p.parse_args(argv)
     args.spec = DATASETS[args.dataset]
     suffix = "" if args.dataset == "lastfm" else "_games"
@@ -157,6 +167,7 @@ def parse_args(argv=None):
     if args.batch % args.micro_batch:
         p.error(f"--batch {args.batch} must be a multiple of --micro-batch {args.micro_batch}")
     args.json = args.json or args.results.parent / f"{args.results.name}.json"
+    args.resume_store = RESUME / args.results.name
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
@@ -207,6 +218,72 @@ class Step:
 
     def finish(self) -> None:
         (self.folder / "settings.json").write_text(json.dumps(self.settings, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- work carried between sessions
+
+
+def built_on(args, name: str) -> list[Path]:
+    """The work folders a LoRA variant builds on, in the order it builds them."""
+    folders = [args.work / "sasrec-model"] if name in ("delrec", "lora_hybrid", "sr_hint", *PER_USER) else []
+    if name == "delrec" or name in PER_USER:
+        folders.append(args.work / ("stage1-user" if name in PER_USER else "stage1"))
+    return [*folders, args.work / name / "stage2", args.work / name / "rank-score"]
+
+
+def carried(folder: Path):
+    """`shutil.copytree`'s `ignore` for a work folder: of a training stage's checkpoints only the last complete one
+    and the best one it names (all a resumed Trainer reads), no lock, no SR predictions (rewritten in seconds)."""
+    from delrec.llm.run_folder import last_complete_checkpoint
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        skipped = {n for n in names if n.endswith(".lock")}
+        if Path(directory) == folder and folder.name == "sasrec-model":
+            skipped |= {n for n in names if n.endswith(".jsonl")}
+        if Path(directory).name == "checkpoints":
+            last = last_complete_checkpoint(Path(directory))
+            kept = set()
+            if last is not None:
+                best = json.loads((Path(last) / "trainer_state.json").read_text()).get("best_model_checkpoint")
+                kept = {Path(last).name, *([Path(best).name] if best else [])}
+            skipped |= set(names) - kept
+        return skipped
+    return ignore
+
+
+def save_resume(args) -> None:
+    """Copy each chosen LoRA variant's unfinished work into its resume store (replaced whole, never half-written)."""
+    for name in args.variants:
+        done = (args.results / name / "metrics.json").is_file() and (args.results / name / "settings.json").is_file()
+        if name not in LORA_VARIANTS or done:
+            continue
+        store = args.resume_store / name
+        partial = store.with_name(f"{name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        for folder in (f for f in built_on(args, name) if f.is_dir()):
+            target = partial / folder.relative_to(args.work)
+            shutil.copytree(folder, target, ignore=carried(folder))
+            started = folder.with_name(f"{folder.name}.started.json")
+            if started.is_file():
+                shutil.copyfile(started, target.with_name(started.name))
+        if partial.is_dir():
+            shutil.rmtree(store, ignore_errors=True)
+            partial.rename(store)
+            size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+            log(f"{name}: saved {size / 1e6:.1f} MB of unfinished work in {rel(store)}")
+
+
+def restore(args, name: str) -> None:
+    """Copy a variant's saved work back into a work folder that lacks it (a new session's)."""
+    store = args.resume_store / name
+    for folder in built_on(args, name):
+        saved = store / folder.relative_to(args.work)
+        if saved.is_dir() and not folder.exists():
+            shutil.copytree(saved, folder)
+            started = saved.with_name(f"{folder.name}.started.json")
+            if started.is_file():
+                shutil.copyfile(started, folder.with_name(started.name))
+            log(f"{name}: resumed {rel(folder)} from {rel(saved)}")
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -397,6 +474,8 @@ def run_variant(args, name: str, data: Path) -> dict:
     if name in SR_VARIANTS:
         return {"metrics": sr_variant(args, data, name)}
     llm = ensure_llm(args)
+    if name in LORA_VARIANTS:
+        restore(args, name)
     result_settings = {"rows": args.rows, "objective": args.objective, "learning_rate": args.learning_rate,
                        "stage1_rows": args.stage1_rows, "stage1_objective": args.stage1_objective, "seed": args.seed,
                        "generate": args.generate,
@@ -433,6 +512,7 @@ def run_variant(args, name: str, data: Path) -> dict:
     if not ranked.done():
         rank_variant(args, model, data, name, extra)
         ranked.finish()
+        shutil.rmtree(args.resume_store / name, ignore_errors=True)
     summary["metrics"] = json.loads((args.results / name / "metrics.json").read_text())
     generated = args.results / name / "generate" / "metrics.json"
     if generated.is_file():
@@ -672,6 +752,8 @@ def section(report: dict, results: Path) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.save_resume:
+        return save_resume(args)
     args.work.mkdir(parents=True, exist_ok=True)
     data = ensure_data(args)
     from delrec.data.dataset import PreparedDataset
