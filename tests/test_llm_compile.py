@@ -64,3 +64,22 @@ def test_auto_compiles_large_models_on_cpu_where_a_compiler_is_installed(tiny_ll
 def test_a_model_without_repeated_blocks_is_refused_in_one_line():
     with pytest.raises(DelrecError, match="declares no repeated blocks.*torch_compile: no"):
         compile_layers(torch.nn.Linear(2, 2))
+
+
+def test_cached_candidate_passes_run_eager_beside_compiled_layers(tiny_llama):
+    """Layers read the KV cache by their own index, so compiled layers made a graph per layer and pass (past torch's
+    recompile limit on Gemma's 18 layers): the candidate passes run eager, with the same log-likelihoods."""
+    from torch._dynamo.utils import counters
+
+    from delrec.llm.scoring import candidate_log_likelihoods
+
+    model = lora_model(tiny_llama)
+    prompts = [list(range(10, 30)), list(range(40, 55))]
+    candidates = [[[5, 6, 7], [8, 9]], [[11, 12], [13, 14, 15, 16]]]
+    eager = candidate_log_likelihoods(model, prompts, candidates, batch_size=2)
+    compile_layers(model)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = candidate_log_likelihoods(model, prompts, candidates, batch_size=2)
+    assert counters["stats"]["unique_graphs"] == graphs
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want)

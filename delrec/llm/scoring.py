@@ -95,6 +95,10 @@ def score_candidates(
     return results
 
 
+# Compiled decoder layers (`delrec.llm.trainer.compile_layers`) cannot share one graph here: every layer reads the
+# cache by its own index, so torch compiled each layer of each pass anew, past its recompile limit of 8 (minutes of
+# compilation, then eager anyway). The cache passes run eager; passes without a cache keep the compiled layers.
+@torch.compiler.set_stance("force_eager")
 def candidate_log_likelihoods(
     model, prompts: list[list[int]], candidates: list[list[list[int]]], batch_size: int
 ) -> list[torch.Tensor]:
