@@ -233,14 +233,22 @@ def built_on(args, name: str) -> list[Path]:
 
 def carried(folder: Path):
     """`shutil.copytree`'s `ignore` for a work folder: of a training stage's checkpoints only the last complete one
-    and the best one it names (all a resumed Trainer reads), no lock, no SR predictions (rewritten in seconds)."""
-    from delrec.llm.run_folder import last_complete_checkpoint
+    and the best one it names, each with only what a resumed Trainer reads (not the 33 MB tokenizer); no lock, no
+    tokenized-data cache, no SR predictions (all rebuilt in seconds)."""
+    from fnmatch import fnmatch
+
+    from delrec.llm.run_folder import (CACHE_DIR, CHECKPOINTS_DIR, RESUME_STATES, RESUME_WEIGHTS, RUN_IDENTITY_FILE,
+                                       last_complete_checkpoint)
+
+    read_to_resume = (*RESUME_WEIGHTS, *RESUME_STATES, RUN_IDENTITY_FILE, "trainer_state.json")
 
     def ignore(directory: str, names: list[str]) -> set[str]:
         skipped = {n for n in names if n.endswith(".lock")}
-        if Path(directory) == folder and folder.name == "sasrec-model":
-            skipped |= {n for n in names if n.endswith(".jsonl")}
-        if Path(directory).name == "checkpoints":
+        if Path(directory) == folder:
+            skipped |= {n for n in names if n == CACHE_DIR or (folder.name == "sasrec-model" and n.endswith(".jsonl"))}
+        if Path(directory).parent.name == CHECKPOINTS_DIR:
+            skipped |= {n for n in names if not any(fnmatch(n, pattern) for pattern in read_to_resume)}
+        if Path(directory).name == CHECKPOINTS_DIR:
             last = last_complete_checkpoint(Path(directory))
             kept = set()
             if last is not None:
