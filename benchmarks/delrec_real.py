@@ -317,7 +317,7 @@ def ensure_data(args) -> Path:
 def sr_model(args, data: Path, name: str) -> Path:
     step = Step(args.work / f"{name}-model", {"seed": args.seed})
     if not step.done():
-        step.start()
+        step.start(resumable=True)  # `delrec sr train` resumes from its last epoch
         extra = (["--config", str(CONFIGS / "sr" / "sasrec.yaml"), "--num_threads", str(args.threads)]
                  if name == "sasrec" else ["--model", "pop"])
         delrec(["sr", "train", *extra, "--data", str(data), "--out", str(step.folder), "--seed", str(args.seed),
