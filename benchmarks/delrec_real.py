@@ -259,6 +259,14 @@ def carried(folder: Path):
     return ignore
 
 
+def copy_step(source: Path, target: Path, ignore=None) -> None:
+    """Copy a step's folder and the `FOLDER.started.json` beside it (what lets the step resume, `Step.start`)."""
+    shutil.copytree(source, target, ignore=ignore)
+    started = source.with_name(f"{source.name}.started.json")
+    if started.is_file():
+        shutil.copyfile(started, target.with_name(started.name))
+
+
 def save_resume(args) -> None:
     """Copy each chosen LoRA variant's unfinished work into its resume store (replaced whole, never half-written)."""
     for name in args.variants:
@@ -269,11 +277,7 @@ def save_resume(args) -> None:
         partial = store.with_name(f"{name}.partial")
         shutil.rmtree(partial, ignore_errors=True)
         for folder in (f for f in built_on(args, name) if f.is_dir()):
-            target = partial / folder.relative_to(args.work)
-            shutil.copytree(folder, target, ignore=carried(folder))
-            started = folder.with_name(f"{folder.name}.started.json")
-            if started.is_file():
-                shutil.copyfile(started, target.with_name(started.name))
+            copy_step(folder, partial / folder.relative_to(args.work), ignore=carried(folder))
         if partial.is_dir():
             shutil.rmtree(store, ignore_errors=True)
             partial.rename(store)
@@ -287,10 +291,7 @@ def restore(args, name: str) -> None:
     for folder in built_on(args, name):
         saved = store / folder.relative_to(args.work)
         if saved.is_dir() and not folder.exists():
-            shutil.copytree(saved, folder)
-            started = saved.with_name(f"{folder.name}.started.json")
-            if started.is_file():
-                shutil.copyfile(started, folder.with_name(started.name))
+            copy_step(saved, folder)
             log(f"{name}: resumed {rel(folder)} from {rel(saved)}")
 
 
